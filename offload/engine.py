@@ -1,0 +1,344 @@
+"""Engine: load a model onto a device, then prefill, decode, sample and stream tokens.
+
+What it is: the glue between the checkpoint, the decoder math, the expert provider, the
+sampler and the tokenizer, plus per-request statistics. What it is not: a command-line tool
+(it never prints) or a chat session (it takes token ids; formats live in the tokenizer).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from offload.checkpoint import Checkpoint
+from offload.config import ModelConfig
+from offload.device import resolve_device, synchronize
+from offload.errors import SettingError, TokenizerError
+from offload.model import (
+    DenseWeights,
+    ExpertWeights,
+    KVCache,
+    LayerWeights,
+    MixtralModel,
+    RotaryTable,
+)
+from offload.sampling import Sampler, SamplingSettings
+from offload.tokenizer import Tokenizer
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+DEFAULT_DTYPE = "bfloat16"
+DEFAULT_CONTEXT = 4096
+
+# progress(done, total, what): reported while loading weights
+ProgressFn = Callable[[int, int, str], None]
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        if name in DTYPES.values():
+            return name
+        raise SettingError(f"dtype {name} is not supported (choose {', '.join(DTYPES)})")
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+    key = aliases.get(name.lower(), name.lower())
+    if key not in DTYPES:
+        raise SettingError(f"--dtype {name!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+class ResidentExperts:
+    """Expert provider that holds every expert on the device (the all-resident reference)."""
+
+    def __init__(self, experts: list[list[ExpertWeights]], max_experts_per_call: int):
+        self.experts = experts  # [layer][expert]
+        self.max_experts_per_call = max_experts_per_call
+
+    def get(self, layer: int, experts: Sequence[int]) -> list[ExpertWeights]:
+        return [self.experts[layer][e] for e in experts]
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    ignore_eos: bool = False  # keep going past EOS (benchmarks, exact-length comparisons)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise SettingError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if any(not s for s in self.stop):
+            raise SettingError("stop strings must not be empty")
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0  # forward passes after the prompt (the first token comes from prefill)
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    stop_reason: str = ""  # eos | stop | length | context
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def generation_tokens_per_s(self) -> float:
+        return self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        out = asdict(self)
+        out["prompt_tokens_per_s"] = self.prompt_tokens_per_s
+        out["generation_tokens_per_s"] = self.generation_tokens_per_s
+        return out
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    text: str  # text that became final with this token; may be "" (held back or a control token)
+
+
+class StopMatcher:
+    """Streams text but holds back any tail that could still grow into a stop string."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = tuple(stops)
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was found)."""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class Generation:
+    """One request: iterate it for ``TokenEvent``s; afterwards read tokens, text and stats."""
+
+    def __init__(self, engine: Engine, prompt_ids: Sequence[int], settings: GenerationSettings):
+        self.engine = engine
+        self.prompt_ids = list(prompt_ids)
+        self.settings = settings
+        self.tokens: list[int] = []
+        self.text = ""
+        self.stats = GenerationStats(prompt_tokens=len(self.prompt_ids))
+        if not self.prompt_ids:
+            raise SettingError("the prompt is empty: give at least one token (BOS counts)")
+        if len(self.prompt_ids) > engine.context_length:
+            raise SettingError(
+                f"prompt of {len(self.prompt_ids)} tokens exceeds the context length {engine.context_length}"
+            )
+        self._events = self._run()
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        return self._events
+
+    def run(self) -> Generation:
+        """Consume the whole generation."""
+        for _ in self._events:
+            pass
+        return self
+
+    def _run(self) -> Iterator[TokenEvent]:
+        engine, settings, stats = self.engine, self.settings, self.stats
+        sampler = Sampler(settings.sampling)
+        decoder = engine.tokenizer.stream_decoder(self.prompt_ids)
+        stopper = StopMatcher(settings.stop)
+        eos = frozenset() if settings.ignore_eos else engine.tokenizer.eos_ids
+        history = torch.tensor(self.prompt_ids, dtype=torch.int64)
+        room = engine.context_length - len(self.prompt_ids)
+        budget = min(settings.max_new_tokens, room)
+        if budget <= 0:
+            stats.stop_reason = "length" if settings.max_new_tokens <= room else "context"
+            return
+
+        start = time.perf_counter()
+        logits = engine.prefill(self.prompt_ids)
+        synchronize(engine.device)
+        stats.prefill_seconds = time.perf_counter() - start
+
+        decode_start = time.perf_counter()
+        try:
+            while True:
+                token = sampler(logits, history)
+                self.tokens.append(token)
+                stats.generated_tokens += 1
+                history = torch.cat((history, torch.tensor([token])))
+                reason = ""
+                if token in eos:
+                    reason, chunk = "eos", decoder.flush()
+                else:
+                    chunk = decoder.push(token)
+                    if len(self.tokens) >= budget:
+                        reason = "length" if len(self.tokens) >= settings.max_new_tokens else "context"
+                        chunk += decoder.flush()
+                text, stopped = stopper.feed(chunk)
+                if stopped:
+                    reason = "stop"
+                elif reason:
+                    text += stopper.flush()
+                self.text += text
+                yield TokenEvent(token, text)
+                if reason:
+                    stats.stop_reason = reason
+                    return
+                logits = engine.decode(token)
+                stats.decode_steps += 1
+        finally:
+            synchronize(engine.device)
+            stats.decode_seconds = time.perf_counter() - decode_start
+
+
+class Engine:
+    """A loaded model on one device, ready to generate."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        tokenizer: Tokenizer,
+        dense: DenseWeights,
+        experts: ResidentExperts,
+        device: torch.device,
+        dtype: torch.dtype,
+        context_length: int,
+    ):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.device = device
+        self.dtype = dtype
+        self.context_length = context_length
+        cache = KVCache(config, context_length, device, dtype)
+        rope = RotaryTable(config, context_length, device, dtype)
+        self.model = MixtralModel(config, dense, experts, cache, rope)
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        *,
+        device: str = "auto",
+        dtype: str | torch.dtype = DEFAULT_DTYPE,
+        context_length: int | None = None,
+        progress: ProgressFn | None = None,
+    ) -> Engine:
+        """Load a Hugging Face Mixtral checkpoint directory; every input is checked first."""
+        model_dir = Path(model_dir)
+        torch_device = resolve_device(device)
+        torch_dtype = parse_dtype(dtype)
+        config = ModelConfig.from_dir(model_dir)
+        tokenizer = Tokenizer.from_dir(model_dir)
+        if tokenizer.vocab_size > config.vocab_size:
+            raise TokenizerError(
+                f"{model_dir / 'tokenizer.model'}: {tokenizer.vocab_size} pieces but the model has "
+                f"only {config.vocab_size} embeddings"
+            )
+        if context_length is None:
+            context_length = min(config.max_position_embeddings, DEFAULT_CONTEXT)
+        if not 1 <= context_length <= config.max_position_embeddings:
+            raise SettingError(
+                f"context length {context_length} must be in [1, {config.max_position_embeddings}]"
+            )
+        checkpoint = Checkpoint(model_dir, config)
+        try:
+            dense, experts = _load_weights(checkpoint, torch_device, torch_dtype, progress)
+        finally:
+            checkpoint.close()
+        return cls(config, tokenizer, dense, experts, torch_device, torch_dtype, context_length)
+
+    # ---- the forward steps ---------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget the current sequence (the KV cache is reused, not reallocated)."""
+        self.model.cache.reset()
+
+    def prefill(self, ids: Sequence[int]) -> torch.Tensor:
+        """Start a new sequence with ``ids``; logits [V] for the token after them."""
+        if not ids:
+            raise SettingError("the prompt is empty")
+        if len(ids) > self.context_length:
+            raise SettingError(
+                f"prompt of {len(ids)} tokens exceeds the context length {self.context_length}"
+            )
+        self.reset()
+        tokens = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        return self.model.forward(tokens, last_only=True)[0]
+
+    def decode(self, token: int) -> torch.Tensor:
+        """Append one token to the sequence; logits [V] for the next one."""
+        tokens = torch.tensor([token], dtype=torch.int64, device=self.device)
+        return self.model.forward(tokens, last_only=True)[0]
+
+    def logits(self, ids: Sequence[int]) -> torch.Tensor:
+        """Logits [T, V] for every position of a new sequence (used for evaluation)."""
+        self.reset()
+        tokens = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        return self.model.forward(tokens)
+
+    def generate(self, prompt_ids: Sequence[int], settings: GenerationSettings | None = None) -> Generation:
+        """A lazy generation: iterate it to stream, or call ``.run()``."""
+        return Generation(self, prompt_ids, settings or GenerationSettings())
+
+
+def _load_weights(
+    checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, progress: ProgressFn | None
+) -> tuple[DenseWeights, ResidentExperts]:
+    c = checkpoint.config
+    total = 3 + c.num_hidden_layers * (1 + c.num_local_experts)
+    done = 0
+
+    def tick(what: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total, what)
+
+    def place(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype)
+
+    embed = place(checkpoint.dense("embed_tokens"))
+    tick("embeddings")
+    norm = place(checkpoint.dense("norm"))
+    tick("final norm")
+    lm_head = embed if c.tie_word_embeddings else place(checkpoint.dense("lm_head"))
+    tick("lm_head")
+    layers: list[LayerWeights] = []
+    experts: list[list[ExpertWeights]] = []
+    for layer in range(c.num_hidden_layers):
+        layers.append(LayerWeights(**{
+            key: place(checkpoint.dense(key, layer))
+            for key in ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
+                        "post_attention_layernorm", "router")
+        }))
+        tick(f"layer {layer} dense")
+        row = []
+        for e in range(c.num_local_experts):
+            row.append(ExpertWeights(*(place(t) for t in checkpoint.expert(layer, e))))
+            tick(f"layer {layer} expert {e}")
+        experts.append(row)
+    dense = DenseWeights(embed_tokens=embed, norm=norm, lm_head=lm_head, layers=layers)
+    return dense, ResidentExperts(experts, max_experts_per_call=c.num_experts_per_tok)

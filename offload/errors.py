@@ -1,0 +1,46 @@
+"""Typed errors raised by the engine.
+
+Every error a user can cause (a bad path, a damaged checkpoint, an unsupported model, an
+impossible setting) is an ``OffloadError`` whose message is one line naming the file, tensor
+or setting at fault. The CLI prints that line and exits 2; library code never prints or exits.
+"""
+
+
+class OffloadError(Exception):
+    """Base class of every error the engine raises for bad input."""
+
+
+class ConfigError(OffloadError):
+    """config.json is missing, unreadable, or describes a model this engine does not run."""
+
+
+class UnsupportedModelError(ConfigError):
+    """The checkpoint's architecture is not one of the Mixtral family."""
+
+
+class CheckpointError(OffloadError):
+    """A safetensors checkpoint is missing, incomplete or damaged."""
+
+
+class MissingShardError(CheckpointError):
+    """A shard named by model.safetensors.index.json is not on disk."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A safetensors file is truncated, has a malformed header, or data outside its bounds."""
+
+
+class MissingTensorError(CheckpointError):
+    """A tensor the model needs is in no shard."""
+
+
+class TensorShapeError(CheckpointError):
+    """A tensor has the wrong shape or dtype for the model's configuration."""
+
+
+class TokenizerError(OffloadError):
+    """tokenizer.model is missing or unreadable, or a token id is out of range."""
+
+
+class SettingError(OffloadError):
+    """A generation or engine setting is out of range (temperature, top-p, dtype, device...)."""

@@ -1,0 +1,390 @@
+"""Text <-> token ids for Mixtral checkpoints, read with the sentencepiece library.
+
+What it is: a ``Tokenizer`` that loads ``tokenizer.model`` (and the bos/eos ids the checkpoint's
+JSON files name), encodes and decodes text exactly as sentencepiece does, renders the
+Mixtral-8x7B-Instruct chat format to ids (``encode_chat``), and a ``StreamDecoder`` that turns
+generated ids into text as soon as that text is final (no half characters, right spaces).
+
+What it is not: it knows nothing about models, sampling or generation. It does not use
+transformers, and it has no Jinja chat templates: the one format it renders is Mixtral's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import sentencepiece as spm
+
+from offload.errors import TokenizerError
+
+__all__ = ["Message", "StreamDecoder", "Tokenizer"]
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+# Prompt ids a StreamDecoder keeps as context, so that the first generated piece gets the
+# leading space it has after the prompt ("▁Paris" -> " Paris"). A few are enough: decoding is
+# piece concatenation, only the first piece of a decode loses its "▁".
+_CONTEXT_IDS = 6
+
+
+@dataclass(frozen=True)
+class Message:
+    """One chat turn. ``role`` is "system", "user" or "assistant"."""
+
+    role: str
+    content: str
+
+
+class Tokenizer:
+    """A sentencepiece model plus the bos/eos ids of the checkpoint it came with."""
+
+    def __init__(self, processor: spm.SentencePieceProcessor, bos_id: int,
+                 eos_ids: Sequence[int], source: str = "tokenizer.model"):
+        self._sp = processor
+        self._source = source
+        self._vocab_size = processor.get_piece_size()
+        for name, tid in [("bos", bos_id), *(("eos", e) for e in eos_ids)]:
+            if not 0 <= tid < self._vocab_size:
+                raise TokenizerError(f"{source}: {name} id {tid} is outside the vocabulary "
+                                     f"[0, {self._vocab_size})")
+        if not eos_ids:
+            raise TokenizerError(f"{source}: no eos id")
+        self._bos_id = int(bos_id)
+        self._eos = tuple(dict.fromkeys(int(e) for e in eos_ids))  # ordered, no repeats
+        self._eos_set = frozenset(self._eos)
+        # Per-id facts the stream decoder needs: which ids are invisible control tokens,
+        # and the byte value of each byte-fallback piece ("<0xE6>" -> 0xE6).
+        self._control = frozenset(i for i in range(self._vocab_size) if processor.is_control(i))
+        self._byte_value: dict[int, int] = {}
+        for i in range(self._vocab_size):
+            if processor.is_byte(i):
+                m = _BYTE_PIECE.fullmatch(processor.id_to_piece(i))
+                if m:
+                    self._byte_value[i] = int(m.group(1), 16)
+
+    # ---- loading -------------------------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, path: str | Path, bos_id: int | None = None,
+                  eos_ids: int | Iterable[int] | None = None) -> Tokenizer:
+        """Load a sentencepiece ``.model`` file; bos/eos default to the model's own."""
+        path = Path(path)
+        processor = _load_processor(path)
+        if bos_id is None:
+            bos_id = processor.bos_id()
+            if bos_id < 0:
+                raise TokenizerError(f"{path}: the model defines no bos token; pass bos_id")
+        if eos_ids is None:
+            eos = processor.eos_id()
+            if eos < 0:
+                raise TokenizerError(f"{path}: the model defines no eos token; pass eos_ids")
+            eos_list = [eos]
+        elif isinstance(eos_ids, int):
+            eos_list = [eos_ids]
+        else:
+            eos_list = [int(e) for e in eos_ids]
+        return cls(processor, int(bos_id), eos_list, source=str(path))
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> Tokenizer:
+        """Load ``<model_dir>/tokenizer.model`` with bos/eos ids from the checkpoint's files.
+
+        Each of bos and eos comes from the first of these that names it: tokenizer_config.json
+        (``bos_token``/``eos_token``, a string or ``{"content": ...}``, looked up in
+        ``added_tokens_decoder`` then in the sentencepiece vocabulary), generation_config.json,
+        config.json (``bos_token_id``/``eos_token_id``, an int or a list), and last the
+        sentencepiece model itself. ``eos_id`` is the first eos id of the first file that names
+        one; ``eos_ids`` holds every eos id any of the JSON files names.
+        """
+        model_dir = Path(model_dir)
+        model_path = model_dir / "tokenizer.model"
+        processor = _load_processor(model_path)
+
+        bos: tuple[int, str] | None = None  # (id, file that named it)
+        eos: list[tuple[int, str]] = []
+        tok_cfg_path = model_dir / "tokenizer_config.json"
+        tok_cfg = _read_json(tok_cfg_path)
+        if tok_cfg is not None:
+            added = _added_tokens(tok_cfg, tok_cfg_path)
+            for key in ("bos_token", "eos_token"):
+                content = _token_content(tok_cfg.get(key), key, tok_cfg_path)
+                if content is None:
+                    continue
+                tid = added.get(content)
+                if tid is None:
+                    tid = processor.piece_to_id(content)
+                    if tid == processor.unk_id() and content != processor.id_to_piece(tid):
+                        raise TokenizerError(f"{tok_cfg_path}: {key} {content!r} is not in "
+                                             f"{model_path.name} nor in added_tokens_decoder")
+                if key == "bos_token":
+                    bos = (tid, str(tok_cfg_path))
+                else:
+                    eos.append((tid, str(tok_cfg_path)))
+        for name in ("generation_config.json", "config.json"):
+            cfg_path = model_dir / name
+            cfg = _read_json(cfg_path)
+            if cfg is None:
+                continue
+            if bos is None and cfg.get("bos_token_id") is not None:
+                ids = _id_list(cfg["bos_token_id"], "bos_token_id", cfg_path)
+                if ids:
+                    bos = (ids[0], str(cfg_path))
+            if cfg.get("eos_token_id") is not None:
+                eos += [(e, str(cfg_path)) for e in _id_list(cfg["eos_token_id"],
+                                                             "eos_token_id", cfg_path)]
+        if bos is None:
+            if processor.bos_id() < 0:
+                raise TokenizerError(f"{model_path}: no bos token in the model or its config files")
+            bos = (processor.bos_id(), str(model_path))
+        if not eos:
+            if processor.eos_id() < 0:
+                raise TokenizerError(f"{model_path}: no eos token in the model or its config files")
+            eos = [(processor.eos_id(), str(model_path))]
+        vocab = processor.get_piece_size()
+        for tid, where in [bos, *eos]:
+            if not 0 <= tid < vocab:
+                raise TokenizerError(f"{where}: token id {tid} is outside the vocabulary "
+                                     f"[0, {vocab}) of {model_path}")
+        return cls(processor, bos[0], [e for e, _ in eos], source=str(model_path))
+
+    # ---- vocabulary ----------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def bos_id(self) -> int:
+        return self._bos_id
+
+    @property
+    def eos_id(self) -> int:
+        """The first eos id (the one a chat turn ends with)."""
+        return self._eos[0]
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        """Every id that ends generation."""
+        return self._eos_set
+
+    def id_to_piece(self, token_id: int) -> str:
+        self._check_ids((token_id,))
+        return self._sp.id_to_piece(int(token_id))
+
+    # ---- text ----------------------------------------------------------------------------
+
+    def encode(self, text: str, *, bos: bool = False) -> list[int]:
+        """Ids of ``text`` as sentencepiece encodes it (a "▁" is prefixed to the first word)."""
+        ids = self._sp.encode(text)
+        return [self._bos_id, *ids] if bos else ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``; control ids (bos/eos) decode to ""."""
+        ids = self._check_ids(ids)
+        return self._sp.decode(ids) if ids else ""
+
+    def _check_ids(self, ids: Iterable[int]) -> list[int]:
+        out = [int(i) for i in ids]
+        for i in out:
+            if not 0 <= i < self._vocab_size:
+                raise TokenizerError(f"{self._source}: token id {i} is outside the vocabulary "
+                                     f"[0, {self._vocab_size})")
+        return out
+
+    # ---- chat ----------------------------------------------------------------------------
+
+    def encode_chat(self, messages: Sequence[Message], *,
+                    add_generation_prompt: bool = True) -> list[int]:
+        """Ids of a conversation in the Mixtral-8x7B-Instruct format.
+
+        ``<s>[INST] user [/INST] assistant</s>[INST] user2 [/INST]``: one bos id, each user turn
+        as sentencepiece's encoding of ``"[INST] " + content + " [/INST]"``, each assistant turn
+        as the encoding of its content followed by the eos id. Mixtral has no system role: a
+        leading system message is put before the first user message, ``system + "\\n\\n" + user``.
+        Text in messages is never read as control tokens ("</s>" in content stays text).
+        """
+        turns = list(messages)
+        for m in turns:
+            if not isinstance(m, Message) or not isinstance(m.content, str):
+                raise TokenizerError(f"encode_chat: expected Message(role, content: str), got {m!r}")
+            if m.role not in ("system", "user", "assistant"):
+                raise TokenizerError(f"encode_chat: unknown role {m.role!r} "
+                                     "(expected system, user or assistant)")
+        system = None
+        if turns and turns[0].role == "system":
+            system = turns.pop(0).content
+        for i, m in enumerate(turns):
+            expected = "user" if i % 2 == 0 else "assistant"
+            if m.role != expected:
+                where = "after the system message" if m.role == "system" else f"at turn {i}"
+                raise TokenizerError(f"encode_chat: roles must alternate user/assistant "
+                                     f"(after an optional leading system message); got "
+                                     f"{m.role!r} {where}")
+        if not turns:
+            raise TokenizerError("encode_chat: the conversation has no user message")
+        if add_generation_prompt and turns[-1].role != "user":
+            raise TokenizerError("encode_chat: with add_generation_prompt the conversation must "
+                                 "end with a user message")
+        ids = [self._bos_id]
+        for i, m in enumerate(turns):
+            if m.role == "user":
+                content = m.content
+                if i == 0 and system is not None:
+                    content = system + "\n\n" + content
+                ids += self._sp.encode("[INST] " + content + " [/INST]")
+            else:
+                ids += self._sp.encode(m.content)
+                ids.append(self.eos_id)
+        return ids
+
+    # ---- streaming -----------------------------------------------------------------------
+
+    def stream_decoder(self, prompt_ids: Sequence[int] = ()) -> StreamDecoder:
+        """A decoder for ids generated after ``prompt_ids`` (give ``()`` for none)."""
+        return StreamDecoder(self, prompt_ids)
+
+
+class StreamDecoder:
+    """Turns ids, one at a time, into text as soon as that text is final.
+
+    The concatenation of every ``push`` plus ``flush`` equals ``decode(generated)`` with no
+    prompt, and ``decode(prompt + generated)[len(decode(prompt)):]`` with one (when the prompt
+    ends on a whole character, as every ``encode`` result does). Text is held back while it ends
+    in an unfinished UTF-8 sequence of byte-fallback pieces, so no chunk holds a half character.
+
+    It decodes a small window of ids (vLLM's prefix/read offsets): the text of
+    ``ids[prefix:]`` minus the text of ``ids[prefix:read]``. The window starts at the ids of the
+    previous chunk, which carry the context for the next piece's leading space, so the cost per
+    token stays bounded however long the generation.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()):
+        self._tok = tokenizer
+        prompt = tokenizer._check_ids(prompt_ids)
+        start = max(len(prompt) - _CONTEXT_IDS, 0)
+        # sentencepiece drops the "▁" of the first non-control piece of a decode; a window
+        # of control ids alone would let it drop the next piece's space, so reach back to a
+        # piece that takes that role.
+        while start > 0 and all(i in tokenizer._control for i in prompt[start:]):
+            start -= 1
+        self._ids = prompt[start:]   # the window: ids[prefix:], prefix is always 0
+        self._read = len(self._ids)  # ids[:read] is text already given out (or the prompt's)
+        self._read_text = self._decode(self._ids)
+        self._chunks: list[str] = []
+
+    @property
+    def text(self) -> str:
+        """Everything emitted so far."""
+        if len(self._chunks) > 1:
+            self._chunks = ["".join(self._chunks)]
+        return self._chunks[0] if self._chunks else ""
+
+    def push(self, token_id: int) -> str:
+        """Add one generated id; return the text that became final with it ("" if none)."""
+        (tid,) = self._tok._check_ids((token_id,))
+        self._ids.append(tid)
+        if self._unfinished_char():
+            return ""
+        return self._emit()
+
+    def flush(self) -> str:
+        """Return whatever is left (an unfinished character comes out as U+FFFD)."""
+        return self._emit()
+
+    def _emit(self) -> str:
+        text = self._decode(self._ids)
+        if len(text) <= len(self._read_text):
+            return ""  # nothing visible yet (control ids, or a lone leading "▁")
+        new = text[len(self._read_text):]
+        # The ids given out this time become the next window's context.
+        self._ids = self._ids[self._read:]
+        self._read = len(self._ids)
+        self._read_text = self._decode(self._ids)
+        self._chunks.append(new)
+        return new
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tok._sp.decode(ids) if ids else ""
+
+    def _unfinished_char(self) -> bool:
+        """Do the window's trailing byte pieces end inside a UTF-8 sequence that may still finish?"""
+        byte_value = self._tok._byte_value
+        tail: list[int] = []
+        for tid in reversed(self._ids):
+            value = byte_value.get(tid)
+            if value is None or len(tail) == 4:
+                break
+            tail.append(value)
+        # tail is newest first; walk back over continuation bytes to the sequence's lead byte.
+        for n, b in enumerate(tail):
+            if 0x80 <= b <= 0xBF:
+                continue
+            need = 2 if 0xC0 <= b <= 0xDF else 3 if 0xE0 <= b <= 0xEF else \
+                4 if 0xF0 <= b <= 0xF7 else 1
+            return n + 1 < need
+        return False  # only continuation bytes (or none): nothing left to complete
+
+
+def _load_processor(path: Path) -> spm.SentencePieceProcessor:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise TokenizerError(f"{path}: no such file") from None
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        processor = spm.SentencePieceProcessor(model_proto=data)
+    except RuntimeError:
+        raise TokenizerError(f"{path}: not a sentencepiece model") from None
+    if processor.get_piece_size() == 0:
+        raise TokenizerError(f"{path}: not a sentencepiece model (empty vocabulary)")
+    return processor
+
+
+def _read_json(path: Path) -> dict | None:
+    """The JSON object in ``path``, or None when the file does not exist."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{path}: cannot read ({e})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: expected a JSON object")
+    return data
+
+
+def _token_content(value, key: str, path: Path) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        value = value.get("content")
+    if not isinstance(value, str):
+        raise TokenizerError(f"{path}: {key} must be a string or {{\"content\": ...}}")
+    return value
+
+
+def _added_tokens(cfg: dict, path: Path) -> dict[str, int]:
+    """content -> id from tokenizer_config.json's added_tokens_decoder."""
+    out: dict[str, int] = {}
+    for key, entry in (cfg.get("added_tokens_decoder") or {}).items():
+        try:
+            out.setdefault(entry["content"], int(key))
+        except (KeyError, TypeError, ValueError):
+            raise TokenizerError(f"{path}: malformed added_tokens_decoder entry {key!r}") from None
+    return out
+
+
+def _id_list(value, key: str, path: Path) -> list[int]:
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise TokenizerError(f"{path}: {key} must be an int or a list of ints")
+    return list(values)

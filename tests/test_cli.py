@@ -1,0 +1,132 @@
+"""`offload generate` through typer's runner: JSON, streaming, and one-line errors with exit 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import sentencepiece as spm
+from typer.testing import CliRunner
+
+from cli.main import app
+from tests.model_builder import WINDOWED, rewrite_config
+
+runner = CliRunner()
+PROMPT = "def parse_args(argv):"
+
+
+def run(*args: str, input: str | None = None):
+    return runner.invoke(app, list(args), input=input)
+
+
+def test_json_output_has_ids_text_and_stats(model_dirs):
+    d = model_dirs[WINDOWED.name]
+    result = run("generate", str(d), "-p", PROMPT, "-n", "12", "--temp", "0", "--dtype", "float32", "--json", "--ignore-eos")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+    assert out["prompt_tokens"] == [1, *sp.encode(PROMPT)]
+    assert len(out["tokens"]) == 12
+    assert out["text"] == sp.decode(out["prompt_tokens"][1:] + out["tokens"])[len(PROMPT):]
+    assert out["stats"]["generated_tokens"] == 12 and out["stats"]["prompt_tokens"] == len(out["prompt_tokens"])
+    assert out["stats"]["generation_tokens_per_s"] > 0
+
+
+def test_n_tokens_at_temperature_zero_unless_eos(model_dirs):
+    d = model_dirs[WINDOWED.name]
+    result = run("generate", str(d), "-p", PROMPT, "-n", "30", "--temp", "0", "--json")
+    out = json.loads(result.stdout)
+    assert len(out["tokens"]) == 30 or (out["tokens"][-1] == 2 and out["stop_reason"] == "eos")
+
+
+def test_streamed_text_equals_json_text(model_dirs):
+    d = model_dirs[WINDOWED.name]
+    common = ["generate", str(d), "-p", PROMPT, "-n", "16", "--temp", "0.7", "--seed", "5", "--dtype", "float32"]
+    streamed = run(*common)
+    as_json = run(*common, "--json")
+    assert streamed.exit_code == 0 and as_json.exit_code == 0
+    assert streamed.stdout == json.loads(as_json.stdout)["text"] + "\n"
+    assert "generation" in streamed.stderr and "t/s" in streamed.stderr
+
+
+def test_prompt_from_stdin_and_chat_format(model_dirs):
+    d = model_dirs[WINDOWED.name]
+    result = run("generate", str(d), "-n", "4", "--chat", "--json", "--dtype", "float32", input="hello there")
+    assert result.exit_code == 0, result.output
+    sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+    ids = json.loads(result.stdout)["prompt_tokens"]
+    assert ids[0] == 1 and sp.decode(ids[1:]) == "[INST] hello there [/INST]"
+
+
+def damage_missing_shard(d):
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    (d / index["weight_map"]["model.layers.0.self_attn.q_proj.weight"]).unlink()
+    return index["weight_map"]["model.layers.0.self_attn.q_proj.weight"]
+
+
+def damage_truncated(d):
+    shard = sorted(d.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-64])
+    return shard.name
+
+
+def damage_header_past_end(d):
+    shard = sorted(d.glob("model-*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[:8] = (10**9).to_bytes(8, "little")
+    shard.write_bytes(bytes(data))
+    return shard.name
+
+
+def damage_shape(d):
+    rewrite_config(d, hidden_size=72)
+    return "has shape"
+
+
+def damage_architecture(d):
+    rewrite_config(d, architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe")
+    return "Qwen2MoeForCausalLM"
+
+
+def damage_tokenizer(d):
+    (d / "tokenizer.model").unlink()
+    return "tokenizer.model"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [damage_missing_shard, damage_truncated, damage_header_past_end, damage_shape, damage_architecture, damage_tokenizer],
+)
+def test_bad_checkpoints_give_one_line_and_exit_2(damage, model_dirs, tmp_path):
+    d = tmp_path / "model"
+    shutil.copytree(model_dirs[WINDOWED.name], d)
+    culprit = damage(d)
+    result = run("generate", str(d), "-p", "x", "-n", "2")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and culprit in lines[0]
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "args, culprit",
+    [
+        (["generate", "/no/such/model", "-p", "x"], "/no/such/model: no such file or directory"),
+        (["generate", "{model}", "-p", "x", "--dtype", "int4"], "--dtype 'int4'"),
+        (["generate", "{model}", "-p", "x", "--top-p", "0", "--temp", "1"], "top_p"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(args, culprit, model_dirs):
+    args = [a.replace("{model}", str(model_dirs[WINDOWED.name])) for a in args]
+    result = run(*args)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and culprit in lines[0], result.stderr
+
+
+def test_help_states_the_default_dtype():
+    result = run("generate", "--help")
+    assert result.exit_code == 0
+    assert "default bfloat16" in result.stdout

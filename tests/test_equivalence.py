@@ -1,0 +1,149 @@
+"""The engine against transformers on the same checkpoint files (the independent oracle).
+
+fp32 on CPU: prefill logits and 32 cached decode steps agree within 1e-4, the experts chosen in
+every layer for every token are identical, and 64 greedy tokens are identical. bf16: logits stay
+within a stated tolerance of the fp32 reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offload.engine import Engine, GenerationSettings
+from tests.model_builder import SHAPES
+
+PROMPT = (
+    "def parse_args(argv):\n    parser = argparse.ArgumentParser(description='Le garçon')\n"
+    "    return parser.parse_args(argv)"
+)
+FP32_TOLERANCE = 1e-4
+DECODE_STEPS = 32
+GREEDY_TOKENS = 64
+SHAPE_NAMES = [s.name for s in SHAPES]
+
+
+def prompt_ids(engine: Engine) -> list[int]:
+    return [engine.tokenizer.bos_id, *engine.tokenizer.encode(PROMPT)]
+
+
+def hf_routing(reference) -> tuple[dict[int, list[torch.Tensor]], list]:
+    """Record transformers' chosen experts per layer through forward hooks on its routers."""
+    chosen: dict[int, list[torch.Tensor]] = {}
+    handles = []
+    for layer, block in enumerate(reference.model.layers):
+        def hook(_module, _inputs, output, layer=layer):
+            chosen.setdefault(layer, []).append(output[2].clone())  # top-k indices [T, K]
+
+        handles.append(block.mlp.gate.register_forward_hook(hook))
+    return chosen, handles
+
+
+def engine_routing(engine: Engine) -> dict[int, list[torch.Tensor]]:
+    chosen: dict[int, list[torch.Tensor]] = {}
+    engine.model.routing_observer = lambda layer, experts, _w: chosen.setdefault(layer, []).append(
+        experts.clone()
+    )
+    return chosen
+
+
+@pytest.fixture(scope="module")
+def fp32_engines(model_dirs):
+    return {name: Engine.load(path, device="cpu", dtype="float32") for name, path in model_dirs.items()}
+
+
+@pytest.mark.parametrize("shape", SHAPE_NAMES)
+def test_prefill_and_cached_decode_match_transformers(shape, fp32_engines, references):
+    engine, reference = fp32_engines[shape], references[shape]
+    ids = prompt_ids(engine)
+    window = engine.config.sliding_window
+    assert window is None or len(ids) + DECODE_STEPS > window  # the window really slides
+    forced = torch.randint(3, engine.config.vocab_size, (DECODE_STEPS,), generator=torch.Generator().manual_seed(1))
+
+    ours_chosen = engine_routing(engine)
+    ours_prefill = engine.logits(ids)  # [T, V]
+    ours_steps = [engine.decode(int(t)) for t in forced]  # each [V]
+
+    hf_chosen, handles = hf_routing(reference)
+    try:
+        with torch.no_grad():
+            out = reference(torch.tensor([ids]), use_cache=True)
+            hf_prefill, past = out.logits[0], out.past_key_values
+            hf_steps = []
+            for t in forced:
+                out = reference(t.view(1, 1), cache=past, use_cache=True)
+                hf_steps.append(out.logits[0, -1])
+                past = out.past_key_values
+    finally:
+        for h in handles:
+            h.remove()
+
+    assert (ours_prefill - hf_prefill).abs().max().item() <= FP32_TOLERANCE
+    diffs = [(a - b).abs().max().item() for a, b in zip(ours_steps, hf_steps)]
+    assert max(diffs) <= FP32_TOLERANCE, diffs
+    for layer in range(engine.config.num_hidden_layers):
+        ours = torch.cat(ours_chosen[layer])  # [T + steps, K]
+        theirs = torch.cat(hf_chosen[layer])
+        assert ours.shape == theirs.shape == (len(ids) + DECODE_STEPS, engine.config.num_experts_per_tok)
+        assert torch.equal(ours, theirs), f"layer {layer} routed differently"
+
+
+@pytest.mark.parametrize("shape", SHAPE_NAMES)
+def test_greedy_tokens_match_transformers(shape, fp32_engines, references):
+    engine, reference = fp32_engines[shape], references[shape]
+    ids = prompt_ids(engine)
+    settings = GenerationSettings(max_new_tokens=GREEDY_TOKENS, ignore_eos=True)
+    ours = engine.generate(ids, settings).run().tokens
+
+    theirs: list[int] = []
+    with torch.no_grad():
+        out = reference(torch.tensor([ids]), use_cache=True)
+        for _ in range(GREEDY_TOKENS):
+            token = int(out.logits[0, -1].argmax())
+            theirs.append(token)
+            out = reference(torch.tensor([[token]]), cache=out.past_key_values, use_cache=True)
+    assert len(ours) == GREEDY_TOKENS
+    assert ours == theirs
+    assert len(set(theirs)) > 16  # the comparison is not between two constant streams
+
+
+@pytest.mark.parametrize("shape", SHAPE_NAMES)
+def test_fused_layout_gives_the_same_logits(shape, tmp_path, fp32_engines):
+    from tests.model_builder import SHAPES as ALL, write_tiny_mixtral
+
+    spec = next(s for s in ALL if s.name == shape)
+    fused = Engine.load(write_tiny_mixtral(tmp_path / "fused", spec, layout="fused"), device="cpu", dtype="float32")
+    hub = fp32_engines[shape]
+    ids = prompt_ids(hub)
+    assert torch.equal(fused.logits(ids), hub.logits(ids))
+
+
+# bf16 keeps 8 bits of mantissa. On these random models a rounding can flip a router's choice,
+# so single logits move by whole units even in transformers' own bf16 run. The bound stated and
+# tested: the engine's bf16 logits are at most 1.5x as far from the fp32 reference as
+# transformers' own bf16 logits are (max and mean absolute error), and on average within 0.1 of
+# transformers' bf16 logits. Measured (logits of std ~1.6): mean error to fp32 0.070 (ours) vs
+# 0.058 (transformers) on "windowed"; mean distance to transformers' bf16 0.03 and 0.07.
+# Layer 0 routes identically in both; later layers differ on a token or two, as bf16 rounding
+# inside attention differs between two correct implementations.
+BF16_SLACK = 1.5
+BF16_MEAN_TO_HF_BF16 = 0.1
+
+
+@pytest.mark.parametrize("shape", SHAPE_NAMES)
+def test_bfloat16_logits_are_as_close_to_fp32_as_transformers_bf16(shape, model_dirs, references):
+    from transformers import MixtralForCausalLM
+
+    engine = Engine.load(model_dirs[shape], device="cpu", dtype="bfloat16")
+    ids = prompt_ids(engine)
+    ours = engine.logits(ids)
+    assert ours.dtype == torch.bfloat16
+    ours = ours.float()
+    hf_bf16 = MixtralForCausalLM.from_pretrained(model_dirs[shape], dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        fp32 = references[shape](torch.tensor([ids])).logits[0]
+        theirs = hf_bf16(torch.tensor([ids])).logits[0].float()
+    ours_err, their_err = (ours - fp32).abs(), (theirs - fp32).abs()
+    assert ours_err.max() <= BF16_SLACK * their_err.max(), (ours_err.max(), their_err.max())
+    assert ours_err.mean() <= BF16_SLACK * their_err.mean(), (ours_err.mean(), their_err.mean())
+    assert (ours - theirs).abs().mean() <= BF16_MEAN_TO_HF_BF16
