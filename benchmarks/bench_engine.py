@@ -55,6 +55,7 @@ FIRST_ORDINARY_ID = 3  # after <unk> 0, <s> 1, </s> 2
 PROMPT_SEED = 1234
 WEIGHT_SEED = 0
 WARMUP_DECODE_STEPS = 8
+NOISY = 0.15  # std / mean above which the table says the numbers are noisy
 
 # Sizes on top of TinyShape's defaults (vocab 512, the tokenizer builder's size, is kept).
 # medium keeps Mixtral's head dim (128) and 4 query heads per KV head; ~1.3 GB in float32.
@@ -150,21 +151,29 @@ def greedy_run(runner: Runner, ids: list[int], steps: int, device: torch.device)
     return prefill_s, time.perf_counter() - start, tokens
 
 
-def measure(
-    make: Callable[[], Runner], ids: list[int], steps: int, reps: int, device: torch.device
-) -> tuple[Timings, dict[str, str]]:
-    timings = Timings()
+def load(make: Callable[[], Runner], device: torch.device) -> tuple[Runner, float]:
     start = time.perf_counter()
     runner = make()
     synchronize(device)
-    timings.load_seconds = time.perf_counter() - start
-    greedy_run(runner, ids, min(steps, WARMUP_DECODE_STEPS), device)  # warm-up, untimed
-    for _ in range(reps):
-        prefill_s, decode_s, tokens = greedy_run(runner, ids, steps, device)
-        timings.prefill_seconds.append(prefill_s)
-        timings.decode_seconds.append(decode_s)
-        timings.tokens.append(tokens)
-    return timings, runner.notes
+    return runner, time.perf_counter() - start
+
+
+def measure(
+    runners: list[Runner], ids: list[int], steps: int, reps: int, device: torch.device
+) -> dict[str, Timings]:
+    """Warm each runner up once, then interleave their repetitions (A B, B A, A B, ...) so that
+    a slow spell of the machine (another process, a clock change) lands on both, not on one."""
+    timings = {r.name: Timings() for r in runners}
+    for runner in runners:
+        greedy_run(runner, ids, min(steps, WARMUP_DECODE_STEPS), device)  # untimed
+    for rep in range(reps):
+        for runner in runners if rep % 2 == 0 else runners[::-1]:
+            prefill_s, decode_s, tokens = greedy_run(runner, ids, steps, device)
+            t = timings[runner.name]
+            t.prefill_seconds.append(prefill_s)
+            t.decode_seconds.append(decode_s)
+            t.tokens.append(tokens)
+    return timings
 
 
 # ---- numbers ------------------------------------------------------------------------------------
@@ -174,6 +183,7 @@ def rates(count: int, seconds: list[float]) -> dict[str, float | list[float]]:
     return {
         "mean": statistics.fmean(runs),
         "std": statistics.stdev(runs) if len(runs) > 1 else 0.0,
+        "median": statistics.median(runs),
         "runs": runs,
     }
 
@@ -251,6 +261,16 @@ def print_report(result: dict) -> None:
         if not e["deterministic"]:
             notes.append(f"{name}: the repetitions produced different greedy tokens")
     console.print(table)
+    noisy = [
+        name for name, e in result["engines"].items()
+        for rate in (e["prefill_tokens_per_s"], e["decode_tokens_per_s"])
+        if rate["std"] > NOISY * rate["mean"]
+    ]
+    if noisy:
+        notes.append(
+            f"noisy: std above {NOISY:.0%} of the mean for {', '.join(sorted(set(noisy)))}; "
+            "something else may share the machine (--json lists every repetition)"
+        )
     for line in notes:
         console.print(line)
     console.print("decode GB/s: weights one token reads (dense + active experts) × tok/s; KV cache not counted")
@@ -269,16 +289,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="CPU threads for torch (default: torch's own choice); 1 is steadier on a shared machine",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
-    for flag in ("prompt_tokens", "gen_tokens", "reps"):
-        if getattr(args, flag) < 1:
+    for flag in ("prompt_tokens", "gen_tokens", "reps", "threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     return args
 
 
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def run_engines(
+    model_dir: Path, ids: list[int], args: argparse.Namespace, device: torch.device, dtype: torch.dtype
+) -> tuple[dict[str, Timings], dict[str, dict[str, str]]]:
+    """Load both engines from ``model_dir`` and time them; their weights are freed on return."""
+    runners, loaded = [], {}
+    for make in (offload_runner, transformers_runner):
+        runner, seconds = load(lambda make=make: make(model_dir, device, dtype), device)
+        runners.append(runner)
+        loaded[runner.name] = seconds
+        say(f"{runner.name}: loaded in {seconds:.2f} s")
+    say(f"warm-up, then {args.reps} × (pp{args.prompt_tokens} + tg{args.gen_tokens}) each, interleaved ...")
+    timings = measure(runners, ids, args.gen_tokens, args.reps, device)
+    for name, t in timings.items():
+        t.load_seconds = loaded[name]
+    return timings, {r.name: r.notes for r in runners}
 
 
 def bench(args: argparse.Namespace) -> dict:
@@ -300,17 +341,12 @@ def bench(args: argparse.Namespace) -> dict:
         model_dir = write_tiny_mixtral(Path(tmp) / shape.name, shape, seed=WEIGHT_SEED, shard_size="1GB")
         checkpoint_bytes = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
         gc.collect()
-        engines: dict[str, tuple[Timings, dict[str, str]]] = {}
-        for name, make in (("offload", offload_runner), ("transformers", transformers_runner)):
-            say(f"{name}: load, warm up, {args.reps} × (pp{args.prompt_tokens} + tg{args.gen_tokens}) ...")
-            engines[name] = measure(
-                lambda make=make: make(model_dir, device, dtype), ids, args.gen_tokens, args.reps, device
-            )
-            gc.collect()  # the runner is gone; free its weights before the next one loads
+        timings, notes = run_engines(model_dir, ids, args, device, dtype)
+        gc.collect()  # the engines are gone: free their weights before the directory goes
 
     per_token = active_bytes_per_token(config, dtype)
     out_engines = {}
-    for name, (t, notes) in engines.items():
+    for name, t in timings.items():
         decode = rates(args.gen_tokens, t.decode_seconds)
         out_engines[name] = {
             "prefill_tokens_per_s": rates(args.prompt_tokens, t.prefill_seconds),
@@ -318,7 +354,7 @@ def bench(args: argparse.Namespace) -> dict:
             "decode_gb_per_s": decode["mean"] * per_token / 1e9,
             "load_seconds": t.load_seconds,
             "deterministic": stable(t),
-            "notes": notes,
+            "notes": notes[name],
         }
     ours, theirs = out_engines["offload"], out_engines["transformers"]
     return {
@@ -337,12 +373,14 @@ def bench(args: argparse.Namespace) -> dict:
             "prefill": ours["prefill_tokens_per_s"]["mean"] / theirs["prefill_tokens_per_s"]["mean"],
             "decode": ours["decode_tokens_per_s"]["mean"] / theirs["decode_tokens_per_s"]["mean"],
         },
-        "greedy": greedy_agreement(engines["offload"][0].tokens[0], engines["transformers"][0].tokens[0]),
+        "greedy": greedy_agreement(timings["offload"].tokens[0], timings["transformers"].tokens[0]),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     try:
         result = bench(args)
     except SettingError as e:
