@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
+from cli.common import progress_bar, stderr, user_errors
+from cli.convert import convert_command
+from offload.demo import DEMO_MODEL_DIR
 from offload.engine import DEFAULT_DTYPE, DTYPES, Engine, GenerationSettings
 from offload.errors import OffloadError
 from offload.sampling import SamplingSettings
@@ -28,9 +29,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-stderr = Console(stderr=True, highlight=False)
-
-USER_ERROR_EXIT = 2
 
 
 @app.callback()
@@ -38,39 +36,20 @@ def main() -> None:
     """Run Mixture-of-Experts models (Mixtral) on a GPU smaller than the model."""
 
 
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn engine errors into one clear line and exit code 2."""
-    try:
-        yield
-    except OffloadError as exc:
-        stderr.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
-        raise typer.Exit(USER_ERROR_EXIT) from None
-
-
-def load_engine(model: Path, device: str, dtype: str, context: Optional[int]) -> Engine:
+def load_engine(model: Path, device: str, dtype: Optional[str], context: Optional[int], **budget) -> Engine:
     """Load with a progress bar on stderr when it is a terminal."""
-    if not stderr.is_terminal:
-        return Engine.load(model, device=device, dtype=dtype, context_length=context)
-    with Progress(
-        TextColumn("loading {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=stderr,
-        transient=True,
-    ) as bar:
-        task = bar.add_task(model.name, total=None)
+    with progress_bar("loading", model.name) as progress:
+        return Engine.load(model, device=device, dtype=dtype, context_length=context, progress=progress, **budget)
 
-        def progress(done: int, total: int, what: str) -> None:
-            bar.update(task, completed=done, total=total, description=f"{model.name}: {what}")
 
-        return Engine.load(model, device=device, dtype=dtype, context_length=context, progress=progress)
+app.command("convert")(convert_command)
 
 
 @app.command()
 def generate(
-    model: Path = typer.Argument(..., help="A Hugging Face Mixtral checkpoint directory (safetensors)."),
+    model: Optional[Path] = typer.Argument(
+        None, help="A Hugging Face Mixtral checkpoint directory (safetensors). Default: the bundled demo model."
+    ),
     prompt: Optional[str] = typer.Option(
         None, "--prompt", "-p", help="Text to complete. Read from stdin when omitted and stdin is not a terminal."
     ),
@@ -83,13 +62,26 @@ def generate(
     stop: list[str] = typer.Option([], "--stop", help="Stop when this text appears (repeatable)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's instruct chat format."),
     system: Optional[str] = typer.Option(None, "--system", help="System message (with --chat)."),
-    dtype: str = typer.Option(
-        DEFAULT_DTYPE, "--dtype", help=f"Compute dtype: {'|'.join(DTYPES)} (default {DEFAULT_DTYPE})."
+    dtype: Optional[str] = typer.Option(
+        None,
+        "--dtype",
+        help=f"Compute dtype: {'|'.join(DTYPES)} (default {DEFAULT_DTYPE}; for a pack, the pack's own dtype).",
     ),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present, else CPU), cpu or cuda[:N]."),
     context: Optional[int] = typer.Option(
         None, "--context", help="Context length to allocate (default: min(model maximum, 4096))."
     ),
+    vram: Optional[str] = typer.Option(
+        None, "--vram", help="Device memory budget (e.g. 6GiB): dense weights, KV cache, then expert slots."
+    ),
+    ram: Optional[str] = typer.Option(
+        None, "--ram", help="RAM budget for experts (e.g. 16GiB); 0 reads every miss from disk. Default: all."
+    ),
+    experts_per_layer: Optional[int] = typer.Option(
+        None, "--experts-per-layer", help="Expert slots per layer on the device (top-k .. all), instead of --vram."
+    ),
+    policy: str = typer.Option("lru", "--policy", help="Expert eviction policy: lru or lfu."),
+    show_stats: bool = typer.Option(False, "--stats", help="Print per-layer expert cache statistics on stderr."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with ids, text and statistics."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence."),
 ) -> None:
@@ -105,7 +97,11 @@ def generate(
         settings = GenerationSettings(
             max_new_tokens=max_tokens, stop=tuple(stop), sampling=sampling, ignore_eos=ignore_eos
         )
-        engine = load_engine(model, device, dtype, context)
+        model = model or DEMO_MODEL_DIR
+        engine = load_engine(
+            model, device, dtype, context,
+            vram=vram, ram=ram, experts_per_layer=experts_per_layer, policy=policy,
+        )
         tokenizer = engine.tokenizer
         if chat:
             messages = ([Message("system", system)] if system else []) + [Message("user", prompt)]
@@ -123,6 +119,8 @@ def generate(
                 "text": generation.text,
                 "stop_reason": generation.stats.stop_reason,
                 "stats": generation.stats.to_dict(),
+                "plan": engine.plan.to_dict() if engine.plan else None,
+                "cache": generation.cache_stats.to_dict() if generation.cache_stats else None,
             }))
             return
         try:
@@ -141,6 +139,35 @@ def generate(
             f"stop: {s.stop_reason}",
             style="dim",
         )
+        if engine.plan is not None:
+            stderr.print(f"experts: {engine.plan.describe()}", style="dim")
+        if show_stats:
+            print_cache_stats(engine, generation)
+
+
+def print_cache_stats(engine: Engine, generation) -> None:
+    """Per-layer hit rates, loads per tier, bytes and stall, as a rich table on stderr."""
+    stats = generation.cache_stats
+    if stats is None:
+        stderr.print("expert cache: off (every expert resident; give --vram, --ram or --experts-per-layer)")
+        return
+    table = Table(title="expert cache", title_justify="left", show_edge=False, pad_edge=False)
+    for name in ("layer", "requests", "hit rate", "from RAM", "from disk", "MiB moved", "stall ms"):
+        table.add_column(name, justify="right")
+    rows = [(str(i), s) for i, s in enumerate(stats.layers)] + [("all", stats.total())]
+    for name, s in rows:
+        table.add_row(
+            name, str(s.requests), f"{s.hit_rate:.3f}", str(s.host_loads), str(s.disk_loads),
+            f"{(s.host_bytes + s.disk_bytes) / 2**20:.1f}", f"{s.stall_seconds * 1e3:.1f}",
+        )
+    stderr.print(table)
+    tokens = max(1, generation.stats.generated_tokens)
+    total = stats.total()
+    stderr.print(
+        f"{(total.host_bytes + total.disk_bytes) / tokens / 2**20:.2f} MiB moved per generated token "
+        f"(prefill included)",
+        style="dim",
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ for model or cache logic.
 
 from __future__ import annotations
 
+import platform
+import time
+
 import torch
 
 from offload.errors import SettingError
@@ -48,8 +51,6 @@ def device_name(device: torch.device) -> str:
     """A human name for the device, for benchmark and statistics output."""
     if is_cuda(device):
         return torch.cuda.get_device_name(device)
-    import platform
-
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
@@ -58,3 +59,83 @@ def peak_memory_bytes(device: torch.device) -> int | None:
     if is_cuda(device):
         return torch.cuda.max_memory_allocated(device)
     return None
+
+
+def empty_host_buffer(nbytes_per_row: int, rows: int, device: torch.device) -> torch.Tensor:
+    """uint8 [rows, nbytes_per_row] in host RAM, pinned when the compute device is CUDA
+    (so host-to-device copies can run asynchronously); plain RAM otherwise."""
+    return torch.empty((rows, nbytes_per_row), dtype=torch.uint8, pin_memory=is_cuda(device))
+
+
+class Transfers:
+    """Host-to-device copies of expert records.
+
+    On CUDA they run on a dedicated copy stream and return an event; the compute stream waits
+    on that event only when it needs the expert, so copies overlap compute. On CPU the same
+    calls copy synchronously and return None.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if is_cuda(device) else None
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor):
+        """Start dst.copy_(src); returns a handle for ``wait`` (None when already done)."""
+        if self.stream is None:
+            dst.copy_(src)
+            return None
+        # Slots may still be read by compute queued before this call: copy only after it.
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            dst.copy_(src, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return done
+
+    def wait(self, handle) -> None:
+        """Make the compute stream wait for a copy (no host block)."""
+        if handle is not None:
+            torch.cuda.current_stream(self.device).wait_event(handle)
+
+    def wait_host(self, handle) -> None:
+        """Block the host until a copy is done (before reusing its source buffer)."""
+        if handle is not None:
+            handle.synchronize()
+
+
+class StallClock:
+    """Time the compute stream spends waiting for expert loads.
+
+    CPU: wall time around the synchronous load. CUDA: a pair of timing events on the compute
+    stream around its wait, resolved lazily when the total is read (no sync in the hot path).
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = is_cuda(device)
+        self.device = device
+        self._pending: list[tuple[object, object, int]] = []
+
+    def start(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(torch.cuda.current_stream(self.device))
+            return event
+        return time.perf_counter()
+
+    def stop(self, started, key: int) -> float | None:
+        """Returns seconds on CPU; on CUDA the time is added to ``key`` later (``resolve``)."""
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record(torch.cuda.current_stream(self.device))
+            self._pending.append((started, end, key))
+            return None
+        return time.perf_counter() - started
+
+    def resolve(self) -> list[tuple[int, float]]:
+        """(key, seconds) for every CUDA interval recorded since the last call."""
+        out = []
+        for start, end, key in self._pending:
+            end.synchronize()
+            out.append((key, start.elapsed_time(end) / 1000.0))
+        self._pending.clear()
+        return out

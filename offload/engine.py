@@ -18,6 +18,11 @@ from offload.checkpoint import Checkpoint
 from offload.config import ModelConfig
 from offload.device import resolve_device, synchronize
 from offload.errors import SettingError, TokenizerError
+from offload.experts.cache import CacheStats, ExpertCache
+from offload.experts.record import RecordLayout
+from offload.experts.tiers import CheckpointRecords
+from offload.pack import Pack, is_pack
+from offload.plan import MemoryPlan, parse_bytes, plan_memory
 from offload.model import (
     DenseWeights,
     ExpertWeights,
@@ -147,6 +152,7 @@ class Generation:
         self.tokens: list[int] = []
         self.text = ""
         self.stats = GenerationStats(prompt_tokens=len(self.prompt_ids))
+        self.cache_stats: CacheStats | None = None  # expert cache activity of this request
         if not self.prompt_ids:
             raise SettingError("the prompt is empty: give at least one token (BOS counts)")
         if len(self.prompt_ids) > engine.context_length:
@@ -177,6 +183,8 @@ class Generation:
             stats.stop_reason = "length" if settings.max_new_tokens <= room else "context"
             return
 
+        cache = engine.cache
+        before = cache.stats.copy() if cache is not None else None
         start = time.perf_counter()
         logits = engine.prefill(self.prompt_ids)
         synchronize(engine.device)
@@ -212,6 +220,8 @@ class Generation:
         finally:
             synchronize(engine.device)
             stats.decode_seconds = time.perf_counter() - decode_start
+            if cache is not None:
+                self.cache_stats = cache.stats.since(before)
 
 
 class Engine:
@@ -222,16 +232,21 @@ class Engine:
         config: ModelConfig,
         tokenizer: Tokenizer,
         dense: DenseWeights,
-        experts: ResidentExperts,
+        experts: ResidentExperts | ExpertCache,
         device: torch.device,
         dtype: torch.dtype,
         context_length: int,
+        plan: MemoryPlan | None = None,
+        source: Checkpoint | Pack | None = None,
     ):
         self.config = config
         self.tokenizer = tokenizer
         self.device = device
         self.dtype = dtype
         self.context_length = context_length
+        self.plan = plan  # None when every expert is resident (no cache)
+        self.cache = experts if isinstance(experts, ExpertCache) else None
+        self._source = source  # kept open while the cache reads from it
         cache = KVCache(config, context_length, device, dtype)
         rope = RotaryTable(config, context_length, device, dtype)
         self.model = MixtralModel(config, dense, experts, cache, rope)
@@ -242,14 +257,22 @@ class Engine:
         model_dir: str | Path,
         *,
         device: str = "auto",
-        dtype: str | torch.dtype = DEFAULT_DTYPE,
+        dtype: str | torch.dtype | None = None,
         context_length: int | None = None,
         progress: ProgressFn | None = None,
+        vram: int | str | None = None,
+        ram: int | str | None = None,
+        experts_per_layer: int | None = None,
+        policy: str = "lru",
     ) -> Engine:
-        """Load a Hugging Face Mixtral checkpoint directory; every input is checked first."""
+        """Load a Hugging Face Mixtral checkpoint directory or an offload pack.
+
+        Every input is checked before weights are read. With no budget (``vram``, ``ram``,
+        ``experts_per_layer``) every expert is resident on the device; with one, experts go
+        through the expert cache. ``dtype`` defaults to a pack's own dtype, else bfloat16.
+        """
         model_dir = Path(model_dir)
         torch_device = resolve_device(device)
-        torch_dtype = parse_dtype(dtype)
         config = ModelConfig.from_dir(model_dir)
         tokenizer = Tokenizer.from_dir(model_dir)
         if tokenizer.vocab_size > config.vocab_size:
@@ -263,12 +286,57 @@ class Engine:
             raise SettingError(
                 f"context length {context_length} must be in [1, {config.max_position_embeddings}]"
             )
-        checkpoint = Checkpoint(model_dir, config)
+        source: Checkpoint | Pack = Pack(model_dir) if is_pack(model_dir) else Checkpoint(model_dir, config)
         try:
-            dense, experts = _load_weights(checkpoint, torch_device, torch_dtype, progress)
-        finally:
-            checkpoint.close()
-        return cls(config, tokenizer, dense, experts, torch_device, torch_dtype, context_length)
+            if isinstance(source, Pack):
+                torch_dtype = parse_dtype(dtype) if dtype is not None else source.layout.dtype
+                if torch_dtype != source.layout.dtype:
+                    raise SettingError(
+                        f"--dtype {str(torch_dtype).removeprefix('torch.')}: {model_dir} holds "
+                        f"{str(source.layout.dtype).removeprefix('torch.')} experts; run with that dtype "
+                        f"or convert the checkpoint again with --dtype"
+                    )
+            else:
+                torch_dtype = parse_dtype(dtype if dtype is not None else DEFAULT_DTYPE)
+            budgeted = vram is not None or ram is not None or experts_per_layer is not None
+            dense = _load_dense(source, torch_device, torch_dtype, progress)
+            if not budgeted:
+                experts = _load_resident_experts(source, torch_device, torch_dtype, progress)
+                source.close()
+                return cls(config, tokenizer, dense, experts, torch_device, torch_dtype, context_length)
+            layout = source.layout if isinstance(source, Pack) else RecordLayout.for_config(config, torch_dtype)
+            plan = plan_memory(
+                config,
+                layout.nbytes,
+                torch_dtype,
+                context_length,
+                vram=None if vram is None else parse_bytes(vram, "--vram"),
+                ram=None if ram is None else parse_bytes(ram, "--ram"),
+                experts_per_layer=experts_per_layer,
+            )
+            records = source if isinstance(source, Pack) else CheckpointRecords(source, layout)
+            cache = ExpertCache(
+                records,
+                layout,
+                config.num_hidden_layers,
+                config.num_local_experts,
+                config.num_experts_per_tok,
+                torch_device,
+                slots_per_layer=plan.slots_per_layer,
+                host_capacity=plan.host_experts,
+                policy=policy,
+                progress=progress,
+            )
+        except BaseException:
+            source.close()
+            raise
+        return cls(config, tokenizer, dense, cache, torch_device, torch_dtype, context_length, plan, source)
+
+    def close(self) -> None:
+        """Release the weight source (files stay open while the cache reads experts)."""
+        if self._source is not None:
+            self._source.close()
+            self._source = None
 
     # ---- the forward steps ---------------------------------------------------------------------
 
@@ -304,41 +372,47 @@ class Engine:
         return Generation(self, prompt_ids, settings or GenerationSettings())
 
 
-def _load_weights(
-    checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, progress: ProgressFn | None
-) -> tuple[DenseWeights, ResidentExperts]:
-    c = checkpoint.config
-    total = 3 + c.num_hidden_layers * (1 + c.num_local_experts)
-    done = 0
-
-    def tick(what: str) -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, total, what)
+def _load_dense(
+    source: Checkpoint | Pack, device: torch.device, dtype: torch.dtype, progress: ProgressFn | None
+) -> DenseWeights:
+    """Every non-expert weight, on the device in the compute dtype."""
+    c = source.config
+    total = 2 + c.num_hidden_layers + (0 if c.tie_word_embeddings else 1)
 
     def place(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device, dtype=dtype)
 
-    embed = place(checkpoint.dense("embed_tokens"))
-    tick("embeddings")
-    norm = place(checkpoint.dense("norm"))
-    tick("final norm")
-    lm_head = embed if c.tie_word_embeddings else place(checkpoint.dense("lm_head"))
-    tick("lm_head")
+    def tick(done: int, what: str) -> None:
+        if progress is not None:
+            progress(done, total, what)
+
+    embed = place(source.dense("embed_tokens"))
+    norm = place(source.dense("norm"))
+    lm_head = embed if c.tie_word_embeddings else place(source.dense("lm_head"))
+    tick(total - c.num_hidden_layers, "embeddings")
     layers: list[LayerWeights] = []
-    experts: list[list[ExpertWeights]] = []
     for layer in range(c.num_hidden_layers):
         layers.append(LayerWeights(**{
-            key: place(checkpoint.dense(key, layer))
+            key: place(source.dense(key, layer))
             for key in ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
                         "post_attention_layernorm", "router")
         }))
-        tick(f"layer {layer} dense")
+        tick(total - c.num_hidden_layers + layer + 1, f"layer {layer} dense weights")
+    return DenseWeights(embed_tokens=embed, norm=norm, lm_head=lm_head, layers=layers)
+
+
+def _load_resident_experts(
+    source: Checkpoint | Pack, device: torch.device, dtype: torch.dtype, progress: ProgressFn | None
+) -> ResidentExperts:
+    """Every expert on the device: the all-resident reference."""
+    c = source.config
+    total = c.num_hidden_layers * c.num_local_experts
+    experts: list[list[ExpertWeights]] = []
+    for layer in range(c.num_hidden_layers):
         row = []
         for e in range(c.num_local_experts):
-            row.append(ExpertWeights(*(place(t) for t in checkpoint.expert(layer, e))))
-            tick(f"layer {layer} expert {e}")
+            row.append(ExpertWeights(*(t.to(device=device, dtype=dtype) for t in source.expert(layer, e))))
+            if progress is not None:
+                progress(layer * c.num_local_experts + e + 1, total, f"layer {layer} expert {e}")
         experts.append(row)
-    dense = DenseWeights(embed_tokens=embed, norm=norm, lm_head=lm_head, layers=layers)
-    return dense, ResidentExperts(experts, max_experts_per_call=c.num_experts_per_tok)
+    return ResidentExperts(experts, max_experts_per_call=c.num_experts_per_tok)

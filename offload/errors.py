@@ -44,3 +44,15 @@ class TokenizerError(OffloadError):
 
 class SettingError(OffloadError):
     """A generation or engine setting is out of range (temperature, top-p, dtype, device...)."""
+
+
+class PackError(OffloadError):
+    """An offload pack is missing a file, is from a newer format, or cannot be written."""
+
+
+class CorruptPackError(PackError):
+    """An expert record fails its checksum, or the experts file is truncated."""
+
+
+class BudgetError(SettingError):
+    """A memory budget cannot hold what the model needs (the message states the minimum)."""

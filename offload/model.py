@@ -173,15 +173,21 @@ def moe(
     provider: ExpertProvider,
     layer: int,
 ) -> torch.Tensor:
-    """Expert-major MoE: each needed expert runs once, on all of its tokens, in ascending id order."""
+    """Expert-major MoE: each needed expert runs once, on all of its tokens, in ascending id order.
+
+    The routing is copied to the host once per layer (the expert provider must know which
+    experts to bring in anyway); the grouping is computed there, so a GPU waits only once.
+    """
     out = torch.zeros_like(x)  # [T, D]
-    flat = experts.reshape(-1)  # [T*K]
-    order = torch.argsort(flat, stable=True)  # [T*K] grouped by expert
+    K = experts.shape[1]
+    flat = experts.reshape(-1).cpu()  # [T*K], the one device -> host copy
+    order = torch.argsort(flat, stable=True)  # [T*K] slots grouped by expert, tokens ascending
     needed, counts = torch.unique_consecutive(flat[order], return_counts=True)
-    token_of = order // experts.shape[1]  # [T*K] token of each sorted slot
-    flat_weights = weights.reshape(-1)[order]  # [T*K]
-    bounds = [0, *torch.cumsum(counts, 0).tolist()]
     needed_ids = needed.tolist()
+    bounds = [0, *torch.cumsum(counts, 0).tolist()]
+    order_dev = order.to(x.device)
+    token_of = order_dev // K  # [T*K] token of each sorted slot
+    slot_weights = weights.reshape(-1)[order_dev]  # [T*K] fp32
     step = max(1, provider.max_experts_per_call)
     for first in range(0, len(needed_ids), step):
         batch = needed_ids[first : first + step]
@@ -189,7 +195,7 @@ def moe(
             lo, hi = bounds[first + i], bounds[first + i + 1]
             tokens = token_of[lo:hi]  # [N]
             y = expert_ffn(x[tokens], w)  # [N, D]
-            y = y * flat_weights[lo:hi, None]  # fp32 weights promote, as the reference does
+            y = y * slot_weights[lo:hi, None]  # fp32 weights promote, as the reference does
             out.index_add_(0, tokens, y.to(out.dtype))
     return out
 

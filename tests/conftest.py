@@ -40,6 +40,19 @@ def references(model_dirs) -> dict[str, torch.nn.Module]:
     }
 
 
+@pytest.fixture(scope="session")
+def packs(model_dirs, tmp_path_factory) -> dict[tuple[str, str], Path]:
+    """(shape name, dtype name) -> an offload pack converted from that fixture checkpoint."""
+    from offload.pack import convert
+
+    root = tmp_path_factory.mktemp("packs")
+    return {
+        (shape.name, name): convert(model_dirs[shape.name], root / f"{shape.name}-{name}", dtype=dtype)
+        for shape in SHAPES
+        for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))
+    }
+
+
 @pytest.fixture
 def model_copy(model_dirs, tmp_path) -> Path:
     """A private copy of the windowed checkpoint that a test may damage."""

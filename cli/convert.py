@@ -1,0 +1,48 @@
+"""`offload convert HF_DIR OUT_DIR`: write the offload pack of a Hugging Face checkpoint.
+
+Argument parsing and rich output only; the conversion itself is ``offload.pack.convert``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cli.common import progress_bar, stderr, user_errors
+from offload.engine import DTYPES, parse_dtype
+from offload.pack import EXPERTS_FILE, Pack, convert
+from offload.plan import format_bytes
+
+
+def convert_command(
+    src: Path = typer.Argument(
+        ..., metavar="HF_DIR", help="A Hugging Face Mixtral checkpoint directory (safetensors)."
+    ),
+    out: Path = typer.Argument(..., metavar="OUT_DIR", help="The pack directory to write."),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", help=f"Weight dtype of the pack: {'|'.join(DTYPES)} (default: the checkpoint's own)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it is already a pack."),
+) -> None:
+    """Convert a checkpoint into an offload pack: each expert one aligned record, read in one go."""
+    with user_errors():
+        target = parse_dtype(dtype) if dtype is not None else None
+        start = time.perf_counter()
+        try:
+            with progress_bar("converting", src.name) as progress:
+                convert(src, out, dtype=target, force=force, progress=progress)
+        except KeyboardInterrupt:
+            stderr.print(f"interrupted: {out} left as it was", style="bold red")
+            raise typer.Exit(130) from None
+        seconds = time.perf_counter() - start
+        with Pack(out) as pack:  # opens what was written: the summary describes a valid pack
+            experts = len(pack.manifest["experts"])
+            dtype_name = pack.manifest["weight_format"]["experts"]
+        total = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+        print(
+            f"wrote {out}: {experts} experts ({dtype_name}, {format_bytes((out / EXPERTS_FILE).stat().st_size)}), "
+            f"{format_bytes(total)} in all, {seconds:.1f} s"
+        )

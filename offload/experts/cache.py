@@ -1,0 +1,238 @@
+"""ExpertCache: the expert provider that keeps hot experts in device slots and loads the rest.
+
+What it is: per-layer device slots with a pluggable eviction policy, fed from the host tier
+(RAM) or, below it, the record source on disk; per-layer statistics (hits, misses, loads and
+bytes from each tier, stall time). It serves ``MixtralModel``'s MoE block through the
+``ExpertProvider`` contract: ``get(layer, experts)`` with at most ``max_experts_per_call``
+experts returns their weights as views into device slots, valid until the next call.
+
+Guarantees: it never evicts an expert that the current request asks for; every layer owns at
+least top-k slots, so any request fits; the bytes in a slot are an exact copy of the record, so
+results are bit-identical to the all-resident run. What it is not: a predictor (prefetch comes
+with predict.py) or a memory planner (plan.py sizes it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from offload.device import StallClock, Transfers, empty_host_buffer, is_cuda
+from offload.errors import BudgetError
+from offload.experts.policy import make_policy
+from offload.experts.record import RecordLayout
+from offload.experts.tiers import DeviceSlots, HostTier, RecordSource
+from offload.model import ExpertWeights
+
+
+@dataclass
+class LayerStats:
+    hits: int = 0
+    misses: int = 0
+    host_loads: int = 0  # misses served from RAM
+    disk_loads: int = 0  # misses read from the source on disk
+    host_bytes: int = 0  # bytes copied host -> device for host loads
+    disk_bytes: int = 0  # bytes read from disk
+    stall_seconds: float = 0.0  # time compute waited for loads
+
+    @property
+    def requests(self) -> int:
+        return self.hits + self.misses
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.requests if self.requests else 0.0
+
+
+@dataclass
+class CacheStats:
+    layers: list[LayerStats] = field(default_factory=list)
+
+    def total(self) -> LayerStats:
+        out = LayerStats()
+        for s in self.layers:
+            for name, value in asdict(s).items():
+                setattr(out, name, getattr(out, name) + value)
+        return out
+
+    def copy(self) -> CacheStats:
+        return CacheStats([LayerStats(**asdict(s)) for s in self.layers])
+
+    def since(self, earlier: CacheStats) -> CacheStats:
+        """What happened after ``earlier`` (a copy taken before)."""
+        out = []
+        for now, then in zip(self.layers, earlier.layers):
+            out.append(LayerStats(**{k: v - getattr(then, k) for k, v in asdict(now).items()}))
+        return CacheStats(out)
+
+    def to_dict(self) -> dict:
+        total = self.total()
+        return {
+            "hits": total.hits,
+            "misses": total.misses,
+            "hit_rate": total.hit_rate,
+            "host_loads": total.host_loads,
+            "disk_loads": total.disk_loads,
+            "host_bytes": total.host_bytes,
+            "disk_bytes": total.disk_bytes,
+            "stall_seconds": total.stall_seconds,
+            "layers": [dict(asdict(s), hit_rate=s.hit_rate) for s in self.layers],
+        }
+
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+class ExpertCache:
+    """Device slots per layer + host tier + record source, with per-layer statistics."""
+
+    def __init__(
+        self,
+        source: RecordSource,
+        layout: RecordLayout,
+        num_layers: int,
+        num_experts: int,
+        top_k: int,
+        device: torch.device,
+        slots_per_layer: int,
+        host_capacity: int,
+        policy: str = "lru",
+        progress: ProgressFn | None = None,
+    ):
+        if not top_k <= slots_per_layer <= num_experts:
+            raise BudgetError(
+                f"experts per layer on the device must be in [{top_k}, {num_experts}] "
+                f"(top-k to all), got {slots_per_layer}"
+            )
+        total = num_layers * num_experts
+        self.source = source
+        self.layout = layout
+        self.device = device
+        self.num_layers, self.num_experts = num_layers, num_experts
+        self.max_experts_per_call = slots_per_layer
+        self.policy = make_policy(policy, num_layers, num_experts)
+        self.slots = DeviceSlots(layout, num_layers, slots_per_layer, device)
+        self.host = HostTier(layout, min(host_capacity, total), device)
+        self.transfers = Transfers(device)
+        self.stall = StallClock(device)
+        # staging for disk reads when RAM holds nothing; a CPU device reads straight into its slot
+        self.staging = (
+            empty_host_buffer(layout.nbytes, 2, device) if self.host.capacity == 0 and is_cuda(device) else None
+        )
+        self.staging_copy: list[object] = [None, None]
+        self.staging_next = 0
+        # residency: layer -> {expert: slot}, and each layer's free slots
+        self.where: list[dict[int, int]] = [{} for _ in range(num_layers)]
+        self.free: list[list[int]] = [list(range(slots_per_layer - 1, -1, -1)) for _ in range(num_layers)]
+        self._stats = CacheStats([LayerStats() for _ in range(num_layers)])
+        self._fill_host(progress)
+
+    # ---- set-up -------------------------------------------------------------------------------
+
+    def _fill_host(self, progress: ProgressFn | None) -> None:
+        """Preload RAM with records in layer-major order, up to its capacity."""
+        n = self.host.capacity
+        for i in range(n):
+            layer, expert = divmod(i, self.num_experts)
+            row = self.host.admit((layer, expert))
+            self.source.read_record(layer, expert, self.host.record(row))
+            if progress is not None:
+                progress(i + 1, n, f"layer {layer} expert {expert} -> RAM")
+
+    # ---- the provider contract ----------------------------------------------------------------
+
+    def get(self, layer: int, experts: Sequence[int]) -> list[ExpertWeights]:
+        if len(experts) > self.max_experts_per_call:
+            raise ValueError(f"{len(experts)} experts requested, {self.max_experts_per_call} slots per layer")
+        stats = self._stats.layers[layer]
+        resident = self.where[layer]
+        protected = set(experts)
+        slots, pending = [], []
+        for expert in experts:
+            self.policy.use(layer, expert)
+            slot = resident.get(expert)
+            if slot is not None:
+                stats.hits += 1
+            else:
+                stats.misses += 1
+                slot = self._take_slot(layer, protected)
+                resident[expert] = slot
+                pending.append(self._load(layer, expert, self.slots.index(layer, slot), stats))
+            slots.append(self.slots.index(layer, slot))
+        if pending:
+            started = self.stall.start()
+            for handle in pending:
+                self.transfers.wait(handle)
+            seconds = self.stall.stop(started, layer)
+            if seconds is not None:
+                stats.stall_seconds += seconds
+        return [self.slots.weights[i] for i in slots]
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _take_slot(self, layer: int, protected: set[int]) -> int:
+        if self.free[layer]:
+            return self.free[layer].pop()
+        resident = self.where[layer]
+        victim = self.policy.victim(layer, (e for e in resident if e not in protected))
+        return resident.pop(victim)
+
+    def _load(self, layer: int, expert: int, slot_index: int, stats: LayerStats):
+        """Bring one record into a device slot; returns the copy handle (None when done)."""
+        key = (layer, expert)
+        nbytes = self.layout.nbytes
+        target = self.slots.storage[slot_index]
+        started = self.stall.start()
+        row = self.host.lookup(key)
+        if row is not None:
+            stats.host_loads += 1
+            stats.host_bytes += nbytes
+            handle = self.transfers.copy(target, self.host.record(row))
+            self.host.last_copy[row] = handle
+        elif self.host.capacity:
+            row = self.host.admit(key)
+            self.transfers.wait_host(self.host.last_copy[row])  # that row may still be feeding a copy
+            self.source.read_record(layer, expert, self.host.record(row))
+            stats.disk_loads += 1
+            stats.disk_bytes += nbytes
+            handle = self.transfers.copy(target, self.host.record(row))
+            self.host.last_copy[row] = handle
+        elif self.staging is None:  # CPU device, no RAM tier: read straight into the slot
+            self.source.read_record(layer, expert, target)
+            stats.disk_loads += 1
+            stats.disk_bytes += nbytes
+            handle = None
+        else:
+            i = self.staging_next
+            self.staging_next ^= 1
+            self.transfers.wait_host(self.staging_copy[i])
+            self.source.read_record(layer, expert, self.staging[i])
+            stats.disk_loads += 1
+            stats.disk_bytes += nbytes
+            handle = self.transfers.copy(target, self.staging[i])
+            self.staging_copy[i] = handle
+        seconds = self.stall.stop(started, layer)
+        if seconds is not None:
+            stats.stall_seconds += seconds
+        return handle
+
+    # ---- inspection ---------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> CacheStats:
+        for layer, seconds in self.stall.resolve():
+            self._stats.layers[layer].stall_seconds += seconds
+        return self._stats
+
+    def resident(self, layer: int) -> list[int]:
+        return sorted(self.where[layer])
+
+    @property
+    def device_bytes(self) -> int:
+        return self.slots.nbytes
+
+    @property
+    def host_bytes(self) -> int:
+        return self.host.nbytes

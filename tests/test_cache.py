@@ -1,0 +1,182 @@
+"""The expert cache: bit-exact against the all-resident run, honest statistics, clear budgets.
+
+The oracle for numbers is the same engine with every expert resident (itself checked against
+transformers in test_equivalence.py); the oracle for hit rates is a plain reference LRU written
+here, run over the routing the model actually produced.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from offload.engine import Engine, GenerationSettings
+from offload.errors import BudgetError, SettingError
+from offload.plan import dense_bytes, kv_cache_bytes, parse_bytes
+from tests.model_builder import SHAPES, WIDE, WINDOWED
+
+PROMPT = "def parse_args(argv):\n    parser = argparse.ArgumentParser()\n    return parser"
+NEW_TOKENS = 12
+
+
+def run(engine: Engine, ids: list[int], n: int = NEW_TOKENS):
+    gen = engine.generate(ids, GenerationSettings(max_new_tokens=n, ignore_eos=True)).run()
+    return gen, engine.logits(ids)
+
+
+@pytest.fixture(scope="module")
+def resident(model_dirs):
+    """shape -> dtype -> the all-resident engine (the reference)."""
+    return {
+        name: {dt: Engine.load(path, device="cpu", dtype=dt) for dt in ("float32", "bfloat16")}
+        for name, path in model_dirs.items()
+    }
+
+
+@pytest.mark.parametrize("shape", [s.name for s in SHAPES])
+@pytest.mark.parametrize("source", ["checkpoint", "pack"])
+@pytest.mark.parametrize("ram", ["none", "some", "all"])
+def test_every_device_budget_is_bit_identical(shape, source, ram, model_dirs, packs, resident):
+    """From top-k slots to all, from the checkpoint and from a pack, with LRU and LFU."""
+    path = model_dirs[shape] if source == "checkpoint" else packs[(shape, "float32")]
+    ref = resident[shape]["float32"]
+    c = ref.config
+    ids = ref.tokenizer.encode(PROMPT, bos=True)
+    want_gen, want_logits = run(ref, ids)
+    record = 3 * c.hidden_size * c.intermediate_size * 4
+    ram_budget = {"none": 0, "some": 3 * record, "all": None}[ram]
+    for slots in range(c.num_experts_per_tok, c.num_local_experts + 1):
+        policy = ("lru", "lfu")[slots % 2]
+        engine = Engine.load(
+            path, device="cpu", dtype="float32", experts_per_layer=slots, ram=ram_budget, policy=policy
+        )
+        gen, logits = run(engine, ids)
+        assert gen.tokens == want_gen.tokens, f"{slots} slots, {policy}"
+        assert torch.equal(logits, want_logits), f"{slots} slots, {policy}"
+        total = gen.cache_stats.total()
+        if slots < c.num_local_experts:
+            assert total.misses > 0 and total.hits > 0
+        if ram == "none":
+            assert total.host_loads == 0 and total.disk_loads == total.misses
+        if ram == "all" and slots < c.num_local_experts:
+            assert total.disk_loads == 0 and total.host_loads == total.misses
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_budgets_policies_and_prompts_are_bit_identical(data, model_dirs, packs, resident):
+    shape = data.draw(st.sampled_from([s.name for s in SHAPES]), label="shape")
+    dtype = data.draw(st.sampled_from(["float32", "bfloat16"]), label="dtype")
+    from_pack = data.draw(st.booleans(), label="from pack")
+    ref = resident[shape][dtype]
+    c = ref.config
+    slots = data.draw(st.integers(c.num_experts_per_tok, c.num_local_experts), label="slots")
+    policy = data.draw(st.sampled_from(["lru", "lfu"]), label="policy")
+    record = 3 * c.hidden_size * c.intermediate_size * (4 if dtype == "float32" else 2)
+    ram_records = data.draw(st.one_of(st.none(), st.integers(0, c.num_hidden_layers * c.num_local_experts)), label="ram")
+    ids = [1] + data.draw(st.lists(st.integers(3, c.vocab_size - 1), min_size=1, max_size=40), label="prompt")
+    n = data.draw(st.integers(1, 10), label="tokens")
+    engine = Engine.load(
+        packs[(shape, dtype)] if from_pack else model_dirs[shape], device="cpu", dtype=dtype, experts_per_layer=slots,
+        ram=None if ram_records is None else ram_records * record, policy=policy,
+    )
+    gen, logits = run(engine, ids, n)
+    want_gen, want_logits = run(ref, ids, n)
+    assert gen.tokens == want_gen.tokens
+    assert torch.equal(logits, want_logits)
+
+
+def reference_lru(requests: list[list[int]], capacity: int) -> tuple[int, int]:
+    """Plain LRU over one layer's requests; a request's experts never evict each other."""
+    cache: list[int] = []  # least recently used first
+    hits = misses = 0
+    for request in requests:
+        for expert in request:
+            if expert in cache:
+                hits += 1
+                cache.remove(expert)
+            else:
+                misses += 1
+                if len(cache) == capacity:
+                    cache.remove(next(e for e in cache if e not in request))
+            cache.append(expert)
+    return hits, misses
+
+
+@pytest.mark.parametrize("shape, slots", [(WINDOWED.name, 3), (WINDOWED.name, 5), (WIDE.name, 4), (WIDE.name, 7)])
+def test_hit_rates_equal_a_reference_lru_over_the_same_routing(shape, slots, model_dirs):
+    engine = Engine.load(model_dirs[shape], device="cpu", dtype="float32", experts_per_layer=slots, ram=0)
+    c = engine.config
+    requests: dict[int, list[list[int]]] = {layer: [] for layer in range(c.num_hidden_layers)}
+
+    def observe(layer, experts, _weights):
+        needed = sorted(set(experts.reshape(-1).tolist()))  # what the MoE block asks for, in order,
+        for i in range(0, len(needed), slots):  # in calls of at most `slots` experts
+            requests[layer].append(needed[i : i + slots])
+
+    engine.model.routing_observer = observe
+    ids = engine.tokenizer.encode(PROMPT, bos=True)
+    gen = engine.generate(ids, GenerationSettings(max_new_tokens=40, ignore_eos=True)).run()
+    for layer, stats in enumerate(gen.cache_stats.layers):
+        hits, misses = reference_lru(requests[layer], slots)
+        assert (stats.hits, stats.misses) == (hits, misses), f"layer {layer}"
+        assert stats.disk_bytes == stats.disk_loads * engine.cache.layout.nbytes
+    assert 0 < gen.cache_stats.total().hit_rate < 1
+
+
+def test_statistics_count_bytes_and_stall(model_dirs):
+    engine = Engine.load(model_dirs[WIDE.name], device="cpu", dtype="float32", experts_per_layer=3, ram="1MiB")
+    record = engine.cache.layout.nbytes
+    assert engine.plan.host_experts == parse_bytes("1MiB") // record
+    gen = engine.generate(engine.tokenizer.encode(PROMPT, bos=True), GenerationSettings(max_new_tokens=8)).run()
+    total = gen.cache_stats.total()
+    assert total.host_loads + total.disk_loads == total.misses > 0
+    assert total.host_bytes == total.host_loads * record and total.disk_bytes == total.disk_loads * record
+    assert total.host_loads > 0 and total.disk_loads > 0
+    assert total.stall_seconds > 0
+    # the engine-wide counters include this request's
+    assert engine.cache.stats.total().misses >= total.misses
+
+
+def test_vram_budget_sets_slots_and_refuses_below_the_minimum(model_dirs):
+    path = model_dirs[WINDOWED.name]
+    probe = Engine.load(path, device="cpu", dtype="float32", experts_per_layer=2)
+    c, record = probe.config, probe.cache.layout.nbytes
+    fixed = dense_bytes(c, torch.float32) + kv_cache_bytes(c, 256, torch.float32)
+    minimum = fixed + c.num_hidden_layers * c.num_experts_per_tok * record
+    five = fixed + c.num_hidden_layers * 5 * record + record  # room for 5 per layer, not 6
+    engine = Engine.load(path, device="cpu", dtype="float32", context_length=256, vram=five)
+    assert engine.plan.slots_per_layer == 5
+    assert engine.cache.slots.storage.shape[0] == 5 * c.num_hidden_layers
+    with pytest.raises(BudgetError, match=r"below the minimum .*top-2 experts"):
+        Engine.load(path, device="cpu", dtype="float32", context_length=256, vram=minimum - 1)
+    assert Engine.load(path, device="cpu", dtype="float32", context_length=256, vram=minimum).plan.slots_per_layer == 2
+    with pytest.raises(BudgetError, match=r"\[2, 8\]"):
+        Engine.load(path, device="cpu", dtype="float32", experts_per_layer=1)
+    with pytest.raises(SettingError, match="expected a size"):
+        Engine.load(path, device="cpu", dtype="float32", vram="lots")
+    with pytest.raises(SettingError, match="--policy"):
+        Engine.load(path, device="cpu", dtype="float32", experts_per_layer=2, policy="mru")
+
+
+def test_slots_are_allocated_once(model_dirs):
+    engine = Engine.load(model_dirs[WINDOWED.name], device="cpu", dtype="float32", experts_per_layer=3, ram=0)
+    storage = engine.cache.slots.storage
+    pointer = storage.data_ptr()
+    engine.generate(engine.tokenizer.encode(PROMPT, bos=True), GenerationSettings(max_new_tokens=6)).run()
+    assert engine.cache.slots.storage.data_ptr() == pointer
+    for w in engine.cache.slots.weights:  # every expert view points into the one pool
+        assert storage.data_ptr() <= w.w1.data_ptr() < storage.data_ptr() + storage.numel()
+
+
+@pytest.mark.parametrize("shape", [s.name for s in SHAPES])
+def test_a_pack_runs_exactly_like_its_checkpoint(shape, packs, resident):
+    ref = resident[shape]["bfloat16"]
+    engine = Engine.load(packs[(shape, "bfloat16")], device="cpu")  # dtype: the pack's own
+    assert engine.dtype == torch.bfloat16 and engine.cache is None
+    ids = ref.tokenizer.encode(PROMPT, bos=True)
+    assert torch.equal(engine.logits(ids), ref.logits(ids))
+    with pytest.raises(SettingError, match="holds bfloat16 experts"):
+        Engine.load(packs[(shape, "bfloat16")], device="cpu", dtype="float32")

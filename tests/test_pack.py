@@ -1,0 +1,324 @@
+"""The offload pack: convert writes records that read back as the checkpoint's experts, the
+reader refuses damaged packs with typed one-line errors, and an interrupted convert leaves nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from cli.convert import convert_command
+from offload.checkpoint import DENSE_TABLE, LAYER_TABLE, Checkpoint
+from offload.config import ModelConfig
+from offload.errors import CorruptCheckpointError, CorruptPackError, PackError
+from offload.experts.record import RECORD_ALIGNMENT
+from offload.pack import MANIFEST, PACK_FORMAT, Pack, convert, is_pack
+from offload.tokenizer import Tokenizer
+from tests.model_builder import SHAPES, WINDOWED
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@pytest.fixture
+def pack_copy(packs, tmp_path):
+    """A private copy of the windowed fp32 pack that a test may damage."""
+    return shutil.copytree(packs[(WINDOWED.name, "float32")], tmp_path / "pack")
+
+
+def manifest_of(pack_dir) -> dict:
+    return json.loads((pack_dir / MANIFEST).read_text())
+
+
+def dense_items(config: ModelConfig):
+    """(logical key, layer) of every dense weight, lm_head included even when tied."""
+    yield from ((key, None) for key in DENSE_TABLE)
+    yield from ((key, layer) for layer in range(config.num_hidden_layers) for key in LAYER_TABLE)
+
+
+def siblings(path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir())
+
+
+# ---- round trip -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
+def test_pack_reads_back_the_checkpoint(model_dirs, packs, shape, dtype_name):
+    dtype = DTYPES[dtype_name]
+    pack_dir = packs[(shape.name, dtype_name)]
+    manifest = manifest_of(pack_dir)
+    assert manifest["format"] == PACK_FORMAT and is_pack(pack_dir)
+    assert manifest["weight_format"] == {"dense": dtype_name, "experts": dtype_name}
+    with Checkpoint(model_dirs[shape.name]) as ck, Pack(pack_dir) as pack:
+        c = pack.config
+        assert c == ck.config
+        for layer in range(c.num_hidden_layers):
+            for expert in range(c.num_local_experts):
+                got = pack.expert(layer, expert)
+                want = ck.expert(layer, expert)
+                for g, w in zip(got, want):
+                    assert g.dtype == dtype
+                    assert torch.equal(g, w.to(dtype)), (layer, expert)
+        for key, layer in dense_items(c):
+            got = pack.dense(key, layer)
+            assert got.dtype == dtype
+            assert torch.equal(got, ck.dense(key, layer).to(dtype)), (key, layer)
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
+def test_records_are_aligned_checksummed_and_zero_padded(packs, shape, dtype_name):
+    pack_dir = packs[(shape.name, dtype_name)]
+    manifest = manifest_of(pack_dir)
+    stride, nbytes = manifest["record"]["stride"], manifest["record"]["nbytes"]
+    experts = shape.config_kwargs()["num_local_experts"]
+    assert stride % RECORD_ALIGNMENT == 0 and stride >= nbytes
+    entries = manifest["experts"]
+    assert len(entries) == shape.config_kwargs()["num_hidden_layers"] * experts
+    with open(pack_dir / "experts.bin", "rb") as f:
+        for index, entry in enumerate(entries):
+            assert (entry["layer"], entry["expert"]) == divmod(index, experts)
+            assert entry["offset"] % 4096 == 0 and entry["offset"] == index * stride
+            assert entry["length"] == nbytes
+            f.seek(entry["offset"])
+            record = f.read(stride)
+            assert len(record) == stride
+            assert zlib.crc32(record[:nbytes]) == entry["crc32"]
+            assert not any(record[nbytes:])  # padding is zero
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
+def test_dense_file_is_valid_safetensors(model_dirs, packs, shape):
+    pack_dir = packs[(shape.name, "bfloat16")]
+    with Checkpoint(model_dirs[shape.name]) as ck, safe_open(pack_dir / "dense.safetensors", "pt") as f:
+        names = set(f.keys())
+        config = ck.config
+        expected = {names_[0] for key, (names_, _) in DENSE_TABLE.items()
+                    if not (key == "lm_head" and config.tie_word_embeddings)}
+        expected |= {names_[0].format(layer=layer) for layer in range(config.num_hidden_layers)
+                     for names_, _ in LAYER_TABLE.values()}
+        assert names == expected
+        assert "model.layers.1.block_sparse_moe.gate.weight" in names
+        assert not any("experts" in n for n in names)
+        for key, layer in dense_items(config):
+            if key == "lm_head" and config.tie_word_embeddings:
+                continue
+            name = (DENSE_TABLE if layer is None else LAYER_TABLE)[key][0][0].format(layer=layer)
+            assert torch.equal(f.get_tensor(name), ck.dense(key, layer).to(torch.bfloat16)), name
+
+
+def test_default_dtype_is_the_checkpoints(model_dirs, tmp_path):
+    out = convert(model_dirs[WINDOWED.name], tmp_path / "pack")
+    assert manifest_of(out)["weight_format"] == {"dense": "float32", "experts": "float32"}
+
+
+def test_reading_one_expert_reads_only_its_record(packs):
+    with Pack(packs[(WINDOWED.name, "bfloat16")]) as pack:
+        pack.expert(2, 5)
+        assert pack.bytes_read == pack.layout.nbytes
+        buffer = torch.zeros(pack.layout.stride, dtype=torch.uint8)
+        record = pack.read_record(1, 3, buffer)
+        assert pack.bytes_read == 2 * pack.layout.nbytes
+        assert record.data_ptr() == buffer.data_ptr() and record.numel() == pack.layout.nbytes
+        assert not buffer[pack.layout.nbytes :].any()  # nothing past the record was touched
+
+
+def test_tokenizer_and_config_load_from_a_pack(model_dirs, packs):
+    src, pack_dir = model_dirs[WINDOWED.name], packs[(WINDOWED.name, "float32")]
+    assert ModelConfig.from_dir(pack_dir) == ModelConfig.from_dir(src)
+    a, b = Tokenizer.from_dir(pack_dir), Tokenizer.from_dir(src)
+    text = "def parse_args(argv): Größere Brücken"
+    assert a.encode(text, bos=True) == b.encode(text, bos=True)
+    assert (a.bos_id, a.eos_id) == (b.bos_id, b.eos_id)
+    assert "tokenizer.model" in manifest_of(pack_dir)["tokenizer_files"]
+
+
+# ---- damaged packs ------------------------------------------------------------------------------
+
+
+def test_flipped_byte_fails_that_experts_checksum_only(pack_copy):
+    entry = manifest_of(pack_copy)["experts"][1 * 8 + 3]  # layer 1, expert 3
+    experts_bin = pack_copy / "experts.bin"
+    data = bytearray(experts_bin.read_bytes())
+    data[entry["offset"] + 1000] ^= 0x01
+    experts_bin.write_bytes(bytes(data))
+    with Pack(pack_copy) as pack:  # opening does not read records
+        pack.expert(1, 2)
+        pack.expert(2, 3)
+        with pytest.raises(CorruptPackError, match=r"experts\.bin: expert 3 of layer 1 \(offset \d+\) fails its checksum"):
+            pack.expert(1, 3)
+        pack.expert(1, 4)
+    with Pack(pack_copy) as pack:
+        with pytest.raises(CorruptPackError, match="expert 3 of layer 1"):
+            pack.verify_all()
+
+
+def test_checksum_is_checked_on_the_first_read_only(pack_copy):
+    entry = manifest_of(pack_copy)["experts"][0]
+    with Pack(pack_copy) as pack:
+        pack.expert(0, 0)
+        with open(pack_copy / "experts.bin", "r+b") as f:
+            f.seek(entry["offset"] + 8)
+            byte = f.read(1)
+            f.seek(entry["offset"] + 8)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        pack.expert(0, 0)  # verified already: not checked again
+    with Pack(pack_copy) as pack, pytest.raises(CorruptPackError, match="expert 0 of layer 0"):
+        pack.expert(0, 0)
+
+
+def test_truncated_experts_file_fails_at_open(pack_copy):
+    entries = manifest_of(pack_copy)["experts"]
+    experts_bin = pack_copy / "experts.bin"
+    with open(experts_bin, "r+b") as f:
+        f.truncate(entries[-2]["offset"] + 10)  # layer 2 expert 6 no longer fits
+    with pytest.raises(CorruptPackError, match=r"experts\.bin: truncated.* expert 6 of layer 2"):
+        Pack(pack_copy)
+
+
+def test_newer_format_version_is_refused(pack_copy):
+    manifest = manifest_of(pack_copy)
+    manifest["format_version"] = 99
+    (pack_copy / MANIFEST).write_text(json.dumps(manifest))
+    newer = r"manifest\.json: pack format version 99 is newer than this offload reads \(1\); upgrade offload"
+    with pytest.raises(PackError, match=newer):
+        Pack(pack_copy)
+
+
+def test_missing_dense_file_is_named(pack_copy):
+    (pack_copy / "dense.safetensors").unlink()
+    with pytest.raises(PackError, match=r"dense\.safetensors"):
+        Pack(pack_copy)
+
+
+def test_corrupt_dense_header_is_a_corrupt_checkpoint_error(pack_copy):
+    dense = pack_copy / "dense.safetensors"
+    data = bytearray(dense.read_bytes())
+    data[8:12] = b"\xff\xfe{{"
+    dense.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match=r"dense\.safetensors: header is not valid JSON"):
+        Pack(pack_copy)
+
+
+def test_not_a_pack(model_dirs, tmp_path):
+    assert not is_pack(model_dirs[WINDOWED.name])
+    with pytest.raises(PackError, match=r"manifest\.json: missing"):
+        Pack(model_dirs[WINDOWED.name])
+    with pytest.raises(PackError, match="no such pack directory"):
+        Pack(tmp_path / "nowhere")
+    (tmp_path / MANIFEST).write_text("{not json")
+    with pytest.raises(PackError, match="not valid JSON"):
+        Pack(tmp_path)
+
+
+# ---- writing: existing targets and interruption -----------------------------------------------
+
+
+def test_existing_directory_needs_force(model_dirs, tmp_path):
+    src = model_dirs[WINDOWED.name]
+    out = convert(src, tmp_path / "pack", dtype=torch.float32)
+    (out / "marker").write_text("old")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(PackError, match=r"pack: already exists; use --force"):
+        convert(src, out, dtype=torch.bfloat16)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    convert(src, out, dtype=torch.bfloat16, force=True)
+    assert manifest_of(out)["weight_format"]["experts"] == "bfloat16"
+    assert not (out / "marker").exists()
+    assert siblings(out) == ["pack"]  # no temporary or old directory left beside it
+    with Pack(out) as pack:
+        pack.verify_all()
+
+
+def test_force_does_not_delete_a_directory_that_is_not_a_pack(model_dirs, tmp_path):
+    out = tmp_path / "documents"
+    out.mkdir()
+    (out / "thesis.txt").write_text("precious")
+    with pytest.raises(PackError, match="not an offload pack"):
+        convert(model_dirs[WINDOWED.name], out, force=True)
+    assert (out / "thesis.txt").read_text() == "precious"
+    with pytest.raises(PackError, match="its own source"):
+        convert(model_dirs[WINDOWED.name], model_dirs[WINDOWED.name], force=True)
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("at", ["dense", "last expert"])
+def test_interrupted_convert_leaves_nothing(model_dirs, tmp_path, at):
+    seen = []
+
+    def progress(done: int, total: int, what: str) -> None:
+        seen.append(what)
+        if (at == "dense" and done == 5) or (at == "last expert" and done == total):
+            raise Stop
+
+    out = tmp_path / "pack"
+    with pytest.raises(Stop):
+        convert(model_dirs[WINDOWED.name], out, progress=progress)
+    assert seen[-1].startswith("model.layers.0.") if at == "dense" else seen[-1] == "layer 2 expert 7"
+    assert not out.exists() and siblings(out) == []
+
+
+def test_interrupted_forced_convert_keeps_the_old_pack(model_dirs, tmp_path):
+    src = model_dirs[WINDOWED.name]
+    out = convert(src, tmp_path / "pack", dtype=torch.float32)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def progress(done: int, total: int, what: str) -> None:
+        if done == total:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, out, dtype=torch.bfloat16, force=True, progress=progress)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert siblings(out) == ["pack"]
+
+
+# ---- command line ---------------------------------------------------------------------------------
+
+
+def cli_app() -> typer.Typer:
+    """cli.main's app once it registers convert_command; until then, a local app with only it."""
+    from cli.main import app
+
+    if any(c.name == "convert" for c in app.registered_commands):
+        return app
+    app = typer.Typer()
+    app.callback()(lambda: None)  # keep "convert" a subcommand, as in cli.main
+    app.command("convert")(convert_command)
+    return app
+
+
+def test_cli_convert(model_dirs, tmp_path):
+    out = tmp_path / "pack"
+    result = CliRunner().invoke(cli_app(), ["convert", str(model_dirs[WINDOWED.name]), str(out), "--dtype", "bf16"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"wrote {out}: 24 experts (bfloat16,")
+    assert len(result.stdout.strip().splitlines()) == 1
+    with Pack(out) as pack:
+        assert pack.layout.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("args", [["missing-dir"], ["MODEL", "--dtype", "int3"]], ids=["bad source", "bad dtype"])
+def test_cli_errors_are_one_line_and_exit_2(model_dirs, tmp_path, args):
+    args = [str(model_dirs[WINDOWED.name]) if a == "MODEL" else a for a in args]
+    if args[0] == "missing-dir":
+        args[0] = str(tmp_path / "missing-dir")
+    out = tmp_path / "pack"
+    result = CliRunner().invoke(cli_app(), ["convert", args[0], str(out), *args[1:]])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:")
+    assert ("missing-dir" in lines[0]) if "missing-dir" in args[0] else ("int3" in lines[0])
+    assert not out.exists()
