@@ -224,10 +224,106 @@ def _shard_files(model_dir: Path) -> tuple[list[Path], dict[str, str]]:
     raise CheckpointError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 
-class Checkpoint:
+def find_tensor(
+    entries: dict[str, TensorEntry],
+    names: tuple[str, ...],
+    shape: tuple[int, ...],
+    where: Path,
+    dtypes: tuple[torch.dtype, ...] = WEIGHT_DTYPES,
+    **fmt: int,
+) -> TensorEntry:
+    """The first of ``names`` (formatted with ``fmt``) present, checked for shape and dtype."""
+    candidates = [n.format(**fmt) for n in names]
+    name = next((n for n in candidates if n in entries), None)
+    if name is None:
+        raise MissingTensorError(f"{where}: tensor '{candidates[0]}' is in no file")
+    entry = entries[name]
+    if entry.dtype not in dtypes:
+        expected = "a float weight" if dtypes == WEIGHT_DTYPES else " or ".join(map(str, dtypes))
+        raise TensorShapeError(f"{entry.file}: tensor '{name}' has dtype {entry.dtype}, expected {expected}")
+    if entry.shape != shape:
+        raise TensorShapeError(
+            f"{entry.file}: tensor '{name}' has shape {list(entry.shape)}, expected {list(shape)} from the config"
+        )
+    return entry
+
+
+def dense_entries(
+    entries: dict[str, TensorEntry],
+    config: ModelConfig,
+    where: Path,
+    dtypes: tuple[torch.dtype, ...] = WEIGHT_DTYPES,
+) -> tuple[dict[str, TensorEntry], list[dict[str, TensorEntry]]]:
+    """Every dense weight the model needs, by logical name: (model-wide, per layer)."""
+    c = config
+    dense = {}
+    for key, (names, shape_of) in DENSE_TABLE.items():
+        if key == "lm_head" and c.tie_word_embeddings and not any(n in entries for n in names):
+            continue
+        dense[key] = find_tensor(entries, names, shape_of(c), where, dtypes)
+    layers = [
+        {
+            key: find_tensor(entries, names, shape_of(c), where, dtypes, layer=layer)
+            for key, (names, shape_of) in LAYER_TABLE.items()
+        }
+        for layer in range(c.num_hidden_layers)
+    ]
+    return dense, layers
+
+
+def read_into(fd: int, buffer, offset: int) -> int:
+    """Fill ``buffer`` (a writable buffer) from ``offset`` of ``fd``; returns the bytes read,
+    fewer only when the file ends early."""
+    done, want = 0, len(buffer)
+    while done < want:
+        got = os.preadv(fd, [buffer[done:]], offset + done)
+        if got <= 0:
+            break
+        done += got
+    return done
+
+
+class OpenFiles:
+    """The file descriptors a reader holds, opened on first use and closed together."""
+
+    open_error: type[Exception] = CheckpointError
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                raise self.open_error(f"{path}: cannot open: {exc.strerror or exc}") from None
+            self._fds[path] = fd
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Checkpoint(OpenFiles):
     """A validated, lazily read safetensors checkpoint of a Mixtral-family model."""
 
     def __init__(self, model_dir: str | Path, config: ModelConfig | None = None):
+        super().__init__()
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             raise CheckpointError(f"{self.model_dir}: not a directory")
@@ -243,42 +339,13 @@ class Checkpoint:
                     f"{self.model_dir / shard}: tensor '{name}' listed in {INDEX_FILE} is not in that shard"
                 )
         self.bytes_read = 0  # counts weight bytes read, for tests and statistics
-        self._fds: dict[Path, int] = {}
         self._validate()
 
     # ---- validation -------------------------------------------------------------------------
 
-    def _checked(self, name: str, shape: tuple[int, ...]) -> TensorEntry:
-        entry = self.entries[name]
-        if entry.dtype not in WEIGHT_DTYPES:
-            raise TensorShapeError(
-                f"{entry.file}: tensor '{name}' has dtype {entry.dtype}, expected a float weight"
-            )
-        if entry.shape != shape:
-            raise TensorShapeError(
-                f"{entry.file}: tensor '{name}' has shape {list(entry.shape)}, "
-                f"expected {list(shape)} from config.json"
-            )
-        return entry
-
-    def _find(self, names: tuple[str, ...], shape: tuple[int, ...], **fmt: int) -> TensorEntry:
-        candidates = [n.format(**fmt) for n in names]
-        for name in candidates:
-            if name in self.entries:
-                return self._checked(name, shape)
-        raise MissingTensorError(f"{self.model_dir}: tensor '{candidates[0]}' is in no shard")
-
     def _validate(self) -> None:
         c = self.config
-        self._dense: dict[str, TensorEntry] = {}
-        for key, (names, shape_of) in DENSE_TABLE.items():
-            if key == "lm_head" and c.tie_word_embeddings and not any(n in self.entries for n in names):
-                continue
-            self._dense[key] = self._find(names, shape_of(c))
-        self._layers: list[dict[str, TensorEntry]] = [
-            {key: self._find(names, shape_of(c), layer=layer) for key, (names, shape_of) in LAYER_TABLE.items()}
-            for layer in range(c.num_hidden_layers)
-        ]
+        self._dense, self._layers = dense_entries(self.entries, c, self.model_dir)
         self._experts: list[list[dict[str, ByteRange]]] = [
             self._layer_experts(layer) for layer in range(c.num_hidden_layers)
         ]
@@ -288,8 +355,8 @@ class Checkpoint:
         D, I, E = c.hidden_size, c.intermediate_size, c.num_local_experts
         gate_up_name = FUSED_GATE_UP.format(layer=layer)
         if gate_up_name in self.entries:
-            gate_up = self._checked(gate_up_name, (E, 2 * I, D))
-            down = self._find((FUSED_DOWN,), (E, D, I), layer=layer)
+            gate_up = find_tensor(self.entries, (gate_up_name,), (E, 2 * I, D), self.model_dir)
+            down = find_tensor(self.entries, (FUSED_DOWN,), (E, D, I), self.model_dir, layer=layer)
             gate_up_size, down_size = _itemsize(gate_up.dtype), _itemsize(down.dtype)
             return [
                 {
@@ -303,7 +370,7 @@ class Checkpoint:
         for e in range(E):
             matrices = {}
             for key, (name, shape_of) in HUB_EXPERT_TABLE.items():
-                entry = self._find((name,), shape_of(c), layer=layer, expert=e)
+                entry = find_tensor(self.entries, (name,), shape_of(c), self.model_dir, layer=layer, expert=e)
                 matrices[key] = ByteRange(entry, entry.start, entry.shape)
             experts.append(matrices)
         return experts
@@ -314,22 +381,12 @@ class Checkpoint:
         out = torch.empty(where.shape, dtype=where.entry.dtype)
         buffer = out.view(torch.uint8).reshape(-1).numpy()
         path = where.entry.file
-        fd = self._fds.get(path)
-        if fd is None:
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError as exc:
-                raise CheckpointError(f"{path}: cannot open: {exc.strerror or exc}") from None
-            self._fds[path] = fd
-        done, want = 0, where.nbytes
-        while done < want:
-            got = os.preadv(fd, [buffer[done:]], where.start + done)
-            if got <= 0:
-                raise CorruptCheckpointError(
-                    f"{path}: tensor '{where.entry.name}' ends early (file changed while reading?)"
-                )
-            done += got
-        self.bytes_read += want
+        fd = self.fd(path)
+        if read_into(fd, buffer, where.start) != where.nbytes:
+            raise CorruptCheckpointError(
+                f"{path}: tensor '{where.entry.name}' ends early (file changed while reading?)"
+            )
+        self.bytes_read += where.nbytes
         return out
 
     @property
@@ -355,20 +412,3 @@ class Checkpoint:
         """Read one expert's (w1, w3, w2), and nothing else."""
         ranges = self.expert_ranges(layer, expert)
         return tuple(self._read(ranges[m]) for m in EXPERT_MATRICES)  # type: ignore[return-value]
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def __enter__(self) -> Checkpoint:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass

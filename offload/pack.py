@@ -31,20 +31,21 @@ import torch
 
 from offload.checkpoint import (
     DENSE_TABLE,
+    OpenFiles,
     LAYER_TABLE,
     SAFETENSORS_DTYPES,
     WEIGHT_DTYPES,
     Checkpoint,
     TensorEntry,
+    dense_entries,
     read_header,
+    read_into,
 )
 from offload.config import ModelConfig
 from offload.errors import (
     CorruptPackError,
-    MissingTensorError,
     PackError,
     SettingError,
-    TensorShapeError,
 )
 from offload.experts.record import RECORD_ALIGNMENT, RecordLayout
 from offload.model import ExpertWeights
@@ -301,23 +302,14 @@ def _move_into_place(temp: Path, out_dir: Path) -> None:
 # ---- reading ----------------------------------------------------------------------------------
 
 
-def _pread_into(fd: int, buffer: memoryview, offset: int) -> int:
-    """Fill ``buffer`` from ``offset``: one preadv for a regular file; returns the bytes read."""
-    done = 0
-    while done < len(buffer):
-        got = os.preadv(fd, [buffer[done:]], offset + done)
-        if got <= 0:
-            break
-        done += got
-    return done
-
-
-class Pack:
+class Pack(OpenFiles):
     """A validated offload pack: dense weights by logical name and expert records by one read."""
 
+    open_error = PackError
+
     def __init__(self, path: str | Path):
+        super().__init__()
         self.path = Path(path)
-        self._fds: list[int] = []
         self._verified: set[tuple[int, int]] = set()
         self.bytes_read = 0  # counts expert record bytes read
         manifest_path = self.path / MANIFEST
@@ -403,31 +395,8 @@ class Pack:
 
     def _open_dense(self, path: Path) -> tuple[dict[str, TensorEntry], list[dict[str, TensorEntry]]]:
         entries = read_header(path)  # CorruptCheckpointError when the file is damaged
-        c = self.config
-
-        def find(names: tuple[str, ...], shape: tuple[int, ...], **fmt: int) -> TensorEntry:
-            candidates = [n.format(**fmt) for n in names]
-            name = next((n for n in candidates if n in entries), None)
-            if name is None:
-                raise MissingTensorError(f"{path}: tensor '{candidates[0]}' is missing")
-            entry = entries[name]
-            if entry.dtype != self.dense_dtype or entry.shape != shape:
-                raise TensorShapeError(
-                    f"{path}: tensor '{name}' is {entry.dtype} {list(entry.shape)}, expected "
-                    f"{self.dense_dtype} {list(shape)} from {MANIFEST}"
-                )
-            return entry
-
-        dense = {}
-        for key, (names, shape_of) in DENSE_TABLE.items():
-            if key == "lm_head" and c.tie_word_embeddings and not any(n in entries for n in names):
-                continue
-            dense[key] = find(names, shape_of(c))
-        layers = [
-            {key: find(names, shape_of(c), layer=layer) for key, (names, shape_of) in LAYER_TABLE.items()}
-            for layer in range(c.num_hidden_layers)
-        ]
-        self._dense_fd = self._open(path)
+        dense, layers = dense_entries(entries, self.config, path, dtypes=(self.dense_dtype,))
+        self._dense_fd = self.fd(path)
         return dense, layers
 
     def _open_experts(self, path: Path) -> None:
@@ -440,15 +409,7 @@ class Pack:
                     f"{path}: truncated: {size} bytes, but expert {expert} of layer {layer} "
                     f"needs bytes [{offset}, {offset + length})"
                 )
-        self._experts_fd = self._open(path)
-
-    def _open(self, path: Path) -> int:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as exc:
-            raise PackError(f"{path}: cannot open: {exc.strerror or exc}") from None
-        self._fds.append(fd)
-        return fd
+        self._experts_fd = self.fd(path)
 
     # ---- reading ----------------------------------------------------------------------------
 
@@ -462,7 +423,7 @@ class Pack:
             entry = self._layers[layer][key]
         out = torch.empty(entry.shape, dtype=entry.dtype)
         buffer = _raw_bytes(out)
-        if _pread_into(self._dense_fd, buffer, entry.start) != len(buffer):
+        if read_into(self._dense_fd, buffer, entry.start) != len(buffer):
             raise CorruptPackError(f"{entry.file}: tensor '{entry.name}' ends early (file changed while reading?)")
         return out
 
@@ -481,7 +442,7 @@ class Pack:
         offset, length, crc = self._records[layer * c.num_local_experts + expert]
         record = out.reshape(-1)[:nbytes]
         buffer = memoryview(record.numpy())
-        got = _pread_into(self._experts_fd, buffer, offset)
+        got = read_into(self._experts_fd, buffer, offset)
         self.bytes_read += got
         if got != length:
             raise CorruptPackError(
@@ -512,20 +473,3 @@ class Pack:
             self.read_record(layer, expert, scratch)
             if progress is not None:
                 progress(index + 1, total, f"layer {layer} expert {expert}")
-
-    def close(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
-        self._fds.clear()
-
-    def __enter__(self) -> Pack:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass

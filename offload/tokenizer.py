@@ -25,6 +25,25 @@ __all__ = ["Message", "StreamDecoder", "Tokenizer"]
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
+# How this project trains sentencepiece models (the demo model's, the tests'): BPE with Mixtral's
+# special ids, and the settings under which any text round-trips exactly (code, indentation,
+# newlines, any Unicode through byte pieces).
+TRAINER_OPTIONS = dict(
+    model_type="bpe",
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    user_defined_symbols=["\n"],
+    allow_whitespace_only_pieces=True,
+    split_digits=True,
+    byte_fallback=True,
+    unk_id=0,
+    bos_id=1,
+    eos_id=2,
+    pad_id=-1,
+    num_threads=1,
+    minloglevel=2,
+)
+
 # Prompt ids a StreamDecoder keeps as context, so that the first generated piece gets the
 # leading space it has after the prompt ("▁Paris" -> " Paris"). A few are enough: decoding is
 # piece concatenation, only the first piece of a decode loses its "▁".

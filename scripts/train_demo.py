@@ -36,6 +36,8 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
+from offload.tokenizer import TRAINER_OPTIONS
+
 DOCS_PACKAGE = "python3.11-doc"
 SOURCES_DIR = "usr/share/doc/python3.11/html/_sources"
 EXCLUDED = ("whatsnew/changelog.rst.txt",)  # issue numbers and names, little language
@@ -105,23 +107,11 @@ def train_tokenizer(texts: list[str], vocab_size: int, out: Path) -> spm.Sentenc
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines),
         model_writer=buffer,
-        model_type="bpe",
         vocab_size=vocab_size,
         character_coverage=0.9995,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        user_defined_symbols=["\n"],
-        allow_whitespace_only_pieces=True,
-        split_digits=True,
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
         input_sentence_size=2_000_000,
         shuffle_input_sentence=False,
-        num_threads=1,
-        minloglevel=2,
+        **TRAINER_OPTIONS,
     )
     out.write_bytes(buffer.getvalue())
     return spm.SentencePieceProcessor(model_proto=buffer.getvalue())

@@ -130,3 +130,32 @@ def test_help_states_the_default_dtype():
     result = run("generate", "--help")
     assert result.exit_code == 0
     assert "default bfloat16" in result.stdout
+
+
+def test_budgets_and_stats(model_dirs):
+    d = model_dirs[WINDOWED.name]
+    common = ["generate", str(d), "-p", PROMPT, "-n", "10", "--dtype", "float32", "--ignore-eos"]
+    resident = json.loads(run(*common, "--json").stdout)
+    cached = run(*common, "--experts-per-layer", "3", "--ram", "0", "--json")
+    assert cached.exit_code == 0, cached.output
+    out = json.loads(cached.stdout)
+    assert out["tokens"] == resident["tokens"] and resident["cache"] is None
+    assert out["plan"]["slots_per_layer"] == 3 and out["plan"]["host_experts"] == 0
+    assert out["cache"]["misses"] == out["cache"]["disk_loads"] > 0
+    assert len(out["cache"]["layers"]) == WINDOWED.config_kwargs()["num_hidden_layers"]
+    table = run(*common, "--experts-per-layer", "3", "--stats")
+    assert table.exit_code == 0
+    assert "hit rate" in table.stderr and "3/8 experts per layer on the device" in table.stderr
+
+
+def test_impossible_budget_states_the_minimum(model_dirs):
+    result = run("generate", str(model_dirs[WINDOWED.name]), "-p", "x", "--vram", "1KiB")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "below the minimum" in lines[0]
+
+
+def test_generate_from_a_pack(packs):
+    result = run("generate", str(packs[(WINDOWED.name, "bfloat16")]), "-p", PROMPT, "-n", "3", "--json", "--ram", "0", "--experts-per-layer", "2")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["tokens"]) in (1, 2, 3)

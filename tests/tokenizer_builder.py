@@ -21,6 +21,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from offload.tokenizer import TRAINER_OPTIONS
+
 # Non-ASCII text so that byte fallback pieces (<0xE6> ...) and multi-byte characters appear.
 NON_ASCII_SENTENCES = [
     "Le garçon a mangé une crème brûlée à Noël, près de la forêt.",
@@ -48,21 +50,9 @@ def _train(model_writer, vocab_size: int, character_coverage: float) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=_training_lines(),
         model_writer=model_writer,
-        model_type="bpe",
         vocab_size=vocab_size,
         character_coverage=character_coverage,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        user_defined_symbols=["\n"],
-        allow_whitespace_only_pieces=True,
-        split_digits=True,
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        num_threads=1,
-        minloglevel=2,
+        **TRAINER_OPTIONS,
     )
 
 

@@ -1,0 +1,61 @@
+"""Checks that need a CUDA device; every test here is marked ``gpu`` and skips without one.
+
+Run them where a GPU is at hand with ``python -m pytest -q -m gpu``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offload.engine import Engine, GenerationSettings
+from tests.model_builder import SHAPES
+
+pytestmark = pytest.mark.gpu
+
+PROMPT = "def parse_args(argv):\n    parser = argparse.ArgumentParser()\n    return parser"
+
+
+@pytest.mark.parametrize("shape", [s.name for s in SHAPES])
+def test_cuda_bf16_matches_transformers_on_cuda(shape, model_dirs):
+    """The engine's bf16 logits on CUDA are as close to the fp32 reference as transformers' own
+    bf16 logits on CUDA (the same bound as the CPU test)."""
+    from transformers import MixtralForCausalLM
+
+    engine = Engine.load(model_dirs[shape], device="cuda", dtype="bfloat16")
+    ids = engine.tokenizer.encode(PROMPT, bos=True)
+    ours = engine.logits(ids).float().cpu()
+    x = torch.tensor([ids], device="cuda")
+    with torch.no_grad():
+        fp32 = MixtralForCausalLM.from_pretrained(model_dirs[shape], dtype=torch.float32).cuda().eval()(x).logits[0].cpu()
+        bf16 = MixtralForCausalLM.from_pretrained(model_dirs[shape], dtype=torch.bfloat16).cuda().eval()(x).logits[0].float().cpu()
+    assert (ours - fp32).abs().mean() <= 1.5 * (bf16 - fp32).abs().mean()
+    assert (ours - fp32).abs().max() <= 1.5 * (bf16 - fp32).abs().max()
+
+
+@pytest.mark.parametrize("shape", [s.name for s in SHAPES])
+def test_cuda_fp32_matches_transformers_tightly(shape, model_dirs, references):
+    engine = Engine.load(model_dirs[shape], device="cuda", dtype="float32")
+    ids = engine.tokenizer.encode(PROMPT, bos=True)
+    with torch.no_grad():
+        theirs = references[shape](torch.tensor([ids])).logits[0]
+    # TF32 matmuls are off by default in torch; the bound is the CPU test's, loosened for GPU kernels
+    assert (engine.logits(ids).cpu() - theirs).abs().max() <= 1e-3
+
+
+@pytest.mark.parametrize("shape", [s.name for s in SHAPES])
+@pytest.mark.parametrize("ram", [0, None])
+def test_cuda_cache_with_half_the_experts_is_bit_identical(shape, ram, model_dirs, packs):
+    ref = Engine.load(model_dirs[shape], device="cuda", dtype="bfloat16")
+    c = ref.config
+    ids = ref.tokenizer.encode(PROMPT, bos=True)
+    settings = GenerationSettings(max_new_tokens=24, ignore_eos=True)
+    want = ref.generate(ids, settings).run().tokens
+    want_logits = ref.logits(ids)
+    half = max(c.num_experts_per_tok, c.num_local_experts // 2)
+    for source in (model_dirs[shape], packs[(shape, "bfloat16")]):
+        engine = Engine.load(source, device="cuda", dtype="bfloat16", experts_per_layer=half, ram=ram)
+        gen = engine.generate(ids, settings).run()
+        assert gen.tokens == want
+        assert torch.equal(engine.logits(ids), want_logits)
+        assert gen.cache_stats.total().misses > 0
