@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import psutil
 import torch
 
 from offload.checkpoint import Checkpoint
@@ -22,7 +23,7 @@ from offload.experts.cache import CacheStats, ExpertCache
 from offload.experts.record import RecordLayout
 from offload.experts.tiers import CheckpointRecords
 from offload.pack import Pack, is_pack
-from offload.plan import MemoryPlan, parse_bytes, plan_memory
+from offload.plan import MemoryPlan, dense_bytes, parse_bytes, plan_memory
 from offload.model import (
     DenseWeights,
     ExpertWeights,
@@ -313,6 +314,7 @@ class Engine:
                 vram=None if vram is None else parse_bytes(vram, "--vram"),
                 ram=None if ram is None else parse_bytes(ram, "--ram"),
                 experts_per_layer=experts_per_layer,
+                ram_available=_spare_ram(torch_device, config, torch_dtype),
             )
             records = source if isinstance(source, Pack) else CheckpointRecords(source, layout)
             cache = ExpertCache(
@@ -370,6 +372,15 @@ class Engine:
     def generate(self, prompt_ids: Sequence[int], settings: GenerationSettings | None = None) -> Generation:
         """A lazy generation: iterate it to stream, or call ``.run()``."""
         return Generation(self, prompt_ids, settings or GenerationSettings())
+
+
+def _spare_ram(device: torch.device, config: ModelConfig, dtype: torch.dtype) -> int:
+    """RAM the host tier may take when no --ram is given: 80% of what is free now, less the
+    dense weights when they live in RAM too (CPU device)."""
+    free = int(psutil.virtual_memory().available * 0.8)
+    if device.type == "cpu":
+        free -= dense_bytes(config, dtype)
+    return max(0, free)
 
 
 def _load_dense(

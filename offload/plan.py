@@ -120,11 +120,12 @@ def plan_memory(
     vram: int | None = None,
     ram: int | None = None,
     experts_per_layer: int | None = None,
+    ram_available: int | None = None,
 ) -> MemoryPlan:
     """Slots per layer from ``experts_per_layer`` or the ``vram`` budget; RAM records from ``ram``.
 
     With neither device setting, every expert gets a slot. With no ``ram``, RAM holds every
-    expert that the device does not.
+    expert, or as many as fit in ``ram_available`` bytes when that is given.
     """
     c = config
     L, E, K = c.num_hidden_layers, c.num_local_experts, c.num_experts_per_tok
@@ -149,7 +150,7 @@ def plan_memory(
     if slots == E:
         host = 0  # everything lives on the device; nothing to stage in RAM
     elif ram is None:
-        host = total
+        host = total if ram_available is None else max(0, min(total, ram_available // expert_bytes))
     else:
         host = min(total, ram // expert_bytes)
     return MemoryPlan(dense, kv, expert_bytes, total, slots, host, L)
