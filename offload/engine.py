@@ -274,6 +274,7 @@ class Engine:
         """
         model_dir = Path(model_dir)
         torch_device = resolve_device(device)
+        requested = parse_dtype(dtype) if dtype is not None else None
         config = ModelConfig.from_dir(model_dir)
         tokenizer = Tokenizer.from_dir(model_dir)
         if tokenizer.vocab_size > config.vocab_size:
@@ -290,7 +291,7 @@ class Engine:
         source: Checkpoint | Pack = Pack(model_dir) if is_pack(model_dir) else Checkpoint(model_dir, config)
         try:
             if isinstance(source, Pack):
-                torch_dtype = parse_dtype(dtype) if dtype is not None else source.layout.dtype
+                torch_dtype = requested or source.layout.dtype
                 if torch_dtype != source.layout.dtype:
                     raise SettingError(
                         f"--dtype {str(torch_dtype).removeprefix('torch.')}: {model_dir} holds "
@@ -298,7 +299,7 @@ class Engine:
                         f"or convert the checkpoint again with --dtype"
                     )
             else:
-                torch_dtype = parse_dtype(dtype if dtype is not None else DEFAULT_DTYPE)
+                torch_dtype = requested or parse_dtype(DEFAULT_DTYPE)
             budgeted = vram is not None or ram is not None or experts_per_layer is not None
             dense = _load_dense(source, torch_device, torch_dtype, progress)
             if not budgeted:
