@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA GPU, as one script for a lent GPU machine (see the device tool):
+# the GPU-marked tests, then transfer bandwidth and engine speed on cuda. Everything it prints
+# goes to $OUT (or ./gpu-checks) as well as the terminal.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-gpu-checks}"
+mkdir -p "$out"
+export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tail -20 | tee "$out/gpu-tests.txt"
+python benchmarks/bench_transfer.py --device cuda --mib 336 --reps 10 2>&1 | tee "$out/transfer-bf16-expert.txt"
+python benchmarks/bench_transfer.py --device cuda --mib 94.5 --reps 10 2>&1 | tee "$out/transfer-nf4-expert.txt"
+python benchmarks/bench_engine.py --device cuda --dtype bfloat16 --shape medium 2>&1 | tail -15 | tee "$out/engine-cuda.txt"
