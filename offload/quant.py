@@ -355,8 +355,9 @@ def from_tensors(
 
 
 def dequantize(qm: QuantizedMatrix, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """The matrix as a dense [out, in] tensor of ``dtype``; bit-exact with bitsandbytes' own
-    dequantization of the original quantization (int8 is dequantized in fp32, then cast)."""
+    """The matrix as a dense [out, in] tensor of ``dtype``, bit-exact with bitsandbytes' own
+    dequantization (int8 is dequantized in fp32, then cast). A plain matrix already in ``dtype``
+    is returned as it is stored, not copied."""
     t = qm.tensors
     if qm.fmt.kind == "plain":
         return t["data"].to(dtype)  # [Out, In]
