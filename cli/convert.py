@@ -15,6 +15,7 @@ from cli.common import progress_bar, stderr, user_errors
 from offload.engine import DTYPES, parse_dtype
 from offload.pack import EXPERTS_FILE, Pack, convert
 from offload.plan import format_bytes
+from offload.quant import FORMATS
 
 
 def convert_command(
@@ -25,6 +26,11 @@ def convert_command(
     dtype: Optional[str] = typer.Option(
         None, "--dtype", help=f"Weight dtype of the pack: {'|'.join(DTYPES)} (default: the checkpoint's own)."
     ),
+    expert_format: Optional[str] = typer.Option(
+        None,
+        "--expert-format",
+        help=f"Store experts quantized: {'|'.join(FORMATS)} (default: the pack's dtype, unquantized).",
+    ),
     force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it is already a pack."),
 ) -> None:
     """Convert a checkpoint into an offload pack: each expert one aligned record, read in one go."""
@@ -33,7 +39,7 @@ def convert_command(
         start = time.perf_counter()
         try:
             with progress_bar("converting", src.name) as progress:
-                convert(src, out, dtype=target, force=force, progress=progress)
+                convert(src, out, dtype=target, expert_format=expert_format, force=force, progress=progress)
         except KeyboardInterrupt:
             stderr.print(f"interrupted: {out} left as it was", style="bold red")
             raise typer.Exit(130) from None

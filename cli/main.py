@@ -19,6 +19,7 @@ from cli.convert import convert_command
 from offload.demo import DEMO_MODEL_DIR
 from offload.engine import DEFAULT_DTYPE, DTYPES, Engine, GenerationSettings
 from offload.errors import OffloadError
+from offload.quant import FORMATS
 from offload.sampling import SamplingSettings
 from offload.tokenizer import Message
 
@@ -81,6 +82,12 @@ def generate(
         None, "--experts-per-layer", help="Expert slots per layer on the device (top-k .. all), instead of --vram."
     ),
     policy: str = typer.Option("lru", "--policy", help="Expert eviction policy: lru or lfu."),
+    expert_format: Optional[str] = typer.Option(
+        None,
+        "--expert-format",
+        help=f"Quantize experts: {'|'.join(FORMATS)} (default: unquantized, in the compute dtype; "
+        "a pack keeps the format it was converted with).",
+    ),
     show_stats: bool = typer.Option(False, "--stats", help="Print per-layer expert cache statistics on stderr."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with ids, text and statistics."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence."),
@@ -100,7 +107,7 @@ def generate(
         model = model or DEMO_MODEL_DIR
         engine = load_engine(
             model, device, dtype, context,
-            vram=vram, ram=ram, experts_per_layer=experts_per_layer, policy=policy,
+            vram=vram, ram=ram, experts_per_layer=experts_per_layer, policy=policy, expert_format=expert_format,
         )
         tokenizer = engine.tokenizer
         if chat:

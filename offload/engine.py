@@ -29,9 +29,11 @@ from offload.model import (
     ExpertWeights,
     KVCache,
     LayerWeights,
+    Matrix,
     MixtralModel,
     RotaryTable,
 )
+from offload.quant import QuantizedMatrix, from_tensors, get_format, quantize
 from offload.sampling import Sampler, SamplingSettings
 from offload.tokenizer import Tokenizer
 
@@ -265,16 +267,20 @@ class Engine:
         ram: int | str | None = None,
         experts_per_layer: int | None = None,
         policy: str = "lru",
+        expert_format: str | None = None,
     ) -> Engine:
         """Load a Hugging Face Mixtral checkpoint directory or an offload pack.
 
         Every input is checked before weights are read. With no budget (``vram``, ``ram``,
         ``experts_per_layer``) every expert is resident on the device; with one, experts go
-        through the expert cache. ``dtype`` defaults to a pack's own dtype, else bfloat16.
+        through the expert cache. ``dtype`` (compute) defaults to an unquantized pack's own
+        dtype, else bfloat16. ``expert_format`` (``offload.quant``: "int8", "nf4", ...) stores
+        experts quantized; a pack's experts keep the format it was converted with.
         """
         model_dir = Path(model_dir)
         torch_device = resolve_device(device)
         requested = parse_dtype(dtype) if dtype is not None else None
+        requested_format = get_format(expert_format) if expert_format is not None else None
         config = ModelConfig.from_dir(model_dir)
         tokenizer = Tokenizer.from_dir(model_dir)
         if tokenizer.vocab_size > config.vocab_size:
@@ -291,22 +297,28 @@ class Engine:
         source: Checkpoint | Pack = Pack(model_dir) if is_pack(model_dir) else Checkpoint(model_dir, config)
         try:
             if isinstance(source, Pack):
-                torch_dtype = requested or source.layout.dtype
-                if torch_dtype != source.layout.dtype:
+                layout = source.layout
+                if requested_format is not None and requested_format != layout.fmt:
+                    raise SettingError(
+                        f"--expert-format {requested_format.name}: {model_dir} holds {layout.fmt.name} experts; "
+                        f"convert the checkpoint again with --expert-format {requested_format.name}"
+                    )
+                torch_dtype = requested or (layout.dtype if layout.plain else parse_dtype(DEFAULT_DTYPE))
+                if layout.plain and torch_dtype != layout.dtype:
                     raise SettingError(
                         f"--dtype {str(torch_dtype).removeprefix('torch.')}: {model_dir} holds "
-                        f"{str(source.layout.dtype).removeprefix('torch.')} experts; run with that dtype "
+                        f"{str(layout.dtype).removeprefix('torch.')} experts; run with that dtype "
                         f"or convert the checkpoint again with --dtype"
                     )
             else:
                 torch_dtype = requested or parse_dtype(DEFAULT_DTYPE)
+                layout = RecordLayout.for_config(config, requested_format or torch_dtype)
             budgeted = vram is not None or ram is not None or experts_per_layer is not None
             dense = _load_dense(source, torch_device, torch_dtype, progress)
             if not budgeted:
-                experts = _load_resident_experts(source, torch_device, torch_dtype, progress)
+                experts = _load_resident_experts(source, layout, torch_device, torch_dtype, progress)
                 source.close()
                 return cls(config, tokenizer, dense, experts, torch_device, torch_dtype, context_length)
-            layout = source.layout if isinstance(source, Pack) else RecordLayout.for_config(config, torch_dtype)
             plan = plan_memory(
                 config,
                 layout.nbytes,
@@ -414,16 +426,30 @@ def _load_dense(
 
 
 def _load_resident_experts(
-    source: Checkpoint | Pack, device: torch.device, dtype: torch.dtype, progress: ProgressFn | None
+    source: Checkpoint | Pack,
+    layout: RecordLayout,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: ProgressFn | None,
 ) -> ResidentExperts:
-    """Every expert on the device: the all-resident reference."""
+    """Every expert on the device, in the layout's format: the all-resident reference. Quantized
+    experts are made exactly as the cache's records are (same input, same quantizer)."""
     c = source.config
+
+    def place(w: Matrix) -> Matrix:
+        if isinstance(w, QuantizedMatrix):  # from a quantized pack: its tensors, moved
+            return from_tensors(w.tensors, w.shape, w.fmt, device)
+        if layout.plain:
+            return w.to(device=device, dtype=dtype)
+        quantized = quantize(w, layout.fmt)  # the checkpoint's own tensor, as CheckpointRecords does
+        return from_tensors(quantized.tensors, quantized.shape, quantized.fmt, device)
+
     total = c.num_hidden_layers * c.num_local_experts
     experts: list[list[ExpertWeights]] = []
     for layer in range(c.num_hidden_layers):
         row = []
         for e in range(c.num_local_experts):
-            row.append(ExpertWeights(*(t.to(device=device, dtype=dtype) for t in source.expert(layer, e))))
+            row.append(ExpertWeights(*(place(w) for w in source.expert(layer, e))))
             if progress is not None:
                 progress(layer * c.num_local_experts + e + 1, total, f"layer {layer} expert {e}")
         experts.append(row)

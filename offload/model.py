@@ -13,20 +13,25 @@ G = KV heads, Dh = head dim, E = experts, K = experts per token, I = expert FFN 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Protocol, Sequence
+from typing import Callable, NamedTuple, Protocol, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
 from offload.config import ModelConfig
+from offload.quant import QuantizedMatrix, linear as quantized_linear
+
+
+Matrix = Union[torch.Tensor, QuantizedMatrix]  # a plain weight, or one in a quantized format
 
 
 class ExpertWeights(NamedTuple):
-    """One expert's matrices in compute layout: w1 (gate) [I, D], w3 (up) [I, D], w2 (down) [D, I]."""
+    """One expert's matrices: w1 (gate) [I, D], w3 (up) [I, D], w2 (down) [D, I], each a plain
+    tensor in the compute dtype or a ``QuantizedMatrix``."""
 
-    w1: torch.Tensor
-    w3: torch.Tensor
-    w2: torch.Tensor
+    w1: Matrix
+    w3: Matrix
+    w2: Matrix
 
 
 class ExpertProvider(Protocol):
@@ -161,9 +166,14 @@ def route(x: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tens
     return top_experts, top_weights
 
 
+def matmul(x: torch.Tensor, w: Matrix) -> torch.Tensor:
+    """x [N, In] @ w.T -> [N, Out], for a plain weight or a quantized one."""
+    return F.linear(x, w) if isinstance(w, torch.Tensor) else quantized_linear(x, w)
+
+
 def expert_ffn(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
     """SwiGLU expert: x [N, D] -> [N, D]."""
-    return F.linear(F.silu(F.linear(x, w.w1)) * F.linear(x, w.w3), w.w2)
+    return matmul(F.silu(matmul(x, w.w1)) * matmul(x, w.w3), w.w2)
 
 
 def moe(

@@ -49,6 +49,12 @@ from offload.errors import (
 )
 from offload.experts.record import RECORD_ALIGNMENT, RecordLayout
 from offload.model import ExpertWeights
+from offload.quant import ALIASES, FORMATS, WeightFormat, get_format
+
+
+def quant_alias(name: object) -> str | None:
+    """A manifest's expert format name, with torch dtype names mapped to format names."""
+    return ALIASES.get(name, name) if isinstance(name, str) else None
 
 PACK_FORMAT = "offload-pack"
 PACK_VERSION = 1
@@ -190,18 +196,21 @@ def convert(
     out_dir: str | Path,
     *,
     dtype: torch.dtype | None = None,
+    expert_format: str | None = None,
     force: bool = False,
     progress: ProgressFn | None = None,
 ) -> Path:
     """Write the pack of the checkpoint in ``src_dir`` to ``out_dir``; returns ``out_dir``.
 
     ``dtype`` None keeps the checkpoint's dtype, else dense weights and experts are cast to it
-    (float32, bfloat16 or float16). An existing ``out_dir`` is an error unless ``force``, and
+    (float32, bfloat16 or float16). ``expert_format`` (an ``offload.quant`` format name such as
+    "int8" or "nf4") stores the experts quantized instead; dense weights keep ``dtype``. An existing ``out_dir`` is an error unless ``force``, and
     then it is replaced only once the new pack is complete. On any error nothing is left behind.
     """
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     if dtype is not None and dtype not in WEIGHT_DTYPES:
         raise SettingError(f"pack dtype {dtype} is not supported (choose {', '.join(DTYPE_NAMES.values())})")
+    fmt = get_format(expert_format) if expert_format is not None else None
     _check_target(src_dir, out_dir, force)
     with Checkpoint(src_dir) as checkpoint:
         if not (src_dir / TOKENIZER_MODEL).is_file():
@@ -211,7 +220,8 @@ def convert(
         shutil.rmtree(temp, ignore_errors=True)  # a leftover of an earlier run with this pid
         try:
             temp.mkdir()
-            _write_pack(checkpoint, temp, dtype or _source_dtype(checkpoint), progress)
+            dense_dtype = dtype or _source_dtype(checkpoint)
+            _write_pack(checkpoint, temp, dense_dtype, fmt or get_format(DTYPE_NAMES[dense_dtype]), progress)
             _move_into_place(temp, out_dir)
         except OSError as exc:
             raise PackError(f"{out_dir}: cannot write the pack: {exc.strerror or exc}") from None
@@ -220,7 +230,9 @@ def convert(
     return out_dir
 
 
-def _write_pack(checkpoint: Checkpoint, out: Path, dtype: torch.dtype, progress: ProgressFn | None) -> None:
+def _write_pack(
+    checkpoint: Checkpoint, out: Path, dtype: torch.dtype, fmt: WeightFormat, progress: ProgressFn | None
+) -> None:
     config = checkpoint.config
     layers, experts_per_layer = config.num_hidden_layers, config.num_local_experts
     specs = list(_dense_specs(config))
@@ -241,7 +253,7 @@ def _write_pack(checkpoint: Checkpoint, out: Path, dtype: torch.dtype, progress:
     finally:
         writer.close()
 
-    layout = RecordLayout.for_config(config, dtype)
+    layout = RecordLayout.for_config(config, fmt)
     record = torch.zeros(layout.stride, dtype=torch.uint8)  # gaps and padding stay zero
     entries = []
     fd = os.open(out / EXPERTS_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -267,7 +279,7 @@ def _write_pack(checkpoint: Checkpoint, out: Path, dtype: torch.dtype, progress:
         "format": PACK_FORMAT,
         "format_version": PACK_VERSION,
         "config": json.loads((src / CONFIG_FILE).read_text(encoding="utf-8")),
-        "weight_format": {"dense": DTYPE_NAMES[dtype], "experts": DTYPE_NAMES[dtype]},
+        "weight_format": {"dense": DTYPE_NAMES[dtype], "experts": fmt.name},
         "record": layout.to_dict(),
         "experts_file": EXPERTS_FILE,
         "dense_file": DENSE_FILE,
@@ -340,11 +352,11 @@ class Pack(OpenFiles):
         self.config = ModelConfig.from_dict(raw_config, source=f"{manifest_path} (config)")
         weight_format = manifest.get("weight_format") or {}
         dense_dtype = _dtype_named(weight_format.get("dense"))
-        experts_dtype = _dtype_named(weight_format.get("experts"))
-        if dense_dtype is None or experts_dtype is None:
+        experts_format = FORMATS.get(quant_alias(weight_format.get("experts")))
+        if dense_dtype is None or experts_format is None:
             raise PackError(f"{manifest_path}: unsupported weight_format {weight_format!r}")
         self.dense_dtype = dense_dtype
-        self.layout = RecordLayout.for_config(self.config, experts_dtype)
+        self.layout = RecordLayout.for_config(self.config, experts_format)
         if manifest.get("record") != self.layout.to_dict():
             raise PackError(
                 f"{manifest_path}: record layout {manifest.get('record')!r} is not the one this offload "
@@ -458,7 +470,7 @@ class Pack(OpenFiles):
         return record
 
     def expert(self, layer: int, expert: int) -> ExpertWeights:
-        """One expert's (w1, w3, w2) as new CPU tensors in the record dtype (views of one buffer)."""
+        """One expert's (w1, w3, w2) in the record's format, on the CPU (views of one new buffer)."""
         record = torch.empty(self.layout.nbytes, dtype=torch.uint8)
         return self.layout.views(self.read_record(layer, expert, record))
 

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 
 from offload.engine import Engine, GenerationSettings
 from offload.errors import BudgetError, SettingError
+from offload.experts.record import RecordLayout
+from offload.pack import convert
 from offload.plan import dense_bytes, kv_cache_bytes, parse_bytes
 from tests.model_builder import SHAPES, WIDE, WINDOWED
 
@@ -64,23 +66,29 @@ def test_every_device_budget_is_bit_identical(shape, source, ram, model_dirs, pa
             assert total.disk_loads == 0 and total.host_loads == total.misses
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+QUANTIZED = ["int8", "nf4", "nf4-dq", "fp4"]
+
+
+@settings(max_examples=24, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_random_budgets_policies_and_prompts_are_bit_identical(data, model_dirs, packs, resident):
     shape = data.draw(st.sampled_from([s.name for s in SHAPES]), label="shape")
     dtype = data.draw(st.sampled_from(["float32", "bfloat16"]), label="dtype")
-    from_pack = data.draw(st.booleans(), label="from pack")
+    fmt = data.draw(st.sampled_from([None, *QUANTIZED]), label="expert format")
+    from_pack = fmt is None and data.draw(st.booleans(), label="from pack")
     ref = resident[shape][dtype]
+    if fmt is not None:  # the all-resident run of the same quantized model
+        ref = Engine.load(model_dirs[shape], device="cpu", dtype=dtype, expert_format=fmt)
     c = ref.config
     slots = data.draw(st.integers(c.num_experts_per_tok, c.num_local_experts), label="slots")
     policy = data.draw(st.sampled_from(["lru", "lfu"]), label="policy")
-    record = 3 * c.hidden_size * c.intermediate_size * (4 if dtype == "float32" else 2)
+    record = RecordLayout.for_config(c, fmt or dtype).nbytes
     ram_records = data.draw(st.one_of(st.none(), st.integers(0, c.num_hidden_layers * c.num_local_experts)), label="ram")
     ids = [1] + data.draw(st.lists(st.integers(3, c.vocab_size - 1), min_size=1, max_size=40), label="prompt")
     n = data.draw(st.integers(1, 10), label="tokens")
     engine = Engine.load(
         packs[(shape, dtype)] if from_pack else model_dirs[shape], device="cpu", dtype=dtype, experts_per_layer=slots,
-        ram=None if ram_records is None else ram_records * record, policy=policy,
+        ram=None if ram_records is None else ram_records * record, policy=policy, expert_format=fmt,
     )
     gen, logits = run(engine, ids, n)
     want_gen, want_logits = run(ref, ids, n)
@@ -180,3 +188,21 @@ def test_a_pack_runs_exactly_like_its_checkpoint(shape, packs, resident):
     assert torch.equal(engine.logits(ids), ref.logits(ids))
     with pytest.raises(SettingError, match="holds bfloat16 experts"):
         Engine.load(packs[(shape, "bfloat16")], device="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize("fmt", QUANTIZED)
+def test_quantized_pack_through_the_cache_is_bit_identical(fmt, model_dirs, tmp_path):
+    """A pack of quantized experts, read through the cache with a disk tier, gives exactly the
+    all-resident run of the same quantized model."""
+    path = model_dirs[WIDE.name]
+    pack = convert(path, tmp_path / "pack", expert_format=fmt)
+    ref = Engine.load(path, device="cpu", dtype="float32", expert_format=fmt)
+    engine = Engine.load(pack, device="cpu", dtype="float32", experts_per_layer=4, ram=0)
+    assert engine.cache.layout.fmt.name == fmt
+    ids = ref.tokenizer.encode(PROMPT, bos=True)
+    want_gen, want_logits = run(ref, ids)
+    gen, logits = run(engine, ids)
+    assert gen.tokens == want_gen.tokens and torch.equal(logits, want_logits)
+    assert gen.cache_stats.total().disk_loads > 0
+    with pytest.raises(SettingError, match=f"holds {fmt} experts"):
+        Engine.load(pack, device="cpu", expert_format="int8" if fmt != "int8" else "nf4")

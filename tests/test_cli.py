@@ -159,3 +159,19 @@ def test_generate_from_a_pack(packs):
     result = run("generate", str(packs[(WINDOWED.name, "bfloat16")]), "-p", PROMPT, "-n", "3", "--json", "--ram", "0", "--experts-per-layer", "2")
     assert result.exit_code == 0, result.output
     assert len(json.loads(result.stdout)["tokens"]) in (1, 2, 3)
+
+
+def test_quantized_experts_from_the_command_line(model_dirs, tmp_path):
+    d = model_dirs[WINDOWED.name]
+    common = ["-p", PROMPT, "-n", "6", "--dtype", "float32", "--ignore-eos", "--json"]
+    resident = run("generate", str(d), *common, "--expert-format", "nf4")
+    assert resident.exit_code == 0, resident.output
+    pack = tmp_path / "pack"
+    converted = run("convert", str(d), str(pack), "--expert-format", "nf4")
+    assert converted.exit_code == 0, converted.output
+    assert "experts (nf4," in converted.stdout
+    cached = run("generate", str(pack), *common, "--experts-per-layer", "2", "--ram", "0")
+    assert cached.exit_code == 0, cached.output
+    assert json.loads(cached.stdout)["tokens"] == json.loads(resident.stdout)["tokens"]
+    bad = run("generate", str(d), "-p", "x", "--expert-format", "nf3")
+    assert bad.exit_code == 2 and "nf3" in bad.stderr

@@ -18,8 +18,9 @@ from cli.convert import convert_command
 from offload.checkpoint import DENSE_TABLE, LAYER_TABLE, Checkpoint
 from offload.config import ModelConfig
 from offload.errors import CorruptCheckpointError, CorruptPackError, PackError
-from offload.experts.record import RECORD_ALIGNMENT
+from offload.experts.record import RECORD_ALIGNMENT, RecordLayout
 from offload.pack import MANIFEST, PACK_FORMAT, Pack, convert, is_pack
+from offload.quant import get_format
 from offload.tokenizer import Tokenizer
 from tests.model_builder import SHAPES, WINDOWED
 
@@ -56,7 +57,7 @@ def test_pack_reads_back_the_checkpoint(model_dirs, packs, shape, dtype_name):
     pack_dir = packs[(shape.name, dtype_name)]
     manifest = manifest_of(pack_dir)
     assert manifest["format"] == PACK_FORMAT and is_pack(pack_dir)
-    assert manifest["weight_format"] == {"dense": dtype_name, "experts": dtype_name}
+    assert manifest["weight_format"] == {"dense": dtype_name, "experts": get_format(dtype_name).name}
     with Checkpoint(model_dirs[shape.name]) as ck, Pack(pack_dir) as pack:
         c = pack.config
         assert c == ck.config
@@ -117,7 +118,7 @@ def test_dense_file_is_valid_safetensors(model_dirs, packs, shape):
 
 def test_default_dtype_is_the_checkpoints(model_dirs, tmp_path):
     out = convert(model_dirs[WINDOWED.name], tmp_path / "pack")
-    assert manifest_of(out)["weight_format"] == {"dense": "float32", "experts": "float32"}
+    assert manifest_of(out)["weight_format"] == {"dense": "float32", "experts": "fp32"}
 
 
 def test_reading_one_expert_reads_only_its_record(packs):
@@ -232,7 +233,7 @@ def test_existing_directory_needs_force(model_dirs, tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
     convert(src, out, dtype=torch.bfloat16, force=True)
-    assert manifest_of(out)["weight_format"]["experts"] == "bfloat16"
+    assert manifest_of(out)["weight_format"]["experts"] == "bf16"
     assert not (out / "marker").exists()
     assert siblings(out) == ["pack"]  # no temporary or old directory left beside it
     with Pack(out) as pack:
@@ -304,7 +305,7 @@ def test_cli_convert(model_dirs, tmp_path):
     out = tmp_path / "pack"
     result = CliRunner().invoke(cli_app(), ["convert", str(model_dirs[WINDOWED.name]), str(out), "--dtype", "bf16"])
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith(f"wrote {out}: 24 experts (bfloat16,")
+    assert result.stdout.startswith(f"wrote {out}: 24 experts (bf16,")
     assert len(result.stdout.strip().splitlines()) == 1
     with Pack(out) as pack:
         assert pack.layout.dtype == torch.bfloat16
@@ -322,3 +323,20 @@ def test_cli_errors_are_one_line_and_exit_2(model_dirs, tmp_path, args):
     assert len(lines) == 1 and lines[0].startswith("error:")
     assert ("missing-dir" in lines[0]) if "missing-dir" in args[0] else ("int3" in lines[0])
     assert not out.exists()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4", "nf4-dq"])
+def test_quantized_pack_holds_what_the_quantizer_makes(fmt, model_dirs, tmp_path):
+    from offload.quant import quantize
+
+    pack_dir = convert(model_dirs[WINDOWED.name], tmp_path / "pack", expert_format=fmt)
+    assert manifest_of(pack_dir)["weight_format"]["experts"] == fmt
+    with Checkpoint(model_dirs[WINDOWED.name]) as ck, Pack(pack_dir) as pack:
+        assert pack.layout.nbytes < RecordLayout.for_config(pack.config, torch.float32).nbytes / 3
+        for layer, expert in [(0, 0), (2, 7)]:
+            for got, raw in zip(pack.expert(layer, expert), ck.expert(layer, expert)):
+                want = quantize(raw, fmt)
+                assert got.fmt.name == fmt and got.shape == want.shape
+                for name, tensor in want.tensors.items():
+                    assert torch.equal(got.tensors[name], tensor), (layer, expert, name)
+        pack.verify_all()
