@@ -34,8 +34,9 @@ hit rate, expert loads per token and stall share (seconds waiting for loads / de
 Routing matters more than anything else here, and random routers route almost uniformly and
 without memory: each token picks its experts independently of the last. Then any policy holding
 S of E experts hits S/E of the time, and the table prints that figure beside the measured hit
-rate; with the synthetic models they agree, so read the synthetic rows as the uniform-routing
-case, not as what a trained model gets. The routing line gives the measured keep rate (of the
+rate. The synthetic model comes close (random routers are not perfectly uniform: their hidden
+states share a little between neighbouring tokens), so read its rows as the near-uniform case,
+not as what a trained model gets. The routing line gives the measured keep rate (of the
 experts token t+1 uses, the share token t used too; K/E when uniform) and the entropy of
 expert usage (log2 E bits when even). ``--router-skew R`` spreads the synthetic routers' row norms over a factor R, which
 makes some experts more popular (not more persistent); ``--model`` with a trained model (the
@@ -94,6 +95,7 @@ FIRST_ORDINARY_ID = 3  # after <unk> 0, <s> 1, </s> 2
 RSS_INTERVAL_S = 0.002
 WARMUP_TOKENS = 8
 NOISY = 0.15  # std / mean above which the table says the numbers are noisy
+OTHER_LOAD = 0.05  # share of the CPU time used elsewhere above which the timings are flagged
 
 # The synthetic models. Vocabulary 512 is the tokenizer builder's size; head dim = D / 8 heads.
 BASE_CONFIG: dict[str, Any] = {
@@ -524,6 +526,27 @@ def routing_profile(engine: Engine, prompt: list[int], tokens: int) -> dict[str,
     }
 
 
+class OtherLoad:
+    """The share of the machine's CPU time that went elsewhere during a ``with`` block: other
+    processes (busy time minus this process's own) and steal (the hypervisor's other guests)."""
+
+    def __enter__(self) -> OtherLoad:
+        self.start = time.perf_counter(), psutil.cpu_times(), psutil.Process().cpu_times()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall0, machine0, own0 = self.start
+        wall, machine, own = time.perf_counter() - wall0, psutil.cpu_times(), psutil.Process().cpu_times()
+        capacity = wall * (psutil.cpu_count() or 1)
+
+        def busy(t) -> float:
+            return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+
+        mine = (own.user + own.system) - (own0.user + own0.system)
+        self.other_share = max(0.0, (busy(machine) - busy(machine0) - mine) / capacity)
+        self.steal_share = (getattr(machine, "steal", 0.0) - getattr(machine0, "steal", 0.0)) / capacity
+
+
 def rates(values: list[float]) -> dict[str, Any]:
     return {
         "mean": statistics.fmean(values),
@@ -593,9 +616,10 @@ def speed_part(args: argparse.Namespace, work: Workdir) -> dict[str, Any]:
     routing = routing_profile(resident, prompt, args.gen_tokens)
     order = list(engines)
     reps: dict[str, list[Rep]] = {name: [] for name in order}
-    for rep in range(args.reps):
-        for name in order if rep % 2 == 0 else order[::-1]:
-            reps[name].append(generate_once(engines[name][1], prompt, args.gen_tokens))
+    with OtherLoad() as other:
+        for rep in range(args.reps):
+            for name in order if rep % 2 == 0 else order[::-1]:
+                reps[name].append(generate_once(engines[name][1], prompt, args.gen_tokens))
 
     results = {name: summarize(engines[name][0], reps[name], E) for name in order}
     base = results["resident"]["decode_tokens_per_s"]["mean"]
@@ -620,6 +644,9 @@ def speed_part(args: argparse.Namespace, work: Workdir) -> dict[str, Any]:
         "gen_tokens": args.gen_tokens,
         "reps": args.reps,
         "routing": routing,
+        "threads": torch.get_num_threads(),
+        "other_cpu_share": other.other_share,  # of the machine, during the timed repetitions
+        "steal_share": other.steal_share,
         "engines": results,
     }
 
@@ -722,14 +749,21 @@ def print_speed(s: dict[str, Any], console) -> None:
         )
     if source == "synthetic":
         console.print(
-            "random routers route about uniformly and without memory, so a cache holding S of E experts "
-            "hits about S/E of the time: these rows are the uniform-routing case, not a trained model's "
-            "(--model DIR for real routing)"
+            "synthetic model: random routers route close to uniformly and with little memory (keep rate and "
+            "entropy above), so its hit rates are near the uniform router's S/E; they are the near-uniform "
+            "case, not what a trained model's routing gives (--model DIR for that)"
         )
     console.print(
         f"hit rate, loads/token, stall share: decode steps only, all reps; loads/token at S = K is about "
         f"L x K x (1 - S/E) = {c['num_hidden_layers'] * K * (1 - K / E):.1f} when uniform; "
         "stall = seconds waiting for loads / decode seconds; pack reads come from the page cache"
+    )
+    busy = s["other_cpu_share"] + s["steal_share"]
+    console.print(
+        f"during the timed runs other processes used {s['other_cpu_share']:.0%} of the machine's CPU time"
+        f" (steal {s['steal_share']:.0%}), torch ran {s['threads']} threads"
+        + (": the numbers are unreliable; rerun on a quiet machine, or with --threads 1 (steadier when "
+           "shared: a descheduled thread stalls every parallel op)" if busy > OTHER_LOAD else "")
     )
     if noisy:
         console.print(f"noisy: std above {NOISY:.0%} of the mean for {', '.join(noisy)} (--json lists every rep)")

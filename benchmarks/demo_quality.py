@@ -27,6 +27,7 @@ import torch
 from offload.demo import DEMO_MODEL_DIR
 from offload.device import device_name
 from offload.engine import Engine
+from offload.experts.record import RecordLayout
 
 DEFAULT_TEXT = Path(__file__).resolve().parent / "data" / "python-docs-valid.txt"
 
@@ -38,6 +39,50 @@ def keep_rate(chosen: torch.Tensor) -> float:
     return kept.float().mean().item()
 
 
+def validation_stream(engine: Engine, args) -> torch.Tensor:
+    ids = engine.tokenizer.encode(args.text.read_text(encoding="utf-8"), bos=True)
+    if args.max_tokens:
+        ids = ids[: args.max_tokens + 1]
+    return torch.tensor(ids)
+
+
+def negative_log_likelihood(engine: Engine, stream: torch.Tensor, window: int) -> tuple[float, int]:
+    """Summed next-token NLL over consecutive windows of ``window`` tokens, and the token count."""
+    nll, count = 0.0, 0
+    for w in range((stream.numel() - 1) // window):
+        chunk = stream[w * window : (w + 1) * window + 1]
+        logits = engine.logits(chunk[:-1].tolist()).float()  # [W, V]
+        nll += torch.nn.functional.cross_entropy(logits, chunk[1:], reduction="sum").item()
+        count += window
+    return nll, count
+
+
+def compare_formats(args) -> int:
+    """Validation perplexity with the experts in each format, relative to the first."""
+    rows = []
+    for name in args.expert_formats.split(","):
+        engine = Engine.load(
+            args.model, device="cpu", dtype=args.dtype, context_length=args.window, expert_format=name
+        )
+        stream = validation_stream(engine, args)
+        nll, count = negative_log_likelihood(engine, stream, args.window)
+        rows.append({"expert_format": name, "perplexity": math.exp(nll / count), "tokens": count,
+                     "expert_bytes": RecordLayout.for_config(engine.config, name).nbytes})
+    base = rows[0]["perplexity"]
+    for row in rows:
+        row["relative"] = row["perplexity"] / base
+    if args.json:
+        print(json.dumps({"machine": device_name(torch.device("cpu")), "dtype": args.dtype, "rows": rows}, indent=2))
+        return 0
+    print(f"machine: {device_name(torch.device('cpu'))}, torch {torch.__version__}; compute dtype {args.dtype}; "
+          f"{rows[0]['tokens']:,} validation tokens")
+    print(f"{'experts':>8} {'bytes/expert':>13} {'perplexity':>11} {'vs ' + rows[0]['expert_format']:>9}")
+    for row in rows:
+        print(f"{row['expert_format']:>8} {row['expert_bytes']:>13,} {row['perplexity']:>11.3f} "
+              f"{(row['relative'] - 1) * 100:>+8.2f}%")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=DEMO_MODEL_DIR)
@@ -45,27 +90,28 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=0, help="evaluate at most this many tokens (0 = all)")
     parser.add_argument("--seed", type=int, default=0, help="for the shuffled baseline")
+    parser.add_argument("--dtype", default="float32", help="compute dtype")
+    parser.add_argument(
+        "--expert-formats",
+        default="",
+        help="comma list of expert formats (e.g. bf16,int8,nf4): print only the perplexity of each, "
+        "relative to the first",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    engine = Engine.load(args.model, device="cpu", dtype="float32", context_length=args.window)
+    if args.expert_formats:
+        return compare_formats(args)
+    engine = Engine.load(args.model, device="cpu", dtype=args.dtype, context_length=args.window)
     c = engine.config
-    ids = engine.tokenizer.encode(args.text.read_text(encoding="utf-8"), bos=True)
-    if args.max_tokens:
-        ids = ids[: args.max_tokens + 1]
-    stream = torch.tensor(ids)
+    stream = validation_stream(engine, args)
 
     # ---- perplexity ---------------------------------------------------------------------------
     routed: dict[int, list[torch.Tensor]] = {layer: [] for layer in range(c.num_hidden_layers)}
     engine.model.routing_observer = lambda layer, experts, _w: routed[layer].append(experts.cpu())
-    nll, count = 0.0, 0
-    windows = (stream.numel() - 1) // args.window
-    for w in range(windows):
-        chunk = stream[w * args.window : (w + 1) * args.window + 1]
-        logits = engine.logits(chunk[:-1].tolist()).float()  # [W, V]
-        nll += torch.nn.functional.cross_entropy(logits, chunk[1:], reduction="sum").item()
-        count += args.window
+    nll, count = negative_log_likelihood(engine, stream, args.window)
     engine.model.routing_observer = None
+    windows = count // args.window
     evaluated = stream[1 : windows * args.window + 1]
     freq = torch.bincount(evaluated, minlength=c.vocab_size).double() / evaluated.numel()
     unigram_nll = -(freq[evaluated] .log()).mean().item()

@@ -88,6 +88,12 @@ def generate(
         help=f"Quantize experts: {'|'.join(FORMATS)} (default: unquantized, in the compute dtype; "
         "a pack keeps the format it was converted with).",
     ),
+    expert_bits: Optional[int] = typer.Option(
+        None, "--expert-bits", help="Expert weights in 4 (nf4), 8 (int8) or 16 bits (unquantized)."
+    ),
+    attn_bits: Optional[int] = typer.Option(
+        None, "--attn-bits", help="Attention projections in 4, 8 or 16 bits (default 16)."
+    ),
     show_stats: bool = typer.Option(False, "--stats", help="Print per-layer expert cache statistics on stderr."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with ids, text and statistics."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence."),
@@ -108,6 +114,7 @@ def generate(
         engine = load_engine(
             model, device, dtype, context,
             vram=vram, ram=ram, experts_per_layer=experts_per_layer, policy=policy, expert_format=expert_format,
+            expert_bits=expert_bits, attn_bits=attn_bits,
         )
         tokenizer = engine.tokenizer
         if chat:

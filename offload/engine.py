@@ -33,7 +33,7 @@ from offload.model import (
     MixtralModel,
     RotaryTable,
 )
-from offload.quant import QuantizedMatrix, from_tensors, get_format, quantize
+from offload.quant import QuantizedMatrix, WeightFormat, format_for_bits, from_tensors, get_format, quantize
 from offload.sampling import Sampler, SamplingSettings
 from offload.tokenizer import Tokenizer
 
@@ -268,6 +268,8 @@ class Engine:
         experts_per_layer: int | None = None,
         policy: str = "lru",
         expert_format: str | None = None,
+        expert_bits: int | None = None,
+        attn_bits: int | None = None,
     ) -> Engine:
         """Load a Hugging Face Mixtral checkpoint directory or an offload pack.
 
@@ -276,7 +278,12 @@ class Engine:
         through the expert cache. ``dtype`` (compute) defaults to an unquantized pack's own
         dtype, else bfloat16. ``expert_format`` (``offload.quant``: "int8", "nf4", ...) stores
         experts quantized; a pack's experts keep the format it was converted with.
+        ``expert_bits`` / ``attn_bits`` (4, 8 or 16) pick a format by width for the experts and
+        for the attention projections (``quant.format_for_bits``); embeddings, lm_head, norms
+        and routers stay in the compute dtype.
         """
+        if expert_format is not None and expert_bits is not None:
+            raise SettingError("give --expert-format or --expert-bits, not both")
         model_dir = Path(model_dir)
         torch_device = resolve_device(device)
         requested = parse_dtype(dtype) if dtype is not None else None
@@ -312,9 +319,15 @@ class Engine:
                     )
             else:
                 torch_dtype = requested or parse_dtype(DEFAULT_DTYPE)
+                if expert_bits is not None:
+                    I, D = config.intermediate_size, config.hidden_size
+                    requested_format = format_for_bits(expert_bits, torch_dtype, torch_device.type, ((I, D), (D, I)))
                 layout = RecordLayout.for_config(config, requested_format or torch_dtype)
+            attn_format = None
+            if attn_bits is not None and attn_bits != 16:
+                attn_format = format_for_bits(attn_bits, torch_dtype, torch_device.type, _attention_shapes(config))
             budgeted = vram is not None or ram is not None or experts_per_layer is not None
-            dense = _load_dense(source, torch_device, torch_dtype, progress)
+            dense = _load_dense(source, torch_device, torch_dtype, attn_format, progress)
             if not budgeted:
                 experts = _load_resident_experts(source, layout, torch_device, torch_dtype, progress)
                 source.close()
@@ -396,15 +409,35 @@ def _spare_ram(device: torch.device, config: ModelConfig, dtype: torch.dtype) ->
     return max(0, free)
 
 
+def _attention_shapes(config: ModelConfig) -> tuple[tuple[int, int], ...]:
+    c = config
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    return ((q, c.hidden_size), (kv, c.hidden_size), (c.hidden_size, q))
+
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
 def _load_dense(
-    source: Checkpoint | Pack, device: torch.device, dtype: torch.dtype, progress: ProgressFn | None
+    source: Checkpoint | Pack,
+    device: torch.device,
+    dtype: torch.dtype,
+    attn_format: WeightFormat | None,
+    progress: ProgressFn | None,
 ) -> DenseWeights:
-    """Every non-expert weight, on the device in the compute dtype."""
+    """Every non-expert weight on the device, in the compute dtype; the attention projections
+    quantized to ``attn_format`` when one is given."""
     c = source.config
     total = 2 + c.num_hidden_layers + (0 if c.tie_word_embeddings else 1)
 
     def place(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device, dtype=dtype)
+
+    def place_attention(t: torch.Tensor) -> Matrix:
+        if attn_format is None:
+            return place(t)
+        quantized = quantize(t, attn_format)
+        return from_tensors(quantized.tensors, quantized.shape, quantized.fmt, device)
 
     def tick(done: int, what: str) -> None:
         if progress is not None:
@@ -417,9 +450,8 @@ def _load_dense(
     layers: list[LayerWeights] = []
     for layer in range(c.num_hidden_layers):
         layers.append(LayerWeights(**{
-            key: place(source.dense(key, layer))
-            for key in ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
-                        "post_attention_layernorm", "router")
+            key: (place_attention if key in ATTENTION_PROJECTIONS else place)(source.dense(key, layer))
+            for key in ("input_layernorm", *ATTENTION_PROJECTIONS, "post_attention_layernorm", "router")
         }))
         tick(total - c.num_hidden_layers + layer + 1, f"layer {layer} dense weights")
     return DenseWeights(embed_tokens=embed, norm=norm, lm_head=lm_head, layers=layers)

@@ -34,6 +34,11 @@ class ExpertWeights(NamedTuple):
     w2: Matrix
 
 
+def matmul(x: torch.Tensor, w: Matrix) -> torch.Tensor:
+    """x [N, In] @ w.T -> [N, Out], for a plain weight or a quantized one."""
+    return F.linear(x, w) if isinstance(w, torch.Tensor) else quantized_linear(x, w)
+
+
 class ExpertProvider(Protocol):
     """Where the MoE block gets expert weights from.
 
@@ -48,11 +53,13 @@ class ExpertProvider(Protocol):
 
 @dataclass
 class LayerWeights:
+    """One layer's dense weights; the attention projections may be quantized."""
+
     input_layernorm: torch.Tensor  # [D]
-    q_proj: torch.Tensor  # [H*Dh, D]
-    k_proj: torch.Tensor  # [G*Dh, D]
-    v_proj: torch.Tensor  # [G*Dh, D]
-    o_proj: torch.Tensor  # [D, H*Dh]
+    q_proj: Matrix  # [H*Dh, D]
+    k_proj: Matrix  # [G*Dh, D]
+    v_proj: Matrix  # [G*Dh, D]
+    o_proj: Matrix  # [D, H*Dh]
     post_attention_layernorm: torch.Tensor  # [D]
     router: torch.Tensor  # [E, D]
 
@@ -128,9 +135,9 @@ def attention(
 ) -> torch.Tensor:
     T = x.shape[0]
     H, G, Dh = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    q = F.linear(x, weights.q_proj).view(T, H, Dh).transpose(0, 1)  # [H, T, Dh]
-    k = F.linear(x, weights.k_proj).view(T, G, Dh).transpose(0, 1)  # [G, T, Dh]
-    v = F.linear(x, weights.v_proj).view(T, G, Dh).transpose(0, 1)  # [G, T, Dh]
+    q = matmul(x, weights.q_proj).view(T, H, Dh).transpose(0, 1)  # [H, T, Dh]
+    k = matmul(x, weights.k_proj).view(T, G, Dh).transpose(0, 1)  # [G, T, Dh]
+    v = matmul(x, weights.v_proj).view(T, G, Dh).transpose(0, 1)  # [G, T, Dh]
     q, k = rope.apply(q, start), rope.apply(k, start)
     end = start + T
     cache.k[layer, :, start:end] = k
@@ -151,7 +158,7 @@ def attention(
         q[None], keys[None], values[None], attn_mask=mask, enable_gqa=G != H
     )[0]  # [H, T, Dh]
     out = out.transpose(0, 1).reshape(T, H * Dh)  # [T, H*Dh]
-    return F.linear(out, weights.o_proj)  # [T, D]
+    return matmul(out, weights.o_proj)  # [T, D]
 
 
 def route(x: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,11 +171,6 @@ def route(x: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tens
     top_weights, top_experts = torch.topk(probs, top_k, dim=-1)  # [T, K]
     top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
     return top_experts, top_weights
-
-
-def matmul(x: torch.Tensor, w: Matrix) -> torch.Tensor:
-    """x [N, In] @ w.T -> [N, Out], for a plain weight or a quantized one."""
-    return F.linear(x, w) if isinstance(w, torch.Tensor) else quantized_linear(x, w)
 
 
 def expert_ffn(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:

@@ -2,7 +2,10 @@
 
 What it is: arithmetic over a model's shapes (dense weights, KV cache, expert records) and the
 user's budgets (``--vram``, ``--ram``, ``--experts-per-layer``), with a clear refusal when a
-budget cannot hold the minimum (dense weights + KV cache + top-k experts per layer). What it is
+budget cannot hold the minimum (dense weights + KV cache + top-k experts per layer); the dense
+bytes by class (embeddings, lm_head, attention, norms, routers); and ``plan_model``, the whole
+plan that ``offload info`` prints, for a checkpoint's config or a built-in published shape
+(``BUILTIN_MODELS``: Mixtral-8x7B, Mixtral-8x22B), so a plan needs no download. What it is
 not, yet: the machine probe and TOML profiles, which come with the CLI's profiles.
 """
 
@@ -13,8 +16,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from offload import quant
 from offload.config import ModelConfig
-from offload.errors import BudgetError, SettingError
+from offload.errors import BudgetError, ConfigError, SettingError
+from offload.experts.record import RecordLayout
 
 _UNITS = {
     "": 1, "b": 1,
@@ -121,15 +126,19 @@ def plan_memory(
     ram: int | None = None,
     experts_per_layer: int | None = None,
     ram_available: int | None = None,
+    dense: int | None = None,
 ) -> MemoryPlan:
     """Slots per layer from ``experts_per_layer`` or the ``vram`` budget; RAM records from ``ram``.
 
     With neither device setting, every expert gets a slot. With no ``ram``, RAM holds every
-    expert, or as many as fit in ``ram_available`` bytes when that is given.
+    expert, or as many as fit in ``ram_available`` bytes when that is given. ``dense`` replaces
+    ``dense_bytes(config, dtype)`` when the dense weights are not all in ``dtype`` (quantized
+    attention: ``dense_bytes_by_class``).
     """
     c = config
     L, E, K = c.num_hidden_layers, c.num_local_experts, c.num_experts_per_tok
-    dense, kv = dense_bytes(c, dtype), kv_cache_bytes(c, context, dtype)
+    dense = dense_bytes(c, dtype) if dense is None else dense
+    kv = kv_cache_bytes(c, context, dtype)
     fixed = dense + kv
     minimum = fixed + L * K * expert_bytes
     if experts_per_layer is not None:
@@ -154,3 +163,186 @@ def plan_memory(
     else:
         host = min(total, ram // expert_bytes)
     return MemoryPlan(dense, kv, expert_bytes, total, slots, host, L)
+
+
+# ---- the model plan that `offload info` prints ----------------------------------------------
+
+# Published config.json values (the fields ModelConfig reads), so a plan needs no download.
+# Mixtral-8x7B: mistralai/Mixtral-8x7B-v0.1 config.json (its numbers are also in
+# /work/shared/ARCHITECTURE.md "Sizes worth knowing"). Mixtral-8x22B: mistralai/Mixtral-8x22B-v0.1
+# and Mixtral-8x22B-Instruct-v0.1 config.json as recalled, not re-read here: vocab_size 32768 (the
+# v3 tokenizer with control tokens; the first torrent conversion, mistral-community/Mixtral-8x22B-v0.1,
+# says 32000; the difference is 2 x 768 x 6144 weights, 18.9 MB in bf16).
+BUILTIN_MODELS: dict[str, tuple[str, dict]] = {
+    "mixtral-8x7b": ("Mixtral-8x7B", {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "num_local_experts": 8, "num_experts_per_tok": 2, "max_position_embeddings": 32768,
+        "rope_theta": 1e6, "rms_norm_eps": 1e-5, "sliding_window": None,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    }),
+    "mixtral-8x22b": ("Mixtral-8x22B", {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+        "vocab_size": 32768, "hidden_size": 6144, "intermediate_size": 16384,
+        "num_hidden_layers": 56, "num_attention_heads": 48, "num_key_value_heads": 8,
+        "num_local_experts": 8, "num_experts_per_tok": 2, "max_position_embeddings": 65536,
+        "rope_theta": 1e6, "rms_norm_eps": 1e-5, "sliding_window": None,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    }),
+}
+
+BITS_CHOICES = (4, 8, 16)
+
+
+def builtin_model(name: str) -> tuple[str, ModelConfig]:
+    """(display name, config) of a built-in model by its name, any case ("mixtral-8x7b")."""
+    key = name.strip().lower()
+    if key not in BUILTIN_MODELS:
+        raise ConfigError(f"{name!r}: no built-in model of that name (built in: {', '.join(BUILTIN_MODELS)})")
+    display, raw = BUILTIN_MODELS[key]
+    return display, ModelConfig.from_dict(raw, source=f"built-in {key}")
+
+
+def gpu_format_for_bits(bits: int, dtype: torch.dtype, setting: str = "--expert-bits") -> quant.WeightFormat:
+    """The format a GPU plan uses for a width: 16 the compute dtype's plain format, 8 "int8",
+    4 "nf4" (blocks of 64; the CUDA kernels read this portable layout)."""
+    if bits == 16:
+        return quant.get_format(str(dtype).removeprefix("torch."))
+    if bits == 8:
+        return quant.FORMATS["int8"]
+    if bits == 4:
+        return quant.FORMATS["nf4"]
+    raise SettingError(f"{setting} {bits}: choose one of {', '.join(map(str, BITS_CHOICES))}")
+
+
+def attention_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """q, k, v, o projection shapes [out, in] of one layer."""
+    c = config
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    D = c.hidden_size
+    return {"q_proj": (q, D), "k_proj": (kv, D), "v_proj": (kv, D), "o_proj": (D, q)}
+
+
+DENSE_CLASSES = ("embeddings", "lm_head", "attention", "norms", "routers")
+
+
+def dense_bytes_by_class(
+    config: ModelConfig, dtype: torch.dtype, attn_format: quant.WeightFormat | str | None = None
+) -> dict[str, int]:
+    """Bytes of every non-expert weight by class (``DENSE_CLASSES``). The attention projections
+    are in ``attn_format`` (default: plain ``dtype``), each matrix with its quantization state,
+    packed tight; the rest stays in ``dtype``. lm_head is 0 when it is the embedding table (tied).
+    In plain ``dtype`` the sum equals ``dense_bytes(config, dtype)``."""
+    c = config
+    size = _itemsize(dtype)
+    fmt = quant.get_format(attn_format if attn_format is not None else str(dtype).removeprefix("torch."))
+    per_layer_attention = sum(quant.matrix_bytes(shape, fmt) for shape in attention_shapes(c).values())
+    embeddings = c.vocab_size * c.hidden_size * size
+    return {
+        "embeddings": embeddings,
+        "lm_head": 0 if c.tie_word_embeddings else embeddings,
+        "attention": c.num_hidden_layers * per_layer_attention,
+        "norms": (2 * c.num_hidden_layers + 1) * c.hidden_size * size,
+        "routers": c.num_hidden_layers * c.num_local_experts * c.hidden_size * size,
+    }
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """Everything ``offload info`` shows: sizes by class, one expert record, and the memory
+    plan for a card (``vram``), or, with no card given, the plan at the minimum card."""
+
+    name: str
+    config: ModelConfig
+    dtype: torch.dtype
+    context: int
+    expert_format: quant.WeightFormat
+    attn_format: quant.WeightFormat
+    dense_by_class: dict[str, int]
+    expert_bytes: int  # one expert record (RecordLayout.nbytes)
+    min_vram: int  # dense + KV cache + top-k experts per layer
+    all_resident_vram: int  # dense + KV cache + every expert
+    memory: MemoryPlan  # at ``vram``, or at ``min_vram`` when no vram was given
+    vram: int | None
+    ram: int | None
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(self.dense_by_class.values())
+
+    @property
+    def experts_total_bytes(self) -> int:
+        return self.memory.experts_total * self.expert_bytes
+
+    @property
+    def device_experts(self) -> int:
+        return self.memory.slots_per_layer * self.memory.num_layers
+
+    @property
+    def disk_experts(self) -> int:
+        """Experts with no place in RAM (nor a device slot of their own): read from disk on a miss."""
+        return self.memory.experts_total - self.memory.host_experts if self.memory.disk_tier else 0
+
+    def to_dict(self) -> dict:
+        m = self.memory
+        return {
+            "model": self.name,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "context": self.context,
+            "expert_format": self.expert_format.name,
+            "expert_bits_per_weight": self.expert_format.bits_per_weight(
+                (self.config.intermediate_size, self.config.hidden_size)
+            ),
+            "attn_format": self.attn_format.name,
+            "dense_bytes": self.dense_bytes,
+            "dense_bytes_by_class": dict(self.dense_by_class),
+            "expert_bytes": self.expert_bytes,
+            "experts_total": m.experts_total,
+            "experts_total_bytes": self.experts_total_bytes,
+            "kv_cache_bytes": m.kv_cache_bytes,
+            "min_vram_bytes": self.min_vram,
+            "all_resident_vram_bytes": self.all_resident_vram,
+            "vram_bytes": self.vram,
+            "ram_bytes": self.ram,
+            "slots_per_layer": m.slots_per_layer,
+            "device_experts": self.device_experts,
+            "device_expert_bytes": m.device_expert_bytes,
+            "device_bytes": m.device_bytes,
+            "host_experts": m.host_experts,
+            "host_bytes": m.host_bytes,
+            "disk_experts": self.disk_experts,
+            "config": self.config.to_dict(),
+        }
+
+
+def plan_model(
+    name: str,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    context: int,
+    expert_format: quant.WeightFormat | str,
+    attn_format: quant.WeightFormat | str,
+    *,
+    vram: int | None = None,
+    ram: int | None = None,
+) -> ModelPlan:
+    """The plan for ``config`` on a card of ``vram`` bytes with ``ram`` bytes for experts (no
+    ``ram``: RAM holds every expert). Raises BudgetError, naming the minimum, when ``vram`` is
+    below it; with no ``vram`` the plan is the one at the minimum card (top-k slots per layer)."""
+    if not 1 <= context <= config.max_position_embeddings:
+        raise SettingError(f"--context {context}: must be in [1, {config.max_position_embeddings}]")
+    expert_format, attn_format = quant.get_format(expert_format), quant.get_format(attn_format)
+    by_class = dense_bytes_by_class(config, dtype, attn_format)
+    record = RecordLayout.for_config(config, expert_format).nbytes
+
+    def plan(**budget) -> MemoryPlan:
+        return plan_memory(config, record, dtype, context, ram=ram, dense=sum(by_class.values()), **budget)
+
+    minimum = plan(experts_per_layer=config.num_experts_per_tok)
+    everything = plan(experts_per_layer=config.num_local_experts)
+    memory = minimum if vram is None else plan(vram=vram)
+    return ModelPlan(
+        name, config, dtype, context, expert_format, attn_format, by_class, record,
+        minimum.device_bytes, everything.device_bytes, memory, vram, ram,
+    )

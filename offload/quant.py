@@ -498,3 +498,28 @@ def linear(x: torch.Tensor, qm: QuantizedMatrix, kernels: Kernels | None = None)
     if kind == "int8":
         return kernels.int8(x, qm)
     return kernels.four_bit(x, qm) if kind == "4bit" else kernels.four_bit_cpu(x, qm)
+
+
+BITS_CHOICES = (4, 8, 16)
+
+
+def format_for_bits(
+    bits: int, compute_dtype: torch.dtype, device_type: str, shapes: tuple[tuple[int, int], ...] = ()
+) -> WeightFormat:
+    """The format behind ``--expert-bits`` / ``--attn-bits``: 16 is unquantized in the compute
+    dtype, 8 is int8, 4 is nf4, stored in the fused CPU kernel's layout ("nf4-cpu") on a CPU
+    where that kernel works and every matrix shape allows it (it is ~50x faster there)."""
+    if bits == 16:
+        return get_format(str(compute_dtype).removeprefix("torch."))
+    if bits == 8:
+        return FORMATS["int8"]
+    if bits == 4:
+        if device_type == "cpu" and _kernels("cpu").four_bit_cpu is _linear_4bit_cpu_fused:
+            try:
+                for shape in shapes:
+                    tensor_specs(shape, "nf4-cpu")
+                return FORMATS["nf4-cpu"]
+            except SettingError:
+                pass
+        return FORMATS["nf4"]
+    raise SettingError(f"bits {bits}: choose one of {', '.join(map(str, BITS_CHOICES))}")

@@ -1,0 +1,227 @@
+"""`offload info`: the memory plan, checked against bitsandbytes' own bytes and hand arithmetic."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from cli.info import info_command
+from offload.config import ModelConfig
+from offload.experts.record import MATRIX_ALIGNMENT, RecordLayout, align_up
+from offload.plan import (
+    BUILTIN_MODELS,
+    builtin_model,
+    dense_bytes,
+    dense_bytes_by_class,
+    kv_cache_bytes,
+    plan_memory,
+)
+from offload.quant import matrix_bytes
+from tests.model_builder import WIDE, WINDOWED
+
+GiB = 2**30
+# Mixtral-8x7B by hand: D 4096, I 14336, 32 layers, 32 query / 8 KV heads of 128, vocab 32000.
+BF16_EXPERT = 3 * 4096 * 14336 * 2  # 352,321,536
+BF16_DENSE = 2 * (
+    2 * 32000 * 4096  # embeddings + lm_head
+    + 32 * 4096 * 128 * (2 * 32 + 2 * 8)  # q, o [4096, 4096]; k, v [1024, 4096]
+    + (2 * 32 + 1) * 4096  # two norms a layer + the final norm
+    + 32 * 8 * 4096  # routers
+)  # 3,211,272,192
+KV_4096 = 2 * 32 * 8 * 4096 * 128 * 2  # K and V, bf16: 512 MiB
+
+
+def cli_app() -> typer.Typer:
+    """cli.main's app once it registers info_command; until then, a local app with only it."""
+    from cli.main import app
+
+    if any(c.name == "info" for c in app.registered_commands):
+        return app
+    app = typer.Typer()
+    app.callback()(lambda: None)  # keep "info" a subcommand, as in cli.main
+    app.command("info")(info_command)
+    return app
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli_app(), ["info", *args])
+
+
+def info_json(*args: str) -> dict:
+    result = run(*args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def bnb_nf4_expert() -> dict[str, int]:
+    """One Mixtral expert quantized by bitsandbytes itself (nf4, blocksize 64): the raw sum of
+    its tensors, and that sum laid out as a record is (each tensor and each matrix starting on a
+    64-byte boundary, tensors in the documented order absmax, code, data). w1 and w3 share a
+    shape, so w1's bytes count twice. Two real-size quantizations: 5-10 s on two busy cores."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    with warnings.catch_warnings():  # torch.jit deprecation noise from bitsandbytes' import
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import bitsandbytes.functional as F
+
+    generator = torch.Generator().manual_seed(0)
+    raw = aligned = tensors = 0
+    for shape, count in (((14336, 4096), 2), ((4096, 14336), 1)):  # w1 and w3, then w2
+        weight = torch.randn(shape, generator=generator)  # fp32, as a checkpoint's weight upcast
+        data, state = F.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=False)
+        parts = [state.absmax, state.code, data]
+        sizes = [t.numel() * t.element_size() for t in parts]
+        end = 0
+        for size in sizes:
+            end = align_up(end, MATRIX_ALIGNMENT) + size
+        raw += count * sum(sizes)
+        aligned += count * align_up(end, MATRIX_ALIGNMENT)
+        tensors += count * len(parts)
+    return {"raw": raw, "aligned": aligned, "tensors": tensors}
+
+
+def test_nf4_expert_is_what_bitsandbytes_produces(bnb_nf4_expert):
+    out = info_json("mixtral-8x7b", "--expert-bits", "4")
+    assert out["expert_format"] == "nf4"
+    # The record holds exactly bitsandbytes' tensors, 64-byte aligned; the alignment adds less
+    # than 64 bytes a tensor (for Mixtral's shapes nothing: every tensor is a multiple of 64).
+    assert out["expert_bytes"] == bnb_nf4_expert["aligned"]
+    assert 0 <= out["expert_bytes"] - bnb_nf4_expert["raw"] < 64 * bnb_nf4_expert["tensors"]
+    assert out["expert_bytes"] == 99_090_624  # FACTS.md's measured figure
+    assert out["experts_total"] == 256
+    assert out["experts_total_bytes"] == 256 * out["expert_bytes"]
+
+
+def test_bf16_sizes_by_hand():
+    out = info_json("mixtral-8x7b", "--expert-bits", "16")
+    assert (out["expert_format"], out["attn_format"], out["dtype"]) == ("bf16", "bf16", "bfloat16")
+    assert out["expert_bytes"] == BF16_EXPERT == 352_321_536
+    assert out["experts_total_bytes"] == 256 * BF16_EXPERT
+    assert out["dense_bytes"] == BF16_DENSE == sum(out["dense_bytes_by_class"].values())
+    assert out["kv_cache_bytes"] == KV_4096
+    assert out["min_vram_bytes"] == BF16_DENSE + KV_4096 + 32 * 2 * BF16_EXPERT
+    assert out["all_resident_vram_bytes"] == BF16_DENSE + KV_4096 + 256 * BF16_EXPERT
+    assert out["vram_bytes"] is None and out["slots_per_layer"] == 2  # no card: the plan at the minimum
+
+
+def test_12gib_card_with_32gib_ram_holds_4bit_mixtral_without_disk():
+    args = ("mixtral-8x7b", "--vram", "12GiB", "--ram", "32GiB", "--expert-bits", "4")
+    out = info_json(*args)
+    record = RecordLayout.for_config(builtin_model("mixtral-8x7b")[1], "nf4").nbytes
+    slots = (12 * GiB - BF16_DENSE - KV_4096) // (32 * record)  # 2.88 -> 2
+    assert out["slots_per_layer"] == slots == 2 and out["device_experts"] == 64
+    assert out["host_experts"] == 256 and out["disk_experts"] == 0
+    assert out["device_bytes"] == BF16_DENSE + KV_4096 + 64 * record <= 12 * GiB
+    text = run(*args)
+    assert text.exit_code == 0, text.output
+    line = text.stdout.strip().splitlines()[-1]
+    assert line.startswith("A 12 GiB card with 32 GiB of RAM holds Mixtral-8x7B")
+    assert "2 of 8 experts per layer on the GPU" in line and "no disk reads" in line
+
+
+def test_small_ram_needs_the_disk_tier():
+    out = info_json("mixtral-8x7b", "--vram", "12GiB", "--ram", "8GiB", "--expert-bits", "4")
+    record = out["expert_bytes"]
+    assert out["host_experts"] == 8 * GiB // record
+    assert out["disk_experts"] == 256 - out["host_experts"] > 0
+    line = run("mixtral-8x7b", "--vram", "12GiB", "--ram", "8GiB", "--expert-bits", "4").stdout.strip().splitlines()[-1]
+    assert f"{out['disk_experts']} are read from disk" in line
+
+
+def test_attention_bits_shrink_only_attention():
+    full = info_json("mixtral-8x7b", "--expert-bits", "4")
+    four = info_json("mixtral-8x7b", "--expert-bits", "4", "--attn-bits", "4")
+    assert four["attn_format"] == "nf4"
+    shapes = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096)]
+    assert four["dense_bytes_by_class"]["attention"] == 32 * sum(matrix_bytes(s, "nf4") for s in shapes)
+    for name in ("embeddings", "lm_head", "norms", "routers"):
+        assert four["dense_bytes_by_class"][name] == full["dense_bytes_by_class"][name]
+    assert four["min_vram_bytes"] == full["min_vram_bytes"] - full["dense_bytes"] + four["dense_bytes"]
+
+
+def test_expert_format_overrides_and_conflicts():
+    out = info_json("mixtral-8x7b", "--expert-format", "nf4-dq")
+    assert out["expert_format"] == "nf4-dq"
+    assert out["expert_bytes"] == RecordLayout.for_config(builtin_model("mixtral-8x7b")[1], "nf4-dq").nbytes
+    assert out["expert_bytes"] < 99_090_624
+    result = run("mixtral-8x7b", "--expert-format", "nf4", "--expert-bits", "4")
+    assert result.exit_code == 2 and "not both" in result.output
+
+
+def test_mixtral_8x22b_is_built_in():
+    out = info_json("Mixtral-8x22B", "--expert-bits", "8")
+    assert out["model"] == "Mixtral-8x22B" and out["experts_total"] == 56 * 8
+    assert out["expert_bytes"] == RecordLayout.for_config(builtin_model("mixtral-8x22b")[1], "int8").nbytes
+    assert out["kv_cache_bytes"] == 2 * 56 * 8 * 4096 * 128 * 2
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--vram", "1GiB"], ["--vram", "9GiB", "--expert-bits", "4"]],
+    ids=["bf16 on 1 GiB", "nf4 just under the minimum"],
+)
+def test_too_small_a_card_exits_2_naming_the_minimum(args):
+    result = run("mixtral-8x7b", *args)
+    assert result.exit_code == 2
+    assert "minimum" in result.output and len(result.output.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("bad", [["mixtral-8x99b"], ["mixtral-8x7b", "--expert-bits", "5"],
+                                 ["mixtral-8x7b", "--context", "40000"], ["mixtral-8x7b", "--vram", "lots"]],
+                         ids=["unknown model", "bits", "context", "size"])
+def test_user_errors_are_one_line_and_exit_2(bad):
+    result = run(*bad)
+    assert result.exit_code == 2
+    assert len(result.output.strip().splitlines()) == 1 and result.output.startswith("error:")
+
+
+def test_checkpoint_directory(model_dirs):
+    d = model_dirs[WINDOWED.name]
+    config = ModelConfig.from_dir(d)
+    out = info_json(str(d), "--ram", "0", "--vram", "64MiB")
+    assert out["model"] == d.name and out["context"] == 512  # the model's maximum, below 4096
+    assert out["expert_format"] == "bf16"
+    assert out["expert_bytes"] == RecordLayout.for_config(config, torch.bfloat16).nbytes
+    assert out["experts_total"] == config.num_hidden_layers * config.num_local_experts
+    assert out["dense_bytes"] == dense_bytes(config, torch.bfloat16)
+    assert out["kv_cache_bytes"] == kv_cache_bytes(config, 512, torch.bfloat16)
+    assert out["slots_per_layer"] == config.num_local_experts  # a tiny model fits whole
+    assert out["host_experts"] == 0 and out["disk_experts"] == 0
+
+
+def test_pack_plans_its_own_expert_format(model_dirs, tmp_path):
+    from offload.pack import convert
+
+    pack = convert(model_dirs[WINDOWED.name], tmp_path / "pack", dtype=torch.float32, expert_format="nf4")
+    out = info_json(str(pack))
+    assert out["expert_format"] == "nf4" and out["dtype"] == "bfloat16"
+    assert out["expert_bytes"] == RecordLayout.for_config(ModelConfig.from_dir(pack), "nf4").nbytes
+
+
+@pytest.mark.parametrize("name", list(BUILTIN_MODELS))
+def test_dense_classes_sum_to_dense_bytes(name):
+    config = builtin_model(name)[1]
+    for dtype in (torch.bfloat16, torch.float32):
+        assert sum(dense_bytes_by_class(config, dtype).values()) == dense_bytes(config, dtype)
+
+
+def test_dense_classes_of_tied_embeddings(model_dirs):
+    config = ModelConfig.from_dir(model_dirs[WIDE.name])  # tie_word_embeddings
+    by = dense_bytes_by_class(config, torch.float32)
+    assert by["lm_head"] == 0 and sum(by.values()) == dense_bytes(config, torch.float32)
+
+
+def test_plan_memory_dense_override_keeps_the_default():
+    config = builtin_model("mixtral-8x7b")[1]
+    plain = plan_memory(config, BF16_EXPERT, torch.bfloat16, 4096, vram=40 * GiB)
+    same = plan_memory(config, BF16_EXPERT, torch.bfloat16, 4096, vram=40 * GiB, dense=BF16_DENSE)
+    smaller = plan_memory(config, BF16_EXPERT, torch.bfloat16, 4096, vram=40 * GiB, dense=BF16_DENSE - 2 * GiB)
+    assert plain == same and plain.dense_bytes == BF16_DENSE
+    assert smaller.dense_bytes == BF16_DENSE - 2 * GiB and smaller.slots_per_layer >= plain.slots_per_layer
