@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.common import stderr, user_errors
+from offload import quant
 from offload.config import ModelConfig
 from offload.engine import DEFAULT_CONTEXT, DEFAULT_DTYPE, DTYPES, parse_dtype
 from offload.errors import ConfigError, SettingError
@@ -27,7 +28,6 @@ from offload.plan import (
     ModelPlan,
     builtin_model,
     format_bytes,
-    gpu_format_for_bits,
     parse_bytes,
     plan_model,
 )
@@ -75,10 +75,10 @@ def info_command(
         if expert_format is not None:
             experts = get_format(expert_format)
         elif expert_bits is not None:
-            experts = gpu_format_for_bits(expert_bits, torch_dtype, "--expert-bits")
+            experts = quant.format_for_bits(expert_bits, torch_dtype, "cuda", setting="--expert-bits")
         else:
-            experts = pack_format or gpu_format_for_bits(16, torch_dtype)
-        attention = gpu_format_for_bits(attn_bits, torch_dtype, "--attn-bits")
+            experts = pack_format or quant.format_for_bits(16, torch_dtype, "cuda")
+        attention = quant.format_for_bits(attn_bits, torch_dtype, "cuda", setting="--attn-bits")
         if pack_format is not None and experts != pack_format:
             stderr.print(
                 f"note: {model} holds {pack_format.name} experts; running this plan needs a convert "

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from cli.common import progress_bar, stderr, user_errors
 from cli.convert import convert_command
+from cli.info import info_command
 from offload.demo import DEMO_MODEL_DIR
 from offload.engine import DEFAULT_DTYPE, DTYPES, Engine, GenerationSettings
 from offload.errors import OffloadError
@@ -44,6 +45,7 @@ def load_engine(model: Path, device: str, dtype: Optional[str], context: Optiona
 
 
 app.command("convert")(convert_command)
+app.command("info")(info_command)
 
 
 @app.command()

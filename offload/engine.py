@@ -23,7 +23,7 @@ from offload.experts.cache import CacheStats, ExpertCache
 from offload.experts.record import RecordLayout
 from offload.experts.tiers import CheckpointRecords
 from offload.pack import Pack, is_pack
-from offload.plan import MemoryPlan, dense_bytes, parse_bytes, plan_memory
+from offload.plan import MemoryPlan, attention_shapes, dense_bytes, parse_bytes, plan_memory
 from offload.model import (
     DenseWeights,
     ExpertWeights,
@@ -321,11 +321,15 @@ class Engine:
                 torch_dtype = requested or parse_dtype(DEFAULT_DTYPE)
                 if expert_bits is not None:
                     I, D = config.intermediate_size, config.hidden_size
-                    requested_format = format_for_bits(expert_bits, torch_dtype, torch_device.type, ((I, D), (D, I)))
+                    requested_format = format_for_bits(
+                        expert_bits, torch_dtype, torch_device.type, ((I, D), (D, I)), "--expert-bits"
+                    )
                 layout = RecordLayout.for_config(config, requested_format or torch_dtype)
             attn_format = None
             if attn_bits is not None and attn_bits != 16:
-                attn_format = format_for_bits(attn_bits, torch_dtype, torch_device.type, _attention_shapes(config))
+                attn_format = format_for_bits(
+                    attn_bits, torch_dtype, torch_device.type, tuple(attention_shapes(config).values()), "--attn-bits"
+                )
             budgeted = vram is not None or ram is not None or experts_per_layer is not None
             dense = _load_dense(source, torch_device, torch_dtype, attn_format, progress)
             if not budgeted:
@@ -407,12 +411,6 @@ def _spare_ram(device: torch.device, config: ModelConfig, dtype: torch.dtype) ->
     if device.type == "cpu":
         free -= dense_bytes(config, dtype)
     return max(0, free)
-
-
-def _attention_shapes(config: ModelConfig) -> tuple[tuple[int, int], ...]:
-    c = config
-    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    return ((q, c.hidden_size), (kv, c.hidden_size), (c.hidden_size, q))
 
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")

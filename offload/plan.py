@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from offload import quant
+from offload.quant import BITS_CHOICES  # noqa: F401  (the CLI reads it from here)
 from offload.config import ModelConfig
 from offload.errors import BudgetError, ConfigError, SettingError
 from offload.experts.record import RecordLayout
@@ -192,7 +193,6 @@ BUILTIN_MODELS: dict[str, tuple[str, dict]] = {
     }),
 }
 
-BITS_CHOICES = (4, 8, 16)
 
 
 def builtin_model(name: str) -> tuple[str, ModelConfig]:
@@ -202,18 +202,6 @@ def builtin_model(name: str) -> tuple[str, ModelConfig]:
         raise ConfigError(f"{name!r}: no built-in model of that name (built in: {', '.join(BUILTIN_MODELS)})")
     display, raw = BUILTIN_MODELS[key]
     return display, ModelConfig.from_dict(raw, source=f"built-in {key}")
-
-
-def gpu_format_for_bits(bits: int, dtype: torch.dtype, setting: str = "--expert-bits") -> quant.WeightFormat:
-    """The format a GPU plan uses for a width: 16 the compute dtype's plain format, 8 "int8",
-    4 "nf4" (blocks of 64; the CUDA kernels read this portable layout)."""
-    if bits == 16:
-        return quant.get_format(str(dtype).removeprefix("torch."))
-    if bits == 8:
-        return quant.FORMATS["int8"]
-    if bits == 4:
-        return quant.FORMATS["nf4"]
-    raise SettingError(f"{setting} {bits}: choose one of {', '.join(map(str, BITS_CHOICES))}")
 
 
 def attention_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:

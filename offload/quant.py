@@ -504,11 +504,16 @@ BITS_CHOICES = (4, 8, 16)
 
 
 def format_for_bits(
-    bits: int, compute_dtype: torch.dtype, device_type: str, shapes: tuple[tuple[int, int], ...] = ()
+    bits: int,
+    compute_dtype: torch.dtype,
+    device_type: str,
+    shapes: tuple[tuple[int, int], ...] = (),
+    setting: str = "bits",
 ) -> WeightFormat:
     """The format behind ``--expert-bits`` / ``--attn-bits``: 16 is unquantized in the compute
     dtype, 8 is int8, 4 is nf4, stored in the fused CPU kernel's layout ("nf4-cpu") on a CPU
-    where that kernel works and every matrix shape allows it (it is ~50x faster there)."""
+    where that kernel works and every matrix shape allows it (it is ~50x faster there). A plan
+    for a GPU passes device_type "cuda" and gets the portable nf4 layout the CUDA kernels read."""
     if bits == 16:
         return get_format(str(compute_dtype).removeprefix("torch."))
     if bits == 8:
@@ -522,4 +527,4 @@ def format_for_bits(
             except SettingError:
                 pass
         return FORMATS["nf4"]
-    raise SettingError(f"bits {bits}: choose one of {', '.join(map(str, BITS_CHOICES))}")
+    raise SettingError(f"{setting} {bits}: choose one of {', '.join(map(str, BITS_CHOICES))}")
