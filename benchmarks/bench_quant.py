@@ -74,35 +74,7 @@ from offload.device import (  # noqa: E402
 from offload.errors import SettingError  # noqa: E402
 from offload.experts.record import RecordLayout  # noqa: E402
 from offload.model import ExpertWeights, expert_ffn  # noqa: E402
-
-# config.json of mistralai/Mixtral-8x7B-v0.1 as published.
-MIXTRAL_8X7B = {
-    "architectures": ["MixtralForCausalLM"],
-    "attention_dropout": 0.0,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "hidden_act": "silu",
-    "hidden_size": 4096,
-    "initializer_range": 0.02,
-    "intermediate_size": 14336,
-    "max_position_embeddings": 32768,
-    "model_type": "mixtral",
-    "num_attention_heads": 32,
-    "num_experts_per_tok": 2,
-    "num_hidden_layers": 32,
-    "num_key_value_heads": 8,
-    "num_local_experts": 8,
-    "output_router_logits": False,
-    "rms_norm_eps": 1e-05,
-    "rope_theta": 1000000.0,
-    "router_aux_loss_coef": 0.02,
-    "sliding_window": None,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    "transformers_version": "4.36.0.dev0",
-    "use_cache": True,
-    "vocab_size": 32000,
-}
+from offload.plan import builtin_model  # noqa: E402
 
 DEFAULT_FORMATS = ("bf16", "int8", "nf4", "nf4-dq", "fp4", "nf4-cpu")
 BASELINE = "bf16"
@@ -446,7 +418,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def bench(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     formats = parse_formats(args.formats)
-    config = ModelConfig.from_dict(MIXTRAL_8X7B, source="Mixtral-8x7B config.json")
+    _, config = builtin_model("mixtral-8x7b")
     say(f"compute paths: {quant.select_kernels(device).description}")
     x = torch.randn(max(TOKENS), config.hidden_size, generator=torch.Generator().manual_seed(INPUT_SEED))
     x = x.to(torch.bfloat16).to(device)  # [N, D]
