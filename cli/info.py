@@ -23,7 +23,6 @@ from offload.engine import DEFAULT_CONTEXT, DEFAULT_DTYPE, DTYPES, parse_dtype
 from offload.errors import ConfigError, SettingError
 from offload.pack import Pack, is_pack
 from offload.plan import (
-    BITS_CHOICES,
     BUILTIN_MODELS,
     ModelPlan,
     builtin_model,
@@ -31,7 +30,7 @@ from offload.plan import (
     parse_bytes,
     plan_model,
 )
-from offload.quant import FORMATS, WeightFormat, get_format
+from offload.quant import BITS_CHOICES, FORMATS, WeightFormat, get_format
 
 BITS = "|".join(map(str, BITS_CHOICES))
 

@@ -319,7 +319,44 @@ class OpenFiles:
             pass
 
 
-class Checkpoint(OpenFiles):
+class WeightFiles(OpenFiles):
+    """Dense weights by logical name, read from files whose headers were checked.
+
+    Subclasses set ``_dense`` (model-wide) and ``_layers`` (per layer) from ``dense_entries``.
+    """
+
+    corrupt_error: type[Exception] = CorruptCheckpointError
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes_read = 0  # weight bytes read, for tests and statistics
+        self._dense: dict[str, TensorEntry] = {}
+        self._layers: list[dict[str, TensorEntry]] = []
+
+    def _read(self, where: ByteRange) -> torch.Tensor:
+        out = torch.empty(where.shape, dtype=where.entry.dtype)
+        buffer = out.view(torch.uint8).reshape(-1).numpy()
+        path = where.entry.file
+        fd = self.fd(path)
+        if read_into(fd, buffer, where.start) != where.nbytes:
+            raise self.corrupt_error(
+                f"{path}: tensor '{where.entry.name}' ends early (file changed while reading?)"
+            )
+        self.bytes_read += where.nbytes
+        return out
+
+    def dense(self, key: str, layer: int | None = None) -> torch.Tensor:
+        """A dense weight by logical name (see DENSE_TABLE and LAYER_TABLE)."""
+        if layer is None:
+            if key == "lm_head" and key not in self._dense:
+                key = "embed_tokens"  # tied embeddings
+            entry = self._dense[key]
+        else:
+            entry = self._layers[layer][key]
+        return self._read(ByteRange(entry, entry.start, entry.shape))
+
+
+class Checkpoint(WeightFiles):
     """A validated, lazily read safetensors checkpoint of a Mixtral-family model."""
 
     def __init__(self, model_dir: str | Path, config: ModelConfig | None = None):
@@ -338,7 +375,6 @@ class Checkpoint(OpenFiles):
                 raise MissingTensorError(
                     f"{self.model_dir / shard}: tensor '{name}' listed in {INDEX_FILE} is not in that shard"
                 )
-        self.bytes_read = 0  # counts weight bytes read, for tests and statistics
         self._validate()
 
     # ---- validation -------------------------------------------------------------------------
@@ -377,32 +413,10 @@ class Checkpoint(OpenFiles):
 
     # ---- reading ----------------------------------------------------------------------------
 
-    def _read(self, where: ByteRange) -> torch.Tensor:
-        out = torch.empty(where.shape, dtype=where.entry.dtype)
-        buffer = out.view(torch.uint8).reshape(-1).numpy()
-        path = where.entry.file
-        fd = self.fd(path)
-        if read_into(fd, buffer, where.start) != where.nbytes:
-            raise CorruptCheckpointError(
-                f"{path}: tensor '{where.entry.name}' ends early (file changed while reading?)"
-            )
-        self.bytes_read += where.nbytes
-        return out
-
     @property
     def layout(self) -> str:
         """'fused' when layer 0's experts are stored as 3-D tensors, else 'hub'."""
         return "fused" if FUSED_GATE_UP.format(layer=0) in self.entries else "hub"
-
-    def dense(self, key: str, layer: int | None = None) -> torch.Tensor:
-        """A dense weight by logical name (see DENSE_TABLE and LAYER_TABLE)."""
-        if layer is None:
-            if key == "lm_head" and key not in self._dense:
-                key = "embed_tokens"  # tied embeddings
-            entry = self._dense[key]
-        else:
-            entry = self._layers[layer][key]
-        return self._read(ByteRange(entry, entry.start, entry.shape))
 
     def expert_ranges(self, layer: int, expert: int) -> dict[str, ByteRange]:
         """Where expert ``expert`` of ``layer`` is on disk: w1 [I, D], w3 [I, D], w2 [D, I]."""

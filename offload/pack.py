@@ -31,7 +31,7 @@ import torch
 
 from offload.checkpoint import (
     DENSE_TABLE,
-    OpenFiles,
+    WeightFiles,
     LAYER_TABLE,
     SAFETENSORS_DTYPES,
     WEIGHT_DTYPES,
@@ -314,16 +314,16 @@ def _move_into_place(temp: Path, out_dir: Path) -> None:
 # ---- reading ----------------------------------------------------------------------------------
 
 
-class Pack(OpenFiles):
+class Pack(WeightFiles):
     """A validated offload pack: dense weights by logical name and expert records by one read."""
 
     open_error = PackError
+    corrupt_error = CorruptPackError
 
     def __init__(self, path: str | Path):
         super().__init__()
         self.path = Path(path)
         self._verified: set[tuple[int, int]] = set()
-        self.bytes_read = 0  # counts expert record bytes read
         manifest_path = self.path / MANIFEST
         if not self.path.is_dir():
             raise PackError(f"{self.path}: no such pack directory")
@@ -408,7 +408,7 @@ class Pack(OpenFiles):
     def _open_dense(self, path: Path) -> tuple[dict[str, TensorEntry], list[dict[str, TensorEntry]]]:
         entries = read_header(path)  # CorruptCheckpointError when the file is damaged
         dense, layers = dense_entries(entries, self.config, path, dtypes=(self.dense_dtype,))
-        self._dense_fd = self.fd(path)
+        self.fd(path)  # open now: a pack that opened is readable
         return dense, layers
 
     def _open_experts(self, path: Path) -> None:
@@ -424,20 +424,6 @@ class Pack(OpenFiles):
         self._experts_fd = self.fd(path)
 
     # ---- reading ----------------------------------------------------------------------------
-
-    def dense(self, key: str, layer: int | None = None) -> torch.Tensor:
-        """A dense weight by logical name (see DENSE_TABLE and LAYER_TABLE), as a new CPU tensor."""
-        if layer is None:
-            if key == "lm_head" and key not in self._dense:
-                key = "embed_tokens"  # tied embeddings
-            entry = self._dense[key]
-        else:
-            entry = self._layers[layer][key]
-        out = torch.empty(entry.shape, dtype=entry.dtype)
-        buffer = _raw_bytes(out)
-        if read_into(self._dense_fd, buffer, entry.start) != len(buffer):
-            raise CorruptPackError(f"{entry.file}: tensor '{entry.name}' ends early (file changed while reading?)")
-        return out
 
     def read_record(self, layer: int, expert: int, out: torch.Tensor) -> torch.Tensor:
         """Read the record of expert ``expert`` of ``layer`` into ``out`` (uint8, CPU, contiguous,

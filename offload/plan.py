@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 import torch
 
 from offload import quant
-from offload.quant import BITS_CHOICES  # noqa: F401  (the CLI reads it from here)
 from offload.config import ModelConfig
 from offload.errors import BudgetError, ConfigError, SettingError
 from offload.experts.record import RecordLayout
