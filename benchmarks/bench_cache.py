@@ -36,11 +36,15 @@ without memory: each token picks its experts independently of the last. Then any
 S of E experts hits S/E of the time, and the table prints that figure beside the measured hit
 rate. The synthetic model comes close (random routers are not perfectly uniform: their hidden
 states share a little between neighbouring tokens), so read its rows as the near-uniform case,
-not as what a trained model gets. The routing line gives the measured keep rate (of the
-experts token t+1 uses, the share token t used too; K/E when uniform) and the entropy of
-expert usage (log2 E bits when even). ``--router-skew R`` spreads the synthetic routers' row norms over a factor R, which
-makes some experts more popular (not more persistent); ``--model`` with a trained model (the
-bundled demo model, say) shows real routing.
+not as what a trained model gets. The routing line gives the measured keep rate (of the experts
+token t+1 uses, the share token t used too; K/E when uniform) and the entropy of expert usage
+(log2 E bits when even). ``--router-skew R`` spreads the synthetic routers' row norms over a
+factor R, which makes some experts more popular than others (a skew in usage, not learned
+routing); ``--model`` with a trained model (the bundled demo model, say) shows real routing.
+
+The speed table also says how much of the machine's CPU time other processes (and the
+hypervisor, as steal) took during the timed runs, and flags the timings above 5 %: on a small
+shared machine one busy neighbour slows torch's multi-threaded decode several-fold.
 
 What it does not measure: a cold disk (the pack was just written or read, so "disk" reads come
 from the page cache: a lower bound on their cost), a GPU's memory (on CUDA the speed part runs,
@@ -147,12 +151,7 @@ def expert_bytes_of(config: dict[str, Any], dtype: torch.dtype = torch.bfloat16)
     return c.num_hidden_layers * c.num_local_experts * RecordLayout.for_config(c, dtype).nbytes
 
 
-def write_synthetic_mixtral(
-    out_dir: Path,
-    config: dict[str, Any],
-    *,
-    progress: Callable[[int, int], None] | None = None,
-) -> Path:
+def write_synthetic_mixtral(out_dir: Path, config: dict[str, Any]) -> Path:
     """Random bf16 weights for ``config`` (from ``synthetic_config``) in the Hugging Face hub layout.
 
     Shard 1 holds the embeddings, the final norm and lm_head, shard N + 1 layer N (attention,
@@ -193,8 +192,6 @@ def write_synthetic_mixtral(
         save_file(tensors, str(out_dir / name), metadata={"format": "pt"})
         weight_map.update((t, name) for t in tensors)
         total += sum(t.numel() * t.element_size() for t in tensors.values())
-        if progress is not None:
-            progress(index + 1, shards)
 
     save(0, {
         "model.embed_tokens.weight": torch.randn(V, D, generator=generator).to(bf16),
@@ -269,7 +266,8 @@ class Workdir:
                 f"{self.root}: {format_bytes(free)} free, the {name} checkpoint and its pack need about "
                 f"{format_bytes(need)}; choose another --workdir"
             )
-        say(f"{name}: writing a synthetic checkpoint ({format_bytes(expert_bytes_of(config))} of experts) to {model_dir} ...")
+        experts = format_bytes(expert_bytes_of(config))
+        say(f"{name}: writing a synthetic checkpoint ({experts} of experts) to {model_dir} ...")
         start = time.perf_counter()
         write_synthetic_mixtral(model_dir, config)
         info["write_seconds"] = time.perf_counter() - start
@@ -747,7 +745,12 @@ def print_speed(s: dict[str, Any], console) -> None:
             f"(uniform: K/E = {g['uniform_keep_rate']:.0%}), expert usage entropy {g['usage_entropy_bits']:.2f} "
             f"bits (uniform: {g['uniform_usage_entropy_bits']:.2f})"
         )
-    if source == "synthetic":
+    if source == "synthetic" and s["router_skew"] != 1.0:
+        console.print(
+            f"synthetic model with --router-skew {s['router_skew']:g}: some experts are more popular than "
+            "others, which lifts hit rates above the uniform router's S/E; still not a trained model's routing"
+        )
+    elif source == "synthetic":
         console.print(
             "synthetic model: random routers route close to uniformly and with little memory (keep rate and "
             "entropy above), so its hit rates are near the uniform router's S/E; they are the near-uniform "

@@ -206,3 +206,20 @@ def test_quantized_pack_through_the_cache_is_bit_identical(fmt, model_dirs, tmp_
     assert gen.cache_stats.total().disk_loads > 0
     with pytest.raises(SettingError, match=f"holds {fmt} experts"):
         Engine.load(pack, device="cpu", expert_format="int8" if fmt != "int8" else "nf4")
+
+
+def test_ram_tier_is_a_fixed_set_that_keeps_serving(model_dirs):
+    """RAM holds the first experts in layer-major order for the whole run: their misses are
+    always RAM loads, the others' always disk reads (an LRU RAM tier would churn instead)."""
+    engine = Engine.load(model_dirs[WIDE.name], device="cpu", dtype="float32", experts_per_layer=3, ram=0)
+    record = engine.cache.layout.nbytes
+    experts = engine.config.num_local_experts
+    engine = Engine.load(
+        model_dirs[WIDE.name], device="cpu", dtype="float32", experts_per_layer=3, ram=experts * record
+    )
+    assert engine.plan.host_experts == experts  # exactly layer 0
+    gen = engine.generate(engine.tokenizer.encode(PROMPT, bos=True), GenerationSettings(max_new_tokens=30)).run()
+    first, *rest = gen.cache_stats.layers
+    assert first.misses > 0 and first.host_loads == first.misses and first.disk_loads == 0
+    for layer in rest:
+        assert layer.misses > 0 and layer.disk_loads == layer.misses and layer.host_loads == 0

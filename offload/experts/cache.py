@@ -117,10 +117,9 @@ class ExpertCache:
         self.host = HostTier(layout, min(host_capacity, total), device)
         self.transfers = Transfers(device)
         self.stall = StallClock(device)
-        # staging for disk reads when RAM holds nothing; a CPU device reads straight into its slot
-        self.staging = (
-            empty_host_buffer(layout.nbytes, 2, device) if self.host.capacity == 0 and is_cuda(device) else None
-        )
+        # staging (pinned) for disk reads on CUDA; a CPU device reads straight into its slot
+        needs_disk = self.host.capacity < total
+        self.staging = empty_host_buffer(layout.nbytes, 2, device) if needs_disk and is_cuda(device) else None
         self.staging_copy: list[object] = [None, None]
         self.staging_next = 0
         # residency: layer -> {expert: slot}, and each layer's free slots
@@ -132,12 +131,11 @@ class ExpertCache:
     # ---- set-up -------------------------------------------------------------------------------
 
     def _fill_host(self, progress: ProgressFn | None) -> None:
-        """Preload RAM with records in layer-major order, up to its capacity."""
+        """Load RAM with records in layer-major order, up to its capacity, once."""
         n = self.host.capacity
         for i in range(n):
             layer, expert = divmod(i, self.num_experts)
-            row = self.host.admit((layer, expert))
-            self.source.read_record(layer, expert, self.host.record(row))
+            self.source.read_record(layer, expert, self.host.add((layer, expert)))
             if progress is not None:
                 progress(i + 1, n, f"layer {layer} expert {expert} -> RAM")
 
@@ -185,34 +183,24 @@ class ExpertCache:
         nbytes = self.layout.nbytes
         target = self.slots.storage[slot_index]
         started = self.stall.start()
-        row = self.host.lookup(key)
-        if row is not None:
+        record = self.host.get(key)
+        if record is not None:
             stats.host_loads += 1
             stats.host_bytes += nbytes
-            handle = self.transfers.copy(target, self.host.record(row))
-            self.host.last_copy[row] = handle
-        elif self.host.capacity:
-            row = self.host.admit(key)
-            self.transfers.wait_host(self.host.last_copy[row])  # that row may still be feeding a copy
-            self.source.read_record(layer, expert, self.host.record(row))
-            stats.disk_loads += 1
-            stats.disk_bytes += nbytes
-            handle = self.transfers.copy(target, self.host.record(row))
-            self.host.last_copy[row] = handle
-        elif self.staging is None:  # CPU device, no RAM tier: read straight into the slot
-            self.source.read_record(layer, expert, target)
-            stats.disk_loads += 1
-            stats.disk_bytes += nbytes
-            handle = None
+            handle = self.transfers.copy(target, record)  # host rows never change: no reuse hazard
         else:
-            i = self.staging_next
-            self.staging_next ^= 1
-            self.transfers.wait_host(self.staging_copy[i])
-            self.source.read_record(layer, expert, self.staging[i])
             stats.disk_loads += 1
             stats.disk_bytes += nbytes
-            handle = self.transfers.copy(target, self.staging[i])
-            self.staging_copy[i] = handle
+            if self.staging is None:  # CPU device: read straight into the slot
+                self.source.read_record(layer, expert, target)
+                handle = None
+            else:
+                i = self.staging_next
+                self.staging_next ^= 1
+                self.transfers.wait_host(self.staging_copy[i])  # that buffer may still feed a copy
+                self.source.read_record(layer, expert, self.staging[i])
+                handle = self.transfers.copy(target, self.staging[i])
+                self.staging_copy[i] = handle
         seconds = self.stall.stop(started, layer)
         if seconds is not None:
             stats.stall_seconds += seconds
