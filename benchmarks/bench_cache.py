@@ -82,6 +82,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: tests.tokenizer_builder lives at the root
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.benchlib import finish, say  # noqa: E402
 from offload.config import ModelConfig  # noqa: E402
 from offload.device import DEVICE_CHOICES, device_name, resolve_device  # noqa: E402
 from offload.engine import Engine, GenerationSettings  # noqa: E402
@@ -132,10 +133,6 @@ PROMPT_TEXT = (
     "The program defines what arguments it requires, and argparse will figure out how to "
     "parse those out of sys.argv. It also generates help and usage messages.\n"
 )
-
-
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # ---- the synthetic checkpoint ---------------------------------------------------------------------
@@ -850,11 +847,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         work.close()
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_report(result)
-    return 0
+    return finish(result, args.json, print_report)
 
 
 if __name__ == "__main__":

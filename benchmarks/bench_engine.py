@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import tempfile
@@ -45,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: tests.model_builder lives at the root
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.benchlib import finish, say  # noqa: E402
 from offload.device import DEVICE_CHOICES, device_name, resolve_device, synchronize  # noqa: E402
 from offload.engine import Engine, parse_dtype  # noqa: E402
 from offload.errors import SettingError  # noqa: E402
@@ -301,10 +301,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def run_engines(
     model_dir: Path, ids: list[int], args: argparse.Namespace, device: torch.device, dtype: torch.dtype
 ) -> tuple[dict[str, Timings], dict[str, dict[str, str]]]:
@@ -386,11 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingError as e:
         say(f"error: {e}")
         return 2
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_report(result)
-    return 0
+    return finish(result, args.json, print_report)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,6 @@ import argparse
 import ctypes
 import functools
 import gc
-import json
 import mmap
 import os
 import statistics
@@ -59,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.benchlib import finish, say  # noqa: E402
 from offload import quant  # noqa: E402
 from offload.checkpoint import read_into  # noqa: E402
 from offload.config import ModelConfig  # noqa: E402
@@ -381,10 +381,6 @@ def print_report(r: dict) -> None:
 
 # ---- main -----------------------------------------------------------------------------------------
 
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def parse_formats(text: str) -> list[str]:
     names = []
     for part in text.split(","):
@@ -457,11 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingError as e:
         say(f"error: {e}")
         return 2
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_report(result)
-    return 0
+    return finish(result, args.json, print_report)
 
 
 if __name__ == "__main__":
