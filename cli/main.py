@@ -83,7 +83,9 @@ def generate(
     experts_per_layer: Optional[int] = typer.Option(
         None, "--experts-per-layer", help="Expert slots per layer on the device (top-k .. all), instead of --vram."
     ),
-    policy: str = typer.Option("lru", "--policy", help="Expert eviction policy: lru or lfu."),
+    policy: str = typer.Option(
+        "lru", "--policy", help="Expert cache policy: lru, lfu, or lookahead (LRU + gate look-ahead prefetch)."
+    ),
     expert_format: Optional[str] = typer.Option(
         None,
         "--expert-format",
@@ -168,12 +170,13 @@ def print_cache_stats(engine: Engine, generation) -> None:
         stderr.print("expert cache: off (every expert resident; give --vram, --ram or --experts-per-layer)")
         return
     table = Table(title="expert cache", title_justify="left", show_edge=False, pad_edge=False)
-    for name in ("layer", "requests", "hit rate", "from RAM", "from disk", "MiB moved", "stall ms"):
+    for name in ("layer", "requests", "hit rate", "prefetch used", "from RAM", "from disk", "MiB moved", "stall ms"):
         table.add_column(name, justify="right")
     rows = [(str(i), s) for i, s in enumerate(stats.layers)] + [("all", stats.total())]
     for name, s in rows:
         table.add_row(
-            name, str(s.requests), f"{s.hit_rate:.3f}", str(s.host_loads), str(s.disk_loads),
+            name, str(s.requests), f"{s.hit_rate:.3f}", f"{s.prefetch_used}/{s.prefetches}",
+            str(s.host_loads), str(s.disk_loads),
             f"{(s.host_bytes + s.disk_bytes) / 2**20:.1f}", f"{s.stall_seconds * 1e3:.1f}",
         )
     stderr.print(table)

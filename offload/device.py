@@ -79,18 +79,37 @@ class Transfers:
         self.device = device
         self.stream = torch.cuda.Stream(device) if is_cuda(device) else None
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor):
-        """Start dst.copy_(src); returns a handle for ``wait`` (None when already done)."""
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None):
+        """Start dst.copy_(src); returns a handle for ``wait`` (None when already done).
+
+        ``dst`` may still be read by compute queued earlier: the copy waits for ``after`` (a
+        ``mark`` made once that compute was queued), or, without one, for all compute queued
+        so far."""
         if self.stream is None:
             dst.copy_(src)
             return None
-        # Slots may still be read by compute queued before this call: copy only after it.
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        if after is None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        else:
+            self.stream.wait_event(after)
         with torch.cuda.stream(self.stream):
             dst.copy_(src, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.stream)
         return done
+
+    def mark(self):
+        """A point on the compute stream: everything queued so far (None on CPU)."""
+        if self.stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    @staticmethod
+    def done(handle) -> bool:
+        """Whether a copy has finished (always, on CPU)."""
+        return handle is None or handle.query()
 
     def wait(self, handle) -> None:
         """Make the compute stream wait for a copy (no host block)."""

@@ -20,6 +20,8 @@ from offload.config import ModelConfig
 from offload.device import resolve_device, synchronize
 from offload.errors import SettingError, TokenizerError
 from offload.experts.cache import CacheStats, ExpertCache
+from offload.experts.policy import cache_policy
+from offload.experts.prefetch import Lookahead, Prefetcher
 from offload.experts.record import RecordLayout
 from offload.experts.tiers import CheckpointRecords
 from offload.pack import Pack, is_pack
@@ -347,6 +349,7 @@ class Engine:
                 ram_available=_spare_ram(torch_device, config, torch_dtype),
             )
             records = source if isinstance(source, Pack) else CheckpointRecords(source, layout)
+            eviction, predictor = cache_policy(policy)
             cache = ExpertCache(
                 records,
                 layout,
@@ -356,13 +359,16 @@ class Engine:
                 torch_device,
                 slots_per_layer=plan.slots_per_layer,
                 host_capacity=plan.host_experts,
-                policy=policy,
+                policy=eviction,
                 progress=progress,
             )
         except BaseException:
             source.close()
             raise
-        return cls(config, tokenizer, dense, cache, torch_device, torch_dtype, context_length, plan, source)
+        engine = cls(config, tokenizer, dense, cache, torch_device, torch_dtype, context_length, plan, source)
+        if predictor == "lookahead":
+            engine.model.prefetcher = Prefetcher(cache, Lookahead(config, dense), width=config.num_experts_per_tok)
+        return engine
 
     def close(self) -> None:
         """Release the weight source (files stay open while the cache reads experts)."""

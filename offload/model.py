@@ -229,6 +229,8 @@ class MixtralModel:
         self.cache = cache
         self.rope = rope
         self.routing_observer: RoutingObserver | None = None
+        # called after each layer routes, before its experts run: (layer, hidden [T, D], chosen [T, K])
+        self.prefetcher = None
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
@@ -239,6 +241,8 @@ class MixtralModel:
         if start + T > cache.max_len:
             raise ValueError(f"context of {cache.max_len} tokens exceeded ({start} + {T})")
         h = F.embedding(tokens, self.dense.embed_tokens)  # [T, D]
+        if self.prefetcher is not None:
+            self.prefetcher.begin_token()
         for layer, lw in enumerate(self.dense.layers):
             h = h + attention(
                 rms_norm(h, lw.input_layernorm, c.rms_norm_eps), lw, c, cache, layer, start, self.rope
@@ -247,6 +251,8 @@ class MixtralModel:
             chosen, gate = route(x, lw.router, c.num_experts_per_tok)  # [T, K], [T, K]
             if self.routing_observer is not None:
                 self.routing_observer(layer, chosen, gate)
+            if self.prefetcher is not None:
+                self.prefetcher.before_moe(layer, h, chosen)
             h = h + moe(x, chosen, gate, self.experts, layer)
         cache.length = start + T
         if last_only:

@@ -36,6 +36,9 @@ class LayerStats:
     host_bytes: int = 0  # bytes copied host -> device for host loads
     disk_bytes: int = 0  # bytes read from disk
     stall_seconds: float = 0.0  # time compute waited for loads
+    prefetches: int = 0  # loads started ahead of need (counted in host/disk loads too)
+    prefetch_used: int = 0  # prefetched experts the layer then asked for (they count as hits)
+    late: int = 0  # of those, still in flight when asked for (compute waited)
 
     @property
     def requests(self) -> int:
@@ -78,6 +81,9 @@ class CacheStats:
             "host_bytes": total.host_bytes,
             "disk_bytes": total.disk_bytes,
             "stall_seconds": total.stall_seconds,
+            "prefetches": total.prefetches,
+            "prefetch_used": total.prefetch_used,
+            "late": total.late,
             "layers": [dict(asdict(s), hit_rate=s.hit_rate) for s in self.layers],
         }
 
@@ -125,6 +131,13 @@ class ExpertCache:
         # residency: layer -> {expert: slot}, and each layer's free slots
         self.where: list[dict[int, int]] = [{} for _ in range(num_layers)]
         self.free: list[list[int]] = [list(range(slots_per_layer - 1, -1, -1)) for _ in range(num_layers)]
+        # prefetched and not yet asked for: (layer, expert) -> copy handle (None once done)
+        self.prefetched: dict[tuple[int, int], object] = {}
+        # per layer: a mark on the compute stream queued after that layer's last expert compute,
+        # so a prefetch into its slots waits for that compute only, not for everything queued
+        self.slots_free: list[object] = [None] * num_layers
+        self._last_layer: int | None = None
+        self.last_outcomes: list[str] = []  # per expert of the last get: hit, prefetched, late, miss
         self._stats = CacheStats([LayerStats() for _ in range(num_layers)])
         self._fill_host(progress)
 
@@ -144,16 +157,30 @@ class ExpertCache:
     def get(self, layer: int, experts: Sequence[int]) -> list[ExpertWeights]:
         if len(experts) > self.max_experts_per_call:
             raise ValueError(f"{len(experts)} experts requested, {self.max_experts_per_call} slots per layer")
+        if self._last_layer is not None and self._last_layer != layer:
+            self.slots_free[self._last_layer] = self.transfers.mark()  # its compute is queued by now
+        self._last_layer = layer
         stats = self._stats.layers[layer]
         resident = self.where[layer]
         protected = set(experts)
-        slots, pending = [], []
+        slots, pending, outcomes = [], [], []
         for expert in experts:
             self.policy.use(layer, expert)
             slot = resident.get(expert)
             if slot is not None:
                 stats.hits += 1
+                outcome = "hit"
+                if (layer, expert) in self.prefetched:
+                    handle = self.prefetched.pop((layer, expert))
+                    stats.prefetch_used += 1
+                    outcome = "prefetched"
+                    if not self.transfers.done(handle):
+                        stats.late += 1
+                        outcome = "late"
+                        pending.append(handle)
+                outcomes.append(outcome)
             else:
+                outcomes.append("miss")
                 stats.misses += 1
                 slot = self._take_slot(layer, protected)
                 resident[expert] = slot
@@ -166,7 +193,30 @@ class ExpertCache:
             seconds = self.stall.stop(started, layer)
             if seconds is not None:
                 stats.stall_seconds += seconds
+        self.last_outcomes = outcomes
         return [self.slots.weights[i] for i in slots]
+
+    def prefetch(self, layer: int, experts: Sequence[int]) -> int:
+        """Start loading ``experts`` of an upcoming ``layer`` into its slots; returns how many
+        loads began. Only experts not yet resident are loaded, and at most the layer's free
+        slots plus those whose experts are neither in ``experts`` nor prefetched and unused: a
+        prefetch never evicts another prediction, and never touches another layer's slots (so
+        never the current layer's). A wrong guess costs bytes, never correctness."""
+        stats = self._stats.layers[layer]
+        resident = self.where[layer]
+        wanted = [e for e in dict.fromkeys(experts) if e not in resident]
+        started = 0
+        for expert in wanted:
+            keep = set(experts) | {e for (l, e) in self.prefetched if l == layer}
+            if not self.free[layer] and not any(e not in keep for e in resident):
+                break
+            slot = self._take_slot(layer, keep)
+            resident[expert] = slot
+            handle = self._load(layer, expert, self.slots.index(layer, slot), stats, after=self.slots_free[layer])
+            self.prefetched[(layer, expert)] = handle
+            stats.prefetches += 1
+            started += 1
+        return started
 
     # ---- internals ----------------------------------------------------------------------------
 
@@ -175,10 +225,12 @@ class ExpertCache:
             return self.free[layer].pop()
         resident = self.where[layer]
         victim = self.policy.victim(layer, (e for e in resident if e not in protected))
+        self.prefetched.pop((layer, victim), None)  # a prefetch evicted unused: bytes wasted
         return resident.pop(victim)
 
-    def _load(self, layer: int, expert: int, slot_index: int, stats: LayerStats):
-        """Bring one record into a device slot; returns the copy handle (None when done)."""
+    def _load(self, layer: int, expert: int, slot_index: int, stats: LayerStats, after=None):
+        """Bring one record into a device slot; returns the copy handle (None when done).
+        ``after``: a compute-stream mark the copy must follow (default: all queued compute)."""
         key = (layer, expert)
         nbytes = self.layout.nbytes
         target = self.slots.storage[slot_index]
@@ -187,7 +239,7 @@ class ExpertCache:
         if record is not None:
             stats.host_loads += 1
             stats.host_bytes += nbytes
-            handle = self.transfers.copy(target, record)  # host rows never change: no reuse hazard
+            handle = self.transfers.copy(target, record, after)  # host rows never change: no reuse hazard
         else:
             stats.disk_loads += 1
             stats.disk_bytes += nbytes
@@ -199,7 +251,7 @@ class ExpertCache:
                 self.staging_next ^= 1
                 self.transfers.wait_host(self.staging_copy[i])  # that buffer may still feed a copy
                 self.source.read_record(layer, expert, self.staging[i])
-                handle = self.transfers.copy(target, self.staging[i])
+                handle = self.transfers.copy(target, self.staging[i], after)
                 self.staging_copy[i] = handle
         seconds = self.stall.stop(started, layer)
         if seconds is not None:

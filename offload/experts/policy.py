@@ -60,6 +60,8 @@ class LFU(LRU):
 
 
 POLICIES = {"lru": LRU, "lfu": LFU}
+# cache policies by name: (eviction policy, prefetch predictor or None)
+CACHE_POLICIES = {"lru": ("lru", None), "lfu": ("lfu", None), "lookahead": ("lru", "lookahead")}
 
 
 def make_policy(name: str, num_layers: int, num_experts: int) -> EvictionPolicy:
@@ -68,4 +70,14 @@ def make_policy(name: str, num_layers: int, num_experts: int) -> EvictionPolicy:
     try:
         return POLICIES[name](num_layers, num_experts)
     except KeyError:
-        raise SettingError(f"--policy {name!r}: choose one of {', '.join(POLICIES)}") from None
+        raise SettingError(f"--policy {name!r}: choose one of {', '.join(CACHE_POLICIES)}") from None
+
+
+def cache_policy(name: str) -> tuple[str, str | None]:
+    """(eviction policy, predictor) behind a --policy name."""
+    from offload.errors import SettingError
+
+    try:
+        return CACHE_POLICIES[name]
+    except KeyError:
+        raise SettingError(f"--policy {name!r}: choose one of {', '.join(CACHE_POLICIES)}") from None

@@ -1,0 +1,690 @@
+"""Router traces: record, load, replay; a cache simulator with the Belady bound.
+
+What it is: the engine's compact trace format (a writer and a reader), readers for the shared
+research traces of real Mixtral-8x7B routing, and ``simulate``, which replays a trace through
+per-layer caches of k experts under a policy (LRU, LFU, Belady's offline optimum, or a
+prefetching policy from ``offload.experts.predict``) and counts hits, loads and prefetch
+precision. What it is not: the engine's cache (no bytes move here) or a predictor.
+
+The engine's format, JSON Lines (one object per line; weights rounded to 4 decimals)::
+
+    {"format": "offload-trace", "version": 1, "model": str, "num_layers": N, "num_experts": E,
+     "top_k": K, "experts_per_layer": int | null, "policy": str | null}        <- the header
+    {"t": 0, "phase": "prefill" | "decode",
+     "experts":   [[K expert ids] per layer],
+     "weights":   [[K gate weights] per layer],
+     "predicted": [[ids predicted for that layer before it ran] per layer],   (lists may be empty)
+     "outcome":   [["hit" | "prefetched" | "late" | "miss" per chosen expert] per layer]}
+                                                                           (outcome may be absent)
+
+One file is one token sequence: the simulator starts it with empty caches.
+
+The shared traces (``../shared/traces/README.md``) come in two shapes, both read here:
+- the decode JSONL, one record per (problem, layer, step). Its recorder dropped steps whose two
+  gates tied and renumbered the rest per layer, so within a layer the order is right but across
+  layers steps line up only where a layer lost nothing. ``load_trace`` keeps one sequence per
+  problem, packs each layer's records in order (a layer with drops ends with ``None``), and
+  names the layers that line up in ``TokenSequence.aligned_layers``; ``Trace.aligned`` is False.
+- the aligned JSON of one problem, ``prefill[token][layer]`` and ``decode[step][layer]``, with
+  an explicit ``null`` where a record was dropped: every layer lines up.
+
+Simulation rules (those of the shared README): each sequence starts with empty caches; a step
+asks for its K experts of a layer together, and none of them may evict another; a layer with no
+record at a step asks for nothing. Decode steps only unless prefill is asked for (prefill is then
+replayed token by token, which the engine's expert-major prefill does not do).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from offload.errors import OffloadError
+
+FORMAT = "offload-trace"
+VERSION = 1
+PHASES = ("prefill", "decode")
+OUTCOMES = ("hit", "prefetched", "late", "miss")
+RESIDENT_OUTCOMES = ("hit", "prefetched")  # the expert was in its slot when the layer ran
+WEIGHT_DECIMALS = 4
+
+# The shared traces, next to the repository (never copied into it).
+SHARED_TRACES = Path(__file__).resolve().parents[1] / ".." / "shared" / "traces"
+MIXTRAL_DECODE = SHARED_TRACES / "mixtral-8x7b-instruct" / "humaneval_p0_p1_decode.jsonl"
+MIXTRAL_ALIGNED = SHARED_TRACES / "mixtral-8x7b-instruct" / "humaneval_p0_aligned_prefill_decode.json"
+
+Experts = tuple[int, ...]
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TraceHeader:
+    model: str
+    num_layers: int
+    num_experts: int
+    top_k: int
+    experts_per_layer: int | None = None  # the engine's slots per layer when it recorded
+    policy: str | None = None  # the engine's policy when it recorded
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, **asdict(self)}
+
+
+@dataclass
+class Step:
+    """One token: per layer, the chosen experts (None: no record) and what the engine saw."""
+
+    t: int
+    phase: str
+    experts: list[Experts | None]
+    weights: list[tuple[float, ...] | None]
+    predicted: list[Experts] | None = None  # per layer; None when the trace has no predictions
+    outcome: list[tuple[str, ...]] | None = None  # per layer; None when not recorded
+
+
+@dataclass
+class TokenSequence:
+    """Tokens that share one cache history (a generation, a problem)."""
+
+    name: str
+    steps: list[Step]
+    aligned_layers: frozenset[int]  # layers whose entry at step i is really token i's
+
+    def layer_requests(self, layer: int, phases: Iterable[str] = ("decode",)) -> list[Experts]:
+        keep = set(phases)
+        return [s.experts[layer] for s in self.steps if s.phase in keep and s.experts[layer] is not None]
+
+
+@dataclass
+class Trace:
+    path: Path
+    source: str  # "offload" | "jsonl" (the shared decode JSONL) | "aligned-json"
+    header: TraceHeader
+    sequences: list[TokenSequence]
+
+    @property
+    def num_layers(self) -> int:
+        return self.header.num_layers
+
+    @property
+    def num_experts(self) -> int:
+        return self.header.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.header.top_k
+
+    @property
+    def aligned(self) -> bool:
+        """True when every layer's step i is token i in every sequence (cross-layer use is valid)."""
+        everything = frozenset(range(self.num_layers))
+        return all(s.aligned_layers == everything for s in self.sequences)
+
+    def tokens(self, phases: Iterable[str] = ("decode",)) -> int:
+        keep = set(phases)
+        return sum(1 for s in self.sequences for step in s.steps if step.phase in keep)
+
+
+# ---- the engine's writer -------------------------------------------------------------------
+
+
+class TraceWriter:
+    """Writes the engine's trace to ``path`` through a temporary file in the same folder, renamed
+    on ``close()``: a crash leaves no half-written trace (at worst a stray ``.tmp``).
+
+    Use as a context manager; an exception inside the block discards the file."""
+
+    def __init__(self, path: str | os.PathLike, header: TraceHeader | Mapping[str, Any]):
+        self.path = Path(path)
+        if not isinstance(header, TraceHeader):
+            fields = {k: v for k, v in header.items() if k not in ("format", "version")}
+            header = TraceHeader(**fields)
+        self.header = header
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        except OSError as exc:
+            raise OffloadError(f"{self.path}: cannot write a trace there ({exc.strerror})") from None
+        self._tmp = Path(tmp)
+        self._file = os.fdopen(fd, "w", encoding="utf-8")
+        self._line(header.to_dict())
+        self.tokens = 0
+
+    def _line(self, obj: dict) -> None:
+        self._file.write(json.dumps(obj, separators=(",", ":")) + "\n")
+
+    def write_token(
+        self,
+        t: int,
+        phase: str,
+        experts: Sequence[Sequence[int]],
+        weights: Sequence[Sequence[float]],
+        predicted: Sequence[Sequence[int]] | None = None,
+        outcome: Sequence[Sequence[str]] | None = None,
+    ) -> None:
+        """One token, all layers: ``experts[layer]`` its K ids, ``weights[layer]`` their gates,
+        ``predicted[layer]`` the ids the predictor named before the layer ran, ``outcome[layer]``
+        what each chosen expert was (hit, prefetched, late, miss). Lists or tensors' ``tolist()``."""
+        h = self.header
+        if phase not in PHASES:
+            raise ValueError(f"phase {phase!r}: expected one of {PHASES}")
+        if len(experts) != h.num_layers or len(weights) != h.num_layers:
+            raise ValueError(f"expected {h.num_layers} layers of experts and weights")
+        record: dict[str, Any] = {
+            "t": int(t),
+            "phase": phase,
+            "experts": [[int(e) for e in row] for row in experts],
+            "weights": [[round(float(w), WEIGHT_DECIMALS) for w in row] for row in weights],
+            "predicted": [[int(e) for e in row] for row in predicted] if predicted is not None else [],
+        }
+        if predicted is not None and len(predicted) != h.num_layers:
+            raise ValueError(f"expected {h.num_layers} layers of predictions")
+        if outcome is not None:
+            if len(outcome) != h.num_layers:
+                raise ValueError(f"expected {h.num_layers} layers of outcomes")
+            record["outcome"] = [[str(o) for o in row] for row in outcome]
+        self._line(record)
+        self.tokens += 1
+
+    def close(self) -> Path:
+        if not self._file.closed:
+            self._file.close()
+            os.replace(self._tmp, self.path)
+        return self.path
+
+    def discard(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+            self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> TraceWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()
+
+
+# ---- readers -----------------------------------------------------------------------------------
+
+
+class _Where:
+    """Builds one-line errors that name the file and line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def error(self, line: int | None, what: str) -> OffloadError:
+        at = f"{self.path}:{line}" if line is not None else f"{self.path}"
+        return OffloadError(f"{at}: {what}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
+
+
+def _expert_row(row: Any, top_k: int, num_experts: int) -> Experts | str:
+    """The row as a tuple, or the reason it is wrong."""
+    if not isinstance(row, list) or len(row) != top_k:
+        return f"expected a list of {top_k} expert ids"
+    if not all(_is_int(e) and 0 <= e < num_experts for e in row):
+        return f"expert ids must be integers in [0, {num_experts})"
+    if len(set(row)) != len(row):
+        return "an expert is chosen twice"
+    return tuple(row)
+
+
+def _weight_row(row: Any, top_k: int) -> tuple[float, ...] | str:
+    if not isinstance(row, list) or len(row) != top_k or not all(_is_number(w) for w in row):
+        return f"expected a list of {top_k} gate weights"
+    return tuple(float(w) for w in row)
+
+
+def load_trace(path: str | os.PathLike) -> Trace:
+    """Read a trace: the engine's JSONL, the shared decode JSONL, or the shared aligned JSON."""
+    path = Path(path)
+    where = _Where(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise OffloadError(f"{path}: no such trace file") from None
+    except IsADirectoryError:
+        raise OffloadError(f"{path}: is a folder, expected a trace file") from None
+    except UnicodeDecodeError:
+        raise OffloadError(f"{path}: not a text file (expected JSON Lines or JSON)") from None
+    except OSError as exc:
+        raise OffloadError(f"{path}: cannot read ({exc.strerror})") from None
+    lines = text.splitlines()
+    first = next((i for i, line in enumerate(lines) if line.strip()), None)
+    if first is None:
+        raise where.error(None, "empty file, expected a trace")
+    try:
+        head = json.loads(lines[first])
+    except json.JSONDecodeError:
+        head = None
+    if isinstance(head, dict) and head.get("format") == FORMAT:
+        return _load_offload(where, lines)
+    if isinstance(head, dict) and "problem_id" in head and "layer" in head:
+        return _load_decode_jsonl(where, lines)
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if head is None:
+            raise where.error(first + 1, f"not JSON ({exc.msg})") from None
+        raise where.error(exc.lineno, f"not JSON ({exc.msg})") from None
+    if isinstance(whole, dict) and "decode" in whole and "num_layers" in whole:
+        return _load_aligned_json(where, whole)
+    raise where.error(
+        first + 1,
+        f"not a trace: expected a header with \"format\": \"{FORMAT}\", the shared decode JSONL "
+        "or the shared aligned JSON",
+    )
+
+
+def _parse_header(where: _Where, obj: dict) -> TraceHeader:
+    version = obj.get("version")
+    if not _is_int(version):
+        raise where.error(1, "header: \"version\" must be an integer")
+    if version > VERSION:
+        raise where.error(1, f"trace format version {version} is newer than this reader's ({VERSION})")
+    for key in ("num_layers", "num_experts", "top_k"):
+        if not _is_int(obj.get(key)) or obj[key] < 1:
+            raise where.error(1, f"header: {key!r} must be a positive integer")
+    if not isinstance(obj.get("model"), str):
+        raise where.error(1, "header: \"model\" must be a string")
+    if obj["top_k"] > obj["num_experts"]:
+        raise where.error(1, f"header: top_k {obj['top_k']} exceeds num_experts {obj['num_experts']}")
+    slots = obj.get("experts_per_layer")
+    if slots is not None and not _is_int(slots):
+        raise where.error(1, "header: \"experts_per_layer\" must be an integer or null")
+    policy = obj.get("policy")
+    if policy is not None and not isinstance(policy, str):
+        raise where.error(1, "header: \"policy\" must be a string or null")
+    return TraceHeader(obj["model"], obj["num_layers"], obj["num_experts"], obj["top_k"], slots, policy)
+
+
+def _load_offload(where: _Where, lines: list[str]) -> Trace:
+    header: TraceHeader | None = None
+    steps: list[Step] = []
+    for n, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise where.error(n, f"not JSON ({exc.msg}); a truncated or damaged trace") from None
+        if not isinstance(obj, dict):
+            raise where.error(n, "expected a JSON object")
+        if header is None:
+            header = _parse_header(where, obj)
+            continue
+        steps.append(_parse_token(where, n, obj, header))
+    assert header is not None
+    return Trace(where.path, "offload", header, [TokenSequence(where.path.stem, steps, frozenset(range(header.num_layers)))])
+
+
+def _parse_token(where: _Where, n: int, obj: dict, h: TraceHeader) -> Step:
+    def fail(what: str) -> OffloadError:
+        return where.error(n, what)
+
+    t, phase = obj.get("t"), obj.get("phase")
+    if not _is_int(t):
+        raise fail("\"t\" must be an integer token index")
+    if phase not in PHASES:
+        raise fail(f"\"phase\" must be one of {', '.join(PHASES)}")
+
+    def per_layer(key: str) -> list:
+        value = obj.get(key)
+        if not isinstance(value, list) or len(value) != h.num_layers:
+            raise fail(f"{key!r} must be a list of {h.num_layers} layers")
+        return value
+
+    experts, weights = [], []
+    for layer, (row, wrow) in enumerate(zip(per_layer("experts"), per_layer("weights"))):
+        e = _expert_row(row, h.top_k, h.num_experts)
+        if isinstance(e, str):
+            raise fail(f"experts of layer {layer}: {e}")
+        w = _weight_row(wrow, h.top_k)
+        if isinstance(w, str):
+            raise fail(f"weights of layer {layer}: {w}")
+        experts.append(e)
+        weights.append(w)
+    predicted = None
+    raw_predicted = obj.get("predicted", [])
+    if raw_predicted:
+        predicted = []
+        for layer, row in enumerate(per_layer("predicted")):
+            if not isinstance(row, list) or not all(_is_int(e) and 0 <= e < h.num_experts for e in row):
+                raise fail(f"predicted of layer {layer}: expected a list of expert ids in [0, {h.num_experts})")
+            predicted.append(tuple(row))
+    elif not isinstance(raw_predicted, list):
+        raise fail("\"predicted\" must be a list")
+    outcome = None
+    if "outcome" in obj:
+        outcome = []
+        for layer, row in enumerate(per_layer("outcome")):
+            if not isinstance(row, list) or len(row) != h.top_k or not all(o in OUTCOMES for o in row):
+                raise fail(f"outcome of layer {layer}: expected {h.top_k} of {', '.join(OUTCOMES)}")
+            outcome.append(tuple(row))
+    return Step(t, phase, experts, weights, predicted, outcome)
+
+
+def _load_decode_jsonl(where: _Where, lines: list[str]) -> Trace:
+    """The shared decode JSONL: one record per (problem, layer, step), steps renumbered per layer."""
+    # problem -> layer -> [(token_idx, experts, weights)]
+    problems: dict[int, dict[int, list[tuple[int, Experts, tuple[float, ...], int]]]] = {}
+    top_k: int | None = None
+    max_expert = 0
+    for n, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise where.error(n, f"not JSON ({exc.msg})") from None
+        if not isinstance(obj, dict):
+            raise where.error(n, "expected a JSON object")
+        for key in ("problem_id", "layer", "token_idx"):
+            if not _is_int(obj.get(key)) or obj[key] < 0:
+                raise where.error(n, f"{key!r} must be a non-negative integer")
+        row = obj.get("experts")
+        if top_k is None and isinstance(row, list):
+            top_k = len(row)
+        e = _expert_row(row, top_k or 1, 1 << 30)
+        if isinstance(e, str) or not e:
+            raise where.error(n, f"\"experts\": {e if isinstance(e, str) else 'empty'}")
+        w = _weight_row(obj.get("gating_probs"), len(e))
+        if isinstance(w, str):
+            raise where.error(n, f"\"gating_probs\": {w}")
+        max_expert = max(max_expert, *e)
+        problems.setdefault(obj["problem_id"], {}).setdefault(obj["layer"], []).append((obj["token_idx"], e, w, n))
+    if not problems:
+        raise where.error(None, "no records")
+    num_layers = 1 + max(layer for layers in problems.values() for layer in layers)
+    num_experts = max_expert + 1
+    sequences = []
+    for pid in sorted(problems):
+        layers = problems[pid]
+        for layer, records in layers.items():
+            records.sort(key=lambda r: r[0])
+            for (a, *_), (b, *_, n) in zip(records, records[1:]):
+                if a == b:
+                    raise where.error(n, f"problem {pid} layer {layer}: token_idx {a} appears twice")
+        length = max(len(r) for r in layers.values())
+        # A layer that lost a record is shorter: its records still come in order, but its i-th
+        # record is not the i-th token's. Layers of full length line up (README: "no drop").
+        aligned = frozenset(layer for layer in range(num_layers) if len(layers.get(layer, ())) == length)
+        steps = []
+        for i in range(length):
+            experts: list[Experts | None] = []
+            weights: list[tuple[float, ...] | None] = []
+            for layer in range(num_layers):
+                records = layers.get(layer, [])
+                experts.append(records[i][1] if i < len(records) else None)
+                weights.append(records[i][2] if i < len(records) else None)
+            steps.append(Step(i, "decode", experts, weights))
+        sequences.append(TokenSequence(f"problem {pid}", steps, aligned))
+    header = TraceHeader(f"shared decode trace ({where.path.name})", num_layers, num_experts, top_k or 1)
+    return Trace(where.path, "jsonl", header, sequences)
+
+
+def _load_aligned_json(where: _Where, obj: dict) -> Trace:
+    for key in ("num_layers", "num_experts", "top_k"):
+        if not _is_int(obj.get(key)) or obj[key] < 1:
+            raise where.error(None, f"{key!r} must be a positive integer")
+    header = TraceHeader(str(obj.get("model", where.path.name)), obj["num_layers"], obj["num_experts"], obj["top_k"])
+    steps: list[Step] = []
+    for phase in PHASES:
+        rows = obj.get(phase, [])
+        if not isinstance(rows, list):
+            raise where.error(None, f"{phase!r} must be a list of tokens")
+        for i, row in enumerate(rows):
+            at = f"{phase}[{i}]"
+            if not isinstance(row, list) or len(row) != header.num_layers:
+                raise where.error(None, f"{at}: expected {header.num_layers} layers")
+            experts: list[Experts | None] = []
+            weights: list[tuple[float, ...] | None] = []
+            for layer, entry in enumerate(row):
+                if entry is None:
+                    experts.append(None)
+                    weights.append(None)
+                    continue
+                if not isinstance(entry, dict):
+                    raise where.error(None, f"{at}[{layer}]: expected {{\"experts\", \"gating_probs\"}} or null")
+                e = _expert_row(entry.get("experts"), header.top_k, header.num_experts)
+                if isinstance(e, str):
+                    raise where.error(None, f"{at}[{layer}] experts: {e}")
+                w = _weight_row(entry.get("gating_probs"), header.top_k)
+                if isinstance(w, str):
+                    raise where.error(None, f"{at}[{layer}] gating_probs: {w}")
+                experts.append(e)
+                weights.append(w)
+            steps.append(Step(len(steps), phase, experts, weights))
+    name = f"problem {obj['problem_id']}" if "problem_id" in obj else where.path.stem
+    return Trace(where.path, "aligned-json", header, [TokenSequence(name, steps, frozenset(range(header.num_layers)))])
+
+
+# ---- the simulator -------------------------------------------------------------------------
+
+
+@dataclass
+class SimResult:
+    policy: str
+    experts_per_layer: int
+    tokens: int  # steps replayed (all sequences)
+    uses: int  # expert uses: K per layer per step with a record
+    hits: int  # uses found resident (a prefetch in time included)
+    demand_loads: int  # misses
+    prefetch_loads: int = 0
+    prefetch_used: int = 0  # prefetched experts that their layer used at that token
+    prefetching: bool = False
+    layer_uses: list[int] = field(default_factory=list)
+    layer_hits: list[int] = field(default_factory=list)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.uses if self.uses else 0.0
+
+    @property
+    def loads(self) -> int:
+        return self.demand_loads + self.prefetch_loads
+
+    @property
+    def experts_loaded_per_token(self) -> float:
+        return self.loads / self.tokens if self.tokens else 0.0
+
+    @property
+    def prefetch_precision(self) -> float | None:
+        if not self.prefetching:
+            return None
+        return self.prefetch_used / self.prefetch_loads if self.prefetch_loads else 0.0
+
+    @property
+    def prefetch_recall(self) -> float | None:
+        if not self.prefetching:
+            return None
+        return self.prefetch_used / self.uses if self.uses else 0.0
+
+    def layer_hit_rates(self) -> list[float]:
+        return [h / u if u else 0.0 for h, u in zip(self.layer_hits, self.layer_uses)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "experts_per_layer": self.experts_per_layer,
+            "hit_rate": self.hit_rate,
+            "experts_loaded_per_token": self.experts_loaded_per_token,
+            "prefetch_precision": self.prefetch_precision,
+            "prefetch_recall": self.prefetch_recall,
+            "tokens": self.tokens,
+            "uses": self.uses,
+            "hits": self.hits,
+            "demand_loads": self.demand_loads,
+            "prefetch_loads": self.prefetch_loads,
+            "prefetch_used": self.prefetch_used,
+        }
+
+
+DEMAND_POLICIES = ("lru", "lfu", "belady")
+
+
+def policy_names() -> list[str]:
+    from offload.experts.predict import PREFETCH_POLICIES
+
+    return [*DEMAND_POLICIES, *PREFETCH_POLICIES]
+
+
+def simulate(
+    trace: Trace,
+    experts_per_layer: int,
+    policy: str = "lru",
+    *,
+    prefill: bool = False,
+) -> SimResult:
+    """Replay ``trace`` through per-layer caches of ``experts_per_layer`` slots under ``policy``:
+    "lru", "lfu" (offload.experts.policy, as the engine's cache runs them), "belady" (demand
+    loading, evict the expert whose next use is farthest: the bound without prefetch), or a
+    prefetching policy of offload.experts.predict (e.g. "history")."""
+    from offload.experts.predict import PREFETCH_POLICIES
+
+    if not trace.top_k <= experts_per_layer <= trace.num_experts:
+        raise OffloadError(
+            f"experts per layer must be in [{trace.top_k}, {trace.num_experts}] (top-k to all), got {experts_per_layer}"
+        )
+    phases = PHASES if prefill else ("decode",)
+    if policy in ("lru", "lfu"):
+        return _simulate_demand(trace, experts_per_layer, policy, phases)
+    if policy == "belady":
+        return _simulate_belady(trace, experts_per_layer, phases)
+    if policy in PREFETCH_POLICIES:
+        return _simulate_prefetch(trace, experts_per_layer, policy, phases)
+    raise OffloadError(f"policy {policy!r}: choose one of {', '.join(policy_names())}")
+
+
+def _new_result(trace: Trace, policy: str, k: int, phases: Sequence[str]) -> SimResult:
+    n = trace.num_layers
+    return SimResult(policy, k, trace.tokens(phases), 0, 0, 0, layer_uses=[0] * n, layer_hits=[0] * n)
+
+
+def _simulate_demand(trace: Trace, k: int, name: str, phases: Sequence[str]) -> SimResult:
+    """LRU / LFU with the engine's own policy classes and ExpertCache.get's order of events."""
+    from offload.experts.policy import make_policy
+
+    result = _new_result(trace, name, k, phases)
+    for seq in trace.sequences:
+        policy = make_policy(name, trace.num_layers, trace.num_experts)  # fresh per sequence
+        for layer in range(trace.num_layers):
+            resident: set[int] = set()
+            hits = uses = 0
+            for request in seq.layer_requests(layer, phases):
+                for expert in request:
+                    policy.use(layer, expert)
+                    uses += 1
+                    if expert in resident:
+                        hits += 1
+                        continue
+                    if len(resident) == k:
+                        resident.remove(policy.victim(layer, (e for e in resident if e not in request)))
+                    resident.add(expert)
+            _count(result, layer, uses, hits)
+    return result
+
+
+def _simulate_belady(trace: Trace, k: int, phases: Sequence[str]) -> SimResult:
+    """Demand loading; on a miss with a full cache evict the resident expert (not asked for by this
+    request) whose next request is farthest away, never-again first; ties by expert id."""
+    result = _new_result(trace, "belady", k, phases)
+    for seq in trace.sequences:
+        for layer in range(trace.num_layers):
+            requests = seq.layer_requests(layer, phases)
+            # next_use[i][e]: the first request after i that asks for e (len(requests): never)
+            never = len(requests)
+            next_use: list[dict[int, int]] = [{} for _ in requests]
+            upcoming: dict[int, int] = {}
+            for i in range(len(requests) - 1, -1, -1):
+                next_use[i] = dict(upcoming)
+                for e in requests[i]:
+                    upcoming[e] = i
+            resident: set[int] = set()
+            hits = uses = 0
+            for i, request in enumerate(requests):
+                for expert in request:
+                    uses += 1
+                    if expert in resident:
+                        hits += 1
+                        continue
+                    if len(resident) == k:
+                        later = next_use[i]
+                        victim = max((e for e in resident if e not in request), key=lambda e: (later.get(e, never), -e))
+                        resident.remove(victim)
+                    resident.add(expert)
+            _count(result, layer, uses, hits)
+    return result
+
+
+def _count(result: SimResult, layer: int, uses: int, hits: int) -> None:
+    result.uses += uses
+    result.hits += hits
+    result.demand_loads += uses - hits
+    result.layer_uses[layer] += uses
+    result.layer_hits[layer] += hits
+
+
+def _simulate_prefetch(trace: Trace, k: int, name: str, phases: Sequence[str]) -> SimResult:
+    """Token by token, layer by layer, as the engine runs: before layer L (right after layer L-1's
+    routing, or at the token's start for layer 0) prefetch into L's cache the experts whose score
+    clears the threshold, at most m, evicting the lowest-scored; then serve L's request (a miss
+    evicts the lowest-scored expert that the request does not ask for); then tell the predictor."""
+    from offload.experts.predict import PREFETCH_POLICIES, select_prefetch, score_victim
+
+    spec = PREFETCH_POLICIES[name]
+    predictor = spec.make(trace.num_layers, trace.num_experts, trace.top_k)
+    result = _new_result(trace, name, k, phases)
+    result.prefetching = True
+    keep = set(phases)
+    n = trace.num_layers
+    for seq in trace.sequences:
+        predictor.reset()
+        predictor.set_aligned_layers(seq.aligned_layers)
+        resident: list[set[int]] = [set() for _ in range(n)]
+        last_use: list[dict[int, int]] = [{} for _ in range(n)]
+        clock = 0
+        for step in seq.steps:
+            if step.phase not in keep:
+                continue
+            predictor.begin_token()
+            for layer in range(n):
+                request = step.experts[layer]
+                if request is None:  # the layer ran, but the trace does not say how: skip it
+                    continue
+                cache = resident[layer]
+                scores = predictor.scores(layer)
+                fetched = select_prefetch(scores, cache, k, spec.threshold, spec.max_prefetch, last_use[layer])
+                result.prefetch_loads += len(fetched)
+                result.prefetch_used += sum(1 for e in request if e in fetched)
+                predictor.observe(layer, request)
+                after = predictor.scores(layer)  # now: the next time this layer runs
+                hits = 0
+                for expert in request:
+                    clock += 1
+                    last_use[layer][expert] = clock
+                    if expert in cache:
+                        hits += 1
+                        continue
+                    if len(cache) == k:
+                        cache.remove(score_victim(after, (e for e in cache if e not in request), last_use[layer]))
+                    cache.add(expert)
+                _count(result, layer, len(request), hits)
+    return result
