@@ -290,6 +290,7 @@ class Engine:
         torch_device = resolve_device(device)
         requested = parse_dtype(dtype) if dtype is not None else None
         requested_format = get_format(expert_format) if expert_format is not None else None
+        eviction, predictor = cache_policy(policy)
         config = ModelConfig.from_dir(model_dir)
         tokenizer = Tokenizer.from_dir(model_dir)
         if tokenizer.vocab_size > config.vocab_size:
@@ -305,33 +306,9 @@ class Engine:
             )
         source: Checkpoint | Pack = Pack(model_dir) if is_pack(model_dir) else Checkpoint(model_dir, config)
         try:
-            if isinstance(source, Pack):
-                layout = source.layout
-                if requested_format is not None and requested_format != layout.fmt:
-                    raise SettingError(
-                        f"--expert-format {requested_format.name}: {model_dir} holds {layout.fmt.name} experts; "
-                        f"convert the checkpoint again with --expert-format {requested_format.name}"
-                    )
-                torch_dtype = requested or (layout.dtype if layout.plain else parse_dtype(DEFAULT_DTYPE))
-                if layout.plain and torch_dtype != layout.dtype:
-                    raise SettingError(
-                        f"--dtype {str(torch_dtype).removeprefix('torch.')}: {model_dir} holds "
-                        f"{str(layout.dtype).removeprefix('torch.')} experts; run with that dtype "
-                        f"or convert the checkpoint again with --dtype"
-                    )
-            else:
-                torch_dtype = requested or parse_dtype(DEFAULT_DTYPE)
-                if expert_bits is not None:
-                    I, D = config.intermediate_size, config.hidden_size
-                    requested_format = format_for_bits(
-                        expert_bits, torch_dtype, torch_device.type, ((I, D), (D, I)), "--expert-bits"
-                    )
-                layout = RecordLayout.for_config(config, requested_format or torch_dtype)
-            attn_format = None
-            if attn_bits is not None and attn_bits != 16:
-                attn_format = format_for_bits(
-                    attn_bits, torch_dtype, torch_device.type, tuple(attention_shapes(config).values()), "--attn-bits"
-                )
+            torch_dtype, layout, attn_format = _weight_formats(
+                source, torch_device, requested, requested_format, expert_bits, attn_bits
+            )
             budgeted = vram is not None or ram is not None or experts_per_layer is not None
             dense = _load_dense(source, torch_device, torch_dtype, attn_format, progress)
             if not budgeted:
@@ -349,7 +326,6 @@ class Engine:
                 ram_available=_spare_ram(torch_device, config, torch_dtype),
             )
             records = source if isinstance(source, Pack) else CheckpointRecords(source, layout)
-            eviction, predictor = cache_policy(policy)
             cache = ExpertCache(
                 records,
                 layout,
@@ -408,6 +384,47 @@ class Engine:
     def generate(self, prompt_ids: Sequence[int], settings: GenerationSettings | None = None) -> Generation:
         """A lazy generation: iterate it to stream, or call ``.run()``."""
         return Generation(self, prompt_ids, settings or GenerationSettings())
+
+
+def _weight_formats(
+    source: Checkpoint | Pack,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    expert_format: WeightFormat | None,
+    expert_bits: int | None,
+    attn_bits: int | None,
+) -> tuple[torch.dtype, RecordLayout, WeightFormat | None]:
+    """(compute dtype, expert record layout, attention format or None) for a load.
+
+    A pack fixes its experts' format, and for unquantized packs the compute dtype too; a
+    checkpoint takes ``expert_format`` or ``expert_bits``, else unquantized in the compute dtype.
+    """
+    config = source.config
+    if isinstance(source, Pack):
+        layout = source.layout
+        if expert_format is not None and expert_format != layout.fmt:
+            raise SettingError(
+                f"--expert-format {expert_format.name}: {source.path} holds {layout.fmt.name} experts; "
+                f"convert the checkpoint again with --expert-format {expert_format.name}"
+            )
+        dtype = dtype or (layout.dtype if layout.plain else parse_dtype(DEFAULT_DTYPE))
+        if layout.plain and dtype != layout.dtype:
+            raise SettingError(
+                f"--dtype {str(dtype).removeprefix('torch.')}: {source.path} holds "
+                f"{str(layout.dtype).removeprefix('torch.')} experts; run with that dtype "
+                f"or convert the checkpoint again with --dtype"
+            )
+    else:
+        dtype = dtype or parse_dtype(DEFAULT_DTYPE)
+        if expert_bits is not None:
+            I, D = config.intermediate_size, config.hidden_size
+            expert_format = format_for_bits(expert_bits, dtype, device.type, ((I, D), (D, I)), "--expert-bits")
+        layout = RecordLayout.for_config(config, expert_format or dtype)
+    attn_format = None
+    if attn_bits is not None and attn_bits != 16:
+        shapes = tuple(attention_shapes(config).values())
+        attn_format = format_for_bits(attn_bits, dtype, device.type, shapes, "--attn-bits")
+    return dtype, layout, attn_format
 
 
 def _spare_ram(device: torch.device, config: ModelConfig, dtype: torch.dtype) -> int:
