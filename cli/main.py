@@ -17,6 +17,7 @@ from rich.table import Table
 from cli.common import progress_bar, stderr, user_errors
 from cli.convert import convert_command
 from cli.info import info_command
+from cli.simulate import simulate_command, stats_command
 from offload.demo import DEMO_MODEL_DIR
 from offload.engine import DEFAULT_DTYPE, DTYPES, Engine, GenerationSettings
 from offload.errors import OffloadError
@@ -46,6 +47,8 @@ def load_engine(model: Path, device: str, dtype: Optional[str], context: Optiona
 
 app.command("convert")(convert_command)
 app.command("info")(info_command)
+app.command("simulate")(simulate_command)
+app.command("stats")(stats_command)
 
 
 @app.command()

@@ -176,6 +176,10 @@ class TraceWriter:
             raise ValueError(f"phase {phase!r}: expected one of {PHASES}")
         if len(experts) != h.num_layers or len(weights) != h.num_layers:
             raise ValueError(f"expected {h.num_layers} layers of experts and weights")
+        if any(len(row) != h.top_k for row in experts):
+            raise ValueError(f"expected {h.top_k} experts per layer")
+        if predicted is not None and len(predicted) != h.num_layers:
+            raise ValueError(f"expected {h.num_layers} layers of predictions")
         record: dict[str, Any] = {
             "t": int(t),
             "phase": phase,
@@ -183,8 +187,6 @@ class TraceWriter:
             "weights": [[round(float(w), WEIGHT_DECIMALS) for w in row] for row in weights],
             "predicted": [[int(e) for e in row] for row in predicted] if predicted is not None else [],
         }
-        if predicted is not None and len(predicted) != h.num_layers:
-            raise ValueError(f"expected {h.num_layers} layers of predictions")
         if outcome is not None:
             if len(outcome) != h.num_layers:
                 raise ValueError(f"expected {h.num_layers} layers of outcomes")
@@ -281,9 +283,9 @@ def load_trace(path: str | os.PathLike) -> Trace:
     try:
         whole = json.loads(text)
     except json.JSONDecodeError as exc:
-        if head is None:
+        if head is None:  # neither JSON Lines nor one JSON document
             raise where.error(first + 1, f"not JSON ({exc.msg})") from None
-        raise where.error(exc.lineno, f"not JSON ({exc.msg})") from None
+        whole = None  # JSON Lines, but not of a kind read here
     if isinstance(whole, dict) and "decode" in whole and "num_layers" in whole:
         return _load_aligned_json(where, whole)
     raise where.error(
@@ -332,7 +334,8 @@ def _load_offload(where: _Where, lines: list[str]) -> Trace:
             continue
         steps.append(_parse_token(where, n, obj, header))
     assert header is not None
-    return Trace(where.path, "offload", header, [TokenSequence(where.path.stem, steps, frozenset(range(header.num_layers)))])
+    everything = frozenset(range(header.num_layers))
+    return Trace(where.path, "offload", header, [TokenSequence(where.path.stem, steps, everything)])
 
 
 def _parse_token(where: _Where, n: int, obj: dict, h: TraceHeader) -> Step:
@@ -400,11 +403,13 @@ def _load_decode_jsonl(where: _Where, lines: list[str]) -> Trace:
             if not _is_int(obj.get(key)) or obj[key] < 0:
                 raise where.error(n, f"{key!r} must be a non-negative integer")
         row = obj.get("experts")
-        if top_k is None and isinstance(row, list):
-            top_k = len(row)
-        e = _expert_row(row, top_k or 1, 1 << 30)
-        if isinstance(e, str) or not e:
-            raise where.error(n, f"\"experts\": {e if isinstance(e, str) else 'empty'}")
+        if top_k is None:
+            if not isinstance(row, list) or not row:
+                raise where.error(n, "\"experts\": expected a non-empty list of expert ids")
+            top_k = len(row)  # the first record sets top-k
+        e = _expert_row(row, top_k, 1 << 30)  # the number of experts: the largest id seen, plus one
+        if isinstance(e, str):
+            raise where.error(n, f"\"experts\": {e}")
         w = _weight_row(obj.get("gating_probs"), len(e))
         if isinstance(w, str):
             raise where.error(n, f"\"gating_probs\": {w}")
@@ -436,7 +441,8 @@ def _load_decode_jsonl(where: _Where, lines: list[str]) -> Trace:
                 weights.append(records[i][2] if i < len(records) else None)
             steps.append(Step(i, "decode", experts, weights))
         sequences.append(TokenSequence(f"problem {pid}", steps, aligned))
-    header = TraceHeader(f"shared decode trace ({where.path.name})", num_layers, num_experts, top_k or 1)
+    assert top_k is not None
+    header = TraceHeader(f"shared decode trace ({where.path.name})", num_layers, num_experts, top_k)
     return Trace(where.path, "jsonl", header, sequences)
 
 
@@ -647,20 +653,25 @@ def _simulate_prefetch(trace: Trace, k: int, name: str, phases: Sequence[str]) -
     routing, or at the token's start for layer 0) prefetch into L's cache the experts whose score
     clears the threshold, at most m, evicting the lowest-scored; then serve L's request (a miss
     evicts the lowest-scored expert that the request does not ask for); then tell the predictor."""
-    from offload.experts.predict import PREFETCH_POLICIES, select_prefetch, score_victim
+    from offload.experts.predict import PREFETCH_POLICIES, ScoreEviction, select_prefetch
 
     spec = PREFETCH_POLICIES[name]
     predictor = spec.make(trace.num_layers, trace.num_experts, trace.top_k)
     result = _new_result(trace, name, k, phases)
-    result.prefetching = True
+    result.prefetching = spec.max_prefetch > 0
     keep = set(phases)
     n = trace.num_layers
+    set_aligned = getattr(predictor, "set_aligned_layers", None)
+    if set_aligned is None and not trace.aligned:
+        raise OffloadError(
+            f"{trace.path}: layers do not line up, and predictor {predictor.name!r} cannot be told which do"
+        )
     for seq in trace.sequences:
         predictor.reset()
-        predictor.set_aligned_layers(seq.aligned_layers)
+        if set_aligned is not None:
+            set_aligned(seq.aligned_layers)
         resident: list[set[int]] = [set() for _ in range(n)]
-        last_use: list[dict[int, int]] = [{} for _ in range(n)]
-        clock = 0
+        evict = ScoreEviction(predictor, n, trace.num_experts)
         for step in seq.steps:
             if step.phase not in keep:
                 continue
@@ -671,20 +682,18 @@ def _simulate_prefetch(trace: Trace, k: int, name: str, phases: Sequence[str]) -
                     continue
                 cache = resident[layer]
                 scores = predictor.scores(layer)
-                fetched = select_prefetch(scores, cache, k, spec.threshold, spec.max_prefetch, last_use[layer])
+                fetched = select_prefetch(scores, cache, k, spec.threshold, spec.max_prefetch, evict.last_use[layer])
                 result.prefetch_loads += len(fetched)
                 result.prefetch_used += sum(1 for e in request if e in fetched)
-                predictor.observe(layer, request)
-                after = predictor.scores(layer)  # now: the next time this layer runs
+                predictor.observe(layer, request)  # from now on its scores rate the next token's layer
                 hits = 0
                 for expert in request:
-                    clock += 1
-                    last_use[layer][expert] = clock
+                    evict.use(layer, expert)
                     if expert in cache:
                         hits += 1
                         continue
                     if len(cache) == k:
-                        cache.remove(score_victim(after, (e for e in cache if e not in request), last_use[layer]))
+                        cache.remove(evict.victim(layer, (e for e in cache if e not in request)))
                     cache.add(expert)
                 _count(result, layer, len(request), hits)
     return result
