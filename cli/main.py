@@ -87,7 +87,10 @@ def generate(
         None, "--experts-per-layer", help="Expert slots per layer on the device (top-k .. all), instead of --vram."
     ),
     policy: str = typer.Option(
-        "lru", "--policy", help="Expert cache policy: lru, lfu, or lookahead (LRU + gate look-ahead prefetch)."
+        "lru",
+        "--policy",
+        help="Expert cache policy: lru, lfu, lookahead (LRU + gate look-ahead prefetch) "
+        "or history (router-history prefetch and eviction).",
     ),
     expert_format: Optional[str] = typer.Option(
         None,

@@ -21,6 +21,7 @@ from offload.device import resolve_device, synchronize
 from offload.errors import SettingError, TokenizerError
 from offload.experts.cache import CacheStats, ExpertCache
 from offload.experts.policy import cache_policy
+from offload.experts.predict import PREFETCH_POLICIES, ScoreEviction
 from offload.experts.prefetch import Lookahead, Prefetcher
 from offload.experts.record import RecordLayout
 from offload.experts.tiers import CheckpointRecords
@@ -326,6 +327,11 @@ class Engine:
                 ram_available=_spare_ram(torch_device, config, torch_dtype),
             )
             records = source if isinstance(source, Pack) else CheckpointRecords(source, layout)
+            history = spec = None
+            if predictor == "history":
+                spec = PREFETCH_POLICIES["history"]
+                history = spec.make(config.num_hidden_layers, config.num_local_experts, config.num_experts_per_tok)
+                eviction = ScoreEviction(history, config.num_hidden_layers, config.num_local_experts)
             cache = ExpertCache(
                 records,
                 layout,
@@ -344,6 +350,8 @@ class Engine:
         engine = cls(config, tokenizer, dense, cache, torch_device, torch_dtype, context_length, plan, source)
         if predictor == "lookahead":
             engine.model.prefetcher = Prefetcher(cache, Lookahead(config, dense), width=config.num_experts_per_tok)
+        elif predictor == "history":
+            engine.model.prefetcher = Prefetcher(cache, history=history, spec=spec)
         return engine
 
     def close(self) -> None:
@@ -357,6 +365,8 @@ class Engine:
     def reset(self) -> None:
         """Forget the current sequence (the KV cache is reused, not reallocated)."""
         self.model.cache.reset()
+        if self.model.prefetcher is not None:
+            self.model.prefetcher.reset()
 
     def prefill(self, ids: Sequence[int]) -> torch.Tensor:
         """Start a new sequence with ``ids``; logits [V] for the token after them."""

@@ -52,7 +52,7 @@ def test_every_device_budget_is_bit_identical(shape, source, ram, model_dirs, pa
     record = 3 * c.hidden_size * c.intermediate_size * 4
     ram_budget = {"none": 0, "some": 3 * record, "all": None}[ram]
     for slots in range(c.num_experts_per_tok, c.num_local_experts + 1):
-        policy = ("lru", "lfu", "lookahead")[slots % 3]
+        policy = ("lru", "lfu", "lookahead", "history")[slots % 4]
         engine = Engine.load(
             path, device="cpu", dtype="float32", experts_per_layer=slots, ram=ram_budget, policy=policy
         )
@@ -84,7 +84,7 @@ def test_random_budgets_policies_and_prompts_are_bit_identical(data, model_dirs,
         ref = Engine.load(model_dirs[shape], device="cpu", dtype=dtype, expert_format=fmt)
     c = ref.config
     slots = data.draw(st.integers(c.num_experts_per_tok, c.num_local_experts), label="slots")
-    policy = data.draw(st.sampled_from(["lru", "lfu", "lookahead"]), label="policy")
+    policy = data.draw(st.sampled_from(["lru", "lfu", "lookahead", "history"]), label="policy")
     record = RecordLayout.for_config(c, fmt or dtype).nbytes
     ram_records = data.draw(st.one_of(st.none(), st.integers(0, c.num_hidden_layers * c.num_local_experts)), label="ram")
     ids = [1] + data.draw(st.lists(st.integers(3, c.vocab_size - 1), min_size=1, max_size=40), label="prompt")
@@ -240,12 +240,13 @@ def test_gate_lookahead_prefetch_beats_lru_on_the_demo_model():
     want = ref.generate(ids, settings).run().tokens
     half = ref.config.num_local_experts // 2
     runs = {}
-    for policy in ("lru", "lookahead"):
+    for policy in ("lru", "lookahead", "history"):
         engine = Engine.load(DEMO_MODEL_DIR, device="cpu", dtype="float32", experts_per_layer=half, ram=0, policy=policy)
         gen = engine.generate(ids, settings).run()
         assert gen.tokens == want
         runs[policy] = gen.cache_stats.total()
-    lru, ahead = runs["lru"], runs["lookahead"]
+    lru, ahead, history = runs["lru"], runs["lookahead"], runs["history"]
+    assert history.hit_rate > lru.hit_rate  # router history alone helps too
     assert lru.prefetches == 0 and ahead.prefetches > 0
     assert ahead.hit_rate > lru.hit_rate + 0.02
     precision = ahead.prefetch_used / ahead.prefetches

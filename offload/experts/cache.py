@@ -21,7 +21,7 @@ import torch
 
 from offload.device import StallClock, Transfers, empty_host_buffer, is_cuda
 from offload.errors import BudgetError
-from offload.experts.policy import make_policy
+from offload.experts.policy import EvictionPolicy, make_policy
 from offload.experts.record import RecordLayout
 from offload.experts.tiers import DeviceSlots, HostTier, RecordSource
 from offload.model import ExpertWeights
@@ -104,7 +104,7 @@ class ExpertCache:
         device: torch.device,
         slots_per_layer: int,
         host_capacity: int,
-        policy: str = "lru",
+        policy: str | EvictionPolicy = "lru",
         progress: ProgressFn | None = None,
     ):
         if not top_k <= slots_per_layer <= num_experts:
@@ -118,7 +118,7 @@ class ExpertCache:
         self.device = device
         self.num_layers, self.num_experts = num_layers, num_experts
         self.max_experts_per_call = slots_per_layer
-        self.policy = make_policy(policy, num_layers, num_experts)
+        self.policy = make_policy(policy, num_layers, num_experts) if isinstance(policy, str) else policy
         self.slots = DeviceSlots(layout, num_layers, slots_per_layer, device)
         self.host = HostTier(layout, min(host_capacity, total), device)
         self.transfers = Transfers(device)

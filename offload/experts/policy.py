@@ -61,7 +61,12 @@ class LFU(LRU):
 
 POLICIES = {"lru": LRU, "lfu": LFU}
 # cache policies by name: (eviction policy, prefetch predictor or None)
-CACHE_POLICIES = {"lru": ("lru", None), "lfu": ("lfu", None), "lookahead": ("lru", "lookahead")}
+CACHE_POLICIES = {
+    "lru": ("lru", None),
+    "lfu": ("lfu", None),
+    "lookahead": ("lru", "lookahead"),  # LRU eviction, gate look-ahead prefetch
+    "history": ("score", "history"),  # router-history scores for prefetch and eviction (predict.py)
+}
 
 
 def make_policy(name: str, num_layers: int, num_experts: int) -> EvictionPolicy:

@@ -38,29 +38,61 @@ class Lookahead:
 
 
 class Prefetcher:
-    """Predicts each next layer's experts during decode and asks the cache to load them."""
+    """Predicts each next layer's experts during decode and asks the cache to load them.
 
-    def __init__(self, cache, lookahead: Lookahead | None, width: int):
+    With ``lookahead``, the next layer's top-``width`` experts by gate look-ahead are loaded.
+    With ``history`` (a predictor and its ``PrefetchPolicy`` from predict.py), the predictor
+    observes every layer's choice (before the cache serves it, so score-based eviction sees
+    it) and the policy's picks for the next layer are loaded.
+    """
+
+    def __init__(self, cache, lookahead: Lookahead | None = None, width: int = 0, history=None, spec=None):
         self.cache = cache
         self.num_layers = cache.num_layers
         self.lookahead = lookahead
-        self.width = width  # experts prefetched per layer at most
+        self.width = width  # look-ahead: experts prefetched per layer at most
+        self.history = history  # a predict.Predictor, or None
+        self.spec = spec  # its predict.PrefetchPolicy
         self.predicted: dict[int, list[int]] = {}  # layer -> experts predicted for the current token
 
     def begin_token(self) -> None:
         self.predicted = {}
+        if self.history is not None:
+            self.history.begin_token()
+
+    def reset(self) -> None:
+        """A new sequence: short-term history goes, long-run statistics stay."""
+        if self.history is not None:
+            self.history.reset()
 
     def before_moe(self, layer: int, hidden: torch.Tensor, chosen: torch.Tensor) -> None:
         """Layer ``layer`` has routed ``chosen`` [T, K] from ``hidden`` [T, D]; prefetch for the
         next layer (decode only: a prompt asks for nearly every expert anyway)."""
-        nxt = layer + 1
-        if hidden.shape[0] != 1 or nxt >= self.num_layers:
+        if hidden.shape[0] != 1:
             return
-        scores = self.lookahead.scores(nxt, hidden) if self.lookahead is not None else {}
-        picks = self.choose(scores)
-        self.predicted[nxt] = picks
-        self.cache.prefetch(nxt, picks)
+        if self.history is not None:
+            self.history.observe(layer, chosen[0].tolist())
+        nxt = layer + 1
+        if nxt >= self.num_layers:
+            return
+        picks: list[int] = []
+        if self.lookahead is not None:
+            scores = self.lookahead.scores(nxt, hidden)
+            picks = sorted(scores, key=lambda e: (-scores[e], e))[: self.width]
+        if self.history is not None:
+            from offload.experts.predict import select_prefetch
 
-    def choose(self, scores: dict[int, float]) -> list[int]:
-        ranked = sorted(scores, key=lambda e: (-scores[e], e))
-        return ranked[: self.width]
+            resident = set(self.cache.resident(nxt))
+            picks += sorted(
+                select_prefetch(
+                    self.history.scores(nxt),
+                    resident,
+                    self.cache.max_experts_per_call,
+                    self.spec.threshold,
+                    self.spec.max_prefetch,
+                    self.cache.policy.last_use[nxt],
+                )
+            )
+        self.predicted[nxt] = picks
+        if picks:
+            self.cache.prefetch(nxt, picks)
