@@ -104,6 +104,9 @@ def generate(
     attn_bits: Optional[int] = typer.Option(
         None, "--attn-bits", help="Attention projections in 4, 8 or 16 bits (default 16)."
     ),
+    trace: Optional[Path] = typer.Option(
+        None, "--trace", help="Write a router trace (experts, gates, predictions, cache outcomes) to this file."
+    ),
     show_stats: bool = typer.Option(False, "--stats", help="Print per-layer expert cache statistics on stderr."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with ids, text and statistics."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence."),
@@ -118,7 +121,7 @@ def generate(
             temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repeat_penalty, seed=seed
         )
         settings = GenerationSettings(
-            max_new_tokens=max_tokens, stop=tuple(stop), sampling=sampling, ignore_eos=ignore_eos
+            max_new_tokens=max_tokens, stop=tuple(stop), sampling=sampling, ignore_eos=ignore_eos, trace=trace
         )
         model = model or DEMO_MODEL_DIR
         engine = load_engine(

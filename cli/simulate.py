@@ -18,7 +18,16 @@ from rich.text import Text
 
 from cli.common import user_errors
 from offload.errors import SettingError
-from offload.trace import OUTCOMES, PHASES, RESIDENT_OUTCOMES, Trace, load_trace, policy_names, simulate
+from offload.trace import (
+    OUTCOMES,
+    PHASES,
+    RESIDENT_OUTCOMES,
+    Trace,
+    load_trace,
+    policy_names,
+    prediction_quality,
+    simulate,
+)
 
 stdout = Console(highlight=False, soft_wrap=True)
 
@@ -146,14 +155,15 @@ def stats_command(
     table.add_column("hit rate", justify="right")
     if recorded:
         title = f"recorded outcomes ({len(recorded)} tokens; hit rate counts hit + prefetched)"
-        for name in OUTCOMES:
+        for name in (*OUTCOMES, "predicted recall", "precision"):
             table.add_column(name, justify="right")
         counts = [Counter(o for s in recorded for o in s.outcome[layer]) for layer in range(h.num_layers)]
         total: Counter = Counter()
         for layer, c in enumerate(counts):
             total.update(c)
-            table.add_row(str(layer), *_outcome_cells(c))
-        table.add_row("all", *_outcome_cells(total), style="bold")
+            recall, precision = prediction_quality(recorded, layer)
+            table.add_row(str(layer), *_outcome_cells(c), _fmt(recall), _fmt(precision))
+        table.add_row("all", *_outcome_cells(total), "", "", style="bold")
     else:
         k = min(max(h.experts_per_layer or DEFAULT_STATS_SLOTS, h.top_k), h.num_experts)
         title = f"LRU replay, {k} experts per layer (the trace records no outcomes)"

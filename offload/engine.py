@@ -38,6 +38,7 @@ from offload.model import (
 )
 from offload.quant import QuantizedMatrix, WeightFormat, format_for_bits, from_tensors, get_format, quantize
 from offload.sampling import Sampler, SamplingSettings
+from offload.trace import TraceHeader, TraceWriter
 from offload.tokenizer import Tokenizer
 
 DTYPES: dict[str, torch.dtype] = {
@@ -81,6 +82,7 @@ class GenerationSettings:
     stop: tuple[str, ...] = ()
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     ignore_eos: bool = False  # keep going past EOS (benchmarks, exact-length comparisons)
+    trace: Path | None = None  # write a router trace here (offload.trace format)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -148,6 +150,72 @@ class StopMatcher:
         return out
 
 
+class TraceRecorder:
+    """Writes a router trace of a generation: per token and layer, the experts chosen, their
+    gate weights, what was predicted for the layer before it ran, and the cache's outcome for
+    each expert (decode tokens; a prompt is served in expert-major chunks, not per token).
+
+    It wraps the model's routing observer (keeping any other one) and reads the prefetcher's
+    predictions and the cache's last outcomes; it changes nothing the model computes."""
+
+    def __init__(self, engine: Engine, path: Path):
+        self.engine = engine
+        model = engine.model
+        c = engine.config
+        plan, cache = engine.plan, engine.cache
+        header = TraceHeader(
+            model=str(engine.model_name),
+            num_layers=c.num_hidden_layers,
+            num_experts=c.num_local_experts,
+            top_k=c.num_experts_per_tok,
+            experts_per_layer=plan.slots_per_layer if plan is not None else None,
+            policy=engine.policy if cache is not None else None,
+        )
+        self.writer = TraceWriter(path, header)
+        self.t = 0
+        self._routes: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._outcomes: list[list[str]] = []
+        self._inner = model.routing_observer
+        model.routing_observer = self._observe
+
+    def _observe(self, layer: int, experts: torch.Tensor, weights: torch.Tensor) -> None:
+        if self._inner is not None:
+            self._inner(layer, experts, weights)
+        if layer > 0:  # the cache's outcomes for the previous layer are final now
+            self._take_outcomes()
+        self._routes.append((experts.cpu(), weights.cpu()))
+
+    def _take_outcomes(self) -> None:
+        cache = self.engine.cache
+        self._outcomes.append(list(cache.last_outcomes) if cache is not None else [])
+
+    def flush(self, phase: str) -> None:
+        """After a forward pass: write one line per token it ran."""
+        self._take_outcomes()
+        prefetcher = self.engine.model.prefetcher
+        layers = range(self.engine.config.num_hidden_layers)
+        predicted = [list(prefetcher.predicted.get(layer, [])) if prefetcher else [] for layer in layers]
+        tokens = self._routes[0][0].shape[0] if self._routes else 0
+        for i in range(tokens):
+            experts = [self._routes[layer][0][i].tolist() for layer in layers]
+            weights = [self._routes[layer][1][i].tolist() for layer in layers]
+            decode = phase == "decode" and self.engine.cache is not None
+            self.writer.write_token(
+                self.t, phase, experts, weights,
+                predicted=predicted if decode else None,
+                outcome=self._outcomes if decode else None,
+            )
+            self.t += 1
+        self._routes, self._outcomes = [], []
+
+    def close(self, keep: bool = True) -> None:
+        self.engine.model.routing_observer = self._inner
+        if keep:
+            self.writer.close()
+        else:
+            self.writer.discard()
+
+
 class Generation:
     """One request: iterate it for ``TokenEvent``s; afterwards read tokens, text and stats."""
 
@@ -191,10 +259,18 @@ class Generation:
 
         cache = engine.cache
         before = cache.stats.copy() if cache is not None else None
+        recorder = TraceRecorder(engine, settings.trace) if settings.trace is not None else None
         start = time.perf_counter()
-        logits = engine.prefill(self.prompt_ids)
+        try:
+            logits = engine.prefill(self.prompt_ids)
+        except BaseException:
+            if recorder is not None:
+                recorder.close(keep=False)
+            raise
         synchronize(engine.device)
         stats.prefill_seconds = time.perf_counter() - start
+        if recorder is not None:
+            recorder.flush("prefill")
 
         decode_start = time.perf_counter()
         try:
@@ -223,9 +299,13 @@ class Generation:
                     return
                 logits = engine.decode(token)
                 stats.decode_steps += 1
+                if recorder is not None:
+                    recorder.flush("decode")
         finally:
             synchronize(engine.device)
             stats.decode_seconds = time.perf_counter() - decode_start
+            if recorder is not None:
+                recorder.close()
             if cache is not None:
                 self.cache_stats = cache.stats.since(before)
 
@@ -251,6 +331,8 @@ class Engine:
         self.dtype = dtype
         self.context_length = context_length
         self.plan = plan  # None when every expert is resident (no cache)
+        self.model_name = ""  # set by load: the path it came from
+        self.policy = ""  # set by load: the --policy name when the cache is on
         self.cache = experts if isinstance(experts, ExpertCache) else None
         self._source = source  # kept open while the cache reads from it
         cache = KVCache(config, context_length, device, dtype)
@@ -315,7 +397,9 @@ class Engine:
             if not budgeted:
                 experts = _load_resident_experts(source, layout, torch_device, torch_dtype, progress)
                 source.close()
-                return cls(config, tokenizer, dense, experts, torch_device, torch_dtype, context_length)
+                engine = cls(config, tokenizer, dense, experts, torch_device, torch_dtype, context_length)
+                engine.model_name = str(model_dir)
+                return engine
             plan = plan_memory(
                 config,
                 layout.nbytes,
@@ -348,6 +432,7 @@ class Engine:
             source.close()
             raise
         engine = cls(config, tokenizer, dense, cache, torch_device, torch_dtype, context_length, plan, source)
+        engine.model_name, engine.policy = str(model_dir), policy
         if predictor == "lookahead":
             engine.model.prefetcher = Prefetcher(cache, Lookahead(config, dense), width=config.num_experts_per_tok)
         elif predictor == "history":

@@ -697,3 +697,21 @@ def _simulate_prefetch(trace: Trace, k: int, name: str, phases: Sequence[str]) -
                     cache.add(expert)
                 _count(result, layer, len(request), hits)
     return result
+
+
+def prediction_quality(steps: Sequence[Step], layer: int) -> tuple[float | None, float | None]:
+    """(recall, precision) of the predictions a trace recorded for ``layer``: the share of the
+    experts the layer chose that had been predicted before it ran, and the share of predicted
+    experts it then chose. None where nothing was chosen or predicted."""
+    chosen = predicted = both = 0
+    for step in steps:
+        if not step.predicted or step.experts[layer] is None:
+            continue
+        guess = set(step.predicted[layer])
+        picks = set(step.experts[layer])
+        if not guess:
+            continue
+        chosen += len(picks)
+        predicted += len(guess)
+        both += len(picks & guess)
+    return (both / chosen if chosen else None, both / predicted if predicted else None)
