@@ -87,10 +87,10 @@ def generate(
         None, "--experts-per-layer", help="Expert slots per layer on the device (top-k .. all), instead of --vram."
     ),
     policy: str = typer.Option(
-        "lru",
+        "auto",
         "--policy",
-        help="Expert cache policy: lru, lfu, lookahead (LRU + gate look-ahead prefetch) "
-        "or history (router-history prefetch and eviction).",
+        help="Expert cache policy: lru, lfu, lookahead (LRU + gate look-ahead prefetch), history "
+        "(router-history prefetch and eviction), combined (both), or auto: combined on CUDA, lru on CPU.",
     ),
     expert_format: Optional[str] = typer.Option(
         None,

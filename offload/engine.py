@@ -20,7 +20,7 @@ from offload.config import ModelConfig
 from offload.device import resolve_device, synchronize
 from offload.errors import SettingError, TokenizerError
 from offload.experts.cache import CacheStats, ExpertCache
-from offload.experts.policy import cache_policy
+from offload.experts.policy import cache_policy, default_policy
 from offload.experts.predict import PREFETCH_POLICIES, ScoreEviction
 from offload.experts.prefetch import Lookahead, Prefetcher
 from offload.experts.record import RecordLayout
@@ -351,7 +351,7 @@ class Engine:
         vram: int | str | None = None,
         ram: int | str | None = None,
         experts_per_layer: int | None = None,
-        policy: str = "lru",
+        policy: str = "auto",
         expert_format: str | None = None,
         expert_bits: int | None = None,
         attn_bits: int | None = None,
@@ -373,6 +373,8 @@ class Engine:
         torch_device = resolve_device(device)
         requested = parse_dtype(dtype) if dtype is not None else None
         requested_format = get_format(expert_format) if expert_format is not None else None
+        if policy == "auto":
+            policy = default_policy(torch_device.type)
         eviction, predictor = cache_policy(policy)
         config = ModelConfig.from_dir(model_dir)
         tokenizer = Tokenizer.from_dir(model_dir)
@@ -412,7 +414,7 @@ class Engine:
             )
             records = source if isinstance(source, Pack) else CheckpointRecords(source, layout)
             history = spec = None
-            if predictor == "history":
+            if predictor in ("history", "combined"):
                 spec = PREFETCH_POLICIES["history"]
                 history = spec.make(config.num_hidden_layers, config.num_local_experts, config.num_experts_per_tok)
                 eviction = ScoreEviction(history, config.num_hidden_layers, config.num_local_experts)
@@ -437,6 +439,10 @@ class Engine:
             engine.model.prefetcher = Prefetcher(cache, Lookahead(config, dense), width=config.num_experts_per_tok)
         elif predictor == "history":
             engine.model.prefetcher = Prefetcher(cache, history=history, spec=spec)
+        elif predictor == "combined":
+            engine.model.prefetcher = Prefetcher(
+                cache, Lookahead(config, dense), width=config.num_experts_per_tok, history=history, spec=spec
+            )
         return engine
 
     def close(self) -> None:

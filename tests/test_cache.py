@@ -52,7 +52,7 @@ def test_every_device_budget_is_bit_identical(shape, source, ram, model_dirs, pa
     record = 3 * c.hidden_size * c.intermediate_size * 4
     ram_budget = {"none": 0, "some": 3 * record, "all": None}[ram]
     for slots in range(c.num_experts_per_tok, c.num_local_experts + 1):
-        policy = ("lru", "lfu", "lookahead", "history")[slots % 4]
+        policy = ("lru", "lfu", "lookahead", "history", "combined")[slots % 5]
         engine = Engine.load(
             path, device="cpu", dtype="float32", experts_per_layer=slots, ram=ram_budget, policy=policy
         )
@@ -84,7 +84,7 @@ def test_random_budgets_policies_and_prompts_are_bit_identical(data, model_dirs,
         ref = Engine.load(model_dirs[shape], device="cpu", dtype=dtype, expert_format=fmt)
     c = ref.config
     slots = data.draw(st.integers(c.num_experts_per_tok, c.num_local_experts), label="slots")
-    policy = data.draw(st.sampled_from(["lru", "lfu", "lookahead", "history"]), label="policy")
+    policy = data.draw(st.sampled_from(["lru", "lfu", "lookahead", "history", "combined", "auto"]), label="policy")
     record = RecordLayout.for_config(c, fmt or dtype).nbytes
     ram_records = data.draw(st.one_of(st.none(), st.integers(0, c.num_hidden_layers * c.num_local_experts)), label="ram")
     ids = [1] + data.draw(st.lists(st.integers(3, c.vocab_size - 1), min_size=1, max_size=40), label="prompt")
@@ -118,7 +118,7 @@ def reference_lru(requests: list[list[int]], capacity: int) -> tuple[int, int]:
 
 @pytest.mark.parametrize("shape, slots", [(WINDOWED.name, 3), (WINDOWED.name, 5), (WIDE.name, 4), (WIDE.name, 7)])
 def test_hit_rates_equal_a_reference_lru_over_the_same_routing(shape, slots, model_dirs):
-    engine = Engine.load(model_dirs[shape], device="cpu", dtype="float32", experts_per_layer=slots, ram=0)
+    engine = Engine.load(model_dirs[shape], device="cpu", dtype="float32", experts_per_layer=slots, ram=0, policy="lru")
     c = engine.config
     requests: dict[int, list[list[int]]] = {layer: [] for layer in range(c.num_hidden_layers)}
 
@@ -138,7 +138,9 @@ def test_hit_rates_equal_a_reference_lru_over_the_same_routing(shape, slots, mod
 
 
 def test_statistics_count_bytes_and_stall(model_dirs):
-    engine = Engine.load(model_dirs[WIDE.name], device="cpu", dtype="float32", experts_per_layer=3, ram="1MiB")
+    engine = Engine.load(
+        model_dirs[WIDE.name], device="cpu", dtype="float32", experts_per_layer=3, ram="1MiB", policy="lru"
+    )
     record = engine.cache.layout.nbytes
     assert engine.plan.host_experts == parse_bytes("1MiB") // record
     gen = engine.generate(engine.tokenizer.encode(PROMPT, bos=True), GenerationSettings(max_new_tokens=8)).run()
@@ -170,6 +172,9 @@ def test_vram_budget_sets_slots_and_refuses_below_the_minimum(model_dirs):
         Engine.load(path, device="cpu", dtype="float32", vram="lots")
     with pytest.raises(SettingError, match="--policy"):
         Engine.load(path, device="cpu", dtype="float32", experts_per_layer=2, policy="mru")
+    from offload.experts.policy import default_policy
+
+    assert (default_policy("cuda"), default_policy("cpu")) == ("combined", "lru")
 
 
 def test_slots_are_allocated_once(model_dirs):
@@ -218,7 +223,7 @@ def test_ram_tier_is_a_fixed_set_that_keeps_serving(model_dirs):
     record = engine.cache.layout.nbytes
     experts = engine.config.num_local_experts
     engine = Engine.load(
-        model_dirs[WIDE.name], device="cpu", dtype="float32", experts_per_layer=3, ram=experts * record
+        model_dirs[WIDE.name], device="cpu", dtype="float32", experts_per_layer=3, ram=experts * record, policy="lru"
     )
     assert engine.plan.host_experts == experts  # exactly layer 0
     gen = engine.generate(engine.tokenizer.encode(PROMPT, bos=True), GenerationSettings(max_new_tokens=30)).run()
@@ -240,13 +245,14 @@ def test_gate_lookahead_prefetch_beats_lru_on_the_demo_model():
     want = ref.generate(ids, settings).run().tokens
     half = ref.config.num_local_experts // 2
     runs = {}
-    for policy in ("lru", "lookahead", "history"):
+    for policy in ("lru", "lookahead", "history", "combined"):
         engine = Engine.load(DEMO_MODEL_DIR, device="cpu", dtype="float32", experts_per_layer=half, ram=0, policy=policy)
         gen = engine.generate(ids, settings).run()
         assert gen.tokens == want
         runs[policy] = gen.cache_stats.total()
     lru, ahead, history = runs["lru"], runs["lookahead"], runs["history"]
     assert history.hit_rate > lru.hit_rate  # router history alone helps too
+    assert runs["combined"].hit_rate > max(ahead.hit_rate, history.hit_rate) - 0.01  # the default on CUDA
     assert lru.prefetches == 0 and ahead.prefetches > 0
     assert ahead.hit_rate > lru.hit_rate + 0.02
     precision = ahead.prefetch_used / ahead.prefetches

@@ -136,7 +136,7 @@ def test_budgets_and_stats(model_dirs):
     d = model_dirs[WINDOWED.name]
     common = ["generate", str(d), "-p", PROMPT, "-n", "10", "--dtype", "float32", "--ignore-eos"]
     resident = json.loads(run(*common, "--json").stdout)
-    cached = run(*common, "--experts-per-layer", "3", "--ram", "0", "--json")
+    cached = run(*common, "--experts-per-layer", "3", "--ram", "0", "--policy", "lru", "--json")
     assert cached.exit_code == 0, cached.output
     out = json.loads(cached.stdout)
     assert out["tokens"] == resident["tokens"] and resident["cache"] is None

@@ -133,6 +133,7 @@ class ExpertCache:
         self.free: list[list[int]] = [list(range(slots_per_layer - 1, -1, -1)) for _ in range(num_layers)]
         # prefetched and not yet asked for: (layer, expert) -> copy handle (None once done)
         self.prefetched: dict[tuple[int, int], object] = {}
+        self.max_inflight = 2 * top_k  # prefetch copies not yet finished, at most
         # per layer: a mark on the compute stream queued after that layer's last expert compute,
         # so a prefetch into its slots waits for that compute only, not for everything queued
         self.slots_free: list[object] = [None] * num_layers
@@ -198,7 +199,8 @@ class ExpertCache:
 
     def prefetch(self, layer: int, experts: Sequence[int]) -> int:
         """Start loading ``experts`` of an upcoming ``layer`` into its slots; returns how many
-        loads began. Only experts not yet resident are loaded, and at most the layer's free
+        loads began (at most ``max_inflight`` unfinished at once). Only experts not yet resident
+        are loaded, and at most the layer's free
         slots plus those whose experts are neither in ``experts`` nor prefetched and unused: a
         prefetch never evicts another prediction, and never touches another layer's slots (so
         never the current layer's). A wrong guess costs bytes, never correctness."""
@@ -206,7 +208,10 @@ class ExpertCache:
         resident = self.where[layer]
         wanted = [e for e in dict.fromkeys(experts) if e not in resident]
         started = 0
+        inflight = sum(1 for handle in self.prefetched.values() if not self.transfers.done(handle))
         for expert in wanted:
+            if inflight + started >= self.max_inflight:
+                break
             keep = set(experts) | {e for (l, e) in self.prefetched if l == layer}
             if not self.free[layer] and not any(e not in keep for e in resident):
                 break

@@ -66,6 +66,7 @@ CACHE_POLICIES = {
     "lfu": ("lfu", None),
     "lookahead": ("lru", "lookahead"),  # LRU eviction, gate look-ahead prefetch
     "history": ("score", "history"),  # router-history scores for prefetch and eviction (predict.py)
+    "combined": ("score", "combined"),  # both predictors prefetch; history scores evict
 }
 
 
@@ -76,6 +77,14 @@ def make_policy(name: str, num_layers: int, num_experts: int) -> EvictionPolicy:
         return POLICIES[name](num_layers, num_experts)
     except KeyError:
         raise SettingError(f"--policy {name!r}: choose one of {', '.join(CACHE_POLICIES)}") from None
+
+
+def default_policy(device_type: str) -> str:
+    """What ``--policy auto`` means. CUDA: "combined", whose prefetches overlap compute on the
+    copy stream. CPU: "lru", since a load there is a synchronous memcpy and the predictors'
+    bookkeeping costs more than the misses it saves (measured on the demo model at 4 of 8
+    experts: history 0.909 vs 0.860 hit rate, but 148 vs 162 tokens/s)."""
+    return "combined" if device_type == "cuda" else "lru"
 
 
 def cache_policy(name: str) -> tuple[str, str | None]:
