@@ -44,10 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: tests.model_builder lives at the root
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.benchlib import finish, say  # noqa: E402
+from benchmarks.benchlib import run, say  # noqa: E402
 from offload.device import DEVICE_CHOICES, device_name, resolve_device, synchronize  # noqa: E402
 from offload.engine import Engine, parse_dtype  # noqa: E402
-from offload.errors import SettingError  # noqa: E402
 from tests.model_builder import TinyShape, write_tiny_mixtral  # noqa: E402
 
 BOS_ID = 1
@@ -374,15 +373,7 @@ def bench(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
-        result = bench(args)
-    except SettingError as e:
-        say(f"error: {e}")
-        return 2
-    return finish(result, args.json, print_report)
+    return run(argv, parse_args, bench, print_report)
 
 
 if __name__ == "__main__":

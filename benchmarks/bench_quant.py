@@ -58,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.benchlib import finish, say  # noqa: E402
+from benchmarks.benchlib import run, say  # noqa: E402
 from offload import quant  # noqa: E402
 from offload.checkpoint import read_into  # noqa: E402
 from offload.config import ModelConfig  # noqa: E402
@@ -71,7 +71,6 @@ from offload.device import (  # noqa: E402
     resolve_device,
     synchronize,
 )
-from offload.errors import SettingError  # noqa: E402
 from offload.experts.record import RecordLayout  # noqa: E402
 from offload.model import ExpertWeights, expert_ffn  # noqa: E402
 from offload.plan import builtin_model  # noqa: E402
@@ -445,15 +444,7 @@ def bench(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
-        result = bench(args)
-    except SettingError as e:
-        say(f"error: {e}")
-        return 2
-    return finish(result, args.json, print_report)
+    return run(argv, parse_args, bench, print_report)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import json
 import sys
 from typing import Any, Callable
 
+from offload.errors import OffloadError
+
 
 def say(message: str) -> None:
     """A progress or error line on stderr (stdout carries only the report)."""
@@ -19,3 +21,24 @@ def finish(result: dict[str, Any], as_json: bool, print_report: Callable[[dict[s
     else:
         print_report(result)
     return 0
+
+
+def run(
+    argv: list[str] | None,
+    parse_args: Callable[[list[str] | None], Any],
+    bench: Callable[[Any], dict[str, Any]],
+    print_report: Callable[[dict[str, Any]], None],
+) -> int:
+    """The usual main: parse, set torch's threads (``--threads``), measure, report; a bad
+    setting is one line on stderr and exit code 2."""
+    import torch
+
+    args = parse_args(argv)
+    if getattr(args, "threads", None) is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        result = bench(args)
+    except OffloadError as e:
+        say(f"error: {e}")
+        return 2
+    return finish(result, args.json, print_report)

@@ -317,9 +317,8 @@ def _parse_header(where: _Where, obj: dict) -> TraceHeader:
     return TraceHeader(obj["model"], obj["num_layers"], obj["num_experts"], obj["top_k"], slots, policy)
 
 
-def _load_offload(where: _Where, lines: list[str]) -> Trace:
-    header: TraceHeader | None = None
-    steps: list[Step] = []
+def _json_lines(where: _Where, lines: list[str]):
+    """(line number, object) for each non-blank line, each a JSON object."""
     for n, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
@@ -329,6 +328,13 @@ def _load_offload(where: _Where, lines: list[str]) -> Trace:
             raise where.error(n, f"not JSON ({exc.msg}); a truncated or damaged trace") from None
         if not isinstance(obj, dict):
             raise where.error(n, "expected a JSON object")
+        yield n, obj
+
+
+def _load_offload(where: _Where, lines: list[str]) -> Trace:
+    header: TraceHeader | None = None
+    steps: list[Step] = []
+    for n, obj in _json_lines(where, lines):
         if header is None:
             header = _parse_header(where, obj)
             continue
@@ -390,15 +396,7 @@ def _load_decode_jsonl(where: _Where, lines: list[str]) -> Trace:
     problems: dict[int, dict[int, list[tuple[int, Experts, tuple[float, ...], int]]]] = {}
     top_k: int | None = None
     max_expert = 0
-    for n, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise where.error(n, f"not JSON ({exc.msg})") from None
-        if not isinstance(obj, dict):
-            raise where.error(n, "expected a JSON object")
+    for n, obj in _json_lines(where, lines):
         for key in ("problem_id", "layer", "token_idx"):
             if not _is_int(obj.get(key)) or obj[key] < 0:
                 raise where.error(n, f"{key!r} must be a non-negative integer")
