@@ -26,7 +26,14 @@ from offload.experts.prefetch import Lookahead, Prefetcher
 from offload.experts.record import RecordLayout
 from offload.experts.tiers import CheckpointRecords
 from offload.pack import Pack, is_pack
-from offload.plan import MemoryPlan, attention_shapes, dense_bytes, parse_bytes, plan_memory
+from offload.plan import (
+    MemoryPlan,
+    attention_shapes,
+    dense_bytes,
+    dense_bytes_by_class,
+    parse_bytes,
+    plan_memory,
+)
 from offload.model import (
     DenseWeights,
     ExpertWeights,
@@ -411,6 +418,7 @@ class Engine:
                 ram=None if ram is None else parse_bytes(ram, "--ram"),
                 experts_per_layer=experts_per_layer,
                 ram_available=_spare_ram(torch_device, config, torch_dtype),
+                dense=sum(dense_bytes_by_class(config, torch_dtype, attn_format).values()),
             )
             records = source if isinstance(source, Pack) else CheckpointRecords(source, layout)
             history = spec = None

@@ -73,3 +73,20 @@ def test_quantized_attention_and_experts_through_the_cache_are_bit_identical(mod
     assert torch.equal(engine.logits(ids), ref.logits(ids))
     with pytest.raises(SettingError, match="not both"):
         Engine.load(path, device="cpu", expert_bits=4, expert_format="nf4")
+
+
+def test_the_device_budget_counts_quantized_attention(model_dirs):
+    """--attn-bits shrinks the dense weights the --vram budget must hold, so the same budget
+    leaves room for more expert slots."""
+    from offload.plan import dense_bytes
+
+    path = model_dirs[WIDE.name]
+    plain = Engine.load(path, device="cpu", dtype="float32", experts_per_layer=3, policy="lru")
+    c, record = plain.config, plain.cache.layout.nbytes
+    budget = plain.plan.dense_bytes + plain.plan.kv_cache_bytes + c.num_hidden_layers * 4 * record
+    assert plain.plan.dense_bytes == dense_bytes(c, torch.float32)
+    full = Engine.load(path, device="cpu", dtype="float32", vram=budget, policy="lru")
+    small = Engine.load(path, device="cpu", dtype="float32", vram=budget, attn_bits=4, policy="lru")
+    assert full.plan.slots_per_layer == 4
+    assert small.plan.dense_bytes < full.plan.dense_bytes
+    assert small.plan.slots_per_layer >= full.plan.slots_per_layer
