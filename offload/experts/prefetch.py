@@ -54,6 +54,7 @@ class Prefetcher:
         self.history = history  # a predict.Predictor, or None
         self.spec = spec  # its predict.PrefetchPolicy
         self.predicted: dict[int, list[int]] = {}  # layer -> experts predicted for the current token
+        self._prompt: list[list[list[int]]] = []  # prefill routing, layer-major, replayed per token
 
     def begin_token(self) -> None:
         self.predicted = {}
@@ -69,6 +70,8 @@ class Prefetcher:
         """Layer ``layer`` has routed ``chosen`` [T, K] from ``hidden`` [T, D]; prefetch for the
         next layer (decode only: a prompt asks for nearly every expert anyway)."""
         if hidden.shape[0] != 1:
+            if self.history is not None:
+                self._learn_prompt(layer, chosen)
             return
         if self.history is not None:
             self.history.observe(layer, chosen[0].tolist())
@@ -96,3 +99,16 @@ class Prefetcher:
         self.predicted[nxt] = picks
         if picks:
             self.cache.prefetch(nxt, picks)
+
+    def _learn_prompt(self, layer: int, chosen: torch.Tensor) -> None:
+        """A prompt arrives layer by layer; once its last layer has routed, the history learns
+        it token by token, in the order decode will feed it, so the first generated token
+        already has statistics."""
+        self._prompt.append(chosen.tolist())  # [T][K] for this layer
+        if layer < self.num_layers - 1:
+            return
+        for t in range(len(self._prompt[0])):
+            self.history.begin_token()
+            for routed_layer, rows in enumerate(self._prompt):
+                self.history.observe(routed_layer, rows[t])
+        self._prompt = []

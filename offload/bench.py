@@ -1,0 +1,332 @@
+"""Benchmarks in the manner of llama-bench: prompt processing (ppN) and token generation (tgN)
+speed as mean ± std over repetitions, for every combination of a sweep of engine settings.
+
+What it is: ``sweep`` (comma lists of settings -> their Cartesian product of ``BenchConfig``s),
+``run_bench`` (load one configuration, warm up, measure) and ``measure`` (the same on an
+engine already loaded). What it is not: a command-line tool; it never prints.
+
+Definitions:
+- ppN: N prompt tokens (BOS, then seeded random ids in [3, vocab)) / prefill seconds.
+- tgN: N decode forward passes / their seconds. A request generates N + 1 tokens with
+  ``ignore_eos``: the first comes from the prefill's logits, the other N each from one decode
+  pass, as llama-bench's tg128 times 128 single-token evaluations.
+- Cache numbers (when experts go through the expert cache) cover the decode part only: the
+  cache's counters are copied after the prefill (``Generation`` yields its first token before
+  any decode pass) and subtracted at the end. Hit rate = hits / requests; stall share = stall
+  seconds / decode seconds; bytes per token = bytes moved into the device slots (from RAM or
+  disk) / decode passes. Summed over the repetitions, then divided.
+- One warm-up request runs first and is not counted: the numbers are for a warm cache.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import statistics
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from offload.device import device_name
+from offload.engine import Engine, GenerationSettings, parse_dtype
+from offload.errors import SettingError
+from offload.experts.cache import CacheStats
+from offload.experts.policy import CACHE_POLICIES
+from offload.plan import parse_bytes
+from offload.quant import BITS_CHOICES
+
+FIRST_RANDOM_ID = 3  # ids 0, 1, 2 are <unk>, <s>, </s> in Mixtral's tokenizer
+POLICY_CHOICES = ("auto", *CACHE_POLICIES)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One combination of engine settings (None: the engine's default)."""
+
+    vram: str | None = None
+    ram: str | None = None
+    experts_per_layer: int | None = None
+    policy: str = "auto"
+    expert_bits: int | None = None
+    attn_bits: int | None = None
+    dtype: str | None = None
+    device: str = "auto"
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``Engine.load``."""
+        return asdict(self)
+
+    def settings(self) -> dict[str, Any]:
+        """The settings as given (every field, None where left to the default)."""
+        return asdict(self)
+
+
+SWEEP_OPTIONS = tuple(f.name for f in fields(BenchConfig))
+
+
+def _split(name: str, value: Any) -> list[str]:
+    """A comma list (str) or a sequence of values -> stripped non-empty strings."""
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",")]
+    else:
+        parts = [str(v).strip() for v in value]
+    if not parts or any(not p for p in parts):
+        raise SettingError(f"--{name.replace('_', '-')} {value!r}: expected a comma list without empty items")
+    return parts
+
+
+def _check(name: str, text: str) -> Any:
+    """One value of option ``name``, checked (before any weights are read) and converted."""
+    flag = f"--{name.replace('_', '-')}"
+    if name in ("experts_per_layer", "expert_bits", "attn_bits"):
+        try:
+            value = int(text)
+        except ValueError:
+            raise SettingError(f"{flag} {text!r}: expected an integer (or a comma list of them)") from None
+        if name == "experts_per_layer" and value < 1:
+            raise SettingError(f"{flag} {value}: must be at least 1")
+        if name != "experts_per_layer" and value not in BITS_CHOICES:
+            raise SettingError(f"{flag} {value}: choose one of {', '.join(map(str, BITS_CHOICES))}")
+        return value
+    if name in ("vram", "ram"):
+        parse_bytes(text, flag)
+        return text
+    if name == "policy":
+        if text not in POLICY_CHOICES:
+            raise SettingError(f"{flag} {text!r}: choose one of {', '.join(POLICY_CHOICES)}")
+        return text
+    if name == "dtype":
+        parse_dtype(text)
+        return text
+    if name == "device":
+        return text
+    raise SettingError(f"unknown benchmark setting {name!r}")
+
+
+def sweep(options: Mapping[str, str | Sequence[Any] | None]) -> list[BenchConfig]:
+    """Every combination of the options (name -> comma list or sequence; None: the default),
+    in the order of ``BenchConfig``'s fields, the last varying fastest. Every value is checked
+    first; duplicates within one option are dropped, keeping the first."""
+    unknown = set(options) - set(SWEEP_OPTIONS)
+    if unknown:
+        raise SettingError(f"unknown benchmark setting(s): {', '.join(sorted(unknown))}")
+    axes: list[list[tuple[str, Any]]] = []
+    for name in SWEEP_OPTIONS:
+        value = options.get(name)
+        if value is None:
+            continue
+        values = list(dict.fromkeys(_check(name, part) for part in _split(name, value)))
+        axes.append([(name, v) for v in values])
+    return [BenchConfig(**dict(combo)) for combo in itertools.product(*axes)]
+
+
+@dataclass(frozen=True)
+class Measure:
+    """Per-repetition values (tokens per second) and their mean and sample standard deviation."""
+
+    values: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values) if self.values else 0.0
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "std": self.std, "values": list(self.values)}
+
+
+@dataclass
+class CacheSummary:
+    """Expert cache activity during the decode passes of the measured repetitions."""
+
+    hits: int = 0
+    misses: int = 0
+    bytes_moved: int = 0  # from RAM and from disk into device slots
+    stall_seconds: float = 0.0
+    prefetches: int = 0
+    decode_seconds: float = 0.0
+    decode_steps: int = 0
+
+    def add(self, stats: CacheStats, decode_seconds: float, decode_steps: int) -> None:
+        t = stats.total()
+        self.hits += t.hits
+        self.misses += t.misses
+        self.bytes_moved += t.host_bytes + t.disk_bytes
+        self.stall_seconds += t.stall_seconds
+        self.prefetches += t.prefetches
+        self.decode_seconds += decode_seconds
+        self.decode_steps += decode_steps
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 1.0
+
+    @property
+    def stall_share(self) -> float:
+        return self.stall_seconds / self.decode_seconds if self.decode_seconds else 0.0
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes_moved / self.decode_steps if self.decode_steps else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(asdict(self), hit_rate=self.hit_rate, stall_share=self.stall_share,
+                    bytes_per_token=self.bytes_per_token)
+
+
+@dataclass
+class BenchResult:
+    """One configuration at one (prompt, generation) length: pp and tg, and the cache."""
+
+    model: str
+    machine: str  # offload.device.device_name
+    config: BenchConfig
+    prompt_tokens: int
+    gen_tokens: int
+    reps: int
+    pp: Measure | None  # None when prompt_tokens == 0
+    tg: Measure | None  # None when gen_tokens == 0
+    cache: CacheSummary | None  # None when every expert is resident (no budget given)
+    plan: str | None = None  # the memory plan, described; None without a cache
+    resolved: dict[str, Any] = field(default_factory=dict)  # what "auto"/None became
+
+    def rows(self, depth_in_name: bool = False) -> list[dict[str, Any]]:
+        """Flat rows, one per test (pp, then tg), for tables, JSON and CSV."""
+        base: dict[str, Any] = {"model": self.model, "machine": self.machine}
+        base.update(self.config.settings())
+        base.update(self.resolved)
+        base.update(n_prompt=self.prompt_tokens, n_gen=self.gen_tokens, reps=self.reps)
+        cache = {
+            "hit_rate": self.cache.hit_rate if self.cache else None,
+            "stall_share": self.cache.stall_share if self.cache else None,
+            "bytes_per_token": self.cache.bytes_per_token if self.cache else None,
+        }
+        rows = []
+        if self.pp is not None:
+            rows.append(dict(base, test=f"pp{self.prompt_tokens}", t_s_mean=self.pp.mean, t_s_std=self.pp.std,
+                             t_s_values=list(self.pp.values), **{k: None for k in cache}))
+        if self.tg is not None:
+            name = f"tg{self.gen_tokens}" + (f" @ d{self.prompt_tokens}" if depth_in_name else "")
+            rows.append(dict(base, test=name, t_s_mean=self.tg.mean, t_s_std=self.tg.std,
+                             t_s_values=list(self.tg.values), **cache))
+        return rows
+
+
+def bench_prompt(vocab_size: int, prompt_tokens: int, seed: int, bos_id: int = 1) -> list[int]:
+    """BOS, then ``prompt_tokens - 1`` seeded random ids in [3, vocab); just BOS for 0 or 1."""
+    if vocab_size <= FIRST_RANDOM_ID:
+        raise SettingError(f"vocabulary of {vocab_size} is too small for a random prompt")
+    rng = random.Random(seed)
+    return [bos_id] + [rng.randrange(FIRST_RANDOM_ID, vocab_size) for _ in range(max(0, prompt_tokens - 1))]
+
+
+def _check_lengths(prompt_tokens: int, gen_tokens: int, reps: int) -> None:
+    if prompt_tokens < 0 or gen_tokens < 0:
+        raise SettingError(f"prompt and generation lengths must be >= 0, got {prompt_tokens} and {gen_tokens}")
+    if prompt_tokens == 0 and gen_tokens == 0:
+        raise SettingError("nothing to measure: prompt and generation lengths are both 0")
+    if reps < 1:
+        raise SettingError(f"repetitions must be >= 1, got {reps}")
+
+
+def context_needed(prompt_tokens: int, gen_tokens: int) -> int:
+    """Positions one request takes: the prompt (at least BOS) and gen_tokens + 1 tokens."""
+    return max(1, prompt_tokens) + gen_tokens + 1
+
+
+def load(
+    model: str | Path,
+    config: BenchConfig,
+    context_length: int,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> Engine:
+    """Load ``model`` with ``config``'s settings and a context of ``context_length``."""
+    return Engine.load(model, context_length=context_length, progress=progress, **config.load_kwargs())
+
+
+def measure(
+    engine: Engine,
+    config: BenchConfig,
+    prompt_tokens: int,
+    gen_tokens: int,
+    reps: int,
+    seed: int = 0,
+    warmup: bool = True,
+) -> BenchResult:
+    """Warm up once (unless ``warmup`` is False), then time ``reps`` requests on ``engine``."""
+    _check_lengths(prompt_tokens, gen_tokens, reps)
+    needed = context_needed(prompt_tokens, gen_tokens)
+    if needed > engine.context_length:
+        raise SettingError(
+            f"pp{prompt_tokens} + tg{gen_tokens} needs {needed} positions; the engine holds {engine.context_length}"
+        )
+    vocab = min(engine.config.vocab_size, engine.tokenizer.vocab_size)  # ids the tokenizer can decode too
+    ids = bench_prompt(vocab, prompt_tokens, seed, engine.tokenizer.bos_id)
+    # with gen_tokens == 0: one token from the prefill, no decode pass
+    settings = GenerationSettings(max_new_tokens=gen_tokens + 1, ignore_eos=True)
+    cache = engine.cache
+    summary = CacheSummary() if cache is not None else None
+    pp: list[float] = []
+    tg: list[float] = []
+    for rep in range(reps + (1 if warmup else 0)):
+        generation = engine.generate(ids, settings)
+        after_prefill = None
+        for i, _ in enumerate(generation):
+            if i == 0 and cache is not None:  # first token: prefill done, no decode pass yet
+                after_prefill = cache.stats.copy()
+        s = generation.stats
+        if s.decode_steps != gen_tokens:  # pragma: no cover - ignore_eos and a checked context
+            raise SettingError(f"expected {gen_tokens} decode passes, ran {s.decode_steps} ({s.stop_reason})")
+        if warmup and rep == 0:
+            continue
+        pp.append(s.prompt_tokens_per_s)
+        tg.append(s.generation_tokens_per_s)
+        if summary is not None and after_prefill is not None:
+            summary.add(cache.stats.since(after_prefill), s.decode_seconds, s.decode_steps)
+    resolved = {"policy_used": engine.policy or None, "dtype_used": str(engine.dtype).removeprefix("torch."),
+                "device_used": str(engine.device)}
+    if engine.plan is not None:
+        resolved["slots_per_layer"] = engine.plan.slots_per_layer
+        resolved["host_experts"] = engine.plan.host_experts
+    return BenchResult(
+        model=str(engine.model_name),
+        machine=device_name(engine.device),
+        config=config,
+        prompt_tokens=prompt_tokens,
+        gen_tokens=gen_tokens,
+        reps=reps,
+        pp=Measure(tuple(pp)) if prompt_tokens > 0 else None,
+        tg=Measure(tuple(tg)) if gen_tokens > 0 else None,
+        cache=summary if gen_tokens > 0 else None,
+        plan=engine.plan.describe() if engine.plan is not None else None,
+        resolved=resolved,
+    )
+
+
+def run_bench(
+    model: str | Path,
+    config: BenchConfig,
+    prompt_tokens: int = 512,
+    gen_tokens: int = 128,
+    reps: int = 3,
+    seed: int = 0,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> BenchResult:
+    """Load ``model`` once with ``config`` (context sized to the test, as llama-bench does),
+    warm up once, then measure ``reps`` repetitions of ppN and tgN."""
+    _check_lengths(prompt_tokens, gen_tokens, reps)
+    engine = load(model, config, context_needed(prompt_tokens, gen_tokens), progress)
+    try:
+        return measure(engine, config, prompt_tokens, gen_tokens, reps, seed)
+    finally:
+        engine.close()
+
+
+__all__ = [
+    "BenchConfig", "BenchResult", "CacheSummary", "Measure", "SWEEP_OPTIONS",
+    "bench_prompt", "context_needed", "load", "measure", "run_bench", "sweep",
+]
