@@ -1,0 +1,170 @@
+"""`offload bench [MODEL]`: llama-bench style throughput for every combination of settings.
+
+Argument parsing and output only; the measuring is ``offload.bench``. Every engine setting and
+-p/-n take a comma list; the command runs the Cartesian product, one load per combination,
+and prints one row per test (ppN, tgN) with tokens per second as mean ± std over -r
+repetitions: a markdown table (-o md, default), a JSON list of rows (-o json) or CSV (-o csv).
+A progress line per combination goes to stderr.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from cli.common import progress_bar, stderr, user_errors
+from offload.bench import BenchConfig, BenchResult, context_needed, load, measure, sweep
+from offload.demo import DEMO_MODEL_DIR
+from offload.engine import DEFAULT_DTYPE, DTYPES
+from offload.errors import SettingError
+
+OUTPUTS = ("md", "json", "csv")
+# settings columns of the markdown table, shown only when they vary (or are given)
+SETTING_COLUMNS = (
+    ("vram", "vram"), ("ram", "ram"), ("experts_per_layer", "experts/layer"), ("policy", "policy"),
+    ("expert_bits", "expert bits"), ("attn_bits", "attn bits"), ("dtype", "dtype"), ("device", "device"),
+)
+# columns of JSON rows and CSV, in order
+FIELDS = (
+    "model", "machine", "vram", "ram", "experts_per_layer", "policy", "expert_bits", "attn_bits", "dtype",
+    "device", "policy_used", "dtype_used", "device_used", "slots_per_layer", "host_experts",
+    "n_prompt", "n_gen", "reps", "test", "t_s_mean", "t_s_std", "hit_rate", "stall_share", "bytes_per_token",
+)
+
+
+def _lengths(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise SettingError(f"{flag} {text!r}: expected a token count or a comma list of them, e.g. 512") from None
+    if any(v < 0 for v in values):
+        raise SettingError(f"{flag} {text!r}: token counts must be >= 0")
+    return list(dict.fromkeys(values))
+
+
+def _pairs(prompts: list[int], gens: list[int]) -> list[tuple[int, int]]:
+    """(prompt, gen) pairs to run; at least one is not (0, 0)."""
+    pairs = [(p, n) for p in prompts for n in gens if (p, n) != (0, 0)]
+    if not pairs:
+        raise SettingError("-p 0 -n 0: nothing to measure")
+    return pairs
+
+
+def rows_of(results: list[BenchResult], depth_in_name: bool) -> list[dict[str, Any]]:
+    """Every test row, a pp row once per (configuration, prompt length)."""
+    rows, seen = [], set()
+    for r in results:
+        for row in r.rows(depth_in_name):
+            key = (r.config, row["test"])
+            if key in seen:
+                continue
+            seen.add(key)
+            rows.append({k: row.get(k) for k in FIELDS})
+    return rows
+
+
+def model_label(model: str) -> str:
+    """The table's model cell: the directory's name; the demo model by its name."""
+    path = Path(model)
+    return "offload-demo" if path.resolve() == DEMO_MODEL_DIR else path.name
+
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def markdown(rows: list[dict[str, Any]], configs: list[BenchConfig]) -> str:
+    """llama-bench's table: model, the settings that vary, test, t/s (mean ± std), cache columns."""
+    varying = [
+        (key, title) for key, title in SETTING_COLUMNS
+        if len({getattr(c, key) for c in configs}) > 1 or any(getattr(c, key) not in (None, "auto") for c in configs)
+    ]
+    header = ["model", "machine", *(t for _, t in varying), "test", "t/s", "hit rate", "stall %", "MiB/token"]
+    align = ["---", "---", *("---:" for _ in varying), "---:", "---:", "---:", "---:", "---:"]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    for row in rows:
+        mib = row["bytes_per_token"]
+        cells = [
+            model_label(str(row["model"])),
+            str(row["machine"]),
+            *("-" if row[key] is None else str(row[key]) for key, _ in varying),
+            row["test"],
+            f"{row['t_s_mean']:.2f} ± {row['t_s_std']:.2f}",
+            "-" if row["hit_rate"] is None else f"{row['hit_rate']:.3f}",
+            _pct(row["stall_share"]),
+            "-" if mib is None else f"{mib / 2**20:.2f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(FIELDS), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    return out.getvalue()
+
+
+def bench_command(
+    model: Optional[Path] = typer.Argument(
+        None, help="A Mixtral checkpoint directory or offload pack. Default: the bundled demo model."
+    ),
+    n_prompt: str = typer.Option("512", "--n-prompt", "-p", help="Prompt tokens for ppN (comma list; 0 skips pp)."),
+    n_gen: str = typer.Option("128", "--n-gen", "-n", help="Decode passes for tgN (comma list; 0 skips tg)."),
+    reps: int = typer.Option(3, "--repetitions", "-r", help="Measured repetitions, after one warm-up."),
+    vram: Optional[str] = typer.Option(None, "--vram", help="Device memory budgets, e.g. 4GiB,8GiB."),
+    ram: Optional[str] = typer.Option(None, "--ram", help="RAM budgets for experts, e.g. 0,16GiB."),
+    experts_per_layer: Optional[str] = typer.Option(
+        None, "--experts-per-layer", help="Expert slots per layer on the device, e.g. 2,4,8."
+    ),
+    policy: Optional[str] = typer.Option(
+        None, "--policy", help="Expert cache policies: auto, lru, lfu, lookahead, history, combined (comma list)."
+    ),
+    expert_bits: Optional[str] = typer.Option(None, "--expert-bits", help="Expert widths: 4, 8, 16 (comma list)."),
+    attn_bits: Optional[str] = typer.Option(None, "--attn-bits", help="Attention widths: 4, 8, 16 (comma list)."),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", help=f"Compute dtypes: {'|'.join(DTYPES)} (comma list; default {DEFAULT_DTYPE})."
+    ),
+    device: Optional[str] = typer.Option(None, "--device", help="Devices: auto, cpu, cuda[:N] (comma list)."),
+    output: str = typer.Option("md", "--output", "-o", help="md (markdown table), json or csv."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random prompt."),
+) -> None:
+    """Measure prompt processing (ppN) and generation (tgN) speed, as llama-bench does."""
+    with user_errors():
+        if output not in OUTPUTS:
+            raise SettingError(f"-o {output!r}: choose one of {', '.join(OUTPUTS)}")
+        if reps < 1:
+            raise SettingError(f"-r {reps}: at least one repetition")
+        pairs = _pairs(_lengths(n_prompt, "-p"), _lengths(n_gen, "-n"))
+        configs = sweep({
+            "vram": vram, "ram": ram, "experts_per_layer": experts_per_layer, "policy": policy,
+            "expert_bits": expert_bits, "attn_bits": attn_bits, "dtype": dtype, "device": device,
+        })
+        model = model or DEMO_MODEL_DIR
+        context = max(context_needed(p, n) for p, n in pairs)
+        results: list[BenchResult] = []
+        for i, config in enumerate(configs, 1):
+            given = ", ".join(f"{k}={v}" for k, v in config.settings().items() if v not in (None, "auto")) or "defaults"
+            with progress_bar("loading", model.name) as progress:
+                engine = load(model, config, context, progress)
+            # after the load, so that a setting the engine refuses stays the one line on stderr
+            stderr.print(f"[{i}/{len(configs)}] {model_label(str(model))}: {given}", style="dim")
+            try:
+                for p, n in pairs:
+                    results.append(measure(engine, config, p, n, reps, seed))
+            finally:
+                engine.close()
+        rows = rows_of(results, depth_in_name=len({p for p, _ in pairs}) > 1)
+        if output == "json":
+            print(json.dumps(rows, indent=2))
+        elif output == "csv":
+            print(to_csv(rows), end="")
+        else:
+            print(markdown(rows, configs))

@@ -1,0 +1,260 @@
+"""One generation request: the decode loop, stop conditions, streaming, statistics, traces.
+
+What it is: ``Generation`` (iterate it for ``TokenEvent``s), its settings and statistics,
+``StopMatcher`` for stop strings, and ``TraceRecorder`` for ``--trace``. What it is not: the
+forward pass (model.py) or loading (loader.py); it drives an ``Engine``'s prefill and decode.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import torch
+
+from offload.device import synchronize
+from offload.errors import SettingError
+from offload.experts.cache import CacheStats
+from offload.sampling import Sampler, SamplingSettings
+from offload.trace import TraceHeader, TraceWriter
+
+if TYPE_CHECKING:
+    from offload.engine import Engine
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    ignore_eos: bool = False  # keep going past EOS (benchmarks, exact-length comparisons)
+    trace: Path | None = None  # write a router trace here (offload.trace format)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise SettingError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if any(not s for s in self.stop):
+            raise SettingError("stop strings must not be empty")
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0  # forward passes after the prompt (the first token comes from prefill)
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    stop_reason: str = ""  # eos | stop | length | context
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def generation_tokens_per_s(self) -> float:
+        return self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        out = asdict(self)
+        out["prompt_tokens_per_s"] = self.prompt_tokens_per_s
+        out["generation_tokens_per_s"] = self.generation_tokens_per_s
+        return out
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    text: str  # text that became final with this token; may be "" (held back or a control token)
+
+
+class StopMatcher:
+    """Streams text but holds back any tail that could still grow into a stop string."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = tuple(stops)
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was found)."""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class TraceRecorder:
+    """Writes a router trace of a generation: per token and layer, the experts chosen, their
+    gate weights, what was predicted for the layer before it ran, and the cache's outcome for
+    each expert (decode tokens; a prompt is served in expert-major chunks, not per token).
+
+    It wraps the model's routing observer (keeping any other one) and reads the prefetcher's
+    predictions and the cache's last outcomes; it changes nothing the model computes."""
+
+    def __init__(self, engine: Engine, path: Path):
+        self.engine = engine
+        model = engine.model
+        c = engine.config
+        plan, cache = engine.plan, engine.cache
+        header = TraceHeader(
+            model=str(engine.model_name),
+            num_layers=c.num_hidden_layers,
+            num_experts=c.num_local_experts,
+            top_k=c.num_experts_per_tok,
+            experts_per_layer=plan.slots_per_layer if plan is not None else None,
+            policy=engine.policy if cache is not None else None,
+        )
+        self.writer = TraceWriter(path, header)
+        self.t = 0
+        self._routes: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._outcomes: list[list[str]] = []
+        self._inner = model.routing_observer
+        model.routing_observer = self._observe
+
+    def _observe(self, layer: int, experts: torch.Tensor, weights: torch.Tensor) -> None:
+        if self._inner is not None:
+            self._inner(layer, experts, weights)
+        if layer > 0:  # the cache's outcomes for the previous layer are final now
+            self._take_outcomes()
+        self._routes.append((experts.cpu(), weights.cpu()))
+
+    def _take_outcomes(self) -> None:
+        cache = self.engine.cache
+        self._outcomes.append(list(cache.last_outcomes) if cache is not None else [])
+
+    def flush(self, phase: str) -> None:
+        """After a forward pass: write one line per token it ran."""
+        self._take_outcomes()
+        prefetcher = self.engine.model.prefetcher
+        layers = range(self.engine.config.num_hidden_layers)
+        predicted = [list(prefetcher.predicted.get(layer, [])) if prefetcher else [] for layer in layers]
+        tokens = self._routes[0][0].shape[0] if self._routes else 0
+        for i in range(tokens):
+            experts = [self._routes[layer][0][i].tolist() for layer in layers]
+            weights = [self._routes[layer][1][i].tolist() for layer in layers]
+            decode = phase == "decode" and self.engine.cache is not None
+            self.writer.write_token(
+                self.t, phase, experts, weights,
+                predicted=predicted if decode else None,
+                outcome=self._outcomes if decode else None,
+            )
+            self.t += 1
+        self._routes, self._outcomes = [], []
+
+    def close(self, keep: bool = True) -> None:
+        self.engine.model.routing_observer = self._inner
+        if keep:
+            self.writer.close()
+        else:
+            self.writer.discard()
+
+
+class Generation:
+    """One request: iterate it for ``TokenEvent``s; afterwards read tokens, text and stats."""
+
+    def __init__(self, engine: Engine, prompt_ids: Sequence[int], settings: GenerationSettings):
+        self.engine = engine
+        self.prompt_ids = list(prompt_ids)
+        self.settings = settings
+        self.tokens: list[int] = []
+        self.text = ""
+        self.stats = GenerationStats(prompt_tokens=len(self.prompt_ids))
+        self.cache_stats: CacheStats | None = None  # expert cache activity of this request
+        if not self.prompt_ids:
+            raise SettingError("the prompt is empty: give at least one token (BOS counts)")
+        if len(self.prompt_ids) > engine.context_length:
+            raise SettingError(
+                f"prompt of {len(self.prompt_ids)} tokens exceeds the context length {engine.context_length}"
+            )
+        self._events = self._run()
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        return self._events
+
+    def run(self) -> Generation:
+        """Consume the whole generation."""
+        for _ in self._events:
+            pass
+        return self
+
+    def _run(self) -> Iterator[TokenEvent]:
+        engine, settings, stats = self.engine, self.settings, self.stats
+        sampler = Sampler(settings.sampling)
+        decoder = engine.tokenizer.stream_decoder(self.prompt_ids)
+        stopper = StopMatcher(settings.stop)
+        eos = frozenset() if settings.ignore_eos else engine.tokenizer.eos_ids
+        history = torch.tensor(self.prompt_ids, dtype=torch.int64)
+        room = engine.context_length - len(self.prompt_ids)
+        budget = min(settings.max_new_tokens, room)
+        if budget <= 0:
+            stats.stop_reason = "length" if settings.max_new_tokens <= room else "context"
+            return
+
+        cache = engine.cache
+        before = cache.stats.copy() if cache is not None else None
+        recorder = TraceRecorder(engine, settings.trace) if settings.trace is not None else None
+        start = time.perf_counter()
+        try:
+            logits = engine.prefill(self.prompt_ids)
+        except BaseException:
+            if recorder is not None:
+                recorder.close(keep=False)
+            raise
+        synchronize(engine.device)
+        stats.prefill_seconds = time.perf_counter() - start
+        if recorder is not None:
+            recorder.flush("prefill")
+
+        decode_start = time.perf_counter()
+        try:
+            while True:
+                token = sampler(logits, history)
+                self.tokens.append(token)
+                stats.generated_tokens += 1
+                history = torch.cat((history, torch.tensor([token])))
+                reason = ""
+                if token in eos:
+                    reason, chunk = "eos", decoder.flush()
+                else:
+                    chunk = decoder.push(token)
+                    if len(self.tokens) >= budget:
+                        reason = "length" if len(self.tokens) >= settings.max_new_tokens else "context"
+                        chunk += decoder.flush()
+                text, stopped = stopper.feed(chunk)
+                if stopped:
+                    reason = "stop"
+                elif reason:
+                    text += stopper.flush()
+                self.text += text
+                yield TokenEvent(token, text)
+                if reason:
+                    stats.stop_reason = reason
+                    return
+                logits = engine.decode(token)
+                stats.decode_steps += 1
+                if recorder is not None:
+                    recorder.flush("decode")
+        finally:
+            synchronize(engine.device)
+            stats.decode_seconds = time.perf_counter() - decode_start
+            if recorder is not None:
+                recorder.close()
+            if cache is not None:
+                self.cache_stats = cache.stats.since(before)
+
+

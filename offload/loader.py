@@ -1,0 +1,180 @@
+"""Loading a model's weights onto a device: formats, dense weights, resident experts.
+
+What it is: the steps of ``Engine.load`` that read weights: which dtype and weight formats a
+load uses (``weight_formats``), the dense weights (attention projections quantized on request),
+every expert on the device for the all-resident reference, and how much RAM a default host
+tier may take. What it is not: the expert cache (offload.experts) or generation (generation.py).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import psutil
+import torch
+
+from offload.checkpoint import Checkpoint
+from offload.config import ModelConfig
+from offload.errors import SettingError
+from offload.experts.record import RecordLayout
+from offload.model import DenseWeights, ExpertWeights, LayerWeights, Matrix
+from offload.pack import Pack
+from offload.plan import attention_shapes, dense_bytes
+from offload.quant import QuantizedMatrix, WeightFormat, format_for_bits, from_tensors, quantize
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+DEFAULT_DTYPE = "bfloat16"
+DEFAULT_CONTEXT = 4096
+
+# progress(done, total, what): reported while loading weights
+ProgressFn = Callable[[int, int, str], None]
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        if name in DTYPES.values():
+            return name
+        raise SettingError(f"dtype {name} is not supported (choose {', '.join(DTYPES)})")
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+    key = aliases.get(name.lower(), name.lower())
+    if key not in DTYPES:
+        raise SettingError(f"--dtype {name!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+class ResidentExperts:
+    """Expert provider that holds every expert on the device (the all-resident reference)."""
+
+    def __init__(self, experts: list[list[ExpertWeights]], max_experts_per_call: int):
+        self.experts = experts  # [layer][expert]
+        self.max_experts_per_call = max_experts_per_call
+
+    def get(self, layer: int, experts: Sequence[int]) -> list[ExpertWeights]:
+        return [self.experts[layer][e] for e in experts]
+
+
+def weight_formats(
+    source: Checkpoint | Pack,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    expert_format: WeightFormat | None,
+    expert_bits: int | None,
+    attn_bits: int | None,
+) -> tuple[torch.dtype, RecordLayout, WeightFormat | None]:
+    """(compute dtype, expert record layout, attention format or None) for a load.
+
+    A pack fixes its experts' format, and for unquantized packs the compute dtype too; a
+    checkpoint takes ``expert_format`` or ``expert_bits``, else unquantized in the compute dtype.
+    """
+    config = source.config
+    if isinstance(source, Pack):
+        layout = source.layout
+        if expert_format is not None and expert_format != layout.fmt:
+            raise SettingError(
+                f"--expert-format {expert_format.name}: {source.path} holds {layout.fmt.name} experts; "
+                f"convert the checkpoint again with --expert-format {expert_format.name}"
+            )
+        dtype = dtype or (layout.dtype if layout.plain else parse_dtype(DEFAULT_DTYPE))
+        if layout.plain and dtype != layout.dtype:
+            raise SettingError(
+                f"--dtype {str(dtype).removeprefix('torch.')}: {source.path} holds "
+                f"{str(layout.dtype).removeprefix('torch.')} experts; run with that dtype "
+                f"or convert the checkpoint again with --dtype"
+            )
+    else:
+        dtype = dtype or parse_dtype(DEFAULT_DTYPE)
+        if expert_bits is not None:
+            I, D = config.intermediate_size, config.hidden_size
+            expert_format = format_for_bits(expert_bits, dtype, device.type, ((I, D), (D, I)), "--expert-bits")
+        layout = RecordLayout.for_config(config, expert_format or dtype)
+    attn_format = None
+    if attn_bits is not None and attn_bits != 16:
+        shapes = tuple(attention_shapes(config).values())
+        attn_format = format_for_bits(attn_bits, dtype, device.type, shapes, "--attn-bits")
+    return dtype, layout, attn_format
+
+
+def spare_ram(device: torch.device, config: ModelConfig, dtype: torch.dtype) -> int:
+    """RAM the host tier may take when no --ram is given: 80% of what is free now, less the
+    dense weights when they live in RAM too (CPU device)."""
+    free = int(psutil.virtual_memory().available * 0.8)
+    if device.type == "cpu":
+        free -= dense_bytes(config, dtype)
+    return max(0, free)
+
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def load_dense(
+    source: Checkpoint | Pack,
+    device: torch.device,
+    dtype: torch.dtype,
+    attn_format: WeightFormat | None,
+    progress: ProgressFn | None,
+) -> DenseWeights:
+    """Every non-expert weight on the device, in the compute dtype; the attention projections
+    quantized to ``attn_format`` when one is given."""
+    c = source.config
+    total = 2 + c.num_hidden_layers + (0 if c.tie_word_embeddings else 1)
+
+    def place(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype)
+
+    def place_attention(t: torch.Tensor) -> Matrix:
+        if attn_format is None:
+            return place(t)
+        quantized = quantize(t, attn_format)
+        return from_tensors(quantized.tensors, quantized.shape, quantized.fmt, device)
+
+    def tick(done: int, what: str) -> None:
+        if progress is not None:
+            progress(done, total, what)
+
+    embed = place(source.dense("embed_tokens"))
+    norm = place(source.dense("norm"))
+    lm_head = embed if c.tie_word_embeddings else place(source.dense("lm_head"))
+    tick(total - c.num_hidden_layers, "embeddings")
+    layers: list[LayerWeights] = []
+    for layer in range(c.num_hidden_layers):
+        layers.append(LayerWeights(**{
+            key: (place_attention if key in ATTENTION_PROJECTIONS else place)(source.dense(key, layer))
+            for key in ("input_layernorm", *ATTENTION_PROJECTIONS, "post_attention_layernorm", "router")
+        }))
+        tick(total - c.num_hidden_layers + layer + 1, f"layer {layer} dense weights")
+    return DenseWeights(embed_tokens=embed, norm=norm, lm_head=lm_head, layers=layers)
+
+
+def load_resident_experts(
+    source: Checkpoint | Pack,
+    layout: RecordLayout,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: ProgressFn | None,
+) -> ResidentExperts:
+    """Every expert on the device, in the layout's format: the all-resident reference. Quantized
+    experts are made exactly as the cache's records are (same input, same quantizer)."""
+    c = source.config
+
+    def place(w: Matrix) -> Matrix:
+        if isinstance(w, QuantizedMatrix):  # from a quantized pack: its tensors, moved
+            return from_tensors(w.tensors, w.shape, w.fmt, device)
+        if layout.plain:
+            return w.to(device=device, dtype=dtype)
+        quantized = quantize(w, layout.fmt)  # the checkpoint's own tensor, as CheckpointRecords does
+        return from_tensors(quantized.tensors, quantized.shape, quantized.fmt, device)
+
+    total = c.num_hidden_layers * c.num_local_experts
+    experts: list[list[ExpertWeights]] = []
+    for layer in range(c.num_hidden_layers):
+        row = []
+        for e in range(c.num_local_experts):
+            row.append(ExpertWeights(*(place(w) for w in source.expert(layer, e))))
+            if progress is not None:
+                progress(layer * c.num_local_experts + e + 1, total, f"layer {layer} expert {e}")
+        experts.append(row)
+    return ResidentExperts(experts, max_experts_per_call=c.num_experts_per_tok)

@@ -1,0 +1,142 @@
+"""`offload bench` and offload.bench: the sweep, the three outputs, decode-only cache numbers,
+and one-line errors with exit 2."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from cli.bench import FIELDS, bench_command
+from offload.bench import BenchConfig, bench_prompt, run_bench, sweep
+from offload.errors import SettingError
+from tests.model_builder import WINDOWED
+
+runner = CliRunner()
+app = typer.Typer(pretty_exceptions_enable=False)
+app.command("bench")(bench_command)
+app.command("other")(lambda: None)  # two commands, so "bench" is a subcommand as in cli.main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Timed runs on one thread: two OpenMP threads on a busy 2-core machine run ~100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(*args: str):
+    return runner.invoke(app, ["bench", *args])
+
+
+def test_sweep_is_the_cartesian_product():
+    configs = sweep({"experts_per_layer": "2,4", "policy": "lru,combined", "vram": "4GiB, 8GiB", "ram": None})
+    assert len(configs) == 8
+    assert {(c.vram, c.experts_per_layer, c.policy) for c in configs} == {
+        (v, e, p) for v in ("4GiB", "8GiB") for e in (2, 4) for p in ("lru", "combined")
+    }
+    assert all(c.ram is None and c.device == "auto" for c in configs)
+    assert configs[0] == BenchConfig(vram="4GiB", experts_per_layer=2, policy="lru")
+    assert sweep({}) == [BenchConfig()]
+    assert sweep({"expert_bits": [4, 16, 4]}) == [BenchConfig(expert_bits=4), BenchConfig(expert_bits=16)]
+
+
+@pytest.mark.parametrize(
+    "options, culprit",
+    [
+        ({"experts_per_layer": "2,x"}, "--experts-per-layer 'x'"),
+        ({"expert_bits": "3"}, "--expert-bits 3"),
+        ({"vram": "lots"}, "--vram 'lots'"),
+        ({"policy": "lru,fifo"}, "--policy 'fifo'"),
+        ({"dtype": "int4"}, "--dtype 'int4'"),
+        ({"ram": "1GiB,,2GiB"}, "--ram"),
+    ],
+)
+def test_sweep_checks_every_value(options, culprit):
+    with pytest.raises(SettingError, match=culprit.replace("(", r"\(")):
+        sweep(options)
+
+
+def test_prompt_is_seeded_bos_first_and_in_range():
+    ids = bench_prompt(512, 16, seed=3)
+    assert ids == bench_prompt(512, 16, seed=3) != bench_prompt(512, 16, seed=4)
+    assert len(ids) == 16 and ids[0] == 1 and all(3 <= i < 512 for i in ids[1:])
+
+
+def test_run_bench_decode_only_cache_numbers(model_dirs):
+    d = model_dirs[WINDOWED.name]
+    common = dict(prompt_tokens=16, gen_tokens=8, reps=2)
+    full = run_bench(d, BenchConfig(experts_per_layer=8, ram="0", dtype="float32"), **common)
+    tight = run_bench(d, BenchConfig(experts_per_layer=2, ram="0", dtype="float32"), **common)
+    assert full.cache.hit_rate == 1.0 and full.cache.bytes_per_token == 0 and full.cache.stall_share == 0
+    assert tight.cache.hit_rate < 1.0 and tight.cache.bytes_per_token > 0
+    assert tight.cache.decode_steps == 2 * 8  # the warm-up is not counted
+    for r in (full, tight):
+        assert len(r.pp.values) == len(r.tg.values) == 2 and r.pp.mean > 0 and r.tg.mean > 0
+        assert [row["test"] for row in r.rows()] == ["pp16", "tg8"]
+        assert r.machine.startswith("CPU") or r.machine  # offload.device.device_name
+    resident = run_bench(d, BenchConfig(dtype="float32"), prompt_tokens=8, gen_tokens=4, reps=1)
+    assert resident.cache is None and resident.rows()[1]["hit_rate"] is None
+
+
+SWEEP = ["-p", "16", "-n", "8", "-r", "2", "--experts-per-layer", "2,8", "--dtype", "float32"]
+
+
+def test_json_rows(model_dirs):
+    result = run(str(model_dirs[WINDOWED.name]), *SWEEP, "-o", "json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert len(rows) == 4
+    assert [(r["experts_per_layer"], r["test"]) for r in rows] == [(2, "pp16"), (2, "tg8"), (8, "pp16"), (8, "tg8")]
+    for r in rows:
+        assert r["t_s_mean"] > 0 and r["t_s_std"] > 0 and r["reps"] == 2
+        assert set(r) == set(FIELDS)
+    assert rows[3]["hit_rate"] == 1.0 and rows[1]["hit_rate"] < 1.0
+    assert rows[0]["hit_rate"] is None  # cache numbers are for the decode part
+    assert "[1/2]" in result.stderr and "[2/2]" in result.stderr
+
+
+def test_csv_and_markdown(model_dirs):
+    d = str(model_dirs[WINDOWED.name])
+    as_csv = run(d, *SWEEP, "-o", "csv")
+    assert as_csv.exit_code == 0, as_csv.output
+    table = list(csv.reader(io.StringIO(as_csv.stdout)))
+    assert table[0] == list(FIELDS) and len(table) == 5
+    md = run(d, *SWEEP)
+    assert md.exit_code == 0, md.output
+    lines = md.stdout.strip().splitlines()
+    assert len(lines) == 2 + 4 and all(line.startswith("| ") and line.endswith(" |") for line in lines)
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[:2] == ["model", "machine"] and "experts/layer" in header and "t/s" in header
+    assert "hit rate" in header and "stall %" in header and "MiB/token" in header
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert [row[header.index("test")] for row in cells] == ["pp16", "tg8"] * 2
+    assert all(" ± " in row[header.index("t/s")] for row in cells)
+    assert cells[3][header.index("hit rate")] == "1.000"
+
+
+@pytest.mark.parametrize(
+    "args, culprit",
+    [
+        (["--experts-per-layer", "2,two"], "--experts-per-layer 'two'"),
+        (["--vram", "4GiB,lots"], "--vram 'lots'"),
+        (["--policy", "lru,nope"], "--policy 'nope'"),
+        (["-p", "16,x"], "-p '16,x'"),
+        (["-o", "xml"], "-o 'xml'"),
+        (["-p", "0", "-n", "0"], "nothing to measure"),
+        (["-r", "0"], "-r 0"),
+        (["--experts-per-layer", "1"], "--experts-per-layer 1"),
+    ],
+)
+def test_bad_values_give_one_line_and_exit_2(args, culprit, model_dirs):
+    result = run(str(model_dirs[WINDOWED.name]), "-p", "4", "-n", "2", "-r", "1", *args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and culprit in lines[0], result.stderr
