@@ -68,7 +68,9 @@ def generate(
     repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Penalty for tokens already seen; 1 is off."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed, for repeatable sampling."),
     stop: list[str] = typer.Option([], "--stop", help="Stop when this text appears (repeatable)."),
-    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's instruct chat format."),
+    chat: bool = typer.Option(
+        False, "--chat", help="Wrap the prompt in the model's chat template (Mixtral's instruct format without one)."
+    ),
     system: Optional[str] = typer.Option(None, "--system", help="System message (with --chat)."),
     dtype: Optional[str] = typer.Option(
         None,
@@ -134,7 +136,7 @@ def generate(
         tokenizer = engine.tokenizer
         if chat:
             messages = ([Message("system", system)] if system else []) + [Message("user", prompt)]
-            prompt_ids = tokenizer.encode_chat(messages)
+            prompt_ids = tokenizer.encode_messages(messages)
         else:
             prompt_ids = tokenizer.encode(prompt, bos=True)
         generation = engine.generate(prompt_ids, settings)

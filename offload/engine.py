@@ -29,6 +29,7 @@ from offload.generation import (
     StopMatcher,
     TokenEvent,
 )
+from offload.hub import resolve_model
 from offload.loader import (
     DEFAULT_CONTEXT,
     DEFAULT_DTYPE,
@@ -108,7 +109,8 @@ class Engine:
         expert_bits: int | None = None,
         attn_bits: int | None = None,
     ) -> Engine:
-        """Load a Hugging Face Mixtral checkpoint directory or an offload pack.
+        """Load a Hugging Face Mixtral checkpoint directory, a hub id already in the local
+        Hugging Face cache (``mistralai/Mixtral-8x7B-Instruct-v0.1``), or an offload pack.
 
         Every input is checked before weights are read. With no budget (``vram``, ``ram``,
         ``experts_per_layer``) every expert is resident on the device; with one, experts go
@@ -121,7 +123,7 @@ class Engine:
         """
         if expert_format is not None and expert_bits is not None:
             raise SettingError("give --expert-format or --expert-bits, not both")
-        model_dir = Path(model_dir)
+        model_dir = resolve_model(model_dir)  # a directory, or a hub id found in the local HF cache
         torch_device = resolve_device(device)
         requested = parse_dtype(dtype) if dtype is not None else None
         requested_format = get_format(expert_format) if expert_format is not None else None

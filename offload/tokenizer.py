@@ -5,12 +5,14 @@ JSON files name), encodes and decodes text exactly as sentencepiece does, render
 Mixtral-8x7B-Instruct chat format to ids (``encode_chat``), and a ``StreamDecoder`` that turns
 generated ids into text as soon as that text is final (no half characters, right spaces).
 
-What it is not: it knows nothing about models, sampling or generation. It does not use
-transformers, and it has no Jinja chat templates: the one format it renders is Mixtral's.
+What it is not: it knows nothing about models, sampling or generation, and does not use
+transformers. A checkpoint's own Jinja chat template is rendered by offload.chat_template
+(``encode_messages`` picks it when there is one, else Mixtral's format).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -168,7 +170,9 @@ class Tokenizer:
             if not 0 <= tid < vocab:
                 raise TokenizerError(f"{where}: token id {tid} is outside the vocabulary "
                                      f"[0, {vocab}) of {model_path}")
-        return cls(processor, bos[0], [e for e, _ in eos], source=str(model_path))
+        tokenizer = cls(processor, bos[0], [e for e, _ in eos], source=str(model_path))
+        tokenizer.model_dir = model_dir
+        return tokenizer
 
     # ---- vocabulary ----------------------------------------------------------------------
 
@@ -215,6 +219,24 @@ class Tokenizer:
         return out
 
     # ---- chat ----------------------------------------------------------------------------
+
+    model_dir: Path | None = None  # where from_dir read it: the chat template lives there too
+
+    @functools.cached_property
+    def chat_template(self):
+        """The checkpoint's own chat template (``offload.chat_template``), or None."""
+        if self.model_dir is None:
+            return None
+        from offload.chat_template import load_chat_template
+
+        return load_chat_template(self.model_dir)
+
+    def encode_messages(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[int]:
+        """A conversation's ids in the checkpoint's chat format: its ``chat_template`` rendered
+        as transformers renders it when it has one, else the Mixtral instruct format."""
+        if self.chat_template is not None:
+            return self.chat_template.encode(self, messages, add_generation_prompt=add_generation_prompt)
+        return self.encode_chat(messages, add_generation_prompt=add_generation_prompt)
 
     def encode_chat(self, messages: Sequence[Message], *,
                     add_generation_prompt: bool = True) -> list[int]:

@@ -113,7 +113,7 @@ def test_bad_checkpoints_give_one_line_and_exit_2(damage, model_dirs, tmp_path):
 @pytest.mark.parametrize(
     "args, culprit",
     [
-        (["generate", "/no/such/model", "-p", "x"], "/no/such/model: no such file or directory"),
+        (["generate", "/no/such/model", "-p", "x"], "/no/such/model: no such directory"),
         (["generate", "{model}", "-p", "x", "--dtype", "int4"], "--dtype 'int4'"),
         (["generate", "{model}", "-p", "x", "--top-p", "0", "--temp", "1"], "top_p"),
     ],
@@ -175,3 +175,42 @@ def test_quantized_experts_from_the_command_line(model_dirs, tmp_path):
     assert json.loads(cached.stdout)["tokens"] == json.loads(resident.stdout)["tokens"]
     bad = run("generate", str(d), "-p", "x", "--expert-format", "nf3")
     assert bad.exit_code == 2 and "nf3" in bad.stderr
+
+
+def test_chat_uses_the_checkpoints_own_template(model_dirs, tmp_path):
+    """A fine-tune with a ChatML template: --chat renders it as transformers does."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from tests.test_chat_template import CHATML_TEMPLATE
+
+    d = tmp_path / "model"
+    shutil.copytree(model_dirs[WINDOWED.name], d)
+    config_path = d / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = CHATML_TEMPLATE
+    config_path.write_text(json.dumps(config))
+    result = run("generate", str(d), "-n", "2", "--chat", "--json", "--dtype", "float32", "-p", "hello there")
+    assert result.exit_code == 0, result.output
+    ids = json.loads(result.stdout)["prompt_tokens"]
+    chat = [{"role": "user", "content": "hello there"}]
+    rendered, _ = render_jinja_template(conversations=[chat], chat_template=CHATML_TEMPLATE, add_generation_prompt=True)
+    sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+    assert sp.decode(ids) == rendered[0]
+    assert "<|im_start|>user" in rendered[0] and "[INST]" not in sp.decode(ids)
+
+
+def test_a_hub_id_resolves_from_the_local_cache(model_dirs, tmp_path, monkeypatch):
+    """`offload generate org/name` finds the snapshot in a Hugging Face cache, network off."""
+    cache = tmp_path / "hub"
+    repo = cache / "models--acme--tiny-mixtral"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(model_dirs[WINDOWED.name], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = run("generate", "acme/tiny-mixtral", "-p", PROMPT, "-n", "3", "--json", "--dtype", "float32")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["tokens"]) >= 1
+    missing = run("generate", "acme/absent", "-p", "x")
+    assert missing.exit_code == 2 and "not in the Hugging Face cache" in missing.stderr
