@@ -16,6 +16,7 @@ from rich.table import Table
 
 from cli.common import progress_bar, stderr, user_errors
 from cli.bench import bench_command
+from cli.chat import chat_command
 from cli.convert import convert_command
 from cli.info import info_command
 from cli.simulate import simulate_command, stats_command
@@ -51,6 +52,7 @@ app.command("info")(info_command)
 app.command("simulate")(simulate_command)
 app.command("stats")(stats_command)
 app.command("bench")(bench_command)
+app.command("chat")(chat_command)
 
 
 @app.command()
