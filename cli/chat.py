@@ -22,11 +22,24 @@ from typing import Callable, Optional
 
 import typer
 
-from cli.common import stderr, user_errors
+from cli.common import (
+    ATTN_BITS_OPTION,
+    CONTEXT_OPTION,
+    DEVICE_OPTION,
+    DTYPE_OPTION,
+    EXPERT_BITS_OPTION,
+    EXPERT_FORMAT_OPTION,
+    EXPERTS_PER_LAYER_OPTION,
+    POLICY_OPTION,
+    RAM_OPTION,
+    VRAM_OPTION,
+    load_engine,
+    stderr,
+    user_errors,
+)
 from offload.demo import DEMO_MODEL_DIR
-from offload.engine import DEFAULT_DTYPE, DTYPES, Engine, GenerationSettings
+from offload.engine import Engine, GenerationSettings
 from offload.errors import OffloadError
-from offload.quant import FORMATS
 from offload.sampling import SamplingSettings
 from offload.tokenizer import Message
 
@@ -287,40 +300,18 @@ def chat_command(
     seed: Optional[int] = typer.Option(
         None, "--seed", help="Random seed, for a repeatable conversation (reply n uses seed + n)."
     ),
-    dtype: Optional[str] = typer.Option(
-        None,
-        "--dtype",
-        help=f"Compute dtype: {'|'.join(DTYPES)} (default {DEFAULT_DTYPE}; for a pack, the pack's own dtype).",
-    ),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when present, else CPU), cpu or cuda[:N]."),
-    context: Optional[int] = typer.Option(
-        None, "--context", help="Context length to allocate (default: min(model maximum, 4096))."
-    ),
-    vram: Optional[str] = typer.Option(
-        None, "--vram", help="Device memory budget (e.g. 6GiB): dense weights, KV cache, then expert slots."
-    ),
-    ram: Optional[str] = typer.Option(
-        None, "--ram", help="RAM budget for experts (e.g. 16GiB); 0 reads every miss from disk. Default: all."
-    ),
-    experts_per_layer: Optional[int] = typer.Option(
-        None, "--experts-per-layer", help="Expert slots per layer on the device (top-k .. all), instead of --vram."
-    ),
-    policy: str = typer.Option(
-        "auto", "--policy", help="Expert cache policy: lru, lfu, lookahead, history, combined, or auto."
-    ),
-    expert_format: Optional[str] = typer.Option(
-        None, "--expert-format", help=f"Quantize experts: {'|'.join(FORMATS)} (default: unquantized)."
-    ),
-    expert_bits: Optional[int] = typer.Option(
-        None, "--expert-bits", help="Expert weights in 4 (nf4), 8 (int8) or 16 bits (unquantized)."
-    ),
-    attn_bits: Optional[int] = typer.Option(
-        None, "--attn-bits", help="Attention projections in 4, 8 or 16 bits (default 16)."
-    ),
+    dtype: Optional[str] = DTYPE_OPTION,
+    device: str = DEVICE_OPTION,
+    context: Optional[int] = CONTEXT_OPTION,
+    vram: Optional[str] = VRAM_OPTION,
+    ram: Optional[str] = RAM_OPTION,
+    experts_per_layer: Optional[int] = EXPERTS_PER_LAYER_OPTION,
+    policy: str = POLICY_OPTION,
+    expert_format: Optional[str] = EXPERT_FORMAT_OPTION,
+    expert_bits: Optional[int] = EXPERT_BITS_OPTION,
+    attn_bits: Optional[int] = ATTN_BITS_OPTION,
 ) -> None:
     """Chat with a model: interactive in a terminal; with a pipe, stdin is one message and the reply goes to stdout."""
-    from cli.main import load_engine  # here, not at the top: cli.main imports this module
-
     with user_errors():
         sampling = SamplingSettings(temperature=temperature, top_p=top_p, seed=seed)
         GenerationSettings(max_new_tokens=max_tokens)

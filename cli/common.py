@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from offload.engine import DEFAULT_DTYPE, DTYPES, Engine
 from offload.errors import OffloadError
+from offload.quant import FORMATS
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -48,3 +51,44 @@ def progress_bar(verb: str, name: str) -> Iterator[Optional[ProgressFn]]:
             bar.update(task, completed=done, total=total, description=f"{name}: {what}")
 
         yield progress
+
+
+# Options every engine command takes (generate, chat), declared once.
+DTYPE_OPTION = typer.Option(
+    None,
+    "--dtype",
+    help=f"Compute dtype: {'|'.join(DTYPES)} (default {DEFAULT_DTYPE}; for a pack, the pack's own dtype).",
+)
+DEVICE_OPTION = typer.Option("auto", "--device", help="auto (CUDA when present, else CPU), cpu or cuda[:N].")
+CONTEXT_OPTION = typer.Option(None, "--context", help="Context length to allocate (default: min(model maximum, 4096)).")
+VRAM_OPTION = typer.Option(
+    None, "--vram", help="Device memory budget (e.g. 6GiB): dense weights, KV cache, then expert slots."
+)
+RAM_OPTION = typer.Option(
+    None, "--ram", help="RAM budget for experts (e.g. 16GiB); 0 reads every miss from disk. Default: all."
+)
+EXPERTS_PER_LAYER_OPTION = typer.Option(
+    None, "--experts-per-layer", help="Expert slots per layer on the device (top-k .. all), instead of --vram."
+)
+POLICY_OPTION = typer.Option(
+    "auto",
+    "--policy",
+    help="Expert cache policy: lru, lfu, lookahead (LRU + gate look-ahead prefetch), history "
+    "(router-history prefetch and eviction), combined (both), or auto: combined on CUDA, lru on CPU.",
+)
+EXPERT_FORMAT_OPTION = typer.Option(
+    None,
+    "--expert-format",
+    help=f"Quantize experts: {'|'.join(FORMATS)} (default: unquantized, in the compute dtype; "
+    "a pack keeps the format it was converted with).",
+)
+EXPERT_BITS_OPTION = typer.Option(
+    None, "--expert-bits", help="Expert weights in 4 (nf4), 8 (int8) or 16 bits (unquantized)."
+)
+ATTN_BITS_OPTION = typer.Option(None, "--attn-bits", help="Attention projections in 4, 8 or 16 bits (default 16).")
+
+
+def load_engine(model: Path, device: str, dtype: Optional[str], context: Optional[int], **budget) -> Engine:
+    """Load with a progress bar on stderr when it is a terminal."""
+    with progress_bar("loading", Path(model).name) as progress:
+        return Engine.load(model, device=device, dtype=dtype, context_length=context, progress=progress, **budget)

@@ -14,16 +14,29 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cli.common import progress_bar, stderr, user_errors
+from cli.common import (
+    ATTN_BITS_OPTION,
+    CONTEXT_OPTION,
+    DEVICE_OPTION,
+    DTYPE_OPTION,
+    EXPERT_BITS_OPTION,
+    EXPERT_FORMAT_OPTION,
+    EXPERTS_PER_LAYER_OPTION,
+    POLICY_OPTION,
+    RAM_OPTION,
+    VRAM_OPTION,
+    load_engine,
+    stderr,
+    user_errors,
+)
 from cli.bench import bench_command
 from cli.chat import chat_command
 from cli.convert import convert_command
 from cli.info import info_command
 from cli.simulate import simulate_command, stats_command
 from offload.demo import DEMO_MODEL_DIR
-from offload.engine import DEFAULT_DTYPE, DTYPES, Engine, GenerationSettings
+from offload.engine import Engine, GenerationSettings
 from offload.errors import OffloadError
-from offload.quant import FORMATS
 from offload.sampling import SamplingSettings
 from offload.tokenizer import Message
 
@@ -39,12 +52,6 @@ app = typer.Typer(
 @app.callback()
 def main() -> None:
     """Run Mixture-of-Experts models (Mixtral) on a GPU smaller than the model."""
-
-
-def load_engine(model: Path, device: str, dtype: Optional[str], context: Optional[int], **budget) -> Engine:
-    """Load with a progress bar on stderr when it is a terminal."""
-    with progress_bar("loading", model.name) as progress:
-        return Engine.load(model, device=device, dtype=dtype, context_length=context, progress=progress, **budget)
 
 
 app.command("convert")(convert_command)
@@ -74,42 +81,16 @@ def generate(
         False, "--chat", help="Wrap the prompt in the model's chat template (Mixtral's instruct format without one)."
     ),
     system: Optional[str] = typer.Option(None, "--system", help="System message (with --chat)."),
-    dtype: Optional[str] = typer.Option(
-        None,
-        "--dtype",
-        help=f"Compute dtype: {'|'.join(DTYPES)} (default {DEFAULT_DTYPE}; for a pack, the pack's own dtype).",
-    ),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when present, else CPU), cpu or cuda[:N]."),
-    context: Optional[int] = typer.Option(
-        None, "--context", help="Context length to allocate (default: min(model maximum, 4096))."
-    ),
-    vram: Optional[str] = typer.Option(
-        None, "--vram", help="Device memory budget (e.g. 6GiB): dense weights, KV cache, then expert slots."
-    ),
-    ram: Optional[str] = typer.Option(
-        None, "--ram", help="RAM budget for experts (e.g. 16GiB); 0 reads every miss from disk. Default: all."
-    ),
-    experts_per_layer: Optional[int] = typer.Option(
-        None, "--experts-per-layer", help="Expert slots per layer on the device (top-k .. all), instead of --vram."
-    ),
-    policy: str = typer.Option(
-        "auto",
-        "--policy",
-        help="Expert cache policy: lru, lfu, lookahead (LRU + gate look-ahead prefetch), history "
-        "(router-history prefetch and eviction), combined (both), or auto: combined on CUDA, lru on CPU.",
-    ),
-    expert_format: Optional[str] = typer.Option(
-        None,
-        "--expert-format",
-        help=f"Quantize experts: {'|'.join(FORMATS)} (default: unquantized, in the compute dtype; "
-        "a pack keeps the format it was converted with).",
-    ),
-    expert_bits: Optional[int] = typer.Option(
-        None, "--expert-bits", help="Expert weights in 4 (nf4), 8 (int8) or 16 bits (unquantized)."
-    ),
-    attn_bits: Optional[int] = typer.Option(
-        None, "--attn-bits", help="Attention projections in 4, 8 or 16 bits (default 16)."
-    ),
+    dtype: Optional[str] = DTYPE_OPTION,
+    device: str = DEVICE_OPTION,
+    context: Optional[int] = CONTEXT_OPTION,
+    vram: Optional[str] = VRAM_OPTION,
+    ram: Optional[str] = RAM_OPTION,
+    experts_per_layer: Optional[int] = EXPERTS_PER_LAYER_OPTION,
+    policy: str = POLICY_OPTION,
+    expert_format: Optional[str] = EXPERT_FORMAT_OPTION,
+    expert_bits: Optional[int] = EXPERT_BITS_OPTION,
+    attn_bits: Optional[int] = ATTN_BITS_OPTION,
     trace: Optional[Path] = typer.Option(
         None, "--trace", help="Write a router trace (experts, gates, predictions, cache outcomes) to this file."
     ),

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from offload.errors import TokenizerError
+from offload.tokenizer import read_json_object
 
 if TYPE_CHECKING:
     from offload.tokenizer import Message, Tokenizer
@@ -153,7 +154,7 @@ def load_chat_template(model_dir: str | Path) -> ChatTemplate | None:
 
     model_dir = Path(model_dir)
     cfg_path = model_dir / "tokenizer_config.json"
-    cfg = _read_json(cfg_path) or {}
+    cfg = read_json_object(cfg_path) or {}
     jinja_path = model_dir / "chat_template.jinja"
     if jinja_path.is_file():
         try:
@@ -212,22 +213,6 @@ def _config_template(value, path: Path) -> str | None:
         return by_name["default"]
     raise TokenizerError(f"{path}: chat_template must be a string or a list of "
                          "{\"name\": ..., \"template\": ...}")
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path}: cannot read ({e})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise TokenizerError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path}: expected a JSON object")
-    return data
 
 
 def _message_dict(message) -> dict:

@@ -128,7 +128,7 @@ class Tokenizer:
         bos: tuple[int, str] | None = None  # (id, file that named it)
         eos: list[tuple[int, str]] = []
         tok_cfg_path = model_dir / "tokenizer_config.json"
-        tok_cfg = _read_json(tok_cfg_path)
+        tok_cfg = read_json_object(tok_cfg_path)
         if tok_cfg is not None:
             added = _added_tokens(tok_cfg, tok_cfg_path)
             for key in ("bos_token", "eos_token"):
@@ -147,7 +147,7 @@ class Tokenizer:
                     eos.append((tid, str(tok_cfg_path)))
         for name in ("generation_config.json", "config.json"):
             cfg_path = model_dir / name
-            cfg = _read_json(cfg_path)
+            cfg = read_json_object(cfg_path)
             if cfg is None:
                 continue
             if bos is None and cfg.get("bos_token_id") is not None:
@@ -386,7 +386,7 @@ def _load_processor(path: Path) -> spm.SentencePieceProcessor:
     return processor
 
 
-def _read_json(path: Path) -> dict | None:
+def read_json_object(path: Path) -> dict | None:
     """The JSON object in ``path``, or None when the file does not exist."""
     try:
         text = path.read_text(encoding="utf-8")

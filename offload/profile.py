@@ -1,0 +1,456 @@
+"""Machine profiles: a TOML file that says what a machine has and the plan that runs well on it.
+
+What it is: ``Profile`` (the ``[machine]`` and ``[plan]`` tables of a profile file),
+``load_profile`` (a shipped name from the repository's ``profiles/`` folder, or a path), checked
+field by field with one-line errors naming the file and the field, ``save_profile`` (hand-written
+TOML, atomic), ``engine_kwargs`` (the plan as ``Engine.load`` keyword arguments),
+``probe_machine`` (RAM, CPU threads, GPU, a timed host-to-device copy and a timed disk read),
+``best_shipped_profile`` and ``does_it_fit``. What it is not: a benchmark (``offload profile``,
+in cli/profile.py, measures candidate plans through offload.bench) nor an engine setting of its
+own: ``prefetch_depth`` is recorded but the engine does not take it yet.
+
+File layout (sizes as strings: "8GiB", "512MiB", "0"):
+
+    # one comment line: what the profile is for
+    [machine]
+    gpu = "NVIDIA GeForce RTX 3060"   # "none": no GPU, the plan runs on the CPU
+    vram = "12GiB"
+    ram = "32GiB"
+    h2d_gbps = 25.0                   # host-to-device copy, GB/s
+    disk_gbps = 3.5                   # sequential read, GB/s
+    cpu_threads = 16
+    [plan]
+    expert_bits = 4                   # 4, 8 or 16
+    attn_bits = 4
+    vram = "11GiB"                    # optional: GPU budget for the engine (below machine.vram)
+    ram = "24GiB"                     # optional: RAM budget for experts
+    experts_per_layer = 3             # optional, instead of vram
+    context = 4096
+    policy = "combined"               # auto, or an expert cache policy
+    prefetch_depth = 1
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+import offload
+from offload.device import device_name, empty_host_buffer, is_cuda, resolve_device, synchronize
+from offload.errors import SettingError
+from offload.experts.policy import CACHE_POLICIES
+from offload.plan import format_bytes, parse_bytes
+from offload.quant import BITS_CHOICES
+
+PROFILES_DIR = Path(offload.__file__).resolve().parents[1] / "profiles"
+POLICY_CHOICES = ("auto", *CACHE_POLICIES)
+NO_GPU = "none"
+# A card's reported total falls a little below its nominal size (an "8 GB" card reports ~7.7 GiB).
+NOMINAL_SLACK = 0.95
+PROBE_COPY_BYTES = 256 * 2**20
+PROBE_READ_BYTES = 256 * 2**20
+
+# (table, key) -> (type, required). float fields take ints too; size fields are strings.
+_SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
+    "machine": {
+        "gpu": ("str", True),
+        "vram": ("size", True),
+        "ram": ("size", True),
+        "h2d_gbps": ("float", True),
+        "disk_gbps": ("float", True),
+        "cpu_threads": ("int", True),
+    },
+    "plan": {
+        "expert_bits": ("bits", True),
+        "attn_bits": ("bits", True),
+        "vram": ("size", False),
+        "ram": ("size", False),
+        "experts_per_layer": ("int", False),
+        "context": ("int", True),
+        "policy": ("policy", True),
+        "prefetch_depth": ("int", True),
+    },
+}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A machine and the plan for it. Sizes stay as written ("7.4GiB"); ``*_bytes`` parse them."""
+
+    name: str
+    gpu: str
+    vram: str
+    ram: str
+    h2d_gbps: float
+    disk_gbps: float
+    cpu_threads: int
+    expert_bits: int
+    attn_bits: int
+    context: int
+    policy: str
+    prefetch_depth: int
+    plan_vram: str | None = None
+    plan_ram: str | None = None
+    experts_per_layer: int | None = None
+    comment: str = ""
+    source: str = ""  # the file it was read from ("" when built in memory)
+
+    @property
+    def has_gpu(self) -> bool:
+        return self.gpu.strip().lower() != NO_GPU
+
+    @property
+    def vram_bytes(self) -> int:
+        return parse_bytes(self.vram)
+
+    @property
+    def ram_bytes(self) -> int:
+        return parse_bytes(self.ram)
+
+    @property
+    def plan_vram_bytes(self) -> int | None:
+        return None if self.plan_vram is None else parse_bytes(self.plan_vram)
+
+    @property
+    def plan_ram_bytes(self) -> int | None:
+        return None if self.plan_ram is None else parse_bytes(self.plan_ram)
+
+    @property
+    def device_bytes(self) -> int:
+        """What the plan's ``vram`` budget is drawn from: the card, or RAM on a machine without one."""
+        return self.vram_bytes if self.has_gpu else self.ram_bytes
+
+    def tables(self) -> dict[str, dict[str, Any]]:
+        """The file's two tables, optional fields left out when unset."""
+        machine = dict(gpu=self.gpu, vram=self.vram, ram=self.ram, h2d_gbps=float(self.h2d_gbps),
+                       disk_gbps=float(self.disk_gbps), cpu_threads=self.cpu_threads)
+        plan = dict(expert_bits=self.expert_bits, attn_bits=self.attn_bits, vram=self.plan_vram,
+                    ram=self.plan_ram, experts_per_layer=self.experts_per_layer, context=self.context,
+                    policy=self.policy, prefetch_depth=self.prefetch_depth)
+        return {"machine": machine, "plan": {k: v for k, v in plan.items() if v is not None}}
+
+
+# ---- reading and checking ----------------------------------------------------------------------
+
+
+def shipped_profiles() -> list[str]:
+    """Names of the profiles in the repository's profiles/ folder."""
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.toml"))
+
+
+def _resolve(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists() or len(path.parts) > 1:
+        if not path.is_file():
+            raise SettingError(f"{path}: no such profile file")
+        return path
+    shipped = PROFILES_DIR / f"{name_or_path}.toml"
+    if not shipped.is_file():
+        names = ", ".join(shipped_profiles()) or f"none found in {PROFILES_DIR}"
+        raise SettingError(f"profile {str(name_or_path)!r}: not a file, nor a shipped profile ({names})")
+    return shipped
+
+
+def _check_value(where: str, kind: str, value: Any) -> Any:
+    if kind == "str":
+        if not isinstance(value, str) or not value.strip():
+            raise SettingError(f"{where}: expected a non-empty string, got {value!r}")
+    elif kind == "size":
+        if not isinstance(value, str):
+            raise SettingError(f"{where}: expected a size string like \"8GiB\", got {value!r}")
+        try:
+            parse_bytes(value, where)
+        except SettingError:
+            raise SettingError(f"{where}: {value!r} is not a size like \"8GiB\", \"512MiB\" or \"0\"") from None
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise SettingError(f"{where}: expected a number >= 0, got {value!r}")
+        value = float(value)
+    elif kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SettingError(f"{where}: expected an integer >= 1, got {value!r}")
+    elif kind == "bits":
+        if isinstance(value, bool) or value not in BITS_CHOICES:
+            raise SettingError(f"{where}: {value!r} bits; choose one of {', '.join(map(str, BITS_CHOICES))}")
+    elif kind == "policy":
+        if value not in POLICY_CHOICES:
+            raise SettingError(f"{where}: policy {value!r}; choose one of {', '.join(POLICY_CHOICES)}")
+    return value
+
+
+def profile_from_dict(data: dict[str, Any], source: str = "<profile>", name: str = "", comment: str = "") -> Profile:
+    """A checked Profile from the parsed tables; errors name ``source`` and the field."""
+    unknown = set(data) - set(_SCHEMA)
+    if unknown:
+        raise SettingError(f"{source}: unknown table or field {sorted(unknown)[0]!r} (expected [machine] and [plan])")
+    values: dict[str, dict[str, Any]] = {}
+    for table, schema in _SCHEMA.items():
+        given = data.get(table)
+        if not isinstance(given, dict):
+            raise SettingError(f"{source}: missing table [{table}]")
+        extra = sorted(set(given) - set(schema))
+        if extra:
+            raise SettingError(f"{source}: {table}.{extra[0]}: unknown field (known: {', '.join(schema)})")
+        values[table] = {}
+        for key, (kind, required) in schema.items():
+            if key not in given:
+                if required:
+                    raise SettingError(f"{source}: {table}.{key}: missing")
+                continue
+            values[table][key] = _check_value(f"{source}: {table}.{key}", kind, given[key])
+    m, p = values["machine"], values["plan"]
+    profile = Profile(
+        name=name, gpu=m["gpu"], vram=m["vram"], ram=m["ram"], h2d_gbps=m["h2d_gbps"],
+        disk_gbps=m["disk_gbps"], cpu_threads=m["cpu_threads"], expert_bits=p["expert_bits"],
+        attn_bits=p["attn_bits"], context=p["context"], policy=p["policy"],
+        prefetch_depth=p["prefetch_depth"], plan_vram=p.get("vram"), plan_ram=p.get("ram"),
+        experts_per_layer=p.get("experts_per_layer"), comment=comment, source=source,
+    )
+    if profile.plan_vram is not None and profile.experts_per_layer is not None:
+        raise SettingError(f"{source}: plan.experts_per_layer: give plan.vram or plan.experts_per_layer, not both")
+    limit, what = (profile.vram_bytes, "machine.vram") if profile.has_gpu else (profile.ram_bytes, "machine.ram")
+    if profile.plan_vram is not None and profile.plan_vram_bytes > limit:
+        raise SettingError(
+            f"{source}: plan.vram: {profile.plan_vram} is more than the machine has ({what} {getattr(profile, what[8:])})"
+        )
+    if profile.plan_ram is not None and profile.plan_ram_bytes > profile.ram_bytes:
+        raise SettingError(f"{source}: plan.ram: {profile.plan_ram} is more than the machine has (machine.ram {profile.ram})")
+    return profile
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
+    """A shipped profile by name ("rtx-3060-12gb") or a profile file by path, checked."""
+    path = _resolve(name_or_path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text)
+    except OSError as exc:
+        raise SettingError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SettingError(f"{path}: not valid TOML ({exc})") from None
+    first = text.lstrip().splitlines()[0] if text.strip() else ""
+    comment = first.lstrip("#").strip() if first.startswith("#") else ""
+    return profile_from_dict(data, str(path), path.stem, comment)
+
+
+# ---- writing -----------------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(round(value, 3))
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def profile_toml(profile: Profile) -> str:
+    """The profile as TOML text: a comment line, then [machine] and [plan] as key = value."""
+    comment = " ".join(profile.comment.split()) or f"machine profile {profile.name}".strip()
+    lines = [f"# {comment}"]
+    for table, values in profile.tables().items():
+        lines += ["", f"[{table}]"] + [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def save_profile(profile: Profile, path: str | Path) -> Path:
+    """Check, then write ``path`` atomically (a temporary file in the same folder, renamed)."""
+    path = Path(path)
+    text = profile_toml(profile)
+    profile_from_dict(tomllib.loads(text), str(path), path.stem)  # refuse to write what load refuses
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise SettingError(f"{path}: cannot write the profile ({exc.strerror or exc})") from None
+    return path
+
+
+# ---- using a profile ---------------------------------------------------------------------------
+
+
+def engine_kwargs(profile: Profile) -> dict[str, Any]:
+    """Keyword arguments for ``Engine.load`` (prefetch_depth is not an engine setting yet)."""
+    return {
+        "device": "cuda" if profile.has_gpu else "cpu",
+        "context_length": profile.context,
+        "vram": profile.plan_vram,
+        "ram": profile.plan_ram,
+        "experts_per_layer": profile.experts_per_layer,
+        "policy": profile.policy,
+        "expert_bits": profile.expert_bits,
+        "attn_bits": profile.attn_bits,
+    }
+
+
+def _cuda_memory(device: torch.device) -> tuple[int, int]:
+    """(free, total) bytes of a CUDA device. Belongs in offload.device (its only CUDA caller)."""
+    return torch.cuda.mem_get_info(device)
+
+
+def _time_copy(device: torch.device, nbytes: int) -> float:
+    """GB/s of one host-to-device copy of ``nbytes`` (pinned on CUDA; a memcpy on CPU), best of 3."""
+    src = empty_host_buffer(nbytes, 1, device)
+    src.fill_(1)
+    dst = torch.empty_like(src, device=device)
+    best = math.inf
+    for _ in range(3):
+        synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src, non_blocking=is_cuda(device))
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best / 1e9
+
+
+def _largest_file(root: Path) -> Path | None:
+    if root.is_file():
+        return root
+    files = [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
+    return max(files, key=lambda p: p.stat().st_size, default=None)
+
+
+def _time_read(path: Path, limit: int) -> float | None:
+    """GB/s reading up to ``limit`` bytes of ``path``, after asking the kernel to drop its cached
+    pages (Linux; elsewhere a cached file reads faster than the disk)."""
+    chunk = 8 * 2**20
+    with open(path, "rb", buffering=0) as f:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        done = 0
+        start = time.perf_counter()
+        while done < limit:
+            data = f.read(min(chunk, limit - done))
+            if not data:
+                break
+            done += len(data)
+        seconds = time.perf_counter() - start
+    return done / seconds / 1e9 if done and seconds > 0 else None
+
+
+def probe_machine(
+    pack_or_model: Path | None = None,
+    device: str = "auto",
+    copy_bytes: int = PROBE_COPY_BYTES,
+    read_bytes: int = PROBE_READ_BYTES,
+) -> dict[str, Any]:
+    """What this machine has: RAM and CPU threads (psutil), the GPU's name and memory, a timed
+    host-to-device copy of ``copy_bytes`` and, given a model or pack, a timed read of its largest
+    file. Sizes in bytes, speeds in GB/s (None when not measured)."""
+    torch_device = resolve_device(device)
+    memory = psutil.virtual_memory()
+    machine: dict[str, Any] = {
+        "device": str(torch_device),
+        "gpu": NO_GPU,
+        "vram": 0,
+        "vram_free": 0,
+        "ram": memory.total,
+        "ram_available": memory.available,
+        "cpu_threads": psutil.cpu_count(logical=True) or os.cpu_count() or 1,
+        "h2d_gbps": None,
+        "disk_gbps": None,
+        "disk_file": None,
+    }
+    if is_cuda(torch_device):
+        free, total = _cuda_memory(torch_device)
+        machine.update(gpu=device_name(torch_device), vram=total, vram_free=free)
+    if copy_bytes > 0:
+        machine["h2d_gbps"] = _time_copy(torch_device, copy_bytes)
+    if pack_or_model is not None:
+        path = _largest_file(Path(pack_or_model))
+        if path is None:
+            raise SettingError(f"{pack_or_model}: no file to time a disk read on")
+        machine.update(disk_gbps=_time_read(path, read_bytes), disk_file=str(path))
+    return machine
+
+
+def best_shipped_profile(device: str | torch.device = "auto", vram_total: int | None = None) -> Profile:
+    """CPU: cpu-only. CUDA: the shipped GPU profile with the largest card no larger than this one
+    (``vram_total`` bytes; default: the card's reported total)."""
+    torch_device = resolve_device(device) if isinstance(device, str) else device
+    profiles = [load_profile(name) for name in shipped_profiles()]
+    if not is_cuda(torch_device):
+        for profile in profiles:
+            if not profile.has_gpu:
+                return profile
+        raise SettingError(f"{PROFILES_DIR}: no shipped profile without a GPU")
+    if vram_total is None:
+        vram_total = _cuda_memory(torch_device)[1]
+    fitting = [p for p in profiles if p.has_gpu and p.vram_bytes * NOMINAL_SLACK <= vram_total]
+    if not fitting:
+        smallest = min((p for p in profiles if p.has_gpu), key=lambda p: p.vram_bytes, default=None)
+        need = f"; the smallest is {smallest.name} ({smallest.vram})" if smallest else ""
+        raise SettingError(f"no shipped GPU profile fits a card of {format_bytes(vram_total)}{need}")
+    return max(fitting, key=lambda p: p.vram_bytes)
+
+
+def does_it_fit(profile: Profile, machine: dict[str, Any]) -> None:
+    """Raise SettingError when ``profile``'s plan needs a GPU, VRAM or RAM that ``machine``
+    (``probe_machine``'s dict) lacks."""
+    where = profile.source or profile.name or "profile"
+    has_gpu = machine.get("gpu", NO_GPU) != NO_GPU and machine.get("vram", 0) > 0
+    if profile.has_gpu and not has_gpu:
+        raise SettingError(f"{where}: needs a GPU ({profile.gpu}) and this machine has none")
+    need = profile.plan_vram_bytes
+    if need is not None:
+        have, what = (machine["vram"], "VRAM") if profile.has_gpu else (machine["ram"], "RAM")
+        if need > have:
+            raise SettingError(
+                f"{where}: plan.vram {profile.plan_vram} is more than this machine's {what} ({format_bytes(have)})"
+            )
+    need = profile.plan_ram_bytes
+    if need is not None and need > machine["ram"]:
+        raise SettingError(
+            f"{where}: plan.ram {profile.plan_ram} is more than this machine's RAM ({format_bytes(machine['ram'])})"
+        )
+
+
+def machine_profile(machine: dict[str, Any], plan: Profile, name: str = "this-machine", comment: str = "") -> Profile:
+    """``plan``'s [plan] with ``machine``'s (probe_machine) figures as the [machine] table."""
+    return replace(
+        plan,
+        name=name,
+        gpu=machine["gpu"],
+        vram=_size_text(machine["vram"]),
+        ram=_size_text(machine["ram"]),
+        h2d_gbps=round(machine["h2d_gbps"] or 0.0, 2),
+        disk_gbps=round(machine["disk_gbps"] or 0.0, 2),
+        cpu_threads=int(machine["cpu_threads"]),
+        comment=comment or plan.comment,
+        source="",
+    )
+
+
+def _size_text(n: int) -> str:
+    """Bytes as a size string that parses back to at least ``n`` ("0", "12GiB", "7823KiB")."""
+    if n == 0:
+        return "0"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n % size == 0:
+            return f"{n // size}{unit}"
+    return f"{math.ceil(n / 1024)}KiB"
+
+
+__all__ = [
+    "PROFILES_DIR", "Profile", "best_shipped_profile", "does_it_fit", "engine_kwargs", "load_profile",
+    "machine_profile", "probe_machine", "profile_from_dict", "profile_toml", "save_profile", "shipped_profiles",
+]
