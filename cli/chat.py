@@ -31,8 +31,10 @@ from cli.common import (
     EXPERT_FORMAT_OPTION,
     EXPERTS_PER_LAYER_OPTION,
     POLICY_OPTION,
+    PROFILE_OPTION,
     RAM_OPTION,
     VRAM_OPTION,
+    engine_options,
     load_engine,
     stderr,
     user_errors,
@@ -310,6 +312,7 @@ def chat_command(
     expert_format: Optional[str] = EXPERT_FORMAT_OPTION,
     expert_bits: Optional[int] = EXPERT_BITS_OPTION,
     attn_bits: Optional[int] = ATTN_BITS_OPTION,
+    profile: Optional[str] = PROFILE_OPTION,
 ) -> None:
     """Chat with a model: interactive in a terminal; with a pipe, stdin is one message and the reply goes to stdout."""
     with user_errors():
@@ -322,9 +325,12 @@ def chat_command(
             if not message:
                 raise OffloadError("no message: pipe the message on stdin, or run in a terminal to chat")
         engine = load_engine(
-            model or DEMO_MODEL_DIR, device, dtype, context,
-            vram=vram, ram=ram, experts_per_layer=experts_per_layer, policy=policy, expert_format=expert_format,
-            expert_bits=expert_bits, attn_bits=attn_bits,
+            model or DEMO_MODEL_DIR,
+            **engine_options(
+                profile, device=device, dtype=dtype, context_length=context, vram=vram, ram=ram,
+                experts_per_layer=experts_per_layer, policy=policy, expert_format=expert_format,
+                expert_bits=expert_bits, attn_bits=attn_bits,
+            ),
         )
         session = ChatSession(engine, sampling, max_tokens, system)
         if message is not None:

@@ -88,7 +88,31 @@ EXPERT_BITS_OPTION = typer.Option(
 ATTN_BITS_OPTION = typer.Option(None, "--attn-bits", help="Attention projections in 4, 8 or 16 bits (default 16).")
 
 
-def load_engine(model: Path, device: str, dtype: Optional[str], context: Optional[int], **budget) -> Engine:
-    """Load with a progress bar on stderr when it is a terminal."""
+def load_engine(model: Path, **settings) -> Engine:
+    """``Engine.load`` with a progress bar on stderr when it is a terminal."""
     with progress_bar("loading", Path(model).name) as progress:
-        return Engine.load(model, device=device, dtype=dtype, context_length=context, progress=progress, **budget)
+        return Engine.load(model, progress=progress, **settings)
+
+PROFILE_OPTION = typer.Option(
+    None,
+    "--profile",
+    help="A machine profile: a shipped name (see profiles/) or a TOML path; flags given explicitly win.",
+)
+
+
+def engine_options(profile: Optional[str], **flags) -> dict:
+    """``load_engine``'s settings: a profile's plan, overridden by every flag the user gave (a
+    flag at its default, None or "auto", counts as not given)."""
+    from offload.profile import engine_kwargs, load_profile
+
+    settings = engine_kwargs(load_profile(profile)) if profile else {}
+    if "context_length" in settings:  # a machine's context is a ceiling: a model may allow less
+        settings["max_context"] = settings.pop("context_length")
+    settings.setdefault("device", "auto")
+    settings.setdefault("context_length", None)
+    for key, value in flags.items():
+        if value is not None and value != "auto":
+            settings[key] = value
+        else:
+            settings.setdefault(key, value)
+    return settings

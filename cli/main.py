@@ -23,8 +23,10 @@ from cli.common import (
     EXPERT_FORMAT_OPTION,
     EXPERTS_PER_LAYER_OPTION,
     POLICY_OPTION,
+    PROFILE_OPTION,
     RAM_OPTION,
     VRAM_OPTION,
+    engine_options,
     load_engine,
     stderr,
     user_errors,
@@ -32,6 +34,7 @@ from cli.common import (
 from cli.bench import bench_command
 from cli.chat import chat_command
 from cli.convert import convert_command
+from cli.profile import profile_command
 from cli.info import info_command
 from cli.simulate import simulate_command, stats_command
 from offload.demo import DEMO_MODEL_DIR
@@ -60,6 +63,7 @@ app.command("simulate")(simulate_command)
 app.command("stats")(stats_command)
 app.command("bench")(bench_command)
 app.command("chat")(chat_command)
+app.command("profile")(profile_command)
 
 
 @app.command()
@@ -91,6 +95,7 @@ def generate(
     expert_format: Optional[str] = EXPERT_FORMAT_OPTION,
     expert_bits: Optional[int] = EXPERT_BITS_OPTION,
     attn_bits: Optional[int] = ATTN_BITS_OPTION,
+    profile: Optional[str] = PROFILE_OPTION,
     trace: Optional[Path] = typer.Option(
         None, "--trace", help="Write a router trace (experts, gates, predictions, cache outcomes) to this file."
     ),
@@ -112,9 +117,12 @@ def generate(
         )
         model = model or DEMO_MODEL_DIR
         engine = load_engine(
-            model, device, dtype, context,
-            vram=vram, ram=ram, experts_per_layer=experts_per_layer, policy=policy, expert_format=expert_format,
-            expert_bits=expert_bits, attn_bits=attn_bits,
+            model,
+            **engine_options(
+                profile, device=device, dtype=dtype, context_length=context, vram=vram, ram=ram,
+                experts_per_layer=experts_per_layer, policy=policy, expert_format=expert_format,
+                expert_bits=expert_bits, attn_bits=attn_bits,
+            ),
         )
         tokenizer = engine.tokenizer
         if chat:

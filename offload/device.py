@@ -54,6 +54,13 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def memory_info(device: torch.device) -> tuple[int, int] | None:
+    """(free, total) bytes of a CUDA device; None on CPU (use psutil for RAM there)."""
+    if is_cuda(device):
+        return torch.cuda.mem_get_info(device)
+    return None
+
+
 def peak_memory_bytes(device: torch.device) -> int | None:
     """Peak bytes allocated on a CUDA device since start; None on CPU (use process RSS there)."""
     if is_cuda(device):

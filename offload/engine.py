@@ -100,6 +100,7 @@ class Engine:
         device: str = "auto",
         dtype: str | torch.dtype | None = None,
         context_length: int | None = None,
+        max_context: int | None = None,
         progress: ProgressFn | None = None,
         vram: int | str | None = None,
         ram: int | str | None = None,
@@ -137,8 +138,8 @@ class Engine:
                 f"{model_dir / 'tokenizer.model'}: {tokenizer.vocab_size} pieces but the model has "
                 f"only {config.vocab_size} embeddings"
             )
-        if context_length is None:
-            context_length = min(config.max_position_embeddings, DEFAULT_CONTEXT)
+        if context_length is None:  # as much as the model allows, up to max_context (default 4096)
+            context_length = min(config.max_position_embeddings, max_context or DEFAULT_CONTEXT)
         if not 1 <= context_length <= config.max_position_embeddings:
             raise SettingError(
                 f"context length {context_length} must be in [1, {config.max_position_embeddings}]"

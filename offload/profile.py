@@ -37,7 +37,7 @@ import os
 import tempfile
 import time
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ import psutil
 import torch
 
 import offload
-from offload.device import device_name, empty_host_buffer, is_cuda, resolve_device, synchronize
+from offload.device import device_name, empty_host_buffer, is_cuda, memory_info, resolve_device, synchronize
 from offload.errors import SettingError
 from offload.experts.policy import CACHE_POLICIES
 from offload.plan import format_bytes, parse_bytes
@@ -302,11 +302,6 @@ def engine_kwargs(profile: Profile) -> dict[str, Any]:
     }
 
 
-def _cuda_memory(device: torch.device) -> tuple[int, int]:
-    """(free, total) bytes of a CUDA device. Belongs in offload.device (its only CUDA caller)."""
-    return torch.cuda.mem_get_info(device)
-
-
 def _time_copy(device: torch.device, nbytes: int) -> float:
     """GB/s of one host-to-device copy of ``nbytes`` (pinned on CUDA; a memcpy on CPU), best of 3."""
     src = empty_host_buffer(nbytes, 1, device)
@@ -371,7 +366,7 @@ def probe_machine(
         "disk_file": None,
     }
     if is_cuda(torch_device):
-        free, total = _cuda_memory(torch_device)
+        free, total = memory_info(torch_device)
         machine.update(gpu=device_name(torch_device), vram=total, vram_free=free)
     if copy_bytes > 0:
         machine["h2d_gbps"] = _time_copy(torch_device, copy_bytes)
@@ -394,7 +389,7 @@ def best_shipped_profile(device: str | torch.device = "auto", vram_total: int | 
                 return profile
         raise SettingError(f"{PROFILES_DIR}: no shipped profile without a GPU")
     if vram_total is None:
-        vram_total = _cuda_memory(torch_device)[1]
+        vram_total = memory_info(torch_device)[1]
     fitting = [p for p in profiles if p.has_gpu and p.vram_bytes * NOMINAL_SLACK <= vram_total]
     if not fitting:
         smallest = min((p for p in profiles if p.has_gpu), key=lambda p: p.vram_bytes, default=None)
@@ -441,13 +436,10 @@ def machine_profile(machine: dict[str, Any], plan: Profile, name: str = "this-ma
 
 
 def _size_text(n: int) -> str:
-    """Bytes as a size string that parses back to at least ``n`` ("0", "12GiB", "7823KiB")."""
-    if n == 0:
-        return "0"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
-        if n % size == 0:
-            return f"{n // size}{unit}"
-    return f"{math.ceil(n / 1024)}KiB"
+    """Bytes as a short size string, rounded down ("0", "23.5GiB", "812MiB")."""
+    if n >= 2**30:
+        return f"{math.floor(n / 2**30 * 100) / 100:g}GiB"
+    return f"{n // 2**20}MiB" if n >= 2**20 else str(n)
 
 
 __all__ = [

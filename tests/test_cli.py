@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import sentencepiece as spm
@@ -214,3 +215,21 @@ def test_a_hub_id_resolves_from_the_local_cache(model_dirs, tmp_path, monkeypatc
     assert len(json.loads(result.stdout)["tokens"]) >= 1
     missing = run("generate", "acme/absent", "-p", "x")
     assert missing.exit_code == 2 and "not in the Hugging Face cache" in missing.stderr
+
+
+def test_profiles_set_the_plan_and_flags_win(model_dirs, tmp_path):
+    d = str(model_dirs[WINDOWED.name])
+    common = ["generate", d, "-p", PROMPT, "-n", "2", "--json", "--dtype", "float32"]
+    shipped = run(*common, "--profile", "cpu-only")
+    assert shipped.exit_code == 0, shipped.output
+    assert json.loads(shipped.stdout)["plan"] is None  # cpu-only: every expert resident
+    custom = tmp_path / "small.toml"
+    text = (Path(__file__).resolve().parents[1] / "profiles" / "cpu-only.toml").read_text()
+    custom.write_text(text.replace("[plan]", "[plan]\nexperts_per_layer = 3", 1))
+    planned = run(*common, "--profile", str(custom))
+    assert planned.exit_code == 0, planned.output
+    assert json.loads(planned.stdout)["plan"]["slots_per_layer"] == 3
+    overridden = run(*common, "--profile", str(custom), "--experts-per-layer", "5")
+    assert json.loads(overridden.stdout)["plan"]["slots_per_layer"] == 5
+    bad = run("generate", d, "-p", "x", "--profile", "no-such-card")
+    assert bad.exit_code == 2 and len(bad.stderr.strip().splitlines()) == 1 and "no-such-card" in bad.stderr
