@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.common import stderr, user_errors
+from cli.common import PROFILE_OPTION, stderr, user_errors
 from offload import quant
 from offload.config import ModelConfig
 from offload.engine import DEFAULT_CONTEXT, DEFAULT_DTYPE, DTYPES, parse_dtype
@@ -53,8 +53,8 @@ def info_command(
     expert_bits: Optional[int] = typer.Option(
         None, "--expert-bits", help=f"Expert weights in {BITS} bits: 4 nf4, 8 int8, 16 the compute dtype (default)."
     ),
-    attn_bits: int = typer.Option(
-        16, "--attn-bits", help=f"Attention projections (q, k, v, o) in {BITS} bits, mapped like --expert-bits."
+    attn_bits: Optional[int] = typer.Option(
+        None, "--attn-bits", help=f"Attention projections (q, k, v, o) in {BITS} bits, mapped like --expert-bits (default 16)."
     ),
     expert_format: Optional[str] = typer.Option(
         None, "--expert-format", help=f"Expert format by name instead of --expert-bits: {'|'.join(FORMATS)}."
@@ -63,10 +63,22 @@ def info_command(
         None, "--dtype", help=f"Compute dtype: {'|'.join(DTYPES)} (default {DEFAULT_DTYPE}; a pack: its own)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object, sizes in bytes."),
+    profile: Optional[str] = PROFILE_OPTION,
 ) -> None:
     """Show how a model splits between GPU, RAM and disk: sizes by class, one expert, KV cache,
     and how many experts fit on the card and in RAM."""
     with user_errors():
+        if profile:  # the profile's plan, where no flag says otherwise
+            from offload.profile import load_profile
+
+            p = load_profile(profile)
+            vram = vram or p.plan_vram
+            ram = ram or p.plan_ram
+            context = context or p.context
+            if expert_format is None:
+                expert_bits = expert_bits or p.expert_bits
+            attn_bits = attn_bits or p.attn_bits
+        attn_bits = attn_bits or 16
         if expert_format is not None and expert_bits is not None:
             raise SettingError("give --expert-format or --expert-bits, not both")
         name, config, pack_format, pack_dtype = _resolve_model(model)
