@@ -259,3 +259,17 @@ def test_gate_lookahead_prefetch_beats_lru_on_the_demo_model():
     assert precision > 0.5
     loads = lambda s: s.host_loads + s.disk_loads  # noqa: E731
     assert loads(ahead) <= 1.5 * loads(lru)
+
+
+def test_a_prefetch_never_evicts_another_prediction_or_another_layer(model_dirs):
+    engine = Engine.load(model_dirs[WIDE.name], device="cpu", dtype="float32", experts_per_layer=3, ram=0, policy="lru")
+    cache = engine.cache
+    assert cache.prefetch(1, [0, 1, 2]) == 3
+    assert cache.resident(1) == [0, 1, 2] and cache.resident(0) == [] and cache.resident(2) == []
+    assert cache.prefetch(1, [3]) == 0  # every slot holds an unused prediction: nothing is evicted
+    assert cache.resident(1) == [0, 1, 2]
+    cache.get(1, [0])  # a prediction used: its slot may now go
+    assert cache.prefetch(1, [3]) == 1
+    assert 3 in cache.resident(1) and {1, 2} <= set(cache.resident(1))
+    stats = cache.stats.layers[1]
+    assert (stats.prefetches, stats.prefetch_used, stats.hits, stats.misses) == (4, 1, 1, 0)

@@ -26,6 +26,7 @@ def test_trace_records_routing_predictions_and_outcomes(tmp_path):
     L = engine.config.num_hidden_layers
     assert trace.header.experts_per_layer == 4 and trace.header.policy == "lookahead"
     assert [s.phase for s in steps] == ["prefill"] * len(ids) + ["decode"] * (len(gen.tokens) - 1)
+    assert [s.t for s in steps] == list(range(len(steps)))
     # routing: token by token, layer by layer, what the model chose
     per_layer = {layer: torch.cat([e for l2, e in seen if l2 == layer]) for layer in range(L)}
     for t, step in enumerate(steps):
