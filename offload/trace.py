@@ -593,15 +593,8 @@ def _simulate_demand(trace: Trace, k: int, name: str, phases: Sequence[str]) -> 
             resident: set[int] = set()
             hits = uses = 0
             for request in seq.layer_requests(layer, phases):
-                for expert in request:
-                    policy.use(layer, expert)
-                    uses += 1
-                    if expert in resident:
-                        hits += 1
-                        continue
-                    if len(resident) == k:
-                        resident.remove(policy.victim(layer, (e for e in resident if e not in request)))
-                    resident.add(expert)
+                uses += len(request)
+                hits += _serve(resident, request, k, layer, policy)
             _count(result, layer, uses, hits)
     return result
 
@@ -624,18 +617,40 @@ def _simulate_belady(trace: Trace, k: int, phases: Sequence[str]) -> SimResult:
             resident: set[int] = set()
             hits = uses = 0
             for i, request in enumerate(requests):
-                for expert in request:
-                    uses += 1
-                    if expert in resident:
-                        hits += 1
-                        continue
-                    if len(resident) == k:
-                        later = next_use[i]
-                        victim = max((e for e in resident if e not in request), key=lambda e: (later.get(e, never), -e))
-                        resident.remove(victim)
-                    resident.add(expert)
+                uses += len(request)
+                hits += _serve(resident, request, k, layer, _Farthest(next_use[i], never))
             _count(result, layer, uses, hits)
     return result
+
+
+def _serve(resident: set[int], request: Sequence[int], k: int, layer: int, policy) -> int:
+    """One layer's request against a cache of ``k`` experts, as ``ExpertCache.get`` serves it:
+    each expert in turn is used, then a hit or a load; a load into a full cache evicts the
+    policy's victim among the experts this request does not ask for. Returns the hits."""
+    hits = 0
+    for expert in request:
+        policy.use(layer, expert)
+        if expert in resident:
+            hits += 1
+            continue
+        if len(resident) == k:
+            resident.remove(policy.victim(layer, (e for e in resident if e not in request)))
+        resident.add(expert)
+    return hits
+
+
+class _Farthest:
+    """Belady's victim: the expert whose next request is farthest away (never again first),
+    ties by expert id; ``next_use`` maps expert -> index of its next request."""
+
+    def __init__(self, next_use: dict[int, int], never: int):
+        self.next_use, self.never = next_use, never
+
+    def use(self, layer: int, expert: int) -> None:
+        pass
+
+    def victim(self, layer: int, candidates) -> int:
+        return max(candidates, key=lambda e: (self.next_use.get(e, self.never), -e))
 
 
 def _count(result: SimResult, layer: int, uses: int, hits: int) -> None:
@@ -684,16 +699,7 @@ def _simulate_prefetch(trace: Trace, k: int, name: str, phases: Sequence[str]) -
                 result.prefetch_loads += len(fetched)
                 result.prefetch_used += sum(1 for e in request if e in fetched)
                 predictor.observe(layer, request)  # from now on its scores rate the next token's layer
-                hits = 0
-                for expert in request:
-                    evict.use(layer, expert)
-                    if expert in cache:
-                        hits += 1
-                        continue
-                    if len(cache) == k:
-                        cache.remove(evict.victim(layer, (e for e in cache if e not in request)))
-                    cache.add(expert)
-                _count(result, layer, len(request), hits)
+                _count(result, layer, len(request), _serve(cache, request, k, layer, evict))
     return result
 
 
