@@ -31,12 +31,11 @@ from offload.device import device_name
 from offload.engine import Engine, GenerationSettings, parse_dtype
 from offload.errors import SettingError
 from offload.experts.cache import CacheStats
-from offload.experts.policy import CACHE_POLICIES
+from offload.experts.policy import POLICY_CHOICES
 from offload.plan import parse_bytes
 from offload.quant import BITS_CHOICES
 
 FIRST_RANDOM_ID = 3  # ids 0, 1, 2 are <unk>, <s>, </s> in Mixtral's tokenizer
-POLICY_CHOICES = ("auto", *CACHE_POLICIES)
 
 
 @dataclass(frozen=True)

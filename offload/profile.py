@@ -47,12 +47,11 @@ import torch
 import offload
 from offload.device import device_name, empty_host_buffer, is_cuda, memory_info, resolve_device, synchronize
 from offload.errors import SettingError
-from offload.experts.policy import CACHE_POLICIES
+from offload.experts.policy import POLICY_CHOICES
 from offload.plan import format_bytes, parse_bytes
 from offload.quant import BITS_CHOICES
 
 PROFILES_DIR = Path(offload.__file__).resolve().parents[1] / "profiles"
-POLICY_CHOICES = ("auto", *CACHE_POLICIES)
 NO_GPU = "none"
 # A card's reported total falls a little below its nominal size (an "8 GB" card reports ~7.7 GiB).
 NOMINAL_SLACK = 0.95

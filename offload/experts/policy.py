@@ -79,6 +79,9 @@ def make_policy(name: str, num_layers: int, num_experts: int) -> EvictionPolicy:
         raise SettingError(f"--policy {name!r}: choose one of {', '.join(CACHE_POLICIES)}") from None
 
 
+POLICY_CHOICES = ("auto", *CACHE_POLICIES)  # what --policy accepts
+
+
 def default_policy(device_type: str) -> str:
     """What ``--policy auto`` means. CUDA: "combined", whose prefetches overlap compute on the
     copy stream. CPU: "lru", since a load there is a synchronous memcpy and the predictors'
