@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
+import psutil
 import typer
 
 from cli.common import (
@@ -40,6 +41,7 @@ from cli.common import (
     user_errors,
 )
 from offload.demo import DEMO_MODEL_DIR
+from offload.device import peak_memory_bytes
 from offload.engine import Engine, GenerationSettings
 from offload.errors import OffloadError
 from offload.sampling import SamplingSettings
@@ -133,18 +135,10 @@ class ChatSession:
 
 def peak_memory(engine: Engine) -> str:
     """Peak device memory on CUDA, else the process's resident set."""
-    import torch
-
-    if engine.device.type == "cuda":
-        return f"peak {torch.cuda.max_memory_allocated(engine.device) / 2**20:.0f} MiB"
-    try:
-        import psutil
-
-        return f"RSS {psutil.Process().memory_info().rss / 2**20:.0f} MiB"
-    except ImportError:  # psutil is a dependency; this is only a fallback
-        import resource
-
-        return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB"
+    peak = peak_memory_bytes(engine.device)
+    if peak is not None:
+        return f"peak {peak / 2**20:.0f} MiB"
+    return f"RSS {psutil.Process().memory_info().rss / 2**20:.0f} MiB"
 
 
 def stats_line(engine: Engine, generation) -> str:
@@ -158,7 +152,7 @@ def stats_line(engine: Engine, generation) -> str:
         parts.append("experts resident")
     else:
         total = cache.total()
-        moved = (total.host_bytes + total.disk_bytes) / max(1, s.generated_tokens) / 2**20
+        moved = total.bytes_moved / max(1, s.generated_tokens) / 2**20
         parts += [f"hit rate {total.hit_rate:.3f}", f"{moved:.2f} MiB/tok"]
     parts.append(peak_memory(engine))
     if s.stop_reason in ("interrupted", "length", "context"):
@@ -174,7 +168,7 @@ def cache_report(engine: Engine) -> str:
     if not total.requests:
         return "no expert requests yet"
     rows = [f"layer {i:>2}: hit rate {s.hit_rate:.3f}  ({s.hits}/{s.requests})" for i, s in enumerate(stats.layers)]
-    moved = (total.host_bytes + total.disk_bytes) / 2**20
+    moved = total.bytes_moved / 2**20
     rows.append(f"all     : hit rate {total.hit_rate:.3f}  ({total.hits}/{total.requests}), {moved:.1f} MiB moved")
     return "\n".join(rows)
 

@@ -181,13 +181,13 @@ def print_cache_stats(engine: Engine, generation) -> None:
         table.add_row(
             name, str(s.requests), f"{s.hit_rate:.3f}", f"{s.prefetch_used}/{s.prefetches}",
             str(s.host_loads), str(s.disk_loads),
-            f"{(s.host_bytes + s.disk_bytes) / 2**20:.1f}", f"{s.stall_seconds * 1e3:.1f}",
+            f"{s.bytes_moved / 2**20:.1f}", f"{s.stall_seconds * 1e3:.1f}",
         )
     stderr.print(table)
     tokens = max(1, generation.stats.generated_tokens)
     total = stats.total()
     stderr.print(
-        f"{(total.host_bytes + total.disk_bytes) / tokens / 2**20:.2f} MiB moved per generated token "
+        f"{total.bytes_moved / tokens / 2**20:.2f} MiB moved per generated token "
         f"(prefill included)",
         style="dim",
     )

@@ -153,7 +153,7 @@ class CacheSummary:
         t = stats.total()
         self.hits += t.hits
         self.misses += t.misses
-        self.bytes_moved += t.host_bytes + t.disk_bytes
+        self.bytes_moved += t.bytes_moved
         self.stall_seconds += t.stall_seconds
         self.prefetches += t.prefetches
         self.decode_seconds += decode_seconds

@@ -45,6 +45,11 @@ class LayerStats:
         return self.hits + self.misses
 
     @property
+    def bytes_moved(self) -> int:
+        """Bytes brought to the device: from RAM and from disk."""
+        return self.host_bytes + self.disk_bytes
+
+    @property
     def hit_rate(self) -> float:
         return self.hits / self.requests if self.requests else 0.0
 
