@@ -1,15 +1,18 @@
 """The device layer: the only module that calls CUDA-only APIs.
 
 What it is: device selection with clear errors, synchronisation for honest timing, and memory
-figures, each with a CPU path so the whole engine runs and is tested without a GPU. Streams,
-events and pinned buffers join it when the expert cache needs them. What it is not: a place
-for model or cache logic.
+figures, pinned host buffers, and ``Transfers`` (a CUDA copy stream with events, or a loader
+thread on CPU), each with a CPU path so the whole engine runs and is tested without a GPU. What
+it is not: a place for model or cache logic.
 """
 
 from __future__ import annotations
 
+import ctypes
 import platform
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
 
 import torch
 
@@ -74,27 +77,54 @@ def empty_host_buffer(nbytes_per_row: int, rows: int, device: torch.device) -> t
     return torch.empty((rows, nbytes_per_row), dtype=torch.uint8, pin_memory=is_cuda(device))
 
 
-class Transfers:
-    """Host-to-device copies of expert records.
+# CPU loads smaller than this run on the calling thread when nothing is queued: handing a load
+# to the loader thread and back costs tens of microseconds (the GIL), as much as copying ~1 MiB.
+ASYNC_MIN_BYTES = 1 << 20
 
-    On CUDA they run on a dedicated copy stream and return an event; the compute stream waits
-    on that event only when it needs the expert, so copies overlap compute. On CPU the same
-    calls copy synchronously and return None.
+
+class Transfers:
+    """Loads of expert records into device slots, overlapped with compute.
+
+    CUDA: host-to-device copies run on a dedicated copy stream and return an event; the compute
+    stream waits on that event only when it needs the expert. CPU: copies and disk reads run in
+    order on one loader thread and return a future; compute blocks on it only when it needs
+    the expert. Copies there are a plain ``memmove`` (one thread, the GIL released), so the
+    loader never starts a second OpenMP team beside the compute's. Either way loads run in the
+    order they were started, so a later load into the same slot lands after an earlier one.
+    A CPU load under ``ASYNC_MIN_BYTES``, or one needed at once, runs on the calling thread
+    when the loader is idle.
     """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.stream = torch.cuda.Stream(device) if is_cuda(device) else None
+        self._loader: ThreadPoolExecutor | None = None  # CPU: started on first use
+        self._last: Future | None = None  # CPU: the load submitted last
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None):
+    def _submit(self, fn: Callable[[], object], nbytes: int, needed_now: bool) -> Future | None:
+        """CPU: queue ``fn`` on the loader thread, or, when nothing is queued and the caller
+        waits for it at once or it is small, run it here."""
+        idle = self._last is None or self._last.done()
+        if idle and (needed_now or nbytes < ASYNC_MIN_BYTES):
+            fn()
+            return None
+        if self._loader is None:
+            self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-loader")
+        self._last = self._loader.submit(fn)
+        return self._last
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None, needed_now: bool = False):
         """Start dst.copy_(src); returns a handle for ``wait`` (None when already done).
 
-        ``dst`` may still be read by compute queued earlier: the copy waits for ``after`` (a
-        ``mark`` made once that compute was queued), or, without one, for all compute queued
-        so far."""
+        ``dst`` may still be read by compute queued earlier: on CUDA the copy waits for
+        ``after`` (a ``mark`` made once that compute was queued), or, without one, for all
+        compute queued so far. On CPU compute is synchronous, so nothing queued can read it.
+        ``needed_now``: the caller waits for it next (a demand miss, not a prefetch)."""
         if self.stream is None:
-            dst.copy_(src)
-            return None
+            if dst.numel() != src.numel() or not (dst.is_contiguous() and src.is_contiguous()):
+                raise ValueError("a CPU record copy needs two contiguous buffers of the same size")
+            nbytes = src.numel() * src.element_size()
+            return self._submit(lambda: ctypes.memmove(dst.data_ptr(), src.data_ptr(), nbytes), nbytes, needed_now)
         if after is None:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
         else:
@@ -104,6 +134,16 @@ class Transfers:
             done = torch.cuda.Event()
             done.record(self.stream)
         return done
+
+    def fill(self, fn: Callable[[], object], nbytes: int, needed_now: bool = False):
+        """Run ``fn`` (which writes ``nbytes`` of a CPU buffer, e.g. a disk read into a slot)
+        in load order: on the loader thread on CPU, at once on CUDA (whose loads read into
+        host staging). Returns a handle for ``wait``; an error in ``fn`` is raised there (or
+        here, when run at once)."""
+        if self.stream is None:
+            return self._submit(fn, nbytes, needed_now)
+        fn()
+        return None
 
     def mark(self):
         """A point on the compute stream: everything queued so far (None on CPU)."""
@@ -115,18 +155,35 @@ class Transfers:
 
     @staticmethod
     def done(handle) -> bool:
-        """Whether a copy has finished (always, on CPU)."""
-        return handle is None or handle.query()
+        """Whether a load has finished."""
+        if handle is None:
+            return True
+        return handle.done() if isinstance(handle, Future) else handle.query()
 
     def wait(self, handle) -> None:
-        """Make the compute stream wait for a copy (no host block)."""
-        if handle is not None:
+        """Make compute wait for a load: the compute stream waits on CUDA (no host block); the
+        host blocks on CPU, where compute is the host."""
+        if handle is None:
+            return
+        if isinstance(handle, Future):
+            handle.result()
+        else:
             torch.cuda.current_stream(self.device).wait_event(handle)
 
     def wait_host(self, handle) -> None:
-        """Block the host until a copy is done (before reusing its source buffer)."""
-        if handle is not None:
+        """Block the host until a load is done (before reusing its source buffer)."""
+        if handle is None:
+            return
+        if isinstance(handle, Future):
+            handle.result()
+        else:
             handle.synchronize()
+
+    def close(self) -> None:
+        """Finish the loads in flight and stop the loader thread (CPU)."""
+        if self._loader is not None:
+            self._loader.shutdown(wait=True)
+            self._loader = self._last = None
 
 
 class StallClock:

@@ -15,10 +15,10 @@ import torch
 
 from offload.checkpoint import Checkpoint
 from offload.config import ModelConfig
-from offload.device import resolve_device
+from offload.device import is_cuda, resolve_device
 from offload.errors import SettingError, TokenizerError
 from offload.experts.cache import ExpertCache
-from offload.experts.policy import cache_policy, default_policy
+from offload.experts.policy import DEFAULT_POLICY, cache_policy
 from offload.experts.predict import PREFETCH_POLICIES, ScoreEviction
 from offload.experts.prefetch import Lookahead, Prefetcher
 from offload.experts.tiers import CheckpointRecords
@@ -106,6 +106,7 @@ class Engine:
         ram: int | str | None = None,
         experts_per_layer: int | None = None,
         policy: str = "auto",
+        prefetch_depth: int = 1,
         expert_format: str | None = None,
         expert_bits: int | None = None,
         attn_bits: int | None = None,
@@ -120,7 +121,8 @@ class Engine:
         experts quantized; a pack's experts keep the format it was converted with.
         ``expert_bits`` / ``attn_bits`` (4, 8 or 16) pick a format by width for the experts and
         for the attention projections (``quant.format_for_bits``); embeddings, lm_head, norms
-        and routers stay in the compute dtype.
+        and routers stay in the compute dtype. ``prefetch_depth``: how many layers ahead gate
+        look-ahead prefetches (policies ``lookahead`` and ``combined``; 1 = the next layer).
         """
         if expert_format is not None and expert_bits is not None:
             raise SettingError("give --expert-format or --expert-bits, not both")
@@ -128,8 +130,10 @@ class Engine:
         torch_device = resolve_device(device)
         requested = parse_dtype(dtype) if dtype is not None else None
         requested_format = get_format(expert_format) if expert_format is not None else None
+        if prefetch_depth < 1:
+            raise SettingError(f"--prefetch-depth {prefetch_depth}: must be at least 1")
         if policy == "auto":
-            policy = default_policy(torch_device.type)
+            policy = DEFAULT_POLICY
         eviction, predictor = cache_policy(policy)
         config = ModelConfig.from_dir(model_dir)
         tokenizer = Tokenizer.from_dir(model_dir)
@@ -191,18 +195,28 @@ class Engine:
             raise
         engine = cls(config, tokenizer, dense, cache, torch_device, torch_dtype, context_length, plan, source)
         engine.model_name, engine.policy = str(model_dir), policy
+        defer = is_cuda(torch_device)  # see Prefetcher: on CUDA, decide while the GPU computes
         if predictor == "lookahead":
-            engine.model.prefetcher = Prefetcher(cache, Lookahead(config, dense), width=config.num_experts_per_tok)
+            engine.model.prefetcher = Prefetcher(
+                cache, Lookahead(config, dense, prefetch_depth), width=config.num_experts_per_tok, defer=defer
+            )
         elif predictor == "history":
-            engine.model.prefetcher = Prefetcher(cache, history=history, spec=spec)
+            engine.model.prefetcher = Prefetcher(cache, history=history, spec=spec, defer=defer)
         elif predictor == "combined":
             engine.model.prefetcher = Prefetcher(
-                cache, Lookahead(config, dense), width=config.num_experts_per_tok, history=history, spec=spec
+                cache,
+                Lookahead(config, dense, prefetch_depth),
+                width=config.num_experts_per_tok,
+                history=history,
+                spec=spec,
+                defer=defer,
             )
         return engine
 
     def close(self) -> None:
         """Release the weight source (files stay open while the cache reads experts)."""
+        if self.cache is not None:
+            self.cache.close()
         if self._source is not None:
             self._source.close()
             self._source = None

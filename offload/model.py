@@ -229,7 +229,8 @@ class MixtralModel:
         self.cache = cache
         self.rope = rope
         self.routing_observer: RoutingObserver | None = None
-        # called after each layer routes, before its experts run: (layer, hidden [T, D], chosen [T, K])
+        # before_moe(layer, hidden [T, D], chosen [T, K]) once a layer has routed, before its
+        # experts run; after_moe(layer) once they are queued (offload.experts.prefetch)
         self.prefetcher = None
 
     @torch.inference_mode()
@@ -254,6 +255,8 @@ class MixtralModel:
             if self.prefetcher is not None:
                 self.prefetcher.before_moe(layer, h, chosen)
             h = h + moe(x, chosen, gate, self.experts, layer)
+            if self.prefetcher is not None:
+                self.prefetcher.after_moe(layer)
         cache.length = start + T
         if last_only:
             h = h[-1:]

@@ -54,8 +54,12 @@ def test_cuda_cache_with_half_the_experts_is_bit_identical(shape, ram, model_dir
     want_logits = ref.logits(ids)
     half = max(c.num_experts_per_tok, c.num_local_experts // 2)
     for source in (model_dirs[shape], packs[(shape, "bfloat16")]):
-        engine = Engine.load(source, device="cuda", dtype="bfloat16", experts_per_layer=half, ram=ram)
-        gen = engine.generate(ids, settings).run()
-        assert gen.tokens == want
-        assert torch.equal(engine.logits(ids), want_logits)
-        assert gen.cache_stats.total().misses > 0
+        for policy, depth in (("lru", 1), ("combined", 1), ("combined", 3)):
+            engine = Engine.load(
+                source, device="cuda", dtype="bfloat16", experts_per_layer=half, ram=ram, policy=policy,
+                prefetch_depth=depth,
+            )
+            gen = engine.generate(ids, settings).run()
+            assert gen.tokens == want, (policy, depth)
+            assert torch.equal(engine.logits(ids), want_logits), (policy, depth)
+            assert gen.cache_stats.total().misses > 0

@@ -1,13 +1,22 @@
-"""offload.hub: hub ids resolved through a fake huggingface_hub cache, offline."""
+"""offload.hub: hub ids resolved through a test-made huggingface_hub cache, offline, and
+downloaded for real by huggingface_hub from a local HTTP server that answers as the hub does."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
 from offload.errors import ConfigError
 from offload.hub import hub_cache_dir, resolve_model
+from tests.model_builder import WINDOWED
 
 REPO = "mistralai/Mixtral-8x7B-Instruct-v0.1"
 MAIN = "a" * 40
@@ -46,7 +55,7 @@ def test_missing_id_is_one_clear_line(cache):
     msg = str(e.value)
     assert "\n" not in msg
     assert "not a directory and not in the Hugging Face cache at" in msg
-    assert str(cache) in msg and "huggingface-cli download mistralai/Nope-7B" in msg
+    assert str(cache) in msg and "`hf download mistralai/Nope-7B --include '*.json'" in msg
     with pytest.raises(ConfigError, match="--revision v9"):
         resolve_model(REPO, revision="v9")
 
@@ -86,3 +95,217 @@ def test_agrees_with_huggingface_hub(cache):
 
     got = snapshot_download(REPO, cache_dir=cache, local_files_only=True)
     assert Path(got) == resolve_model(REPO)
+
+
+# --- downloads, from a local server that speaks the part of the hub API snapshot_download uses ---
+
+REMOTE = "tiny-org/tiny-mixtral"
+COMMIT = "c" * 40
+PROMPT = "def parse_args(argv):"
+NOT_READ = {"consolidated.00.pt": b"pickle, never fetched", "README.md": b"# tiny"}
+
+_API = re.compile(r"/api/models/(?P<repo>[^/]+/[^/]+)/(?P<kind>revision|tree)/(?P<rev>[^/]+)")
+_RESOLVE = re.compile(r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)")
+
+
+class FakeHub(ThreadingHTTPServer):
+    """Repos held in memory, one commit each, served as huggingface.co serves them to
+    ``snapshot_download``: model info, the tree listing, and HEAD/GET on ``resolve`` URLs."""
+
+    daemon_threads = True
+
+    def __init__(self, repos: dict[str, dict[str, bytes]]):
+        super().__init__(("127.0.0.1", 0), _HubHandler)
+        self.repos = repos
+        self.requests: list[str] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_port}"
+
+
+class _HubHandler(BaseHTTPRequestHandler):
+    server: FakeHub
+
+    def do_GET(self):
+        self._answer(with_body=True)
+
+    def do_HEAD(self):
+        self._answer(with_body=False)
+
+    def log_message(self, *args):
+        pass
+
+    def _answer(self, with_body: bool) -> None:
+        path = unquote(urlsplit(self.path).path)
+        self.server.requests.append(f"{self.command} {path}")
+        api, resolve = _API.fullmatch(path), _RESOLVE.fullmatch(path)
+        match = api or resolve
+        files = self.server.repos.get(match["repo"]) if match else None
+        if files is None:
+            return self._send(404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"}, with_body)
+        if match["rev"] not in ("main", COMMIT):
+            return self._send(404, b'{"error": "Invalid rev id"}', {"X-Error-Code": "RevisionNotFound"}, with_body)
+        if api:
+            return self._send(200, json.dumps(_listing(match["repo"], files, api["kind"])).encode(),
+                              {"Content-Type": "application/json"}, with_body)
+        if resolve["file"] not in files:
+            return self._send(404, b"Entry not found", {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT},
+                              with_body)
+        data = files[resolve["file"]]
+        headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+                   "Content-Type": "application/octet-stream"}
+        self._send(200, data, headers, with_body)
+
+    def _send(self, status: int, body: bytes, headers: dict[str, str], with_body: bool) -> None:
+        self.send_response(status)
+        for key, value in {**headers, "Content-Length": str(len(body))}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if with_body:
+            self.wfile.write(body)
+
+
+def _listing(repo: str, files: dict[str, bytes], kind: str):
+    """The JSON of /api/models/{repo}/revision/{rev}?blobs=True or of /api/models/{repo}/tree/{rev}."""
+    def oid(data: bytes) -> str:
+        return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+    if kind == "revision":
+        siblings = [{"rfilename": n, "size": len(d), "blobId": oid(d)} for n, d in files.items()]
+        return {"id": repo, "modelId": repo, "sha": COMMIT, "private": False, "siblings": siblings}
+    return [{"type": "file", "path": n, "size": len(d), "oid": oid(d)} for n, d in files.items()]
+
+
+def _serve(repos: dict[str, dict[str, bytes]]):
+    server = FakeHub(repos)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server, thread
+
+
+@pytest.fixture()
+def online(tmp_path, monkeypatch) -> Path:
+    """An empty hub cache, with the network on (whatever the environment says)."""
+    import huggingface_hub
+
+    root = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return root
+
+
+@pytest.fixture()
+def hub(online, model_dirs, monkeypatch):
+    """A local hub holding REMOTE (the windowed test checkpoint, plus files the engine never
+    reads), with HF_ENDPOINT pointing at it."""
+    files = {p.name: p.read_bytes() for p in sorted(model_dirs[WINDOWED.name].iterdir()) if p.is_file()}
+    server, thread = _serve({REMOTE: {**files, **NOT_READ}})
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def run_cli(*args: str):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def one_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, (result.exit_code, result.output)
+    assert lines[0].startswith("error: ") and "Traceback" not in result.output
+    return lines[0]
+
+
+def test_download_fetches_what_the_engine_reads(hub, online, model_dirs, capfd):
+    seen = []
+    path = resolve_model(REMOTE, download=True, on_download=seen.append)
+    assert path == online / "models--tiny-org--tiny-mixtral" / "snapshots" / COMMIT
+    wanted = {n: d for n, d in hub.repos[REMOTE].items() if n not in NOT_READ}
+    assert {p.name for p in path.iterdir()} == set(wanted)
+    assert all((path / n).read_bytes() == d for n, d in wanted.items())
+    (download,) = seen
+    assert (download.repo_id, download.revision, download.endpoint, download.cache) == (REMOTE, "main", hub.url, online)
+    assert (download.files, download.size) == (len(wanted), sum(map(len, wanted.values())))
+    assert capfd.readouterr().err == ""  # no bars unless asked for
+    assert not any(n in r for r in hub.requests for n in NOT_READ)
+
+    requests = len(hub.requests)
+    assert resolve_model(REMOTE, download=True, on_download=seen.append) == path
+    assert len(hub.requests) == requests and len(seen) == 1  # cached: no network at all
+
+
+def test_interrupted_download_is_completed(hub, online):
+    path = resolve_model(REMOTE, download=True)
+    shard = sorted(path.glob("*.safetensors"))[3]
+    shard.unlink()  # as if the download had been stopped before this file
+    assert resolve_model(REMOTE) == path  # without download: the loader will name the file
+    seen = []
+    assert resolve_model(REMOTE, download=True, on_download=seen.append) == path
+    assert shard.read_bytes() == hub.repos[REMOTE][shard.name] and len(seen) == 1
+
+
+def test_cli_downloads_then_generates_as_from_the_directory(hub, online, model_dirs):
+    args = ["-p", PROMPT, "-n", "8", "--temp", "0", "--dtype", "float32", "--json", "--ignore-eos"]
+    fetched = run_cli("generate", REMOTE, *args)
+    assert fetched.exit_code == 0, fetched.output
+    first = fetched.stderr.splitlines()[0]
+    files = len(hub.repos[REMOTE]) - len(NOT_READ)
+    assert first.startswith(f"downloading {REMOTE} to {online} ({files} files, ") and first.endswith(f"from {hub.url})")
+    assert "100%" in fetched.stderr  # huggingface_hub's own bar, which the CLI asks for
+    direct = run_cli("generate", str(model_dirs[WINDOWED.name]), *args)
+    assert direct.exit_code == 0, direct.output
+    assert json.loads(fetched.stdout)["tokens"] == json.loads(direct.stdout)["tokens"]
+    again = run_cli("generate", REMOTE, *args)
+    assert again.exit_code == 0 and "downloading" not in again.stderr
+    assert json.loads(again.stdout)["tokens"] == json.loads(direct.stdout)["tokens"]
+
+
+def test_cli_offline_and_not_cached_is_one_line(online, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    line = one_line(run_cli("generate", "some-org/Some-Model", "-p", "hi"))
+    assert line.startswith("error: some-org/Some-Model: is not a directory and not in the Hugging Face cache at")
+    assert "the network is off (HF_HUB_OFFLINE is set)" in line
+    assert "`HF_HUB_OFFLINE=0 hf download some-org/Some-Model --include" in line
+
+
+def test_cli_missing_repo_is_one_line(hub):
+    line = one_line(run_cli("generate", "tiny-org/no-such-model", "-p", "hi"))
+    assert f"tiny-org/no-such-model: no such directory, and no such model on {hub.url}" in line
+    assert hub.requests == ["GET /api/models/tiny-org/no-such-model/revision/main"]
+
+
+def test_unknown_revision_and_no_safetensors(hub, online):
+    with pytest.raises(ConfigError, match=f"{REMOTE}: no revision 'v9' on {re.escape(hub.url)}$"):
+        resolve_model(REMOTE, revision="v9", download=True)
+    hub.repos["tiny-org/pickles"] = {"config.json": b"{}", "pytorch_model.bin": b"pickle"}
+    with pytest.raises(ConfigError, match="tiny-org/pickles: has no safetensors weights"):
+        resolve_model("tiny-org/pickles", download=True)
+    assert not (online / "models--tiny-org--pickles").exists()
+
+
+def test_cli_unreachable_hub_is_one_line(online, monkeypatch):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    line = one_line(run_cli("generate", "some-org/Some-Model", "-p", "hi"))
+    assert f"some-org/Some-Model: cannot reach {url} to download it (" in line and "check the network" in line
+
+
+def test_cached_id_never_touches_the_network(cache, monkeypatch):
+    """Network on but unreachable: a cached id still resolves, so nothing was asked."""
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    assert resolve_model(REPO, download=True) == resolve_model(REPO)

@@ -190,7 +190,7 @@ class ExpertCache:
                 stats.misses += 1
                 slot = self._take_slot(layer, protected)
                 resident[expert] = slot
-                pending.append(self._load(layer, expert, self.slots.index(layer, slot), stats))
+                pending.append(self._load(layer, expert, self.slots.index(layer, slot), stats, needed_now=True))
             slots.append(self.slots.index(layer, slot))
         if pending:
             started = self.stall.start()
@@ -238,9 +238,10 @@ class ExpertCache:
         self.prefetched.pop((layer, victim), None)  # a prefetch evicted unused: bytes wasted
         return resident.pop(victim)
 
-    def _load(self, layer: int, expert: int, slot_index: int, stats: LayerStats, after=None):
+    def _load(self, layer: int, expert: int, slot_index: int, stats: LayerStats, after=None, needed_now=False):
         """Bring one record into a device slot; returns the copy handle (None when done).
-        ``after``: a compute-stream mark the copy must follow (default: all queued compute)."""
+        ``after``: a compute-stream mark the copy must follow (default: all queued compute).
+        ``needed_now``: a demand miss, waited for at once (a prefetch otherwise)."""
         key = (layer, expert)
         nbytes = self.layout.nbytes
         target = self.slots.storage[slot_index]
@@ -249,13 +250,14 @@ class ExpertCache:
         if record is not None:
             stats.host_loads += 1
             stats.host_bytes += nbytes
-            handle = self.transfers.copy(target, record, after)  # host rows never change: no reuse hazard
+            # host rows never change: no reuse hazard
+            handle = self.transfers.copy(target, record, after, needed_now)
         else:
             stats.disk_loads += 1
             stats.disk_bytes += nbytes
-            if self.staging is None:  # CPU device: read straight into the slot
-                self.source.read_record(layer, expert, target)
-                handle = None
+            if self.staging is None:  # CPU device: read straight into the slot, on the loader thread
+                source = self.source
+                handle = self.transfers.fill(lambda: source.read_record(layer, expert, target), nbytes, needed_now)
             else:
                 i = self.staging_next
                 self.staging_next ^= 1
@@ -267,6 +269,11 @@ class ExpertCache:
         if seconds is not None:
             stats.stall_seconds += seconds
         return handle
+
+    def close(self) -> None:
+        """Finish the loads in flight and stop the loader (the cache still serves after, with
+        a new loader started on demand)."""
+        self.transfers.close()
 
     # ---- inspection ---------------------------------------------------------------------------
 

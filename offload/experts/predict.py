@@ -214,23 +214,36 @@ class CombinedPredictor:
     def __init__(self, parts: Sequence[tuple[float, Predictor]], name: str = "combined"):
         self.parts = list(parts)
         self.name = name
+        # scores by layer since the last event: prefetch and eviction ask for the same layer
+        # several times between two observations, and every part's scores change only then
+        self._memo: dict[int, dict[int, float]] = {}
 
     def set_aligned_layers(self, layers: Iterable[int]) -> None:
         layers = frozenset(layers)
+        self._memo.clear()
         for _, p in self.parts:
             if hasattr(p, "set_aligned_layers"):
                 p.set_aligned_layers(layers)
 
     def begin_token(self) -> None:
+        self._memo.clear()
         for _, p in self.parts:
             p.begin_token()
 
     def observe(self, layer: int, experts: Sequence[int]) -> None:
+        self._memo.clear()
         for _, p in self.parts:
             p.observe(layer, experts)
 
     def scores(self, layer: int) -> dict[int, float]:
-        """The weighted mean over the parts that have an opinion on this layer now."""
+        """The weighted mean over the parts that have an opinion on this layer now (callers
+        must not change the dict)."""
+        memo = self._memo.get(layer)
+        if memo is None:
+            memo = self._memo[layer] = self._mean(layer)
+        return memo
+
+    def _mean(self, layer: int) -> dict[int, float]:
         out: dict[int, float] = {}
         weight = 0.0
         for w, p in self.parts:
@@ -242,6 +255,7 @@ class CombinedPredictor:
         return {e: s / weight for e, s in out.items()} if weight else {}
 
     def reset(self) -> None:
+        self._memo.clear()
         for _, p in self.parts:
             p.reset()
 

@@ -1,14 +1,15 @@
-"""Prefetch during decode: guess the next layer's experts and start loading them early.
+"""Prefetch during decode: guess the coming layers' experts and start loading them early.
 
 What it is: the glue between the model's forward pass and the expert cache. After layer L's
 router has chosen, and before layer L's experts run, ``Prefetcher.before_moe`` asks its
-predictors for layer L+1 and starts loading the best guesses on the copy stream, so the copy
-overlaps layer L's expert compute. ``Lookahead`` is the gate look-ahead predictor: layer L+1's
-router applied to the current hidden state (after layer L's attention), which is usually close
-to the state layer L+1's router will see. What it is not: a policy for eviction (policy.py) or
-history statistics (predict.py). A wrong guess costs bytes and a slot, never correctness.
+predictors about layers L+1 .. L+depth and starts loading the best guesses (on the copy stream
+on CUDA, on the loader thread on CPU), so the loads overlap layer L's expert compute.
+``Lookahead`` is the gate look-ahead predictor: the routers of the coming layers applied to the
+current hidden state (after layer L's attention), which is usually close to the state those
+routers will see. What it is not: a policy for eviction (policy.py) or history statistics
+(predict.py). A wrong guess costs bytes and a slot, never correctness.
 
-Shape legend: T = tokens in the forward call, D = hidden, E = experts.
+Shape legend: T = tokens in the forward call, D = hidden, E = experts, L = layers, d = depth.
 """
 
 from __future__ import annotations
@@ -17,37 +18,58 @@ import torch
 import torch.nn.functional as F
 
 from offload.config import ModelConfig
-from offload.model import DenseWeights, rms_norm
+from offload.model import DenseWeights
 
 
 class Lookahead:
-    """Gate look-ahead: scores for layer L+1 from layer L's hidden state."""
+    """Gate look-ahead: the top experts of layers L+1 .. L+depth from layer L's hidden state.
+
+    Each layer's router is folded with its post-attention norm weight once (router * norm
+    weight, [E, D]). The norm's other factor, 1 / rms(hidden), is one positive number for all
+    of a token's logits, so it cannot change their order and is left out: looking several
+    layers ahead is one matmul, one top-k and one host copy per decode step.
+    """
 
     name = "lookahead"
 
-    def __init__(self, config: ModelConfig, dense: DenseWeights):
-        self.config = config
-        self.dense = dense
+    def __init__(self, config: ModelConfig, dense: DenseWeights, depth: int = 1):
+        self.depth = depth
+        self.num_layers = config.num_hidden_layers
+        self.num_experts = config.num_local_experts
+        # [L * E, D]: each layer's router rows scaled by its post-attention norm weight
+        self.folded = torch.cat([lw.router * lw.post_attention_layernorm for lw in dense.layers])
 
-    def scores(self, layer: int, hidden: torch.Tensor) -> dict[int, float]:
-        """hidden [T, D] (the last row is used) -> expert -> router probability at ``layer``."""
-        lw = self.dense.layers[layer]
-        x = rms_norm(hidden[-1:], lw.post_attention_layernorm, self.config.rms_norm_eps)  # [1, D]
-        probs = torch.softmax(F.linear(x, lw.router).float(), dim=-1)[0]  # [E]
-        return dict(enumerate(probs.cpu().tolist()))
+    def top(self, layer: int, hidden: torch.Tensor, width: int) -> dict[int, list[int]]:
+        """hidden [T, D] (the last row is used) after ``layer``'s attention -> for each of the
+        next ``depth`` layers that exist, its ``width`` best experts, best first."""
+        first, last = layer + 1, min(layer + self.depth, self.num_layers - 1)
+        if first > last:
+            return {}
+        E = self.num_experts
+        routers = self.folded[first * E : (last + 1) * E]  # [d * E, D]
+        logits = F.linear(hidden[-1], routers).view(-1, E)  # [d, E], unnormalised: same order
+        picks = torch.topk(logits, width, dim=-1).indices.tolist()  # [d][width], one host copy
+        return {first + i: row for i, row in enumerate(picks)}
 
 
 class Prefetcher:
-    """Predicts each next layer's experts during decode and asks the cache to load them.
+    """Predicts the coming layers' experts during decode and asks the cache to load them.
 
-    With ``lookahead``, the next layer's top-``width`` experts by gate look-ahead are loaded.
-    With ``history`` (a predictor and its ``PrefetchPolicy`` from predict.py), the predictor
-    observes every layer's choice (before the cache serves it, so score-based eviction sees
-    it) and the policy's picks for the next layer are loaded.
+    With ``lookahead``, the top-``width`` experts of each of the next ``lookahead.depth`` layers
+    by gate look-ahead are loaded. With ``history`` (a predictor and its ``PrefetchPolicy`` from
+    predict.py), the predictor observes every layer's choice (before the cache serves it, so
+    score-based eviction sees it) and the policy's picks for the next layer are loaded.
     """
 
-    def __init__(self, cache, lookahead: Lookahead | None = None, width: int = 0, history=None, spec=None):
+    def __init__(
+        self, cache, lookahead: Lookahead | None = None, width: int = 0, history=None, spec=None, defer=False
+    ):
         self.cache = cache
+        # CUDA: the host work of choosing and starting prefetches waits until layer L's experts
+        # are queued (``after_moe``), so the GPU computes while the host decides; the copies
+        # still overlap that compute. CPU (compute is the host): start them before it.
+        self.defer = defer
+        self._pending: tuple[int, dict[int, list[int]]] | None = None
         self.num_layers = cache.num_layers
         self.lookahead = lookahead
         self.width = width  # look-ahead: experts prefetched per layer at most
@@ -68,37 +90,49 @@ class Prefetcher:
 
     def before_moe(self, layer: int, hidden: torch.Tensor, chosen: torch.Tensor) -> None:
         """Layer ``layer`` has routed ``chosen`` [T, K] from ``hidden`` [T, D]; prefetch for the
-        next layer (decode only: a prompt asks for nearly every expert anyway)."""
+        coming layers (decode only: a prompt asks for nearly every expert anyway)."""
         if hidden.shape[0] != 1:
             if self.history is not None:
                 self._learn_prompt(layer, chosen)
             return
         if self.history is not None:
             self.history.observe(layer, chosen[0].tolist())
-        nxt = layer + 1
-        if nxt >= self.num_layers:
+        if layer + 1 >= self.num_layers:
             return
-        picks: list[int] = []
-        if self.lookahead is not None:
-            scores = self.lookahead.scores(nxt, hidden)
-            picks = sorted(scores, key=lambda e: (-scores[e], e))[: self.width]
+        # gate look-ahead is queued now, with the router's work, and read back with it
+        picks = self.lookahead.top(layer, hidden, self.width) if self.lookahead is not None else {}
+        if self.defer:
+            self._pending = (layer, picks)
+        else:
+            self._issue(layer, picks)
+
+    def after_moe(self, layer: int) -> None:
+        """Layer ``layer``'s experts are queued: start the prefetches ``before_moe`` deferred."""
+        if self._pending is not None and self._pending[0] == layer:
+            self._issue(*self._pending)
+        self._pending = None
+
+    def _issue(self, layer: int, picks: dict[int, list[int]]) -> None:
+        """Add the history policy's picks for the next layer and start every load."""
         if self.history is not None:
             from offload.experts.predict import select_prefetch
 
-            resident = set(self.cache.resident(nxt))
-            picks += sorted(
-                select_prefetch(
-                    self.history.scores(nxt),
-                    resident,
-                    self.cache.max_experts_per_call,
-                    self.spec.threshold,
-                    self.spec.max_prefetch,
-                    self.cache.policy.last_use[nxt],
-                )
+            nxt = layer + 1
+            guessed = select_prefetch(
+                self.history.scores(nxt),
+                set(self.cache.where[nxt]),
+                self.cache.max_experts_per_call,
+                self.spec.threshold,
+                self.spec.max_prefetch,
+                self.cache.policy.last_use[nxt],
             )
-        self.predicted[nxt] = picks
-        if picks:
-            self.cache.prefetch(nxt, picks)
+            picks[nxt] = picks.get(nxt, []) + sorted(guessed)
+        for target in sorted(picks):  # nearest layer first: it is needed soonest
+            experts = picks[target]
+            seen = self.predicted.setdefault(target, [])
+            seen.extend(e for e in experts if e not in seen)
+            if experts:
+                self.cache.prefetch(target, experts)
 
     def _learn_prompt(self, layer: int, chosen: torch.Tensor) -> None:
         """A prompt arrives layer by layer; once its last layer has routed, the history learns
