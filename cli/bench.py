@@ -1,10 +1,17 @@
 """`offload bench [MODEL]`: llama-bench style throughput for every combination of settings.
 
-Argument parsing and output only; the measuring is ``offload.bench``. Every engine setting and
--p/-n take a comma list; the command runs the Cartesian product, one load per combination,
-and prints one row per test (ppN, tgN) with tokens per second as mean ± std over -r
-repetitions: a markdown table (-o md, default), a JSON list of rows (-o json) or CSV (-o csv).
+Argument parsing and output only; the measuring is ``offload.bench``. Every engine setting
+(--prefetch-depth excepted), --profile and -p/-n take a comma list; the command runs the
+Cartesian product, one load per combination, and prints one row per test (ppN, tgN) with tokens
+per second as mean ± std over -r repetitions: a markdown table (-o md, default), a JSON list of
+rows (-o json) or CSV (-o csv).
 A progress line per combination goes to stderr.
+
+Each combination runs under a machine profile (``cli.common.choose_profile``): the ones --profile
+names, their plans as written, or, without --profile, the best shipped profile for the
+combination's device fitted to the model ("cpu-only (auto)"). Flags given win over the profile;
+the settings columns show the flags as given (prefetch depth: the one that ran), the profile
+column the plan under them, and the *_used columns (JSON, CSV) what the engine resolved.
 """
 
 from __future__ import annotations
@@ -17,8 +24,16 @@ from typing import Any, Optional
 
 import typer
 
-from cli.common import progress_bar, stderr, user_errors
-from offload.bench import BenchConfig, BenchResult, context_needed, load, measure, sweep
+from cli.common import (
+    PREFETCH_DEPTH_OPTION,
+    ProfileChoice,
+    choose_profile,
+    engine_options,
+    load_engine,
+    stderr,
+    user_errors,
+)
+from offload.bench import BenchConfig, BenchResult, context_needed, measure, sweep
 from offload.demo import DEMO_MODEL_DIR
 from offload.engine import DEFAULT_DTYPE, DTYPES
 from offload.errors import SettingError
@@ -27,12 +42,13 @@ OUTPUTS = ("md", "json", "csv")
 # settings columns of the markdown table, shown only when they vary (or are given)
 SETTING_COLUMNS = (
     ("vram", "vram"), ("ram", "ram"), ("experts_per_layer", "experts/layer"), ("policy", "policy"),
-    ("expert_bits", "expert bits"), ("attn_bits", "attn bits"), ("dtype", "dtype"), ("device", "device"),
+    ("prefetch_depth", "prefetch depth"), ("expert_bits", "expert bits"), ("attn_bits", "attn bits"),
+    ("dtype", "dtype"), ("device", "device"),
 )
 # columns of JSON rows and CSV, in order
 FIELDS = (
-    "model", "machine", "vram", "ram", "experts_per_layer", "policy", "expert_bits", "attn_bits", "dtype",
-    "device", "policy_used", "dtype_used", "device_used", "slots_per_layer", "host_experts",
+    "model", "machine", "profile", "vram", "ram", "experts_per_layer", "policy", "prefetch_depth", "expert_bits",
+    "attn_bits", "dtype", "device", "policy_used", "dtype_used", "device_used", "slots_per_layer", "host_experts",
     "n_prompt", "n_gen", "reps", "test", "t_s_mean", "t_s_std", "hit_rate", "stall_share", "bytes_per_token",
 )
 
@@ -55,12 +71,17 @@ def _pairs(prompts: list[int], gens: list[int]) -> list[tuple[int, int]]:
     return pairs
 
 
-def rows_of(results: list[BenchResult], depth_in_name: bool) -> list[dict[str, Any]]:
-    """Every test row, a pp row once per (configuration, prompt length)."""
+def rows_of(
+    results: list[BenchResult], depth_in_name: bool, extras: Optional[list[dict[str, Any]]] = None
+) -> list[dict[str, Any]]:
+    """Every test row, a pp row once per (configuration, profile, prompt length); ``extras``, one
+    per result, adds the fields a BenchConfig does not hold (profile, prefetch_depth)."""
     rows, seen = [], set()
-    for r in results:
+    for i, r in enumerate(results):
+        extra = extras[i] if extras else {}
         for row in r.rows(depth_in_name):
-            key = (r.config, row["test"])
+            row.update(extra)
+            key = (r.config, tuple(sorted(extra.items())), row["test"])
             if key in seen:
                 continue
             seen.add(key)
@@ -78,20 +99,26 @@ def _pct(x: Optional[float]) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
-def markdown(rows: list[dict[str, Any]], configs: list[BenchConfig]) -> str:
-    """llama-bench's table: model, the settings that vary, test, t/s (mean ± std), cache columns."""
-    varying = [
-        (key, title) for key, title in SETTING_COLUMNS
-        if len({getattr(c, key) for c in configs}) > 1 or any(getattr(c, key) not in (None, "auto") for c in configs)
-    ]
-    header = ["model", "machine", *(t for _, t in varying), "test", "t/s", "hit rate", "stall %", "MiB/token"]
-    align = ["---", "---", *("---:" for _ in varying), "---:", "---:", "---:", "---:", "---:"]
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """llama-bench's table: model, machine, profile, the settings that vary (or are given), test,
+    t/s (mean ± std), cache columns."""
+    def shown(key: str) -> bool:
+        values = {row[key] for row in rows}
+        if key == "prefetch_depth":  # the profile's or the flag's, 1 unless either says otherwise
+            return len(values) > 1 or values - {None, 1} != set()
+        return len(values) > 1 or values - {None, "auto"} != set()
+
+    varying = [(key, title) for key, title in SETTING_COLUMNS if shown(key)]
+    header = ["model", "machine", "profile", *(t for _, t in varying), "test", "t/s", "hit rate", "stall %",
+              "MiB/token"]
+    align = ["---", "---", "---", *("---:" for _ in varying), "---:", "---:", "---:", "---:", "---:"]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
     for row in rows:
         mib = row["bytes_per_token"]
         cells = [
             model_label(str(row["model"])),
             str(row["machine"]),
+            str(row["profile"]),
             *("-" if row[key] is None else str(row[key]) for key, _ in varying),
             row["test"],
             f"{row['t_s_mean']:.2f} ± {row['t_s_std']:.2f}",
@@ -133,6 +160,11 @@ def bench_command(
         None, "--dtype", help=f"Compute dtypes: {'|'.join(DTYPES)} (comma list; default {DEFAULT_DTYPE})."
     ),
     device: Optional[str] = typer.Option(None, "--device", help="Devices: auto, cpu, cuda[:N] (comma list)."),
+    prefetch_depth: Optional[int] = PREFETCH_DEPTH_OPTION,
+    profile: Optional[str] = typer.Option(
+        None, "--profile", help="Machine profiles: shipped names or TOML paths (comma list); flags given win. "
+        "Default: the best shipped profile for each device, fitted to the model.",
+    ),
     output: str = typer.Option("md", "--output", "-o", help="md (markdown table), json or csv."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random prompt."),
 ) -> None:
@@ -149,22 +181,52 @@ def bench_command(
         })
         model = model or DEMO_MODEL_DIR
         context = max(context_needed(p, n) for p, n in pairs)
+        names = _profiles(profile)
+        # every profile is chosen (and a bad one refused) before anything loads
+        runs = [(choice, config) for config in configs for choice in _choices(names, model, config, context)]
         results: list[BenchResult] = []
-        for i, config in enumerate(configs, 1):
+        extras: list[dict[str, Any]] = []
+        for i, (choice, config) in enumerate(runs, 1):
+            settings = engine_options(
+                choice, **dict(config.load_kwargs(), context_length=context, prefetch_depth=prefetch_depth)
+            )
+            engine = load_engine(model, **settings)
             given = ", ".join(f"{k}={v}" for k, v in config.settings().items() if v not in (None, "auto")) or "defaults"
-            with progress_bar("loading", model.name) as progress:
-                engine = load(model, config, context, progress)
             # after the load, so that a setting the engine refuses stays the one line on stderr
-            stderr.print(f"[{i}/{len(configs)}] {model_label(str(model))}: {given}", style="dim")
+            stderr.print(f"[{i}/{len(runs)}] {model_label(str(model))}: {given}; profile {choice.text}",
+                         style="dim", markup=False)
+            extra = {"profile": choice.label, "prefetch_depth": settings.get("prefetch_depth", 1)}
             try:
                 for p, n in pairs:
                     results.append(measure(engine, config, p, n, reps, seed))
+                    extras.append(extra)
             finally:
                 engine.close()
-        rows = rows_of(results, depth_in_name=len({p for p, _ in pairs}) > 1)
+        rows = rows_of(results, depth_in_name=len({p for p, _ in pairs}) > 1, extras=extras)
         if output == "json":
             print(json.dumps(rows, indent=2))
         elif output == "csv":
             print(to_csv(rows), end="")
         else:
-            print(markdown(rows, configs))
+            print(markdown(rows))
+
+
+def _profiles(text: Optional[str]) -> list[Optional[str]]:
+    """--profile's comma list; [None] (the automatic choice) when not given."""
+    if text is None:
+        return [None]
+    names = [part.strip() for part in text.split(",")]
+    if not all(names):
+        raise SettingError(f"--profile {text!r}: expected a comma list of profile names or paths, without empty items")
+    return list(dict.fromkeys(names))
+
+
+def _choices(names: list[Optional[str]], model: Path, config: BenchConfig, context: int) -> list[ProfileChoice]:
+    """The profile choice for each name under ``config`` (the automatic one fits at ``context``)."""
+    return [
+        choose_profile(
+            name, model, device=config.device, dtype=config.dtype, context_length=context,
+            expert_bits=config.expert_bits, attn_bits=config.attn_bits,
+        )
+        for name in names
+    ]

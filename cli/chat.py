@@ -9,6 +9,9 @@ token, peak memory.
 
 Otherwise stdin is read whole as one user message and only the reply goes to stdout.
 
+The engine runs with a machine profile (``--profile``; without one, the best shipped profile for
+the device fitted to the model, named on one dim stderr line and in the interactive header).
+
 No engine logic here: the engine generates, this file reads lines and prints.
 """
 
@@ -32,9 +35,11 @@ from cli.common import (
     EXPERT_FORMAT_OPTION,
     EXPERTS_PER_LAYER_OPTION,
     POLICY_OPTION,
+    PREFETCH_DEPTH_OPTION,
     PROFILE_OPTION,
     RAM_OPTION,
     VRAM_OPTION,
+    choose_profile,
     engine_options,
     load_engine,
     stderr,
@@ -211,10 +216,12 @@ def read_message(read: Callable[[str], str]) -> str:
         lines.append(line)
 
 
-def interactive(session: ChatSession, read: Callable[[str], str] = input) -> None:
+def interactive(session: ChatSession, read: Callable[[str], str] = input, profile: Optional[str] = None) -> None:
+    """The terminal loop; the header names the model and, when given, the profile's label."""
     engine = session.engine
-    stderr.print(f"chat with {Path(engine.model_name).name or engine.model_name}; /help for commands, /bye to leave",
-                 style="dim")
+    name = Path(engine.model_name).name or engine.model_name
+    with_profile = f", profile {profile}" if profile else ""
+    stderr.print(f"chat with {name}{with_profile}; /help for commands, /bye to leave", style="dim", markup=False)
     while True:
         try:
             text = read_message(read)
@@ -303,6 +310,7 @@ def chat_command(
     ram: Optional[str] = RAM_OPTION,
     experts_per_layer: Optional[int] = EXPERTS_PER_LAYER_OPTION,
     policy: str = POLICY_OPTION,
+    prefetch_depth: Optional[int] = PREFETCH_DEPTH_OPTION,
     expert_format: Optional[str] = EXPERT_FORMAT_OPTION,
     expert_bits: Optional[int] = EXPERT_BITS_OPTION,
     attn_bits: Optional[int] = ATTN_BITS_OPTION,
@@ -318,14 +326,21 @@ def chat_command(
             message = sys.stdin.read().strip()
             if not message:
                 raise OffloadError("no message: pipe the message on stdin, or run in a terminal to chat")
+        model = model or DEMO_MODEL_DIR
+        chosen = choose_profile(
+            profile, model, device=device, dtype=dtype, context_length=context,
+            expert_format=expert_format, expert_bits=expert_bits, attn_bits=attn_bits,
+        )
         engine = load_engine(
-            model or DEMO_MODEL_DIR,
+            model,
             **engine_options(
-                profile, device=device, dtype=dtype, context_length=context, vram=vram, ram=ram,
-                experts_per_layer=experts_per_layer, policy=policy, expert_format=expert_format,
-                expert_bits=expert_bits, attn_bits=attn_bits,
+                chosen, device=device, dtype=dtype, context_length=context, vram=vram, ram=ram,
+                experts_per_layer=experts_per_layer, policy=policy, prefetch_depth=prefetch_depth,
+                expert_format=expert_format, expert_bits=expert_bits, attn_bits=attn_bits,
             ),
         )
+        if chosen.note:  # after the load: an error the engine raises stays the one line on stderr
+            stderr.print(chosen.note, style="dim", markup=False)
         session = ChatSession(engine, sampling, max_tokens, system)
         if message is not None:
             def write(chunk: str) -> None:
@@ -340,4 +355,4 @@ def chat_command(
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-        interactive(session)
+        interactive(session, profile=chosen.label)

@@ -1,18 +1,27 @@
-"""What every command shares: the stderr console, one-line errors, and the progress bar."""
+"""What every command shares: the stderr console, one-line errors, the progress bar, the engine
+options declared once, and the profile choice (a named profile, checked against this machine, or
+the automatic one: ``offload.profile_fit.auto_profile``) merged with the flags given.
+
+No engine or planning logic here: the fitting is ``offload.profile``, the loading ``offload.engine``.
+"""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Union
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from offload.engine import DEFAULT_DTYPE, DTYPES, Engine
-from offload.errors import OffloadError
+from offload.errors import OffloadError, SettingError
 from offload.quant import FORMATS
+
+if TYPE_CHECKING:
+    from offload.profile import Profile
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -53,7 +62,7 @@ def progress_bar(verb: str, name: str) -> Iterator[Optional[ProgressFn]]:
         yield progress
 
 
-# Options every engine command takes (generate, chat), declared once.
+# Options every engine command takes (generate, chat; bench takes comma lists of most), declared once.
 DTYPE_OPTION = typer.Option(
     None,
     "--dtype",
@@ -74,7 +83,7 @@ POLICY_OPTION = typer.Option(
     "auto",
     "--policy",
     help="Expert cache policy: lru, lfu, lookahead (LRU + gate look-ahead prefetch), history "
-    "(router-history prefetch and eviction), combined (both), or auto: combined on CUDA, lru on CPU.",
+    "(router-history prefetch and eviction), combined (both), or auto: combined.",
 )
 EXPERT_FORMAT_OPTION = typer.Option(
     None,
@@ -89,30 +98,131 @@ ATTN_BITS_OPTION = typer.Option(None, "--attn-bits", help="Attention projections
 
 
 def load_engine(model: Path, **settings) -> Engine:
-    """``Engine.load`` with a progress bar on stderr when it is a terminal."""
+    """``Engine.load`` with a progress bar on stderr when it is a terminal. A hub id that is not in
+    the local Hugging Face cache is downloaded first (``local_model``)."""
+    model_dir = local_model(model)
     with progress_bar("loading", Path(model).name) as progress:
-        return Engine.load(model, progress=progress, **settings)
+        return Engine.load(model_dir, progress=progress, **settings)
+
 
 PROFILE_OPTION = typer.Option(
     None,
     "--profile",
-    help="A machine profile: a shipped name (see profiles/) or a TOML path; flags given explicitly win.",
+    help="A machine profile: a shipped name (see profiles/) or a TOML path, its plan as written; flags "
+    "given explicitly win. Default: the best shipped profile for the device, fitted to the model.",
+)
+PREFETCH_DEPTH_OPTION = typer.Option(
+    None,
+    "--prefetch-depth",
+    help="Layers ahead that gate look-ahead prefetches, >= 1 (policies lookahead and combined; "
+    "default: the profile's, else 1).",
 )
 
 
-def engine_options(profile: Optional[str], **flags) -> dict:
-    """``load_engine``'s settings: a profile's plan, overridden by every flag the user gave (a
-    flag at its default, None or "auto", counts as not given)."""
-    from offload.profile import engine_kwargs, load_profile
+def announce_download(download) -> None:
+    """The one stderr line before a hub download: what, where and how much."""
+    from offload.plan import format_bytes
 
-    settings = engine_kwargs(load_profile(profile)) if profile else {}
+    stderr.print(
+        f"downloading {download.repo_id} to {download.cache} ({download.files} files, "
+        f"{format_bytes(download.size)} from {download.endpoint})",
+        markup=False,
+    )
+
+
+def local_model(model: Union[str, Path]) -> Path:
+    """``model``'s directory: a directory as it is, a hub id from the local Hugging Face cache,
+    downloaded first when it is not there: one line on stderr saying what, where and how much,
+    then huggingface_hub's own progress bars (drawn when stderr is a terminal)."""
+    from offload.hub import resolve_model
+
+    return resolve_model(model, download=True, on_download=announce_download, progress_bars=True)
+
+
+@dataclass(frozen=True)
+class ProfileChoice:
+    """The profile a command runs with: its plan (None: plain defaults), how output names it
+    ("rtx-3060-12gb", "cpu-only (auto)", "none (auto)"), and, for an automatic choice, why."""
+
+    profile: Optional["Profile"]
+    label: str
+    reason: Optional[str] = None  # None for a profile given by name
+
+    @property
+    def text(self) -> str:
+        """The label, with the reason for an automatic choice: "cpu-only (auto: ...)"."""
+        if self.reason is None:
+            return self.label
+        return f"{self.profile.name if self.profile is not None else 'none'} ({self.reason})"
+
+    @property
+    def note(self) -> Optional[str]:
+        """The one stderr line that names an automatic choice (None for a named profile)."""
+        return None if self.reason is None else f"profile: {self.text}; --profile to choose"
+
+
+def choose_profile(
+    profile: Optional[str],
+    model: Union[str, Path],
+    *,
+    device: Optional[str] = "auto",
+    dtype: Optional[str] = None,
+    context_length: Optional[int] = None,
+    expert_format: Optional[str] = None,
+    expert_bits: Optional[int] = None,
+    attn_bits: Optional[int] = None,
+) -> ProfileChoice:
+    """A profile given by name or path: loaded, and refused (SettingError naming the field) when
+    it needs more than this machine has, unless --device overrides where it runs. None: the best
+    shipped profile for the device, fitted to ``model`` (``offload.profile_fit.auto_profile``), or
+    plain defaults when none suits; the flags given fix what they name in the fit."""
+    from offload.device import resolve_device
+    from offload.profile import does_it_fit, load_profile, probe_machine
+    from offload.profile_fit import auto_profile
+
+    device = device or "auto"
+    if profile:
+        chosen = load_profile(profile)
+        if device == "auto" or (resolve_device(device).type == "cuda") == chosen.has_gpu:
+            does_it_fit(chosen, probe_machine(device=device, copy_bytes=0))
+        return ProfileChoice(chosen, chosen.name)
+    chosen, reason = auto_profile(
+        local_model(model), device, dtype=dtype, context=context_length, expert_format=expert_format,
+        expert_bits=expert_bits, attn_bits=attn_bits,
+    )
+    return ProfileChoice(chosen, f"{chosen.name if chosen else 'none'} (auto)", reason)
+
+
+def engine_options(profile: Union[None, str, "Profile", ProfileChoice], **flags) -> dict:
+    """``load_engine``'s settings: a profile's plan (a name or path, a Profile, or a choice),
+    overridden by every flag the user gave (a flag at its default, None or "auto", counts as not
+    given). A flag that replaces a profile setting by another name replaces it whole:
+    --expert-format the profile's expert bits, --vram and --experts-per-layer each other."""
+    from offload.profile import Profile, engine_kwargs, load_profile
+
+    if isinstance(profile, ProfileChoice):
+        profile = profile.profile
+    if isinstance(profile, str):
+        profile = load_profile(profile) if profile else None
+    settings = engine_kwargs(profile) if isinstance(profile, Profile) else {}
     if "context_length" in settings:  # a machine's context is a ceiling: a model may allow less
         settings["max_context"] = settings.pop("context_length")
+    given = {key for key, value in flags.items() if value is not None and value != "auto"}
+    replaced = {"expert_format": ("expert_bits",), "vram": ("experts_per_layer",), "experts_per_layer": ("vram",)}
+    for key in given:
+        for other in replaced.get(key, ()):
+            if other not in given:
+                settings.pop(other, None)
     settings.setdefault("device", "auto")
     settings.setdefault("context_length", None)
     for key, value in flags.items():
-        if value is not None and value != "auto":
+        if key in given:
             settings[key] = value
         else:
             settings.setdefault(key, value)
+    depth = settings.pop("prefetch_depth", None)
+    if depth is not None:  # None: the engine's default
+        if depth < 1:
+            raise SettingError(f"--prefetch-depth {depth}: must be at least 1")
+        settings["prefetch_depth"] = depth
     return settings

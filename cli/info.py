@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.common import PROFILE_OPTION, stderr, user_errors
+from cli.common import stderr, user_errors
 from offload import quant
 from offload.config import ModelConfig
 from offload.engine import DEFAULT_CONTEXT, DEFAULT_DTYPE, DTYPES, parse_dtype
@@ -63,7 +63,10 @@ def info_command(
         None, "--dtype", help=f"Compute dtype: {'|'.join(DTYPES)} (default {DEFAULT_DTYPE}; a pack: its own)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object, sizes in bytes."),
-    profile: Optional[str] = PROFILE_OPTION,
+    profile: Optional[str] = typer.Option(
+        None, "--profile", help="Plan with a machine profile's budgets, bits and context: a shipped name or a "
+        "TOML path; flags given explicitly win. No default: info plans what the flags say.",
+    ),
 ) -> None:
     """Show how a model splits between GPU, RAM and disk: sizes by class, one expert, KV cache,
     and how many experts fit on the card and in RAM."""

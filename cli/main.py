@@ -23,9 +23,11 @@ from cli.common import (
     EXPERT_FORMAT_OPTION,
     EXPERTS_PER_LAYER_OPTION,
     POLICY_OPTION,
+    PREFETCH_DEPTH_OPTION,
     PROFILE_OPTION,
     RAM_OPTION,
     VRAM_OPTION,
+    choose_profile,
     engine_options,
     load_engine,
     stderr,
@@ -92,6 +94,7 @@ def generate(
     ram: Optional[str] = RAM_OPTION,
     experts_per_layer: Optional[int] = EXPERTS_PER_LAYER_OPTION,
     policy: str = POLICY_OPTION,
+    prefetch_depth: Optional[int] = PREFETCH_DEPTH_OPTION,
     expert_format: Optional[str] = EXPERT_FORMAT_OPTION,
     expert_bits: Optional[int] = EXPERT_BITS_OPTION,
     attn_bits: Optional[int] = ATTN_BITS_OPTION,
@@ -116,14 +119,20 @@ def generate(
             max_new_tokens=max_tokens, stop=tuple(stop), sampling=sampling, ignore_eos=ignore_eos, trace=trace
         )
         model = model or DEMO_MODEL_DIR
+        chosen = choose_profile(
+            profile, model, device=device, dtype=dtype, context_length=context,
+            expert_format=expert_format, expert_bits=expert_bits, attn_bits=attn_bits,
+        )
         engine = load_engine(
             model,
             **engine_options(
-                profile, device=device, dtype=dtype, context_length=context, vram=vram, ram=ram,
-                experts_per_layer=experts_per_layer, policy=policy, expert_format=expert_format,
-                expert_bits=expert_bits, attn_bits=attn_bits,
+                chosen, device=device, dtype=dtype, context_length=context, vram=vram, ram=ram,
+                experts_per_layer=experts_per_layer, policy=policy, prefetch_depth=prefetch_depth,
+                expert_format=expert_format, expert_bits=expert_bits, attn_bits=attn_bits,
             ),
         )
+        if chosen.note:  # after the load: an error the engine raises stays the one line on stderr
+            stderr.print(chosen.note, style="dim", markup=False)
         tokenizer = engine.tokenizer
         if chat:
             messages = ([Message("system", system)] if system else []) + [Message("user", prompt)]
@@ -136,6 +145,7 @@ def generate(
             generation.run()
             print(json.dumps({
                 "model": str(model),
+                "profile": chosen.label,
                 "prompt_tokens": prompt_ids,
                 "tokens": generation.tokens,
                 "text": generation.text,

@@ -1,13 +1,16 @@
 """Machine profiles: a TOML file that says what a machine has and the plan that runs well on it.
 
 What it is: ``Profile`` (the ``[machine]`` and ``[plan]`` tables of a profile file),
-``load_profile`` (a shipped name from the repository's ``profiles/`` folder, or a path), checked
-field by field with one-line errors naming the file and the field, ``save_profile`` (hand-written
-TOML, atomic), ``engine_kwargs`` (the plan as ``Engine.load`` keyword arguments),
-``probe_machine`` (RAM, CPU threads, GPU, a timed host-to-device copy and a timed disk read),
-``best_shipped_profile`` and ``does_it_fit``. What it is not: a benchmark (``offload profile``,
-in cli/profile.py, measures candidate plans through offload.bench) nor an engine setting of its
-own: ``prefetch_depth`` is recorded but the engine does not take it yet.
+``load_profile`` (a shipped name, or a path), checked field by field with one-line errors naming
+the file and the field, ``save_profile`` (hand-written TOML, atomic), ``engine_kwargs`` (the plan
+as ``Engine.load`` keyword arguments), ``probe_machine`` (RAM, CPU threads, GPU, a timed
+host-to-device copy and a timed disk read), ``best_shipped_profile`` and ``does_it_fit``. What
+it is not: the automatic choice of a profile fitted to a model (profile_fit.py), a benchmark (``offload profile``, in cli/profile.py, measures candidate
+plans through offload.bench), nor a printer: the CLI says which profile ran.
+
+Shipped profiles live in the repository's top-level ``profiles/`` folder; a wheel installs a copy
+as data files under ``<prefix>/share/offload/profiles`` (pyproject.toml's
+``[tool.setuptools.data-files]``), and ``find_profiles_dir`` looks in both places.
 
 File layout (sizes as strings: "8GiB", "512MiB", "0"):
 
@@ -27,11 +30,12 @@ File layout (sizes as strings: "8GiB", "512MiB", "0"):
     experts_per_layer = 3             # optional, instead of vram
     context = 4096
     policy = "combined"               # auto, or an expert cache policy
-    prefetch_depth = 1
+    prefetch_depth = 1                # layers ahead that gate look-ahead prefetches (>= 1)
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import os
 import tempfile
@@ -51,7 +55,34 @@ from offload.experts.policy import POLICY_CHOICES
 from offload.plan import format_bytes, parse_bytes
 from offload.quant import BITS_CHOICES
 
-PROFILES_DIR = Path(offload.__file__).resolve().parents[1] / "profiles"
+# Where a wheel installs the shipped profiles, relative to the install prefix (the data-files
+# entry of pyproject.toml must name the same folder).
+PROFILES_DATA_DIR = ("share", "offload", "profiles")
+
+
+def find_profiles_dir(package_dir: Path | None = None, dist: importlib.metadata.Distribution | None = None) -> Path:
+    """The folder of the shipped profiles.
+
+    In a source checkout (an editable install included) the repository's ``profiles/`` folder,
+    next to the ``offload`` package and a ``pyproject.toml``. In an installed wheel, the copy the
+    wheel put under ``<prefix>/share/offload/profiles``, found through the installed files of
+    the ``offload`` distribution (``dist``, default: the one installed). When neither is there,
+    the checkout's path, so that errors name where profiles were looked for."""
+    root = (package_dir or Path(offload.__file__).resolve().parent).parent
+    checkout = root / "profiles"
+    if (root / "pyproject.toml").is_file() and checkout.is_dir():
+        return checkout
+    try:
+        dist = dist or importlib.metadata.distribution("offload")
+    except importlib.metadata.PackageNotFoundError:
+        return checkout
+    for file in dist.files or ():
+        if file.suffix == ".toml" and tuple(file.parts[-4:-1]) == PROFILES_DATA_DIR:
+            return Path(dist.locate_file(file)).resolve().parent
+    return checkout
+
+
+PROFILES_DIR = find_profiles_dir()
 NO_GPU = "none"
 # A card's reported total falls a little below its nominal size (an "8 GB" card reports ~7.7 GiB).
 NOMINAL_SLACK = 0.95
@@ -142,7 +173,7 @@ class Profile:
 
 
 def shipped_profiles() -> list[str]:
-    """Names of the profiles in the repository's profiles/ folder."""
+    """Names of the shipped profiles (``PROFILES_DIR``)."""
     return sorted(p.stem for p in PROFILES_DIR.glob("*.toml"))
 
 
@@ -288,7 +319,7 @@ def save_profile(profile: Profile, path: str | Path) -> Path:
 
 
 def engine_kwargs(profile: Profile) -> dict[str, Any]:
-    """Keyword arguments for ``Engine.load`` (prefetch_depth is not an engine setting yet)."""
+    """Keyword arguments for ``Engine.load``: the profile's plan, its device and context."""
     return {
         "device": "cuda" if profile.has_gpu else "cpu",
         "context_length": profile.context,
@@ -296,6 +327,7 @@ def engine_kwargs(profile: Profile) -> dict[str, Any]:
         "ram": profile.plan_ram,
         "experts_per_layer": profile.experts_per_layer,
         "policy": profile.policy,
+        "prefetch_depth": profile.prefetch_depth,
         "expert_bits": profile.expert_bits,
         "attn_bits": profile.attn_bits,
     }
@@ -403,7 +435,7 @@ def does_it_fit(profile: Profile, machine: dict[str, Any]) -> None:
     where = profile.source or profile.name or "profile"
     has_gpu = machine.get("gpu", NO_GPU) != NO_GPU and machine.get("vram", 0) > 0
     if profile.has_gpu and not has_gpu:
-        raise SettingError(f"{where}: needs a GPU ({profile.gpu}) and this machine has none")
+        raise SettingError(f"{where}: machine.gpu: needs a GPU ({profile.gpu}) and this machine has none")
     need = profile.plan_vram_bytes
     if need is not None:
         have, what = (machine["vram"], "VRAM") if profile.has_gpu else (machine["ram"], "RAM")
@@ -442,6 +474,7 @@ def _size_text(n: int) -> str:
 
 
 __all__ = [
-    "PROFILES_DIR", "Profile", "best_shipped_profile", "does_it_fit", "engine_kwargs", "load_profile",
-    "machine_profile", "probe_machine", "profile_from_dict", "profile_toml", "save_profile", "shipped_profiles",
+    "PROFILES_DATA_DIR", "PROFILES_DIR", "Profile", "best_shipped_profile", "does_it_fit", "engine_kwargs",
+    "find_profiles_dir", "load_profile", "machine_profile", "probe_machine", "profile_from_dict", "profile_toml",
+    "save_profile", "shipped_profiles",
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,6 +134,9 @@ def test_csv_and_markdown(model_dirs):
         (["-p", "0", "-n", "0"], "nothing to measure"),
         (["-r", "0"], "-r 0"),
         (["--experts-per-layer", "1"], "--experts-per-layer 1"),
+        (["--profile", "no-such-card"], "profile 'no-such-card'"),
+        (["--profile", "cpu-only,"], "--profile 'cpu-only,'"),
+        (["--prefetch-depth", "0"], "--prefetch-depth 0"),
     ],
 )
 def test_bad_values_give_one_line_and_exit_2(args, culprit, model_dirs):
@@ -140,3 +144,29 @@ def test_bad_values_give_one_line_and_exit_2(args, culprit, model_dirs):
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and culprit in lines[0], result.stderr
+
+
+def test_the_profile_column(model_dirs, tmp_path):
+    """--profile (a comma list) names each row's plan; without it, the automatic profile."""
+    d = str(model_dirs[WINDOWED.name])
+    common = ["-p", "4", "-n", "2", "-r", "1", "--dtype", "float32"]
+    deep = tmp_path / "deep.toml"
+    text = (Path(__file__).resolve().parents[1] / "profiles" / "cpu-only.toml").read_text()
+    deep.write_text(text.replace("prefetch_depth = 1", "prefetch_depth = 2"))
+    as_json = run(d, *common, "--profile", f"cpu-only,{deep}", "-o", "json")
+    assert as_json.exit_code == 0, as_json.output
+    rows = json.loads(as_json.stdout)
+    assert [(r["profile"], r["prefetch_depth"], r["test"]) for r in rows] == [
+        ("cpu-only", 1, "pp4"), ("cpu-only", 1, "tg2"), ("deep", 2, "pp4"), ("deep", 2, "tg2"),
+    ]
+    md = run(d, *common, "--profile", "cpu-only")
+    assert md.exit_code == 0, md.output
+    lines = md.stdout.strip().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[:3] == ["model", "machine", "profile"]
+    assert [line.strip("|").split("|")[2].strip() for line in lines[2:]] == ["cpu-only", "cpu-only"]
+    auto = run(d, *common, "-o", "csv")
+    assert auto.exit_code == 0, auto.output
+    table = list(csv.DictReader(io.StringIO(auto.stdout)))
+    assert all(r["profile"].endswith(" (auto)") for r in table) and len(table) == 2
+    assert "profile " in auto.stderr and "(auto: best shipped profile" in auto.stderr

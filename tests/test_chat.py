@@ -165,3 +165,11 @@ def test_interactive_chat_in_a_terminal(tmp_path):
         assert "bye" in screen()
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True)
+
+
+def test_pipe_mode_names_the_automatic_profile(model_dirs):
+    d = str(model_dirs[WINDOWED.name])
+    chat = runner.invoke(chat_app, ["chat", d, "-n", "2", "--dtype", "float32"], input="hello there")
+    assert chat.exit_code == 0, chat.output
+    notes = [line for line in chat.stderr.splitlines() if line.startswith("profile: ")]
+    assert len(notes) == 1 and "(auto: " in notes[0] and "profile" not in chat.stdout

@@ -241,3 +241,63 @@ def test_info_plans_mixtral_for_each_shipped_card(profile, slots):
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     assert plan["slots_per_layer"] == slots and plan["expert_format"] == "nf4" and plan["disk_experts"] == 0
+
+
+def test_the_automatic_profile_is_named_and_changes_no_tokens(model_dirs):
+    """No --profile: the best shipped profile for the device, fitted to this small model (16-bit,
+    every expert resident), named on one stderr line; the tokens are a plain engine's."""
+    from offload.engine import Engine, GenerationSettings
+
+    d = model_dirs[WINDOWED.name]
+    result = run("generate", str(d), "-p", PROMPT, "-n", "10", "--dtype", "float32", "--ignore-eos", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    notes = [line for line in result.stderr.splitlines() if line.startswith("profile: ")]
+    assert len(notes) == 1 and "(auto: best shipped profile for this " in notes[0], result.stderr
+    assert "16-bit weights, every expert resident" in notes[0] and notes[0].endswith("; --profile to choose")
+    assert out["profile"].endswith(" (auto)") and out["plan"] is None and out["cache"] is None
+    engine = Engine.load(d, dtype="float32")
+    plain = engine.generate(out["prompt_tokens"], GenerationSettings(max_new_tokens=10, ignore_eos=True)).run()
+    assert out["tokens"] == plain.tokens
+    named = run("generate", str(d), "-p", PROMPT, "-n", "2", "--profile", "cpu-only", "--json")
+    assert named.exit_code == 0 and "profile: " not in named.stderr
+    assert json.loads(named.stdout)["profile"] == "cpu-only"
+
+
+@pytest.mark.parametrize("command, args", [("generate", ["-p", "x"]), ("chat", [])])
+def test_prefetch_depth_below_one_is_one_line_and_exit_2(command, args, model_dirs):
+    result = run(command, str(model_dirs[WINDOWED.name]), *args, "--prefetch-depth", "0", input="hi")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--prefetch-depth 0: must be at least 1" in lines[0], result.stderr
+
+
+def test_prefetch_depth_runs_and_a_profile_that_does_not_fit_is_refused(model_dirs, tmp_path):
+    d = str(model_dirs[WINDOWED.name])
+    deep = run("generate", d, "-p", PROMPT, "-n", "3", "--experts-per-layer", "2", "--policy", "lookahead",
+               "--prefetch-depth", "2", "--json")
+    assert deep.exit_code == 0, deep.output
+    text = (Path(__file__).resolve().parents[1] / "profiles" / "cpu-only.toml").read_text()
+    huge = tmp_path / "huge.toml"
+    huge.write_text(text.replace('ram = "32GiB"', 'ram = "4096GiB"').replace("[plan]", '[plan]\nram = "4000GiB"'))
+    refused = run("generate", d, "-p", "x", "--profile", str(huge))
+    assert refused.exit_code == 2
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "plan.ram 4000GiB is more than this machine's RAM" in lines[0], refused.stderr
+
+
+def test_engine_options_merge_a_profile_and_the_flags(tmp_path):
+    from cli.common import engine_options
+    from offload.profile import load_profile
+
+    text = (Path(__file__).resolve().parents[1] / "profiles" / "rtx-3060-12gb.toml").read_text()
+    path = tmp_path / "deep.toml"
+    path.write_text(text.replace("prefetch_depth = 1", "prefetch_depth = 2"))
+    profile = load_profile(path)
+    merged = engine_options(profile, device="auto", vram=None, prefetch_depth=None, expert_format=None)
+    assert merged["device"] == "cuda" and merged["vram"] == "11GiB" and merged["max_context"] == 4096
+    assert merged["prefetch_depth"] == 2
+    merged = engine_options(profile, experts_per_layer=4, prefetch_depth=3, expert_format="int8")
+    assert merged["experts_per_layer"] == 4 and "vram" not in merged and merged["prefetch_depth"] == 3
+    assert merged["expert_format"] == "int8" and "expert_bits" not in merged  # a format replaces the bits
+    assert "prefetch_depth" not in engine_options(None, prefetch_depth=None)  # the engine's default

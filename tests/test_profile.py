@@ -95,3 +95,94 @@ def test_profile_command_writes_a_profile_that_reads_back(tmp_path):
     assert profile.gpu == "none" and profile.policy in ("lru", "auto") and profile.plan_vram is not None
     bad = CliRunner().invoke(app, ["--out", str(out), "--from", "no-such-profile"])
     assert bad.exit_code == 2
+
+
+# ---- the automatic profile: fitting a shipped plan to a model --------------------------------
+
+
+def test_fit_mixtral_on_a_3060_keeps_the_4_bit_plan_with_a_cache_budget():
+    from offload.plan import builtin_model
+    from offload.profile_fit import fit_profile
+
+    name, config = builtin_model("mixtral-8x7b")
+    fitted, reason = fit_profile(load_profile("rtx-3060-12gb"), config, model_name=name)
+    assert (fitted.expert_bits, fitted.attn_bits) == (4, 4)  # 8 and 16 bits do not fit 11 GiB + 24 GiB
+    assert (fitted.plan_vram, fitted.plan_ram, fitted.context) == ("11GiB", "24GiB", 4096)
+    assert "3/8 experts per layer" in reason and "\n" not in reason
+    fitted, reason = fit_profile(load_profile("cpu-only"), config, model_name=name)
+    assert fitted.expert_bits == 4 and fitted.plan_vram is None and "every expert resident" in reason
+
+
+@pytest.mark.parametrize("profile", ["cpu-only", "rtx-4060-8gb", "rtx-4090-24gb"])
+def test_fit_a_small_model_runs_16_bit_with_no_budget(profile):
+    from offload.config import ModelConfig
+    from offload.profile_fit import fit_profile
+
+    config = ModelConfig.from_dir(DEMO_MODEL_DIR)
+    fitted, reason = fit_profile(load_profile(profile), config)
+    assert (fitted.expert_bits, fitted.attn_bits) == (16, 16)
+    assert fitted.plan_vram is None and fitted.plan_ram is None and fitted.experts_per_layer is None
+    assert fitted.policy == "auto"  # no cache: flags that add a budget behave as without a profile
+    kwargs = engine_kwargs(fitted)
+    assert kwargs["vram"] is kwargs["ram"] is kwargs["experts_per_layer"] is None  # every expert resident
+    assert reason == "16-bit weights, every expert resident, no budget"
+
+
+def test_fit_that_fails_names_the_field():
+    from offload.errors import BudgetError
+    from offload.plan import builtin_model
+    from offload.profile_fit import fit_profile
+
+    name, config = builtin_model("mixtral-8x7b")
+    with pytest.raises(BudgetError, match="machine.ram: Mixtral-8x7B needs at least") as info:
+        fit_profile(load_profile("cpu-only"), config, model_name=name, machine={"ram": 4 * 2**30, "vram": 0})
+    assert "\n" not in str(info.value)
+
+
+def test_auto_profile_fits_or_falls_back_to_plain_defaults(tmp_path):
+    from offload.profile_fit import auto_profile
+
+    fitted, reason = auto_profile(DEMO_MODEL_DIR, "cpu")
+    assert fitted is not None and fitted.name == "cpu-only" and fitted.expert_bits == 16
+    assert reason.startswith("auto: best shipped profile for this CPU; 16-bit weights")
+    nothing, reason = auto_profile(tmp_path / "absent", "cpu")  # the engine reports the model's error
+    assert nothing is None and reason.endswith("plain defaults") and "absent" in reason
+
+
+def test_engine_kwargs_carry_the_prefetch_depth(tmp_path):
+    path = tmp_path / "deep.toml"
+    path.write_text(GOOD.replace("prefetch_depth = 1", "prefetch_depth = 3"))
+    assert engine_kwargs(load_profile(path))["prefetch_depth"] == 3
+
+
+def test_an_installed_wheel_finds_its_profiles(tmp_path):
+    """The lookup an installed (non-editable) package takes: no checkout next to the package, the
+    profiles installed as data files under <prefix>/share/offload/profiles, found through the
+    distribution's RECORD as importlib.metadata reads it. pyproject.toml installs them there."""
+    import importlib.metadata
+    import shutil
+    import tomllib
+
+    from offload.profile import PROFILES_DATA_DIR, PROFILES_DIR, find_profiles_dir
+
+    root = Path(__file__).resolve().parents[1]
+    pyproject = tomllib.loads((root / "pyproject.toml").read_text())
+    assert pyproject["tool"]["setuptools"]["data-files"] == {"/".join(PROFILES_DATA_DIR): ["profiles/*.toml"]}
+    prefix = tmp_path / "prefix"
+    site = prefix / "lib" / "python3" / "site-packages"
+    (site / "offload").mkdir(parents=True)
+    data = prefix.joinpath(*PROFILES_DATA_DIR)
+    data.mkdir(parents=True)
+    record = []
+    for toml in sorted(PROFILES_DIR.glob("*.toml")):
+        shutil.copy(toml, data / toml.name)
+        record.append(f"../../../{'/'.join(PROFILES_DATA_DIR)}/{toml.name},,")
+    info = site / "offload-0.1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: offload\nVersion: 0.1.0\n")
+    (info / "RECORD").write_text("offload/__init__.py,,\n" + "\n".join(record) + "\n")
+    found = find_profiles_dir(site / "offload", importlib.metadata.PathDistribution(info))
+    assert found == data.resolve()
+    assert sorted(p.stem for p in found.glob("*.toml")) == shipped_profiles()
+    assert set(SHIPPED) <= set(shipped_profiles())
+    assert find_profiles_dir() == root / "profiles"  # this checkout: the repository's folder

@@ -95,12 +95,13 @@ class Prefetcher:
             if self.history is not None:
                 self._learn_prompt(layer, chosen)
             return
+        # gate look-ahead first: its kernels queue behind the router's, and one wait reads both
+        last = layer + 1 >= self.num_layers
+        picks = self.lookahead.top(layer, hidden, self.width) if self.lookahead is not None and not last else {}
         if self.history is not None:
             self.history.observe(layer, chosen[0].tolist())
-        if layer + 1 >= self.num_layers:
+        if last:
             return
-        # gate look-ahead is queued now, with the router's work, and read back with it
-        picks = self.lookahead.top(layer, hidden, self.width) if self.lookahead is not None else {}
         if self.defer:
             self._pending = (layer, picks)
         else:

@@ -1,0 +1,193 @@
+"""The automatic profile: the best shipped plan for this device, fitted to the model at hand.
+
+What it is: ``fit_profile`` (a profile's plan made to fit one model: the widest weights that
+fit its budgets, and no budget at all when every expert fits on the device, exactly a plain
+run) and ``auto_profile`` (the best shipped profile for the device, fitted, or plain defaults
+with the reason). Shipped plans are written for Mixtral-8x7B in 4 bits; fitting keeps a small
+model at 16 bits and resident, and gives a large one the profile's bits and budgets. What it is
+not: the profile file format or the machine probe (profile.py), nor a benchmark.
+
+The fit rule (``fit_profile``), for a profile picked automatically: try the widest weights first,
+16 bits, then 8, then the profile's own ``expert_bits`` (attention at the same width, never
+narrower than the profile's ``attn_bits``); the first width at which the model fits the profile's
+budgets wins. The device holds ``plan.vram`` (default ``machine.vram``; on a machine without a GPU,
+``machine.ram``), the RAM tier ``plan.ram`` (default ``machine.ram``), each capped at what this
+machine has when ``auto_profile`` probed it; "fits" means the dense
+weights, the KV cache at the profile's context and top-k experts per layer fit on the device, and
+every other expert has a place on the device or in RAM (no disk reads; without a GPU, device and
+RAM tier share ``machine.ram``). When every expert fits on the device at that width, the plan
+has no budget at all (every expert resident, no cache) and policy ``auto``, as a run without a
+profile. A profile given by name keeps its plan exactly as written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from offload import quant
+from offload.config import ModelConfig
+from offload.device import device_name, is_cuda, resolve_device
+from offload.errors import BudgetError, OffloadError
+from offload.plan import attention_shapes, format_bytes, plan_memory, plan_model
+from offload.profile import Profile, _size_text, best_shipped_profile, probe_machine
+
+
+def _widths(profile: Profile, expert_bits: int | None, attn_bits: int | None) -> list[tuple[int, int]]:
+    """(expert bits, attention bits) to try, widest first: 16, 8, then the profile's own; a
+    width given by a flag stays fixed."""
+    pairs = []
+    for width in (16, 8, profile.expert_bits):
+        if width < profile.expert_bits:
+            continue
+        pairs.append((expert_bits or width, attn_bits or max(width, profile.attn_bits)))
+    return list(dict.fromkeys(pairs))
+
+
+def _bits_text(expert_fmt: quant.WeightFormat, bits: int, attn: int, fixed: bool) -> str:
+    experts = f"{expert_fmt.name} experts" if fixed else f"{bits}-bit experts"
+    if not fixed and bits == attn:
+        return f"{bits}-bit weights"
+    return f"{experts}, {attn}-bit attention"
+
+
+def fit_profile(
+    profile: Profile,
+    config: ModelConfig,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    context: int | None = None,
+    expert_format: quant.WeightFormat | str | None = None,
+    expert_bits: int | None = None,
+    attn_bits: int | None = None,
+    machine: dict[str, Any] | None = None,
+    model_name: str = "the model",
+) -> tuple[Profile, str]:
+    """``profile``'s plan fitted to ``config`` (the module's fit rule), and a short reason.
+
+    ``dtype`` is the compute dtype; ``context`` the context to plan for (default: the profile's,
+    lowered to the model's maximum); ``expert_format`` a fixed expert format (a pack's, or
+    ``--expert-format``); ``expert_bits`` / ``attn_bits`` widths fixed by flags; ``machine``
+    (``probe_machine``'s dict) caps the budgets at what this machine has. The returned profile
+    has the chosen bits and either no budget (every expert resident) or the profile's budgets.
+    Raises BudgetError, naming the field, when the model fits at none of the widths."""
+    where = profile.source or profile.name or "profile"
+    device_type = "cuda" if profile.has_gpu else "cpu"
+    context = context or min(config.max_position_embeddings, profile.context)
+    machine_field = "machine.vram" if profile.has_gpu else "machine.ram"
+    device_field = "plan.vram" if profile.plan_vram is not None else machine_field
+    device_budget = profile.plan_vram_bytes if profile.plan_vram is not None else profile.device_bytes
+    ram_field = "plan.ram" if profile.plan_ram is not None else "machine.ram"
+    ram_budget = profile.plan_ram_bytes if profile.plan_ram is not None else profile.ram_bytes
+    ram_total = profile.ram_bytes
+    if machine is not None:
+        device_budget = min(device_budget, machine["vram"] if profile.has_gpu else machine["ram"])
+        ram_budget = min(ram_budget, machine["ram"])
+        ram_total = min(ram_total, machine["ram"])
+    I, D = config.intermediate_size, config.hidden_size
+    expert_shapes, attn_shapes = ((I, D), (D, I)), tuple(attention_shapes(config).values())
+    E = config.num_local_experts
+    why = ""
+    for bits, attn in _widths(profile, expert_bits, attn_bits):
+        if expert_format is not None:
+            expert_fmt = quant.get_format(expert_format)
+        else:
+            expert_fmt = quant.format_for_bits(bits, dtype, device_type, expert_shapes, "--expert-bits")
+        attn_fmt = quant.format_for_bits(attn, dtype, device_type, attn_shapes, "--attn-bits")
+        plan = plan_model(model_name, config, dtype, context, expert_fmt, attn_fmt)
+        what = _bits_text(expert_fmt, bits, attn, expert_format is not None)
+        fitted = replace(profile, expert_bits=bits, attn_bits=attn)
+        if plan.all_resident_vram <= device_budget:  # as a run without a profile: no cache to set up
+            none = replace(fitted, plan_vram=None, plan_ram=None, experts_per_layer=None, policy="auto")
+            return none, f"{what}, every expert resident, no budget"
+        if plan.min_vram > device_budget:
+            why = (f"{device_field}: {model_name} needs at least {format_bytes(plan.min_vram)} on the device "
+                   f"at {what}; the budget is {format_bytes(device_budget)}")
+            continue
+        if profile.experts_per_layer:
+            budget: dict[str, int] = dict(experts_per_layer=profile.experts_per_layer)
+        else:
+            budget = dict(vram=device_budget)
+        memory = plan_memory(
+            config, plan.expert_bytes, dtype, context, ram=ram_budget, dense=plan.dense_bytes, **budget
+        )
+        if memory.device_bytes > device_budget:
+            why = (f"{device_field}: {model_name} needs {format_bytes(memory.device_bytes)} on the device for "
+                   f"plan.experts_per_layer {profile.experts_per_layer} at {what}; the budget is "
+                   f"{format_bytes(device_budget)}")
+            continue
+        shared = 0 if profile.has_gpu else memory.device_bytes  # without a GPU, slots and RAM tier share RAM
+        if memory.disk_tier or shared + memory.host_bytes > ram_total:
+            why = (f"{ram_field}: {model_name}'s experts at {what} need "
+                   f"{format_bytes(memory.experts_total * plan.expert_bytes)} in RAM; the budget is "
+                   f"{format_bytes(ram_budget)}")
+            continue
+        vram_text = profile.plan_vram
+        if profile.experts_per_layer is None and (vram_text is None or profile.plan_vram_bytes > device_budget):
+            vram_text = _size_text(device_budget)
+        ram_text = profile.plan_ram
+        if ram_text is not None and profile.plan_ram_bytes > ram_budget:
+            ram_text = _size_text(ram_budget)
+        budgeted = replace(fitted, plan_vram=None if profile.experts_per_layer else vram_text, plan_ram=ram_text)
+        return budgeted, f"{what}, {memory.slots_per_layer}/{E} experts per layer on the device, the rest in RAM"
+    raise BudgetError(f"{where}: {why}")
+
+
+def model_shape(model: str | Path) -> tuple[ModelConfig, quant.WeightFormat | None, torch.dtype | None]:
+    """(config, a pack's expert format, a plain pack's dtype) of a checkpoint, pack or hub id
+    in the local cache; only config.json and a pack's manifest are read."""
+    from offload.hub import resolve_model
+    from offload.pack import Pack, is_pack
+
+    path = resolve_model(model)
+    config = ModelConfig.from_dir(path)
+    if not is_pack(path):
+        return config, None, None
+    pack = Pack(path)
+    try:
+        layout = pack.layout
+    finally:
+        pack.close()
+    return config, layout.fmt, layout.dtype if layout.plain else None
+
+
+def auto_profile(
+    model: str | Path,
+    device: str | torch.device = "auto",
+    *,
+    dtype: str | torch.dtype | None = None,
+    context: int | None = None,
+    expert_format: str | None = None,
+    expert_bits: int | None = None,
+    attn_bits: int | None = None,
+    machine: dict[str, Any] | None = None,
+) -> tuple[Profile | None, str]:
+    """The best shipped profile for ``device`` fitted to ``model`` (``fit_profile``), and why;
+    ``(None, why)`` when no shipped profile suits the device or the model fits none of the
+    widths: run with plain defaults then. The other arguments are the flags given (they fix
+    what they name); ``machine`` defaults to a probe without timings. Raises no OffloadError:
+    a model that cannot be read is the engine's to report."""
+    from offload.loader import DEFAULT_DTYPE, parse_dtype
+
+    try:
+        torch_device = resolve_device(device) if isinstance(device, str) else device
+        what = f"this GPU ({device_name(torch_device)})" if is_cuda(torch_device) else "this CPU"
+        profile = best_shipped_profile(torch_device)
+        if machine is None:
+            machine = probe_machine(device=str(torch_device), copy_bytes=0)
+        config, pack_format, pack_dtype = model_shape(model)
+        torch_dtype = parse_dtype(dtype) if dtype is not None else pack_dtype or parse_dtype(DEFAULT_DTYPE)
+        fitted, how = fit_profile(
+            profile, config, dtype=torch_dtype, context=context,
+            expert_format=pack_format or expert_format, expert_bits=expert_bits, attn_bits=attn_bits,
+            machine=machine, model_name=Path(str(model)).name or str(model),
+        )
+    except OffloadError as exc:
+        return None, f"auto: {exc}; plain defaults"
+    return fitted, f"auto: best shipped profile for {what}; {how}"
+
+
+__all__ = ["auto_profile", "fit_profile", "model_shape"]
