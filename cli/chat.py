@@ -72,11 +72,15 @@ Ctrl+C stops a reply and keeps the conversation."""
 class ChatSession:
     """The conversation state and one turn's streaming; no terminal reading here."""
 
-    def __init__(self, engine: Engine, sampling: SamplingSettings, max_tokens: int, system: Optional[str]):
+    def __init__(
+        self, engine: Engine, sampling: SamplingSettings, max_tokens: int, system: Optional[str],
+        trace: Optional[Path] = None,
+    ):
         self.engine = engine
         self.sampling = sampling
         self.max_tokens = max_tokens
         self.system = system
+        self.trace = trace  # each reply's router trace goes to STEM-N.SUFFIX beside it (N from 1)
         self.history: list[Message] = []  # user and assistant turns, no system message
         self.turns = 0  # replies so far: the seed of turn n is seed + n (repeatable, not repeated)
 
@@ -88,7 +92,14 @@ class ChatSession:
         sampling = self.sampling
         if sampling.seed is not None:
             sampling = replace(sampling, seed=sampling.seed + self.turns)
-        return GenerationSettings(max_new_tokens=self.max_tokens, sampling=sampling)
+        return GenerationSettings(max_new_tokens=self.max_tokens, sampling=sampling, trace=self.trace_path())
+
+    def trace_path(self) -> Optional[Path]:
+        """Where the next reply's trace goes: one file per reply, since each reply is one token
+        sequence (the conversation so far, then the reply)."""
+        if self.trace is None:
+            return None
+        return self.trace.with_name(f"{self.trace.stem}-{self.turns + 1}{self.trace.suffix or '.jsonl'}")
 
     def reply(self, user: str, write: Callable[[str], None], stop_requested: Callable[[], bool] = lambda: False,
               spinner: bool = False):
@@ -315,6 +326,10 @@ def chat_command(
     expert_bits: Optional[int] = EXPERT_BITS_OPTION,
     attn_bits: Optional[int] = ATTN_BITS_OPTION,
     profile: Optional[str] = PROFILE_OPTION,
+    trace: Optional[Path] = typer.Option(
+        None, "--trace", help="Write each reply's router trace (experts, gates, predictions, cache outcomes) "
+        "to STEM-N.jsonl beside this path, N = 1, 2, ...",
+    ),
 ) -> None:
     """Chat with a model: interactive in a terminal; with a pipe, stdin is one message and the reply goes to stdout."""
     with user_errors():
@@ -341,7 +356,7 @@ def chat_command(
         )
         if chosen.note:  # after the load: an error the engine raises stays the one line on stderr
             stderr.print(chosen.note, style="dim", markup=False)
-        session = ChatSession(engine, sampling, max_tokens, system)
+        session = ChatSession(engine, sampling, max_tokens, system, trace)
         if message is not None:
             def write(chunk: str) -> None:
                 sys.stdout.write(chunk)

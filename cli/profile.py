@@ -18,12 +18,11 @@ from typing import Optional
 
 import typer
 
-from cli.common import stderr, user_errors
+from cli.common import local_model, stderr, user_errors
 from offload.bench import BenchConfig, context_needed, load, measure
 from offload.config import ModelConfig
 from offload.demo import DEMO_MODEL_DIR
 from offload.errors import SettingError
-from offload.hub import resolve_model
 from offload.plan import format_bytes, kv_cache_bytes, parse_bytes
 from offload.profile import (
     _size_text,
@@ -51,18 +50,23 @@ def profile_command(
 ) -> None:
     """Probe this machine, time candidate plans briefly, and write the fastest that fits."""
     with user_errors():
-        model = model or DEMO_MODEL_DIR
+        model = local_model(model) if model else DEMO_MODEL_DIR  # a hub id: from the cache, or downloaded
         machine = probe_machine(model, device)
         start = load_profile(base) if base else best_shipped_profile(machine["device"], machine["vram"] or None)
         capacity = machine["vram"] if machine["gpu"] != "none" else machine["ram_available"]
         budget = capacity - _headroom(headroom, capacity)
         results = []
-        config_json = ModelConfig.from_dir(resolve_model(model))
+        config_json = ModelConfig.from_dir(model)
         E, K = config_json.num_local_experts, config_json.num_experts_per_tok
         for policy in dict.fromkeys(("lru", start.policy)):
             for count in sorted({K, max(K, E // 2), E}):
                 config, result, needs = _try(model, machine, start, policy, count, prompt_tokens, gen_tokens, reps)
                 fits = needs <= budget
+                if not fits and count == K:  # the smallest plan does not fit: nothing will
+                    raise SettingError(
+                        f"no candidate plan fits {format_bytes(budget)} ({format_bytes(capacity)} less --headroom "
+                        f"{headroom}); the smallest, {_label(config)}, needs {format_bytes(needs)}"
+                    )
                 tg = result.tg.mean if result.tg else 0.0
                 stderr.print(
                     f"{_label(config)}: tg{gen_tokens} {tg:.1f} t/s, needs {format_bytes(needs)}"

@@ -173,3 +173,25 @@ def test_pipe_mode_names_the_automatic_profile(model_dirs):
     assert chat.exit_code == 0, chat.output
     notes = [line for line in chat.stderr.splitlines() if line.startswith("profile: ")]
     assert len(notes) == 1 and "(auto: " in notes[0] and "profile" not in chat.stdout
+
+
+def test_each_reply_writes_its_own_router_trace(model_dirs, tmp_path):
+    """--trace FILE: reply n's trace is FILE-n, holding that reply's prompt (the conversation so
+    far) and its decode steps, with the cache's outcomes."""
+    from offload.trace import load_trace
+
+    engine = Engine.load(model_dirs[WINDOWED.name], device="cpu", dtype="float32", experts_per_layer=3, ram=0)
+    session = ChatSession(engine, SamplingSettings(temperature=0.0), 4, system=None, trace=tmp_path / "chat.jsonl")
+    replies = [session.reply(text, lambda _: None) for text in ("one", "two")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat-1.jsonl", "chat-2.jsonl"]
+    for n, reply in enumerate(replies, 1):
+        steps = load_trace(tmp_path / f"chat-{n}.jsonl").sequences[0].steps
+        assert [s.phase for s in steps].count("prefill") == len(reply.prompt_ids)
+        assert [s.phase for s in steps].count("decode") == len(reply.tokens) - 1
+        assert all(s.outcome for s in steps if s.phase == "decode")
+    piped = runner.invoke(
+        chat_app, ["chat", str(model_dirs[WINDOWED.name]), "-n", "3", "--experts-per-layer", "3",
+                   "--trace", str(tmp_path / "piped.jsonl")], input="hello",
+    )
+    assert piped.exit_code == 0, piped.output
+    assert load_trace(tmp_path / "piped-1.jsonl").header.policy == "combined"
