@@ -15,3 +15,7 @@ python benchmarks/bench_engine.py --device cuda --dtype bfloat16 --shape medium 
 python benchmarks/bench_quant.py --device cuda --formats bf16,int8,nf4,nf4-dq 2>&1 | tail -15 | tee "$out/quant-cuda.txt"
 python benchmarks/bench_cache.py --part speed --device cuda 2>&1 | tail -20 | tee "$out/cache-cuda.txt"
 python -m cli bench offload/demo/model -p 256 -n 64 -r 3 --experts-per-layer 4 --policy lru,combined --device cuda 2>&1 | tee "$out/policy-cuda.md"
+python benchmarks/bench_policies.py --device cuda --ram 0 --depths 1,2 2>&1 | tail -12 | tee "$out/policies-cuda-disk.md"
+python benchmarks/bench_policies.py --device cuda --depths 1,2 2>&1 | tail -12 | tee "$out/policies-cuda-ram.md"
+python -m cli profile --device cuda --out "$out/this-gpu.toml" 2>&1 | tail -12 | tee "$out/profile-cuda.txt"
+python -m cli bench offload/demo/model -p 256 -n 64 -r 3 --profile "$out/this-gpu.toml" --device cuda 2>&1 | tee "$out/bench-profile-cuda.md"

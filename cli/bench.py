@@ -30,6 +30,7 @@ from cli.common import (
     choose_profile,
     engine_options,
     load_engine,
+    model_label,
     stderr,
     user_errors,
 )
@@ -87,12 +88,6 @@ def rows_of(
             seen.add(key)
             rows.append({k: row.get(k) for k in FIELDS})
     return rows
-
-
-def model_label(model: str) -> str:
-    """The table's model cell: the directory's name; the demo model by its name."""
-    path = Path(model)
-    return "offload-demo" if path.resolve() == DEMO_MODEL_DIR else path.name
 
 
 def _pct(x: Optional[float]) -> str:

@@ -97,11 +97,19 @@ EXPERT_BITS_OPTION = typer.Option(
 ATTN_BITS_OPTION = typer.Option(None, "--attn-bits", help="Attention projections in 4, 8 or 16 bits (default 16).")
 
 
+def model_label(model: Union[str, Path]) -> str:
+    """A model's short name in output: the directory's name; the demo model by its name."""
+    from offload.demo import DEMO_MODEL_DIR
+
+    path = Path(model)
+    return "offload-demo" if path.resolve() == DEMO_MODEL_DIR.resolve() else path.name
+
+
 def load_engine(model: Path, **settings) -> Engine:
     """``Engine.load`` with a progress bar on stderr when it is a terminal. A hub id that is not in
     the local Hugging Face cache is downloaded first (``local_model``)."""
     model_dir = local_model(model)
-    with progress_bar("loading", Path(model).name) as progress:
+    with progress_bar("loading", model_label(model)) as progress:
         return Engine.load(model_dir, progress=progress, **settings)
 
 

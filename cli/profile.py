@@ -18,7 +18,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import local_model, stderr, user_errors
+from cli.common import local_model, model_label, stderr, user_errors
 from offload.bench import BenchConfig, context_needed, load, measure
 from offload.config import ModelConfig
 from offload.demo import DEMO_MODEL_DIR
@@ -85,13 +85,13 @@ def profile_command(
         name = Path(out).stem
         comment = (
             f"{name}: written by `offload profile` on {machine['gpu'] if machine['gpu'] != 'none' else 'a CPU'}, "
-            f"fastest candidate on {Path(model).name}: {_label(config)}, {tg:.1f} t/s"
+            f"fastest candidate on {model_label(model)}: {_label(config)}, {tg:.1f} t/s"
         )
         profile = machine_profile(machine, plan, name, comment)
         save_profile(profile, out)
         disk = f"{machine['disk_gbps']:.2f} GB/s" if machine["disk_gbps"] else "not measured"
         print(
-            f"{out}: {_label(config)} ({tg:.1f} t/s on {Path(model).name}); machine: {profile.gpu}, "
+            f"{out}: {_label(config)} ({tg:.1f} t/s on {model_label(model)}); machine: {profile.gpu}, "
             f"VRAM {profile.vram}, RAM {profile.ram}, {profile.cpu_threads} threads, "
             f"host-to-device {machine['h2d_gbps']:.1f} GB/s, disk {disk}"
         )

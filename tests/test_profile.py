@@ -92,9 +92,35 @@ def test_profile_command_writes_a_profile_that_reads_back(tmp_path):
     result = CliRunner().invoke(app, ["--out", str(out), "--device", "cpu", "-p", "4", "-n", "2"])
     assert result.exit_code == 0, result.output
     profile = load_profile(out)
-    assert profile.gpu == "none" and profile.policy in ("lru", "auto") and profile.plan_vram is not None
+    assert profile.gpu == "none" and profile.policy in ("lru", "combined") and profile.plan_vram is not None
     bad = CliRunner().invoke(app, ["--out", str(out), "--from", "no-such-profile"])
     assert bad.exit_code == 2
+
+
+def test_chat_runs_with_the_profile_that_offload_profile_wrote(tmp_path, monkeypatch):
+    import cli.chat
+    from cli.main import app
+
+    out = tmp_path / "this-machine.toml"
+    wrote = CliRunner().invoke(app, ["profile", "--out", str(out), "--device", "cpu", "-p", "4", "-n", "2"])
+    assert wrote.exit_code == 0, wrote.output
+    profile = load_profile(out)
+    loaded: list[dict] = []
+    real = cli.chat.load_engine
+
+    def spy(model, **settings):
+        loaded.append(settings)
+        return real(model, **settings)
+
+    monkeypatch.setattr(cli.chat, "load_engine", spy)
+    chat = CliRunner().invoke(app, ["chat", "--profile", str(out), "-n", "4", "--temp", "0"], input="hello")
+    assert chat.exit_code == 0, chat.output
+    assert chat.stdout.strip()  # a reply
+    settings = loaded[0]
+    assert settings["device"] == "cpu" and settings["vram"] == profile.plan_vram
+    assert (settings["policy"], settings["expert_bits"], settings["attn_bits"]) == (
+        profile.policy, profile.expert_bits, profile.attn_bits)
+    assert settings["max_context"] == profile.context
 
 
 # ---- the automatic profile: fitting a shipped plan to a model --------------------------------
