@@ -221,7 +221,8 @@ def _choices(names: list[Optional[str]], model: Path, config: BenchConfig, conte
     return [
         choose_profile(
             name, model, device=config.device, dtype=config.dtype, context_length=context,
-            expert_bits=config.expert_bits, attn_bits=config.attn_bits,
+            expert_bits=config.expert_bits, attn_bits=config.attn_bits, vram=config.vram, ram=config.ram,
+            experts_per_layer=config.experts_per_layer,
         )
         for name in names
     ]

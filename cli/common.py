@@ -179,11 +179,15 @@ def choose_profile(
     expert_format: Optional[str] = None,
     expert_bits: Optional[int] = None,
     attn_bits: Optional[int] = None,
+    vram: Optional[str] = None,
+    ram: Optional[str] = None,
+    experts_per_layer: Optional[int] = None,
 ) -> ProfileChoice:
     """A profile given by name or path: loaded, and refused (SettingError naming the field) when
     it needs more than this machine has, unless --device overrides where it runs. None: the best
     shipped profile for the device, fitted to ``model`` (``offload.profile_fit.auto_profile``), or
-    plain defaults when none suits; the flags given fix what they name in the fit."""
+    plain defaults when none suits; the flags given (bits, formats, budgets) fix what they name in
+    the fit."""
     from offload.device import resolve_device
     from offload.profile import does_it_fit, load_profile, probe_machine
     from offload.profile_fit import auto_profile
@@ -196,7 +200,7 @@ def choose_profile(
         return ProfileChoice(chosen, chosen.name)
     chosen, reason = auto_profile(
         local_model(model), device, dtype=dtype, context=context_length, expert_format=expert_format,
-        expert_bits=expert_bits, attn_bits=attn_bits,
+        expert_bits=expert_bits, attn_bits=attn_bits, vram=vram, ram=ram, experts_per_layer=experts_per_layer,
     )
     return ProfileChoice(chosen, f"{chosen.name if chosen else 'none'} (auto)", reason)
 

@@ -121,7 +121,8 @@ def generate(
         model = model or DEMO_MODEL_DIR
         chosen = choose_profile(
             profile, model, device=device, dtype=dtype, context_length=context,
-            expert_format=expert_format, expert_bits=expert_bits, attn_bits=attn_bits,
+            expert_format=expert_format, expert_bits=expert_bits, attn_bits=attn_bits, vram=vram, ram=ram,
+            experts_per_layer=experts_per_layer,
         )
         engine = load_engine(
             model,

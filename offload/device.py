@@ -160,6 +160,12 @@ class Transfers:
             return True
         return handle.done() if isinstance(handle, Future) else handle.query()
 
+    @staticmethod
+    def check(handle) -> None:
+        """Raise the error of a finished load that failed (CPU; a CUDA copy cannot fail later)."""
+        if isinstance(handle, Future) and handle.done():
+            handle.result()
+
     def wait(self, handle) -> None:
         """Make compute wait for a load: the compute stream waits on CUDA (no host block); the
         host blocks on CPU, where compute is the host."""

@@ -11,13 +11,14 @@ The fit rule (``fit_profile``), for a profile picked automatically: try the wide
 16 bits, then 8, then the profile's own ``expert_bits`` (attention at the same width, never
 narrower than the profile's ``attn_bits``); the first width at which the model fits the profile's
 budgets wins. The device holds ``plan.vram`` (default ``machine.vram``; on a machine without a GPU,
-``machine.ram``), the RAM tier ``plan.ram`` (default ``machine.ram``), each capped at what this
-machine has when ``auto_profile`` probed it; "fits" means the dense
+``machine.ram``), the RAM tier ``plan.ram`` (default ``machine.ram``), each scaled from the
+profile's machine to this one (the same share of its memory), or replaced by ``--vram``,
+``--ram``, ``--experts-per-layer`` when given; "fits" means the dense
 weights, the KV cache at the profile's context and top-k experts per layer fit on the device, and
 every other expert has a place on the device or in RAM (no disk reads; without a GPU, device and
 RAM tier share ``machine.ram``). When every expert fits on the device at that width, the plan
-has no budget at all (every expert resident, no cache) and policy ``auto``, as a run without a
-profile. A profile given by name keeps its plan exactly as written.
+has no budget at all (every expert resident, no cache), policy ``auto`` and a plain run's
+context, as a run without a profile. A profile given by name keeps its plan exactly as written.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from offload import quant
 from offload.config import ModelConfig
 from offload.device import device_name, is_cuda, resolve_device
 from offload.errors import BudgetError, OffloadError
-from offload.plan import attention_shapes, format_bytes, plan_memory, plan_model
+from offload.plan import attention_shapes, format_bytes, parse_bytes, plan_memory, plan_model
 from offload.profile import Profile, _size_text, best_shipped_profile, probe_machine
 
 
@@ -63,19 +64,28 @@ def fit_profile(
     expert_format: quant.WeightFormat | str | None = None,
     expert_bits: int | None = None,
     attn_bits: int | None = None,
+    vram: int | None = None,
+    ram: int | None = None,
+    experts_per_layer: int | None = None,
     machine: dict[str, Any] | None = None,
     model_name: str = "the model",
 ) -> tuple[Profile, str]:
     """``profile``'s plan fitted to ``config`` (the module's fit rule), and a short reason.
 
     ``dtype`` is the compute dtype; ``context`` the context to plan for (default: the profile's,
-    lowered to the model's maximum); ``expert_format`` a fixed expert format (a pack's, or
-    ``--expert-format``); ``expert_bits`` / ``attn_bits`` widths fixed by flags; ``machine``
-    (``probe_machine``'s dict) caps the budgets at what this machine has. The returned profile
-    has the chosen bits and either no budget (every expert resident) or the profile's budgets.
+    lowered to the model's maximum; a model that runs with every expert resident gets a plain
+    run's context); ``expert_format`` a fixed expert format (a pack's, or ``--expert-format``);
+    ``expert_bits`` / ``attn_bits`` widths fixed by flags; ``vram`` / ``ram`` (bytes) and
+    ``experts_per_layer``: budgets given by flags, which replace the profile's. ``machine``
+    (``probe_machine``'s dict) scales the profile's budgets to this machine's memory (a plan
+    for a 12 GiB card that keeps 11 GiB keeps 11/12 of a bigger or smaller card). The returned
+    profile has the chosen bits and either no budget (every expert resident) or budgets.
     Raises BudgetError, naming the field, when the model fits at none of the widths."""
+    from offload.loader import DEFAULT_CONTEXT
+
     where = profile.source or profile.name or "profile"
     device_type = "cuda" if profile.has_gpu else "cpu"
+    plain_context = context or min(config.max_position_embeddings, DEFAULT_CONTEXT)
     context = context or min(config.max_position_embeddings, profile.context)
     machine_field = "machine.vram" if profile.has_gpu else "machine.ram"
     device_field = "plan.vram" if profile.plan_vram is not None else machine_field
@@ -83,10 +93,18 @@ def fit_profile(
     ram_field = "plan.ram" if profile.plan_ram is not None else "machine.ram"
     ram_budget = profile.plan_ram_bytes if profile.plan_ram is not None else profile.ram_bytes
     ram_total = profile.ram_bytes
-    if machine is not None:
-        device_budget = min(device_budget, machine["vram"] if profile.has_gpu else machine["ram"])
-        ram_budget = min(ram_budget, machine["ram"])
-        ram_total = min(ram_total, machine["ram"])
+    if machine is not None:  # the profile's shares of its machine, of this one
+        here = machine["vram"] if profile.has_gpu else machine["ram"]
+        device_budget = device_budget * here // max(1, profile.device_bytes)
+        ram_budget = ram_budget * machine["ram"] // max(1, profile.ram_bytes)
+        ram_total = machine["ram"]
+    slots = profile.experts_per_layer
+    if vram is not None:
+        device_budget, device_field, slots = vram, "--vram", None
+    if experts_per_layer is not None:
+        slots, device_field = experts_per_layer, "--experts-per-layer"
+    if ram is not None:
+        ram_budget, ram_field = ram, "--ram"
     I, D = config.intermediate_size, config.hidden_size
     expert_shapes, attn_shapes = ((I, D), (D, I)), tuple(attention_shapes(config).values())
     E = config.num_local_experts
@@ -100,15 +118,18 @@ def fit_profile(
         plan = plan_model(model_name, config, dtype, context, expert_fmt, attn_fmt)
         what = _bits_text(expert_fmt, bits, attn, expert_format is not None)
         fitted = replace(profile, expert_bits=bits, attn_bits=attn)
-        if plan.all_resident_vram <= device_budget:  # as a run without a profile: no cache to set up
-            none = replace(fitted, plan_vram=None, plan_ram=None, experts_per_layer=None, policy="auto")
+        resident = plan_model(model_name, config, dtype, plain_context, expert_fmt, attn_fmt)
+        if resident.all_resident_vram <= device_budget and slots is None:  # as a run without a profile
+            none = replace(
+                fitted, plan_vram=None, plan_ram=None, experts_per_layer=None, policy="auto", context=plain_context
+            )
             return none, f"{what}, every expert resident, no budget"
         if plan.min_vram > device_budget:
             why = (f"{device_field}: {model_name} needs at least {format_bytes(plan.min_vram)} on the device "
                    f"at {what}; the budget is {format_bytes(device_budget)}")
             continue
-        if profile.experts_per_layer:
-            budget: dict[str, int] = dict(experts_per_layer=profile.experts_per_layer)
+        if slots:
+            budget: dict[str, int] = dict(experts_per_layer=slots)
         else:
             budget = dict(vram=device_budget)
         memory = plan_memory(
@@ -116,7 +137,7 @@ def fit_profile(
         )
         if memory.device_bytes > device_budget:
             why = (f"{device_field}: {model_name} needs {format_bytes(memory.device_bytes)} on the device for "
-                   f"plan.experts_per_layer {profile.experts_per_layer} at {what}; the budget is "
+                   f"{slots} experts per layer at {what}; the budget is "
                    f"{format_bytes(device_budget)}")
             continue
         shared = 0 if profile.has_gpu else memory.device_bytes  # without a GPU, slots and RAM tier share RAM
@@ -125,13 +146,12 @@ def fit_profile(
                    f"{format_bytes(memory.experts_total * plan.expert_bytes)} in RAM; the budget is "
                    f"{format_bytes(ram_budget)}")
             continue
-        vram_text = profile.plan_vram
-        if profile.experts_per_layer is None and (vram_text is None or profile.plan_vram_bytes > device_budget):
-            vram_text = _size_text(device_budget)
-        ram_text = profile.plan_ram
-        if ram_text is not None and profile.plan_ram_bytes > ram_budget:
-            ram_text = _size_text(ram_budget)
-        budgeted = replace(fitted, plan_vram=None if profile.experts_per_layer else vram_text, plan_ram=ram_text)
+        budgeted = replace(
+            fitted,
+            plan_vram=None if slots else _size_text(device_budget),
+            experts_per_layer=slots,
+            plan_ram=None if profile.plan_ram is None and ram is None else _size_text(ram_budget),
+        )
         return budgeted, f"{what}, {memory.slots_per_layer}/{E} experts per layer on the device, the rest in RAM"
     raise BudgetError(f"{where}: {why}")
 
@@ -163,6 +183,9 @@ def auto_profile(
     expert_format: str | None = None,
     expert_bits: int | None = None,
     attn_bits: int | None = None,
+    vram: int | str | None = None,
+    ram: int | str | None = None,
+    experts_per_layer: int | None = None,
     machine: dict[str, Any] | None = None,
 ) -> tuple[Profile | None, str]:
     """The best shipped profile for ``device`` fitted to ``model`` (``fit_profile``), and why;
@@ -183,7 +206,9 @@ def auto_profile(
         fitted, how = fit_profile(
             profile, config, dtype=torch_dtype, context=context,
             expert_format=pack_format or expert_format, expert_bits=expert_bits, attn_bits=attn_bits,
-            machine=machine, model_name=Path(str(model)).name or str(model),
+            vram=None if vram is None else parse_bytes(vram, "--vram"),
+            ram=None if ram is None else parse_bytes(ram, "--ram"),
+            experts_per_layer=experts_per_layer, machine=machine, model_name=Path(str(model)).name or str(model),
         )
     except OffloadError as exc:
         return None, f"auto: {exc}; plain defaults"

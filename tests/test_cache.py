@@ -325,3 +325,44 @@ def test_deferred_prefetch_makes_the_same_cache_decisions(model_dirs):
         stats.append((gen.tokens, [(s.hits, s.misses, s.prefetches, s.prefetch_used) for s in gen.cache_stats.layers]))
     assert stats[0] == stats[1]
     assert sum(p for *_, p in stats[0][1]) > 0  # something was prefetched and used
+
+
+@pytest.mark.parametrize("threaded", [False, True], ids=["inline", "loader-thread"])
+def test_a_failed_load_raises_where_it_is_used_and_leaves_nothing_stale(threaded, packs, resident):
+    """A read that fails (after scribbling on the slot, as a short read would) raises when its
+    expert is asked for, whether it ran inline or on the loader thread, and the slot is
+    forgotten: once reads work again, the next load brings the real bytes and runs are exact."""
+    shape, dtype = WIDE.name, "float32"
+    engine = Engine.load(packs[(shape, dtype)], device="cpu", dtype=dtype, experts_per_layer=3, ram=0, policy="lru")
+    cache = engine.cache
+    real = cache.source.read_record
+    broken = {"on": True}
+
+    def flaky(layer, expert, out):
+        if broken["on"]:
+            out[: cache.layout.nbytes].fill_(7)
+            raise OSError("simulated read error")
+        return real(layer, expert, out)
+
+    cache.source.read_record = flaky
+    threshold = 0 if threaded else device_layer.ASYNC_MIN_BYTES
+    with mock.patch.object(device_layer, "ASYNC_MIN_BYTES", threshold):
+        if threaded:
+            assert cache.prefetch(1, [0, 1]) == 2  # queued: the error waits for the use
+        else:
+            with pytest.raises(OSError, match="simulated"):
+                cache.prefetch(1, [0, 1])  # inline: raised at once
+        with pytest.raises(OSError, match="simulated"):
+            cache.get(1, [0, 1])
+        assert 0 not in cache.where[1] and 1 not in cache.where[1]
+        broken["on"] = False
+        weights = cache.get(1, [0, 1])
+        record = torch.empty(cache.layout.nbytes, dtype=torch.uint8)
+        for expert, w in zip((0, 1), weights):
+            real(1, expert, record)
+            assert torch.equal(w.w1, cache.layout.views(record).w1) and torch.equal(w.w2, cache.layout.views(record).w2)
+        ids = [1] + list(range(7, 40))
+        gen, logits = run(engine, ids, 8)
+    want_gen, want_logits = run(resident[shape][dtype], ids, 8)
+    assert gen.tokens == want_gen.tokens and torch.equal(logits, want_logits)
+    engine.close()

@@ -212,3 +212,36 @@ def test_an_installed_wheel_finds_its_profiles(tmp_path):
     assert sorted(p.stem for p in found.glob("*.toml")) == shipped_profiles()
     assert set(SHIPPED) <= set(shipped_profiles())
     assert find_profiles_dir() == root / "profiles"  # this checkout: the repository's folder
+
+
+def test_fit_scales_the_profile_to_a_bigger_machine_and_keeps_a_plain_context():
+    """An 80 GiB card picks the 24 GB profile, whose budgets scale to the card (22.5 of 24 GiB
+    -> 75 GiB): with 256 GiB of RAM Mixtral-8x7B runs at 16 bits, 6 of 8 experts per layer on
+    the card; with 64 GiB the 16-bit experts have no room in RAM, and at 8 bits every expert
+    fits on the card: no budget, and a plain run's context."""
+    from offload.plan import builtin_model
+    from offload.profile_fit import fit_profile
+
+    name, config = builtin_model("mixtral-8x7b")
+    profile = load_profile("rtx-4090-24gb")
+    fitted, reason = fit_profile(profile, config, model_name=name, machine={"vram": 80 * 2**30, "ram": 256 * 2**30})
+    assert (fitted.expert_bits, fitted.plan_vram) == (16, "75GiB") and "6/8 experts per layer" in reason
+    fitted, reason = fit_profile(profile, config, model_name=name, machine={"vram": 80 * 2**30, "ram": 64 * 2**30})
+    assert (fitted.expert_bits, fitted.plan_vram, fitted.context) == (8, None, 4096), reason
+    assert "every expert resident" in reason
+    small = {"vram": 12 * 2**30, "ram": 32 * 2**30}  # the 3060's own size: its plan as written
+    fitted, _ = fit_profile(load_profile("rtx-3060-12gb"), config, model_name=name, machine=small)
+    assert (fitted.expert_bits, fitted.plan_vram, fitted.plan_ram) == (4, "11GiB", "24GiB")
+
+
+def test_fit_uses_the_budgets_given_by_flags():
+    from offload.config import ModelConfig
+    from offload.errors import BudgetError
+    from offload.profile_fit import fit_profile
+
+    config = ModelConfig.from_dir(DEMO_MODEL_DIR)
+    profile = load_profile("rtx-4090-24gb")
+    with pytest.raises(BudgetError, match="--vram: .* needs at least"):
+        fit_profile(profile, config, vram=2**20)
+    fitted, reason = fit_profile(profile, config, experts_per_layer=4)  # a cache asked for: 16 bits still fit
+    assert (fitted.expert_bits, fitted.experts_per_layer) == (16, 4) and "4/8 experts per layer" in reason

@@ -136,9 +136,12 @@ class ExpertCache:
         # residency: layer -> {expert: slot}, and each layer's free slots
         self.where: list[dict[int, int]] = [{} for _ in range(num_layers)]
         self.free: list[list[int]] = [list(range(slots_per_layer - 1, -1, -1)) for _ in range(num_layers)]
-        # prefetched and not yet asked for: (layer, expert) -> copy handle (None once done)
-        self.prefetched: dict[tuple[int, int], object] = {}
-        self.max_inflight = 2 * top_k  # prefetch copies not yet finished, at most
+        # per slot (DeviceSlots index): the handle of the last load into it, until compute has
+        # waited for it; a slot is never read while its load may be running or has failed
+        self.loads: list[object] = [None] * (num_layers * slots_per_layer)
+        self.prefetched: set[tuple[int, int]] = set()  # (layer, expert) prefetched, not yet asked for
+        self._inflight: list[object] = []  # handles of prefetches that may still be running
+        self.max_inflight = 2 * top_k  # prefetch loads not yet finished, at most
         # per layer: a mark on the compute stream queued after that layer's last expert compute,
         # so a prefetch into its slots waits for that compute only, not for everything queued
         self.slots_free: list[object] = [None] * num_layers
@@ -169,36 +172,57 @@ class ExpertCache:
         stats = self._stats.layers[layer]
         resident = self.where[layer]
         protected = set(experts)
-        slots, pending, outcomes = [], [], []
-        for expert in experts:
-            self.policy.use(layer, expert)
-            slot = resident.get(expert)
-            if slot is not None:
-                stats.hits += 1
-                outcome = "hit"
-                if (layer, expert) in self.prefetched:
-                    handle = self.prefetched.pop((layer, expert))
-                    stats.prefetch_used += 1
-                    outcome = "prefetched"
-                    if not self.transfers.done(handle):
-                        stats.late += 1
-                        outcome = "late"
-                        pending.append(handle)
+        slots, waits, outcomes = [], [], []  # waits: (expert, slot index, load handle)
+        expert = None
+        try:
+            for expert in experts:
+                self.policy.use(layer, expert)
+                slot = resident.get(expert)
+                if slot is not None:
+                    index = self.slots.index(layer, slot)
+                    stats.hits += 1
+                    outcome = "hit"
+                    if (layer, expert) in self.prefetched:
+                        self.prefetched.discard((layer, expert))
+                        stats.prefetch_used += 1
+                        outcome = "prefetched"
+                    handle = self.loads[index]
+                    if handle is not None:  # a load into this slot may still be running, or have failed
+                        if self.transfers.done(handle):
+                            self.transfers.check(handle)
+                            self.loads[index] = None
+                        else:
+                            if outcome == "prefetched":
+                                stats.late += 1
+                                outcome = "late"
+                            waits.append((expert, index, handle))
+                else:
+                    outcome = "miss"
+                    stats.misses += 1
+                    slot = self._take_slot(layer, protected)
+                    resident[expert] = slot
+                    index = self.slots.index(layer, slot)
+                    handle = self._load(layer, expert, index, stats, needed_now=True)
+                    if handle is not None:
+                        waits.append((expert, index, handle))
                 outcomes.append(outcome)
-            else:
-                outcomes.append("miss")
-                stats.misses += 1
-                slot = self._take_slot(layer, protected)
-                resident[expert] = slot
-                pending.append(self._load(layer, expert, self.slots.index(layer, slot), stats, needed_now=True))
-            slots.append(self.slots.index(layer, slot))
-        if pending:
-            started = self.stall.start()
-            for handle in pending:
-                self.transfers.wait(handle)
-            seconds = self.stall.stop(started, layer)
-            if seconds is not None:
-                stats.stall_seconds += seconds
+                slots.append(index)
+            expert = None
+            if waits:
+                started = self.stall.start()
+                for expert, index, handle in waits:
+                    self.transfers.wait(handle)
+                    self.loads[index] = None  # compute now follows it (host or stream order)
+                expert = None
+                seconds = self.stall.stop(started, layer)
+                if seconds is not None:
+                    stats.stall_seconds += seconds
+        except BaseException:
+            # a failed or abandoned load: its slot holds no known expert, so forget it (and any
+            # other of this request still loading) rather than serve its bytes later
+            for other in {expert, *(e for e, _, _ in waits)} - {None}:
+                self._forget(layer, other)
+            raise
         self.last_outcomes = outcomes
         return [self.slots.weights[i] for i in slots]
 
@@ -212,18 +236,24 @@ class ExpertCache:
         stats = self._stats.layers[layer]
         resident = self.where[layer]
         wanted = [e for e in dict.fromkeys(experts) if e not in resident]
+        self._inflight = [h for h in self._inflight if not self.transfers.done(h)]
         started = 0
-        inflight = sum(1 for handle in self.prefetched.values() if not self.transfers.done(handle))
         for expert in wanted:
-            if inflight + started >= self.max_inflight:
+            if len(self._inflight) >= self.max_inflight:
                 break
             keep = set(experts) | {e for (l, e) in self.prefetched if l == layer}
             if not self.free[layer] and not any(e not in keep for e in resident):
                 break
             slot = self._take_slot(layer, keep)
             resident[expert] = slot
-            handle = self._load(layer, expert, self.slots.index(layer, slot), stats, after=self.slots_free[layer])
-            self.prefetched[(layer, expert)] = handle
+            try:
+                handle = self._load(layer, expert, self.slots.index(layer, slot), stats, after=self.slots_free[layer])
+            except BaseException:
+                self._forget(layer, expert)
+                raise
+            self.prefetched.add((layer, expert))
+            if handle is not None:
+                self._inflight.append(handle)
             stats.prefetches += 1
             started += 1
         return started
@@ -235,8 +265,17 @@ class ExpertCache:
             return self.free[layer].pop()
         resident = self.where[layer]
         victim = self.policy.victim(layer, (e for e in resident if e not in protected))
-        self.prefetched.pop((layer, victim), None)  # a prefetch evicted unused: bytes wasted
-        return resident.pop(victim)
+        self.prefetched.discard((layer, victim))  # a prefetch evicted unused: bytes wasted
+        return resident.pop(victim)  # a load still running into it lands before any later one
+
+    def _forget(self, layer: int, expert: int) -> None:
+        """Drop ``expert`` from ``layer``'s slots (its load failed or was abandoned): the slot
+        goes back to the free list, and a later load into it is ordered after the old one."""
+        slot = self.where[layer].pop(expert, None)
+        self.prefetched.discard((layer, expert))
+        if slot is not None:
+            self.loads[self.slots.index(layer, slot)] = None
+            self.free[layer].append(slot)
 
     def _load(self, layer: int, expert: int, slot_index: int, stats: LayerStats, after=None, needed_now=False):
         """Bring one record into a device slot; returns the copy handle (None when done).
@@ -268,6 +307,7 @@ class ExpertCache:
         seconds = self.stall.stop(started, layer)
         if seconds is not None:
             stats.stall_seconds += seconds
+        self.loads[slot_index] = handle
         return handle
 
     def close(self) -> None:
