@@ -88,8 +88,9 @@ class Transfers:
     CUDA: host-to-device copies run on a dedicated copy stream and return an event; the compute
     stream waits on that event only when it needs the expert. CPU: copies and disk reads run in
     order on one loader thread and return a future; compute blocks on it only when it needs
-    the expert. Copies there are a plain ``memmove`` (one thread, the GIL released), so the
-    loader never starts a second OpenMP team beside the compute's. Either way loads run in the
+    the expert. Copies there are a plain ``memmove`` and pack reads a ``preadv`` (one thread,
+    the GIL released), so they never start a second OpenMP team beside the compute's; a
+    checkpoint source, which packs (or quantizes) its tensors with torch on each read, does. Either way loads run in the
     order they were started, so a later load into the same slot lands after an earlier one.
     A CPU load under ``ASYNC_MIN_BYTES``, or one needed at once, runs on the calling thread
     when the loader is idle.
