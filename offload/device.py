@@ -12,6 +12,7 @@ import ctypes
 import platform
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from typing import Callable
 
 import torch
@@ -88,12 +89,13 @@ class Transfers:
     CUDA: host-to-device copies run on a dedicated copy stream and return an event; the compute
     stream waits on that event only when it needs the expert. CPU: copies and disk reads run in
     order on one loader thread and return a future; compute blocks on it only when it needs
-    the expert. Copies there are a plain ``memmove`` and pack reads a ``preadv`` (one thread,
+    the expert, and a load it needs at once runs on its own thread rather than queue behind
+    prefetches. Copies there are a plain ``memmove`` and pack reads a ``preadv`` (one thread,
     the GIL released), so they never start a second OpenMP team beside the compute's; a
-    checkpoint source, which packs (or quantizes) its tensors with torch on each read, does. Either way loads run in the
-    order they were started, so a later load into the same slot lands after an earlier one.
-    A CPU load under ``ASYNC_MIN_BYTES``, or one needed at once, runs on the calling thread
-    when the loader is idle.
+    checkpoint source, which packs (or quantizes) its tensors with torch on each read, does.
+    Either way a later load into a slot lands after an earlier one (stream order on CUDA; on
+    CPU the queue's order, or the earlier one cancelled or waited for). A CPU load under
+    ``ASYNC_MIN_BYTES`` runs on the calling thread when the loader is idle.
     """
 
     def __init__(self, device: torch.device):
@@ -102,11 +104,20 @@ class Transfers:
         self._loader: ThreadPoolExecutor | None = None  # CPU: started on first use
         self._last: Future | None = None  # CPU: the load submitted last
 
-    def _submit(self, fn: Callable[[], object], nbytes: int, needed_now: bool) -> Future | None:
-        """CPU: queue ``fn`` on the loader thread, or, when nothing is queued and the caller
-        waits for it at once or it is small, run it here."""
-        idle = self._last is None or self._last.done()
-        if idle and (needed_now or nbytes < ASYNC_MIN_BYTES):
+    def _submit(self, fn: Callable[[], object], nbytes: int, needed_now: bool, previous) -> Future | None:
+        """CPU: queue ``fn`` on the loader thread, or run it here. ``previous``: the handle of
+        the last load into the same buffer (None if none), cancelled if it has not started.
+
+        A load needed at once never waits behind queued prefetches: it runs here, beside the
+        loader, once no load into its buffer can still land (a running one is waited for).
+        A small one runs here when nothing is queued; any other is queued, after ``previous``."""
+        clear = previous is None or previous.done() or previous.cancel()
+        if needed_now:
+            if not clear:  # running now: it ends before this one starts
+                futures_wait([previous])
+            fn()
+            return None
+        if nbytes < ASYNC_MIN_BYTES and (self._last is None or self._last.done()):  # FIFO: all done
             fn()
             return None
         if self._loader is None:
@@ -114,18 +125,20 @@ class Transfers:
         self._last = self._loader.submit(fn)
         return self._last
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None, needed_now: bool = False):
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None, needed_now: bool = False, previous=None):
         """Start dst.copy_(src); returns a handle for ``wait`` (None when already done).
 
         ``dst`` may still be read by compute queued earlier: on CUDA the copy waits for
         ``after`` (a ``mark`` made once that compute was queued), or, without one, for all
         compute queued so far. On CPU compute is synchronous, so nothing queued can read it.
-        ``needed_now``: the caller waits for it next (a demand miss, not a prefetch)."""
+        ``needed_now``: the caller waits for it next (a demand miss, not a prefetch).
+        ``previous``: the last load into ``dst`` (CPU; the copy stream orders CUDA's)."""
         if self.stream is None:
             if dst.numel() != src.numel() or not (dst.is_contiguous() and src.is_contiguous()):
                 raise ValueError("a CPU record copy needs two contiguous buffers of the same size")
             nbytes = src.numel() * src.element_size()
-            return self._submit(lambda: ctypes.memmove(dst.data_ptr(), src.data_ptr(), nbytes), nbytes, needed_now)
+            copy = lambda: ctypes.memmove(dst.data_ptr(), src.data_ptr(), nbytes)  # noqa: E731
+            return self._submit(copy, nbytes, needed_now, previous)
         if after is None:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
         else:
@@ -136,13 +149,13 @@ class Transfers:
             done.record(self.stream)
         return done
 
-    def fill(self, fn: Callable[[], object], nbytes: int, needed_now: bool = False):
+    def fill(self, fn: Callable[[], object], nbytes: int, needed_now: bool = False, previous=None):
         """Run ``fn`` (which writes ``nbytes`` of a CPU buffer, e.g. a disk read into a slot)
         in load order: on the loader thread on CPU, at once on CUDA (whose loads read into
         host staging). Returns a handle for ``wait``; an error in ``fn`` is raised there (or
         here, when run at once)."""
         if self.stream is None:
-            return self._submit(fn, nbytes, needed_now)
+            return self._submit(fn, nbytes, needed_now, previous)
         fn()
         return None
 

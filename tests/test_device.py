@@ -1,5 +1,6 @@
-"""The device layer's CPU path: loads on the loader thread land in order, errors surface, and
-small loads needed at once skip the thread. (The CUDA path is in test_gpu.py.)"""
+"""The device layer's CPU path: loads on the loader thread land in order, errors surface, small
+loads skip the thread when it is idle, and a load needed at once never queues behind others.
+(The CUDA path is in test_gpu.py.)"""
 
 from __future__ import annotations
 
@@ -31,14 +32,14 @@ def test_cpu_loads_run_in_order_on_the_loader_thread():
     transfers.close()
 
 
-def test_a_small_load_needed_now_runs_inline_only_when_the_loader_is_idle():
+def test_a_small_prefetch_runs_inline_only_when_the_loader_is_idle():
     transfers = Transfers(torch.device("cpu"))
     slot, record = torch.zeros(1024, dtype=torch.uint8), torch.arange(1024, dtype=torch.int64).to(torch.uint8)
-    assert transfers.copy(slot, record, needed_now=True) is None  # idle: done here, no handle
+    assert transfers.copy(slot, record) is None  # small, loader idle: done here, no handle
     assert torch.equal(slot, record)
     gate = threading.Event()
     transfers.fill(lambda: gate.wait(5), 1 << 30)  # a big load keeps the loader busy
-    handle = transfers.copy(slot, torch.zeros_like(slot), needed_now=True)  # queued behind the busy loader
+    handle = transfers.copy(slot, torch.zeros_like(slot))  # queued behind it, in order
     assert handle is not None and not transfers.done(handle)
     gate.set()
     transfers.wait(handle)
@@ -65,3 +66,21 @@ def test_cpu_copies_refuse_mismatched_buffers():
     transfers = Transfers(torch.device("cpu"))
     with pytest.raises(ValueError, match="same size"):
         transfers.copy(torch.zeros(8, dtype=torch.uint8), torch.zeros(9, dtype=torch.uint8))
+
+
+def test_a_load_needed_now_overtakes_queued_prefetches_but_not_its_own_slot():
+    """A demand load runs on the caller's thread at once, beside a busy loader; a queued load
+    into the same buffer is cancelled first, so it cannot land afterwards."""
+    transfers = Transfers(torch.device("cpu"))
+    gate = threading.Event()
+    transfers.fill(lambda: gate.wait(5), 1 << 30)  # keeps the loader busy
+    slot = torch.zeros(1 << 20, dtype=torch.uint8)
+    other = torch.zeros_like(slot)
+    stale = transfers.copy(slot, torch.full_like(slot, 1))  # queued behind the busy load
+    queued_elsewhere = transfers.copy(other, torch.full_like(slot, 3))
+    assert transfers.copy(slot, torch.full_like(slot, 2), needed_now=True, previous=stale) is None
+    assert stale.cancelled() and int(slot.max()) == 2 and int(slot.min()) == 2  # done here, at once
+    gate.set()
+    transfers.wait(queued_elsewhere)
+    assert int(other.min()) == 3 and int(slot.max()) == 2  # the cancelled copy never landed
+    transfers.close()

@@ -273,8 +273,7 @@ class ExpertCache:
         goes back to the free list, and a later load into it is ordered after the old one."""
         slot = self.where[layer].pop(expert, None)
         self.prefetched.discard((layer, expert))
-        if slot is not None:
-            self.loads[self.slots.index(layer, slot)] = None
+        if slot is not None:  # its load handle stays: the next load into the slot must follow it
             self.free[layer].append(slot)
 
     def _load(self, layer: int, expert: int, slot_index: int, stats: LayerStats, after=None, needed_now=False):
@@ -284,19 +283,21 @@ class ExpertCache:
         key = (layer, expert)
         nbytes = self.layout.nbytes
         target = self.slots.storage[slot_index]
+        previous = self.loads[slot_index]  # a load into this slot that may not have landed
         started = self.stall.start()
         record = self.host.get(key)
         if record is not None:
             stats.host_loads += 1
             stats.host_bytes += nbytes
             # host rows never change: no reuse hazard
-            handle = self.transfers.copy(target, record, after, needed_now)
+            handle = self.transfers.copy(target, record, after, needed_now, previous)
         else:
             stats.disk_loads += 1
             stats.disk_bytes += nbytes
             if self.staging is None:  # CPU device: read straight into the slot, on the loader thread
                 source = self.source
-                handle = self.transfers.fill(lambda: source.read_record(layer, expert, target), nbytes, needed_now)
+                read = lambda: source.read_record(layer, expert, target)  # noqa: E731
+                handle = self.transfers.fill(read, nbytes, needed_now, previous)
             else:
                 i = self.staging_next
                 self.staging_next ^= 1
