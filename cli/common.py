@@ -238,3 +238,19 @@ def engine_options(profile: Union[None, str, "Profile", ProfileChoice], **flags)
             raise SettingError(f"--prefetch-depth {depth}: must be at least 1")
         settings["prefetch_depth"] = depth
     return settings
+
+
+# the flags that fix what they name when a profile is fitted to the model (choose_profile)
+_FIT_FLAGS = ("device", "dtype", "context_length", "expert_format", "expert_bits", "attn_bits", "vram", "ram",
+              "experts_per_layer")
+
+
+def load_with_profile(profile: Optional[str], model: Union[str, Path], **flags) -> tuple[Engine, ProfileChoice]:
+    """The profile (``--profile``, or the automatic one fitted to ``model``), then the engine
+    with its plan under the flags given (``engine_options``' names). An automatic choice is
+    named in one dim line on stderr after the load, so that a load error stays the only line."""
+    chosen = choose_profile(profile, model, **{k: flags[k] for k in _FIT_FLAGS if k in flags})
+    engine = load_engine(model, **engine_options(chosen, **flags))
+    if chosen.note:
+        stderr.print(chosen.note, style="dim", markup=False)
+    return engine, chosen

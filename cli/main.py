@@ -27,9 +27,7 @@ from cli.common import (
     PROFILE_OPTION,
     RAM_OPTION,
     VRAM_OPTION,
-    choose_profile,
-    engine_options,
-    load_engine,
+    load_with_profile,
     stderr,
     user_errors,
 )
@@ -119,21 +117,11 @@ def generate(
             max_new_tokens=max_tokens, stop=tuple(stop), sampling=sampling, ignore_eos=ignore_eos, trace=trace
         )
         model = model or DEMO_MODEL_DIR
-        chosen = choose_profile(
-            profile, model, device=device, dtype=dtype, context_length=context,
-            expert_format=expert_format, expert_bits=expert_bits, attn_bits=attn_bits, vram=vram, ram=ram,
-            experts_per_layer=experts_per_layer,
+        engine, chosen = load_with_profile(
+            profile, model, device=device, dtype=dtype, context_length=context, vram=vram, ram=ram,
+            experts_per_layer=experts_per_layer, policy=policy, prefetch_depth=prefetch_depth,
+            expert_format=expert_format, expert_bits=expert_bits, attn_bits=attn_bits,
         )
-        engine = load_engine(
-            model,
-            **engine_options(
-                chosen, device=device, dtype=dtype, context_length=context, vram=vram, ram=ram,
-                experts_per_layer=experts_per_layer, policy=policy, prefetch_depth=prefetch_depth,
-                expert_format=expert_format, expert_bits=expert_bits, attn_bits=attn_bits,
-            ),
-        )
-        if chosen.note:  # after the load: an error the engine raises stays the one line on stderr
-            stderr.print(chosen.note, style="dim", markup=False)
         tokenizer = engine.tokenizer
         if chat:
             messages = ([Message("system", system)] if system else []) + [Message("user", prompt)]

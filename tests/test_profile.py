@@ -98,7 +98,7 @@ def test_profile_command_writes_a_profile_that_reads_back(tmp_path):
 
 
 def test_chat_runs_with_the_profile_that_offload_profile_wrote(tmp_path, monkeypatch):
-    import cli.chat
+    import cli.common
     from cli.main import app
 
     out = tmp_path / "this-machine.toml"
@@ -106,13 +106,13 @@ def test_chat_runs_with_the_profile_that_offload_profile_wrote(tmp_path, monkeyp
     assert wrote.exit_code == 0, wrote.output
     profile = load_profile(out)
     loaded: list[dict] = []
-    real = cli.chat.load_engine
+    real = cli.common.load_engine
 
     def spy(model, **settings):
         loaded.append(settings)
         return real(model, **settings)
 
-    monkeypatch.setattr(cli.chat, "load_engine", spy)
+    monkeypatch.setattr(cli.common, "load_engine", spy)
     chat = CliRunner().invoke(app, ["chat", "--profile", str(out), "-n", "4", "--temp", "0"], input="hello")
     assert chat.exit_code == 0, chat.output
     assert chat.stdout.strip()  # a reply
