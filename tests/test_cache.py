@@ -296,6 +296,8 @@ def test_gate_lookahead_ranks_each_coming_layer_as_its_router_would(model_dirs):
     engine = Engine.load(model_dirs[WIDE.name], device="cpu", dtype="float32")
     c, dense = engine.config, engine.model.dense
     torch.manual_seed(0)
+    for lw in dense.layers:  # norm weights unlike each other and unlike 1, so folding them matters
+        lw.post_attention_layernorm.copy_(torch.rand(c.hidden_size) * 2 + 0.1)
     for depth in (1, 2, c.num_hidden_layers):
         ahead = Lookahead(c, dense, depth)
         for layer in range(c.num_hidden_layers):
@@ -349,6 +351,7 @@ def test_a_failed_load_raises_where_it_is_used_and_leaves_nothing_stale(threaded
     with mock.patch.object(device_layer, "ASYNC_MIN_BYTES", threshold):
         if threaded:
             assert cache.prefetch(1, [0, 1]) == 2  # queued: the error waits for the use
+            cache.close()  # both loads have failed by now, before anything asks for them
         else:
             with pytest.raises(OSError, match="simulated"):
                 cache.prefetch(1, [0, 1])  # inline: raised at once

@@ -218,10 +218,13 @@ class ExpertCache:
                 if seconds is not None:
                     stats.stall_seconds += seconds
         except BaseException:
-            # a failed or abandoned load: its slot holds no known expert, so forget it (and any
-            # other of this request still loading) rather than serve its bytes later
-            for other in {expert, *(e for e, _, _ in waits)} - {None}:
-                self._forget(layer, other)
+            # a failed or abandoned load: its slot holds no known expert, so forget it, and every
+            # other expert of this request whose load compute has not yet waited for (it may
+            # have failed too), rather than serve their bytes later
+            for other in set(experts):
+                slot = resident.get(other)
+                if other == expert or (slot is not None and self.loads[self.slots.index(layer, slot)] is not None):
+                    self._forget(layer, other)
             raise
         self.last_outcomes = outcomes
         return [self.slots.weights[i] for i in slots]
