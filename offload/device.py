@@ -58,6 +58,12 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def to_host(tensor: torch.Tensor) -> list:
+    """A tensor's values as (nested) Python numbers: on CUDA a device-to-host copy that waits for
+    the queued work, so the decode step calls it once per layer, for everything it must read."""
+    return tensor.tolist()
+
+
 def memory_info(device: torch.device) -> tuple[int, int] | None:
     """(free, total) bytes of a CUDA device; None on CPU (use psutil for RAM there)."""
     if is_cuda(device):
@@ -82,125 +88,235 @@ def empty_host_buffer(nbytes_per_row: int, rows: int, device: torch.device) -> t
 # to the loader thread and back costs tens of microseconds (the GIL), as much as copying ~1 MiB.
 ASYNC_MIN_BYTES = 1 << 20
 
+# A record read into host staging, then copied into its slot: two buffers per lane, so one read
+# can fill a buffer while the other still feeds a copy.
+STAGING_BUFFERS = 2
+
+ReadInto = Callable[[torch.Tensor], object]  # reads one record into the uint8 buffer it is given
+
 
 class Transfers:
     """Loads of expert records into device slots, overlapped with compute.
 
-    CUDA: host-to-device copies run on a dedicated copy stream and return an event; the compute
-    stream waits on that event only when it needs the expert. CPU: copies and disk reads run in
-    order on one loader thread and return a future; compute blocks on it only when it needs
-    the expert, and a load it needs at once runs on its own thread rather than queue behind
-    prefetches. Copies there are a plain ``memmove`` and pack reads a ``preadv`` (one thread,
-    the GIL released), so they never start a second OpenMP team beside the compute's; a
-    checkpoint source, which packs (or quantizes) its tensors with torch on each read, does.
-    Either way a later load into a slot lands after an earlier one (stream order on CUDA; on
-    CPU the queue's order, or the earlier one cancelled or waited for). A CPU load under
-    ``ASYNC_MIN_BYTES`` runs on the calling thread when the loader is idle.
+    Two lanes, so that a load the compute needs now (a demand miss) never waits behind a
+    speculative one (a prefetch):
+
+    - CUDA: copies from the RAM tier run on two copy streams, a high-priority one for demand
+      loads and one for prefetches, each returning an event that the compute stream waits on
+      only when it needs the expert. A disk read goes into pinned staging first, then is copied
+      on the same lane's stream: a prefetch's read runs on the loader thread (the host goes on
+      queuing compute), a demand read on the calling thread (which needs it next anyway).
+    - CPU: prefetches (copies and disk reads) run in order on one loader thread and return a
+      future; compute blocks on it only when it needs the expert; a demand load runs on the
+      calling thread, beside the loader. Copies are a plain ``memmove`` and pack reads a
+      ``preadv`` (one thread, the GIL released), so they never start a second OpenMP team
+      beside the compute's; a checkpoint source, which packs (or quantizes) its tensors with
+      torch on each read, does. A prefetch under ``ASYNC_MIN_BYTES`` runs on the calling thread
+      when the loader is idle. ``staged=True`` makes a CPU device read through staging as CUDA
+      does (tests use it to check that path's order without a GPU).
+
+    Either way a later load into a slot lands after an earlier one: the last load into the same
+    slot (``previous``) is cancelled if it has not started, else waited for (host) or followed
+    (stream event), before a new one may write.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, record_bytes: int = 0, staged: bool | None = None):
         self.device = device
-        self.stream = torch.cuda.Stream(device) if is_cuda(device) else None
-        self._loader: ThreadPoolExecutor | None = None  # CPU: started on first use
-        self._last: Future | None = None  # CPU: the load submitted last
+        self.cuda = is_cuda(device)
+        self.staged = self.cuda if staged is None else staged
+        if self.cuda:
+            low, high = torch.cuda.Stream.priority_range()  # high is the more urgent (a smaller number)
+            self.stream = torch.cuda.Stream(device, priority=low)  # prefetches
+            self.demand_stream = torch.cuda.Stream(device, priority=high)
+        else:
+            self.stream = self.demand_stream = None
+        self.record_bytes = record_bytes
+        self._staging: dict[str, list[torch.Tensor]] = {}  # lane -> buffers, made on first disk read
+        self._staging_busy: dict[str, list[object]] = {}  # lane -> the copy each buffer last fed
+        self._staging_next = {"demand": 0, "prefetch": 0}
+        self._loader: ThreadPoolExecutor | None = None  # started on first use
+        self._last: Future | None = None  # the load submitted to the loader last
+
+    # ---- starting loads ---------------------------------------------------------------------
+
+    def _loader_pool(self) -> ThreadPoolExecutor:
+        if self._loader is None:
+            self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-loader")
+        return self._loader
+
+    @staticmethod
+    def _settle(previous) -> None:
+        """CUDA: make sure no earlier staged load into the same slot can land after the one about
+        to start: cancel it if it has not started, else wait (host) until its read is done and
+        its copy queued; the new copy's stream then follows that copy's event (rare: a slot is
+        reloaded while its last load runs only after a failure or an evicted prediction)."""
+        if isinstance(previous, Future) and not previous.done() and not previous.cancel():
+            futures_wait([previous])
 
     def _submit(self, fn: Callable[[], object], nbytes: int, needed_now: bool, previous) -> Future | None:
-        """CPU: queue ``fn`` on the loader thread, or run it here. ``previous``: the handle of
-        the last load into the same buffer (None if none), cancelled if it has not started.
-
-        A load needed at once never waits behind queued prefetches: it runs here, beside the
-        loader, once no load into its buffer can still land (a running one is waited for).
-        A small one runs here when nothing is queued; any other is queued, after ``previous``."""
-        clear = previous is None or previous.done() or previous.cancel()
+        """CPU: queue ``fn`` on the loader thread, or run it here (a demand load, or a small one
+        with the loader idle). CUDA: the loader thread runs a prefetch's disk read and queues its
+        copy; the future gives the copy's event."""
+        clear = previous is None or not isinstance(previous, Future) or previous.done() or previous.cancel()
         if needed_now:
             if not clear:  # running now: it ends before this one starts
                 futures_wait([previous])
+            result = fn()
+            return result if self.cuda else None
+        if not self.cuda and nbytes < ASYNC_MIN_BYTES and (self._last is None or self._last.done()):
             fn()
             return None
-        if nbytes < ASYNC_MIN_BYTES and (self._last is None or self._last.done()):  # FIFO: all done
-            fn()
-            return None
-        if self._loader is None:
-            self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-loader")
-        self._last = self._loader.submit(fn)
+        self._last = self._loader_pool().submit(fn)
         return self._last
 
+    def _stream_copy(self, dst: torch.Tensor, src: torch.Tensor, after, needed_now: bool, previous):
+        """CUDA: queue dst.copy_(src) on the lane's stream, after ``after`` (a compute mark; None:
+        all compute queued so far) and after ``previous`` (an event of an earlier load into
+        dst); returns the copy's event."""
+        stream = self.demand_stream if needed_now else self.stream
+        if after is None:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        else:
+            stream.wait_event(after)
+        previous = self._event(previous)  # a finished staged load's event; a failed one wrote nothing
+        if previous is not None:
+            stream.wait_event(previous)
+        with torch.cuda.device(self.device), torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        return done
+
     def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None, needed_now: bool = False, previous=None):
-        """Start dst.copy_(src); returns a handle for ``wait`` (None when already done).
+        """Start dst.copy_(src) (a RAM-tier record into a slot); a handle for ``wait`` (None when
+        already done).
 
         ``dst`` may still be read by compute queued earlier: on CUDA the copy waits for
         ``after`` (a ``mark`` made once that compute was queued), or, without one, for all
         compute queued so far. On CPU compute is synchronous, so nothing queued can read it.
         ``needed_now``: the caller waits for it next (a demand miss, not a prefetch).
-        ``previous``: the last load into ``dst`` (CPU; the copy stream orders CUDA's)."""
-        if self.stream is None:
+        ``previous``: the last load into ``dst``, which must land first."""
+        if not self.cuda:
             if dst.numel() != src.numel() or not (dst.is_contiguous() and src.is_contiguous()):
                 raise ValueError("a CPU record copy needs two contiguous buffers of the same size")
             nbytes = src.numel() * src.element_size()
             copy = lambda: ctypes.memmove(dst.data_ptr(), src.data_ptr(), nbytes)  # noqa: E731
             return self._submit(copy, nbytes, needed_now, previous)
-        if after is None:
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        else:
-            self.stream.wait_event(after)
-        with torch.cuda.stream(self.stream):
-            dst.copy_(src, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        return done
+        self._settle(previous)
+        return self._stream_copy(dst, src, after, needed_now, previous)
+
+    def read(self, read_into: ReadInto, dst: torch.Tensor, after=None, needed_now: bool = False, previous=None):
+        """Start a disk read of one record into ``dst`` (a slot): ``read_into(buffer)`` fills a
+        CPU uint8 buffer. Unstaged (a CPU device), it reads straight into the slot, on the loader
+        thread for a prefetch. Staged (CUDA), it reads into a pinned staging buffer of the lane
+        (a prefetch on the loader thread, a demand load here), then copies it into the slot on
+        the lane's stream. Returns a handle for ``wait``; an error in the read is raised there
+        (or here, when it ran here)."""
+        nbytes = dst.numel()
+        if not self.staged:
+            return self._submit(lambda: read_into(dst), nbytes, needed_now, previous)
+        lane = "demand" if needed_now else "prefetch"
+        if self.cuda:
+            self._settle(previous)
+
+        def staged_read():
+            buffer, i = self._staging_buffer(lane, nbytes)
+            read_into(buffer)
+            if self.cuda:
+                handle = self._stream_copy(dst, buffer[:nbytes], after, needed_now, previous)
+            else:
+                ctypes.memmove(dst.data_ptr(), buffer.data_ptr(), nbytes)
+                handle = None
+            self._staging_busy[lane][i] = handle
+            return handle
+
+        return self._submit(staged_read, nbytes, needed_now, None if self.cuda else previous)
+
+    def _staging_buffer(self, lane: str, nbytes: int) -> tuple[torch.Tensor, int]:
+        """The lane's next staging buffer, once the copy it last fed has finished (each lane is
+        used by one thread only: the loader for prefetches, the caller for demand loads)."""
+        if lane not in self._staging:
+            size = max(nbytes, self.record_bytes)
+            rows = empty_host_buffer(size, STAGING_BUFFERS, self.device)  # pinned on CUDA
+            self._staging[lane] = list(rows)
+            self._staging_busy[lane] = [None] * STAGING_BUFFERS
+        i = self._staging_next[lane]
+        self._staging_next[lane] = (i + 1) % STAGING_BUFFERS
+        busy = self._staging_busy[lane][i]
+        if busy is not None:
+            busy.synchronize()  # that buffer may still feed a copy
+        return self._staging[lane][i], i
 
     def fill(self, fn: Callable[[], object], nbytes: int, needed_now: bool = False, previous=None):
-        """Run ``fn`` (which writes ``nbytes`` of a CPU buffer, e.g. a disk read into a slot)
-        in load order: on the loader thread on CPU, at once on CUDA (whose loads read into
-        host staging). Returns a handle for ``wait``; an error in ``fn`` is raised there (or
-        here, when run at once)."""
-        if self.stream is None:
-            return self._submit(fn, nbytes, needed_now, previous)
-        fn()
-        return None
+        """Run ``fn`` (which writes ``nbytes`` of a CPU buffer) in load order: on the loader
+        thread (a prefetch) or here (``needed_now``). Returns a handle for ``wait``; an error in
+        ``fn`` is raised there (or here, when run at once)."""
+        if self.cuda:
+            fn()
+            return None
+        return self._submit(fn, nbytes, needed_now, previous)
 
     def mark(self):
         """A point on the compute stream: everything queued so far (None on CPU)."""
-        if self.stream is None:
+        if not self.cuda:
             return None
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
         return event
 
-    @staticmethod
-    def done(handle) -> bool:
-        """Whether a load has finished."""
+    # ---- finishing loads --------------------------------------------------------------------
+
+    def _event(self, handle):
+        """The CUDA event of a load: the handle itself, or a finished staged read's copy event
+        (None on CPU, where a future's result means nothing, and for an unfinished, cancelled
+        or failed future)."""
+        if not isinstance(handle, Future):
+            return handle
+        if not self.cuda or not handle.done() or handle.cancelled() or handle.exception() is not None:
+            return None
+        return handle.result()
+
+    def done(self, handle) -> bool:
+        """Whether a load has finished (a staged CUDA prefetch: its read and its copy)."""
         if handle is None:
             return True
-        return handle.done() if isinstance(handle, Future) else handle.query()
+        if isinstance(handle, Future):
+            if not handle.done():
+                return False
+            event = self._event(handle)
+            return event is None or event.query()
+        return handle.query()
 
     @staticmethod
     def check(handle) -> None:
-        """Raise the error of a finished load that failed (CPU; a CUDA copy cannot fail later)."""
-        if isinstance(handle, Future) and handle.done():
+        """Raise the error of a finished load that failed (a future; a CUDA copy cannot fail later)."""
+        if isinstance(handle, Future) and handle.done() and not handle.cancelled():
             handle.result()
 
     def wait(self, handle) -> None:
-        """Make compute wait for a load: the compute stream waits on CUDA (no host block); the
-        host blocks on CPU, where compute is the host."""
+        """Make compute wait for a load: the compute stream waits on CUDA (no host block, except
+        for a staged read still running on the loader); the host blocks on CPU, where compute is
+        the host."""
         if handle is None:
             return
         if isinstance(handle, Future):
-            handle.result()
-        else:
-            torch.cuda.current_stream(self.device).wait_event(handle)
+            handle = handle.result()  # raises the load's error
+            if not self.cuda or handle is None:
+                return
+        torch.cuda.current_stream(self.device).wait_event(handle)
 
     def wait_host(self, handle) -> None:
         """Block the host until a load is done (before reusing its source buffer)."""
         if handle is None:
             return
         if isinstance(handle, Future):
-            handle.result()
-        else:
-            handle.synchronize()
+            handle = handle.result()
+            if not self.cuda or handle is None:
+                return
+        handle.synchronize()
 
     def close(self) -> None:
-        """Finish the loads in flight and stop the loader thread (CPU)."""
+        """Finish the loads in flight and stop the loader thread."""
         if self._loader is not None:
             self._loader.shutdown(wait=True)
             self._loader = self._last = None

@@ -18,7 +18,7 @@ from offload.config import ModelConfig
 from offload.device import is_cuda, resolve_device
 from offload.errors import SettingError, TokenizerError
 from offload.experts.cache import ExpertCache
-from offload.experts.policy import DEFAULT_POLICY, cache_policy
+from offload.experts.policy import DEFAULT_POLICY, REPLAY_POLICY, cache_policy
 from offload.experts.predict import PREFETCH_POLICIES, ScoreEviction
 from offload.experts.prefetch import Lookahead, Prefetcher
 from offload.experts.tiers import CheckpointRecords
@@ -42,7 +42,7 @@ from offload.loader import (
     spare_ram,
     weight_formats,
 )
-from offload.model import DenseWeights, KVCache, MixtralModel, RotaryTable
+from offload.model import DenseWeights, KVCache, MixtralModel, RotaryTable, fuse_qkv
 from offload.pack import Pack, is_pack
 from offload.plan import MemoryPlan, dense_bytes_by_class, parse_bytes, plan_memory
 from offload.quant import get_format
@@ -90,7 +90,10 @@ class Engine:
         self._source = source  # kept open while the cache reads from it
         cache = KVCache(config, context_length, device, dtype)
         rope = RotaryTable(config, context_length, device, dtype)
+        for layer in dense.layers:
+            fuse_qkv(layer)  # one matmul for q, k and v in a decode step (plain projections)
         self.model = MixtralModel(config, dense, experts, cache, rope)
+        self._token = torch.zeros(1, dtype=torch.int64, device=device)  # decode's input, reused
 
     @classmethod
     def load(
@@ -110,6 +113,7 @@ class Engine:
         expert_format: str | None = None,
         expert_bits: int | None = None,
         attn_bits: int | None = None,
+        replay: str | Path | None = None,
     ) -> Engine:
         """Load a Hugging Face Mixtral checkpoint directory, a hub id already in the local
         Hugging Face cache (``mistralai/Mixtral-8x7B-Instruct-v0.1``), or an offload pack.
@@ -123,6 +127,9 @@ class Engine:
         for the attention projections (``quant.format_for_bits``); embeddings, lm_head, norms
         and routers stay in the compute dtype. ``prefetch_depth``: how many layers ahead gate
         look-ahead prefetches (policies ``lookahead`` and ``combined``; 1 = the next layer).
+        ``replay``: a router trace (``offload.trace``) whose experts and gate weights replace the
+        routers' choices, position by position; gate look-ahead cannot be replayed (a trace
+        holds no hidden states), so ``auto`` is ``REPLAY_POLICY`` then and look-ahead refused.
         """
         if expert_format is not None and expert_bits is not None:
             raise SettingError("give --expert-format or --expert-bits, not both")
@@ -133,9 +140,19 @@ class Engine:
         if prefetch_depth < 1:
             raise SettingError(f"--prefetch-depth {prefetch_depth}: must be at least 1")
         if policy == "auto":
-            policy = DEFAULT_POLICY
+            policy = DEFAULT_POLICY if replay is None else REPLAY_POLICY
         eviction, predictor = cache_policy(policy)
+        if replay is not None and predictor in ("lookahead", "combined"):
+            raise SettingError(
+                f"--policy {policy} with --replay: gate look-ahead needs the hidden states a trace does "
+                f"not hold; choose lru, lfu or history (auto: {REPLAY_POLICY})"
+            )
         config = ModelConfig.from_dir(model_dir)
+        routing = None
+        if replay is not None:
+            from offload.trace import ReplayRouting
+
+            routing = ReplayRouting.from_file(replay, config, torch_device)  # checked before weights load
         tokenizer = Tokenizer.from_dir(model_dir)
         if tokenizer.vocab_size > config.vocab_size:
             raise TokenizerError(
@@ -160,6 +177,7 @@ class Engine:
                 source.close()
                 engine = cls(config, tokenizer, dense, experts, torch_device, torch_dtype, context_length)
                 engine.model_name = str(model_dir)
+                engine.model.routing_source = routing
                 return engine
             plan = plan_memory(
                 config,
@@ -195,6 +213,7 @@ class Engine:
             raise
         engine = cls(config, tokenizer, dense, cache, torch_device, torch_dtype, context_length, plan, source)
         engine.model_name, engine.policy = str(model_dir), policy
+        engine.model.routing_source = routing
         defer = is_cuda(torch_device)  # see Prefetcher: on CUDA, decide while the GPU computes
         if predictor == "lookahead":
             engine.model.prefetcher = Prefetcher(
@@ -243,8 +262,8 @@ class Engine:
 
     def decode(self, token: int) -> torch.Tensor:
         """Append one token to the sequence; logits [V] for the next one."""
-        tokens = torch.tensor([token], dtype=torch.int64, device=self.device)
-        return self.model.forward(tokens, last_only=True)[0]
+        self._token.fill_(token)
+        return self.model.forward(self._token, last_only=True)[0]
 
     def logits(self, ids: Sequence[int]) -> torch.Tensor:
         """Logits [T, V] for every position of a new sequence (used for evaluation)."""

@@ -4,7 +4,15 @@ What it is: RMSNorm, rotary embeddings, grouped-query attention over a prealloca
 (sliding window honoured), the router (softmax in fp32, top-k, renormalised) and the sparse MoE
 block, for one sequence (batch 1). What it is not: a loader or a cache. It never knows where a
 weight lives: dense weights are handed to it as tensors, and expert weights come from an
-``ExpertProvider`` that the engine supplies (all resident now, the expert cache later).
+``ExpertProvider`` that the engine supplies (all resident, or the expert cache).
+
+Two paths share these pieces: a forward of several tokens (a prompt: masked attention,
+expert-major MoE grouping tokens by expert) and a decode step of one token, written for few
+host operations: one fused q/k/v matmul when the projections are plain, one rotary pass over
+queries and keys together, KV writes in place, no mask, no grouping, and exactly one
+device-to-host read per layer (``offload.device.to_host``: the chosen experts, with the gate
+look-ahead's picks when a prefetcher asks). Both compute the same math; their matmuls may
+round differently (one token against many), as any two batch shapes do.
 
 Shape legend: T = tokens in this call, S = key positions attended, D = hidden, H = query heads,
 G = KV heads, Dh = head dim, E = experts, K = experts per token, I = expert FFN width, V = vocab.
@@ -19,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from offload.config import ModelConfig
+from offload.device import to_host
 from offload.quant import QuantizedMatrix, linear as quantized_linear
 
 
@@ -62,6 +71,22 @@ class LayerWeights:
     o_proj: Matrix  # [D, H*Dh]
     post_attention_layernorm: torch.Tensor  # [D]
     router: torch.Tensor  # [E, D]
+    qkv: torch.Tensor | None = None  # [(H+2G)*Dh, D]: q, k, v stacked when all three are plain
+
+
+def fuse_qkv(weights: LayerWeights) -> None:
+    """Stack plain q, k, v projections into one [(H+2G)*Dh, D] tensor, so a decode step reads
+    them with one matmul; q_proj, k_proj and v_proj become views of it (no second copy).
+    Quantized projections are left as they are."""
+    parts = (weights.q_proj, weights.k_proj, weights.v_proj)
+    if weights.qkv is not None or not all(isinstance(p, torch.Tensor) for p in parts):
+        return
+    if len({(p.dtype, p.device) for p in parts}) != 1:
+        return
+    qkv = torch.cat(parts)  # [(H+2G)*Dh, D]
+    q_rows, kv_rows = parts[0].shape[0], parts[1].shape[0]
+    weights.q_proj, weights.k_proj, weights.v_proj = qkv.split((q_rows, kv_rows, kv_rows))
+    weights.qkv = qkv
 
 
 @dataclass
@@ -76,16 +101,29 @@ class DenseWeights:
 RoutingObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
+class RoutingSource(Protocol):
+    """Routing that replaces the routers' (a recorded trace replayed: ``offload.trace``).
+
+    ``route(layer, start, tokens)`` gives, for the sequence positions ``start .. start+tokens-1``
+    of ``layer``, the chosen experts [T, K] (int64) and their gate weights [T, K] (fp32), on the
+    model's device; it raises ``OffloadError`` past what it holds."""
+
+    def route(self, layer: int, start: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Normalise in fp32, scale in the input dtype (as the reference does)."""
-    dtype = x.dtype
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
+    """Normalise in fp32 (x * rsqrt(mean(x^2) + eps), one fused op), scale in the input dtype,
+    as the reference does."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 class RotaryTable:
-    """cos/sin for every position up to ``max_positions``, computed once in fp32."""
+    """cos/sin for every position up to ``max_positions``, computed once in fp32.
+
+    The rotation is applied as ``x * cos + roll(x, Dh/2) * sin_signed``, where ``sin_signed``
+    is sin with its first half negated: the same products and sums as the reference's
+    ``x * cos + rotate_half(x) * sin`` (rotate_half = cat(-x2, x1)), so the same bits, in
+    three elementwise ops and a roll."""
 
     def __init__(self, config: ModelConfig, max_positions: int, device: torch.device, dtype: torch.dtype):
         dim = config.head_dim
@@ -94,16 +132,19 @@ class RotaryTable:
         freqs = positions[:, None] * inv_freq[None, :]  # [P, Dh/2]
         angles = torch.cat((freqs, freqs), dim=-1)  # [P, Dh]
         self.cos = angles.cos().to(device=device, dtype=dtype)
-        self.sin = angles.sin().to(device=device, dtype=dtype)
+        sin = angles.sin()
+        sin[:, : dim // 2] = -sin[:, : dim // 2]
+        self.sin_signed = sin.to(device=device, dtype=dtype)  # [P, Dh], first half negated
 
     def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """Rotate x [heads, T, Dh] whose first token is at position ``start``."""
-        T = x.shape[1]
-        cos = self.cos[start : start + T]  # [T, Dh]
-        sin = self.sin[start : start + T]
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+        """Rotate x [..., T, Dh] whose first token is at position ``start``."""
+        T = x.shape[-2]
+        return rotate(x, self.cos[start : start + T], self.sin_signed[start : start + T])
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [..., Dh] with cos / sin_signed broadcastable to it."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * sin_signed
 
 
 class KVCache:
@@ -115,6 +156,9 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.length = 0  # positions filled, shared by all layers
+        # per layer, made once: [1, G, max_len, Dh] views for the decode step's in-place writes
+        self.k_layers = [self.k[layer].unsqueeze(0) for layer in range(shape[0])]
+        self.v_layers = [self.v[layer].unsqueeze(0) for layer in range(shape[0])]
 
     def reset(self) -> None:
         self.length = 0
@@ -161,16 +205,50 @@ def attention(
     return matmul(out, weights.o_proj)  # [T, D]
 
 
+def attention_decode(
+    x: torch.Tensor,  # [1, D], already normalised
+    weights: LayerWeights,
+    config: ModelConfig,
+    cache: KVCache,
+    layer: int,
+    start: int,
+    cos: torch.Tensor,  # [Dh] at position ``start``
+    sin_signed: torch.Tensor,  # [Dh]
+    position: torch.Tensor,  # [1] int64 on the device, holding ``start``
+) -> torch.Tensor:
+    """One token's attention: ``attention`` for T = 1 in fewer ops (q, k, v in one matmul when
+    plain, rotated together, written to the cache in place, no mask)."""
+    H, G, Dh = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    if weights.qkv is not None:
+        qk, v = F.linear(x, weights.qkv).split(((H + G) * Dh, G * Dh), dim=-1)  # [1, (H+G)*Dh], [1, G*Dh]
+        qk = rotate(qk.view(1, H + G, 1, Dh), cos, sin_signed)  # [1, H+G, 1, Dh]
+        q, k = qk.split((H, G), dim=1)  # [1, H, 1, Dh], [1, G, 1, Dh]
+    else:
+        q = rotate(matmul(x, weights.q_proj).view(1, H, 1, Dh), cos, sin_signed)  # [1, H, 1, Dh]
+        k = rotate(matmul(x, weights.k_proj).view(1, G, 1, Dh), cos, sin_signed)  # [1, G, 1, Dh]
+        v = matmul(x, weights.v_proj)
+    keys, values = cache.k_layers[layer], cache.v_layers[layer]  # [1, G, max_len, Dh]
+    keys.index_copy_(2, position, k)
+    values.index_copy_(2, position, v.view(1, G, 1, Dh))
+    window = config.sliding_window
+    first = 0 if window is None else max(0, start - window + 1)
+    end = start + 1
+    out = F.scaled_dot_product_attention(
+        q, keys[:, :, first:end], values[:, :, first:end], enable_gqa=G != H
+    )  # [1, H, 1, Dh]
+    return matmul(out.view(1, H * Dh), weights.o_proj)  # [1, D]
+
+
 def route(x: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k experts per token and their renormalised weights.
 
-    x [T, D], router [E, D] -> (experts [T, K] int64, weights [T, K] fp32)
+    x [T, D], router [E, D] -> (experts [T, K] int64, weights [T, K] fp32). The softmax over
+    all experts renormalised over the top k equals the softmax over the top-k logits (the
+    same experts: softmax is monotonic), computed here in fp32 as the reference does.
     """
     logits = F.linear(x, router)  # [T, E]
-    probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
-    top_weights, top_experts = torch.topk(probs, top_k, dim=-1)  # [T, K]
-    top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
-    return top_experts, top_weights
+    top_logits, top_experts = torch.topk(logits, top_k, dim=-1)  # [T, K]
+    return top_experts, torch.softmax(top_logits.float(), dim=-1)
 
 
 def expert_ffn(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
@@ -212,6 +290,24 @@ def moe(
     return out
 
 
+def moe_decode(
+    x: torch.Tensor,  # [1, D], already normalised
+    ids: Sequence[int],  # the K chosen experts, in the router's order (host ints)
+    weights: torch.Tensor,  # [1, K] fp32
+    provider: ExpertProvider,
+    layer: int,
+) -> torch.Tensor:
+    """One token's MoE: the same numbers as ``moe`` with T = 1 (experts in ascending id, each
+    output scaled in fp32, cast, summed in the input dtype), without the grouping."""
+    order = sorted(range(len(ids)), key=ids.__getitem__)  # positions of the experts, ascending id
+    gates = weights.unbind(1)  # K x [1] fp32
+    out = None
+    for j, w in zip(order, provider.get(layer, [ids[j] for j in order])):
+        y = (expert_ffn(x, w) * gates[j]).to(x.dtype)  # [1, D]: fp32 weights promote, as in moe
+        out = y if out is None else out + y
+    return out
+
+
 class MixtralModel:
     """Forward pass of the decoder over a KV cache; weights are given, never loaded here."""
 
@@ -229,9 +325,11 @@ class MixtralModel:
         self.cache = cache
         self.rope = rope
         self.routing_observer: RoutingObserver | None = None
-        # before_moe(layer, hidden [T, D], chosen [T, K]) once a layer has routed, before its
-        # experts run; after_moe(layer) once they are queued (offload.experts.prefetch)
+        self.routing_source: RoutingSource | None = None  # None: the routers choose
+        # offload.experts.prefetch.Prefetcher: told each layer's routing before its experts run
+        # (device_picks, routed; prompt_routed for a prompt) and after_moe once they are queued
         self.prefetcher = None
+        self._position = torch.zeros(1, dtype=torch.int64, device=dense.embed_tokens.device)  # decode
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
@@ -241,24 +339,51 @@ class MixtralModel:
         T = tokens.shape[0]
         if start + T > cache.max_len:
             raise ValueError(f"context of {cache.max_len} tokens exceeded ({start} + {T})")
+        decode = T == 1
+        prefetcher = self.prefetcher
         h = F.embedding(tokens, self.dense.embed_tokens)  # [T, D]
-        if self.prefetcher is not None:
-            self.prefetcher.begin_token()
+        if prefetcher is not None:
+            prefetcher.begin_token()
+        if decode:
+            cos, sin = self.rope.cos[start], self.rope.sin_signed[start]  # [Dh] each, for every layer
+            self._position.fill_(start)
         for layer, lw in enumerate(self.dense.layers):
-            h = h + attention(
-                rms_norm(h, lw.input_layernorm, c.rms_norm_eps), lw, c, cache, layer, start, self.rope
-            )
+            x = rms_norm(h, lw.input_layernorm, c.rms_norm_eps)  # [T, D]
+            if decode:
+                h = h + attention_decode(x, lw, c, cache, layer, start, cos, sin, self._position)
+            else:
+                h = h + attention(x, lw, c, cache, layer, start, self.rope)
             x = rms_norm(h, lw.post_attention_layernorm, c.rms_norm_eps)  # [T, D]
-            chosen, gate = route(x, lw.router, c.num_experts_per_tok)  # [T, K], [T, K]
+            if self.routing_source is None:
+                chosen, gate = route(x, lw.router, c.num_experts_per_tok)  # [T, K], [T, K]
+            else:
+                chosen, gate = self.routing_source.route(layer, start, T)  # [T, K], [T, K]
             if self.routing_observer is not None:
                 self.routing_observer(layer, chosen, gate)
-            if self.prefetcher is not None:
-                self.prefetcher.before_moe(layer, h, chosen)
-            h = h + moe(x, chosen, gate, self.experts, layer)
-            if self.prefetcher is not None:
-                self.prefetcher.after_moe(layer)
+            if decode:
+                ahead = prefetcher.device_picks(layer, h) if prefetcher is not None else None
+                ids, picks = read_routing(chosen, ahead)  # the layer's one device -> host read
+                if prefetcher is not None:
+                    prefetcher.routed(layer, ids, picks)
+                h = h + moe_decode(x, ids, gate, self.experts, layer)
+            else:
+                if prefetcher is not None:
+                    prefetcher.prompt_routed(layer, chosen)
+                h = h + moe(x, chosen, gate, self.experts, layer)
+            if prefetcher is not None:
+                prefetcher.after_moe(layer)
         cache.length = start + T
-        if last_only:
+        if last_only and not decode:
             h = h[-1:]
         h = rms_norm(h, self.dense.norm, c.rms_norm_eps)
         return F.linear(h, self.dense.lm_head)  # [T, V]
+
+
+def read_routing(chosen: torch.Tensor, ahead: torch.Tensor | None) -> tuple[list[int], list[list[int]] | None]:
+    """One token's chosen experts [1, K], with the look-ahead's picks [d, w] when given, read
+    to the host in one copy: (the K ids, the d rows of picks or None)."""
+    if ahead is None:
+        return to_host(chosen)[0], None
+    K, (d, w) = chosen.shape[1], ahead.shape
+    row = to_host(torch.cat((chosen, ahead.view(1, d * w)), dim=1))[0]  # [K + d*w]
+    return row[:K], [row[K + i * w : K + (i + 1) * w] for i in range(d)]

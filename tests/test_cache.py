@@ -101,6 +101,8 @@ def test_random_budgets_policies_and_prompts_are_bit_identical(data, model_dirs,
     )
     if engine.model.prefetcher is not None:  # CUDA's order: prefetches start once the experts are queued
         engine.model.prefetcher.defer = data.draw(st.booleans(), label="defer prefetch")
+    # CUDA's disk path: reads into staging (a prefetch's on the loader thread), then a copy
+    engine.cache.transfers.staged = data.draw(st.booleans(), label="staged disk reads")
     with mock.patch.object(device_layer, "ASYNC_MIN_BYTES", 0 if threaded else device_layer.ASYNC_MIN_BYTES):
         gen, logits = run(engine, ids, n)
     engine.close()
@@ -368,4 +370,44 @@ def test_a_failed_load_raises_where_it_is_used_and_leaves_nothing_stale(threaded
         gen, logits = run(engine, ids, 8)
     want_gen, want_logits = run(resident[shape][dtype], ids, 8)
     assert gen.tokens == want_gen.tokens and torch.equal(logits, want_logits)
+    engine.close()
+
+
+def test_staged_disk_reads_run_off_the_calling_thread_and_demand_loads_never_wait_behind_them(packs, resident):
+    """CUDA's disk path, played on a CPU (``staged``): a prefetch's disk read runs on the loader
+    thread into staging, so the caller goes on; a demand miss read while that prefetch's read is
+    stuck completes at once, on the calling thread; the slot of each holds the right bytes."""
+    import threading
+
+    shape, dtype = WIDE.name, "float32"
+    engine = Engine.load(packs[(shape, dtype)], device="cpu", dtype=dtype, experts_per_layer=3, ram=0, policy="lru")
+    cache = engine.cache
+    cache.transfers.staged = True
+    real = cache.source.read_record
+    gate, threads = threading.Event(), {}
+
+    slots = cache.slots.storage
+    first, last = slots.data_ptr(), slots.data_ptr() + slots.numel()
+    into_slot = []
+
+    def traced(layer, expert, out):
+        threads[(layer, expert)] = threading.current_thread().name
+        into_slot.append(first <= out.data_ptr() < last)
+        if (layer, expert) == (1, 0):
+            assert gate.wait(10), "the prefetch's read was never released"
+        return real(layer, expert, out)
+
+    cache.source.read_record = traced
+    with mock.patch.object(device_layer, "ASYNC_MIN_BYTES", 0):
+        assert cache.prefetch(1, [0]) == 1  # returns at once: its read waits on the loader thread
+        weights = cache.get(2, [4, 5])  # demand misses, read here while the loader is stuck
+        assert threads[(2, 4)] == threads[(2, 5)] == threading.current_thread().name
+        gate.set()
+        (prefetched,) = cache.get(1, [0])
+    assert threads[(1, 0)].startswith("offload-loader")
+    assert into_slot == [False, False, False]  # every read went to staging, then was copied
+    record = torch.empty(cache.layout.nbytes, dtype=torch.uint8)
+    for (layer, expert), w in zip(((2, 4), (2, 5), (1, 0)), (*weights, prefetched)):
+        want = cache.layout.views(real(layer, expert, record))
+        assert torch.equal(w.w1, want.w1) and torch.equal(w.w3, want.w3) and torch.equal(w.w2, want.w2)
     engine.close()

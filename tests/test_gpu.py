@@ -63,3 +63,35 @@ def test_cuda_cache_with_half_the_experts_is_bit_identical(shape, ram, model_dir
             assert gen.tokens == want, (policy, depth)
             assert torch.equal(engine.logits(ids), want_logits), (policy, depth)
             assert gen.cache_stats.total().misses > 0
+
+
+def test_a_demand_copy_does_not_queue_behind_prefetch_copies():
+    """Prefetches and demand loads use separate copy streams: a demand load started after eight
+    large prefetches is done while the last prefetch still runs (FIFO on one stream would make it
+    wait for all eight)."""
+    from offload.device import Transfers, empty_host_buffer
+
+    device = torch.device("cuda")
+    nbytes = 256 << 20
+    transfers = Transfers(device, nbytes)
+    host = empty_host_buffer(nbytes, 9, device)  # pinned
+    slots = torch.empty((9, nbytes), dtype=torch.uint8, device=device)
+    prefetches = [transfers.copy(slots[i], host[i]) for i in range(8)]
+    demand = transfers.copy(slots[8], host[8], needed_now=True)
+    demand.synchronize()
+    assert not prefetches[-1].query()
+    torch.cuda.synchronize()
+
+
+def test_decode_steps_take_no_new_device_memory_segments(model_dirs):
+    """After warm-up, decode steps are served by the caching allocator's existing segments: no
+    cudaMalloc in the decode loop, with the cache on."""
+    engine = Engine.load(model_dirs[SHAPES[0].name], device="cuda", dtype="bfloat16", experts_per_layer=2)
+    ids = engine.tokenizer.encode(PROMPT, bos=True)
+    token = int(engine.prefill(ids).argmax())
+    for _ in range(4):
+        token = int(engine.decode(token).argmax())
+    before = torch.cuda.memory_stats()["segment.all.allocated"]
+    for _ in range(16):
+        token = int(engine.decode(token).argmax())
+    assert torch.cuda.memory_stats()["segment.all.allocated"] == before

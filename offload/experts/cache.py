@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from offload.device import StallClock, Transfers, empty_host_buffer, is_cuda
+from offload.device import StallClock, Transfers
 from offload.errors import BudgetError
 from offload.experts.policy import EvictionPolicy, make_policy
 from offload.experts.record import RecordLayout
@@ -111,6 +111,7 @@ class ExpertCache:
         host_capacity: int,
         policy: str | EvictionPolicy = "lru",
         progress: ProgressFn | None = None,
+        staged: bool | None = None,
     ):
         if not top_k <= slots_per_layer <= num_experts:
             raise BudgetError(
@@ -126,13 +127,9 @@ class ExpertCache:
         self.policy = make_policy(policy, num_layers, num_experts) if isinstance(policy, str) else policy
         self.slots = DeviceSlots(layout, num_layers, slots_per_layer, device)
         self.host = HostTier(layout, min(host_capacity, total), device)
-        self.transfers = Transfers(device)
+        # disk reads go through pinned staging on CUDA (``staged``); a CPU device reads into its slot
+        self.transfers = Transfers(device, layout.nbytes, staged=staged)
         self.stall = StallClock(device)
-        # staging (pinned) for disk reads on CUDA; a CPU device reads straight into its slot
-        needs_disk = self.host.capacity < total
-        self.staging = empty_host_buffer(layout.nbytes, 2, device) if needs_disk and is_cuda(device) else None
-        self.staging_copy: list[object] = [None, None]
-        self.staging_next = 0
         # residency: layer -> {expert: slot}, and each layer's free slots
         self.where: list[dict[int, int]] = [{} for _ in range(num_layers)]
         self.free: list[list[int]] = [list(range(slots_per_layer - 1, -1, -1)) for _ in range(num_layers)]
@@ -297,17 +294,10 @@ class ExpertCache:
         else:
             stats.disk_loads += 1
             stats.disk_bytes += nbytes
-            if self.staging is None:  # CPU device: read straight into the slot, on the loader thread
-                source = self.source
-                read = lambda: source.read_record(layer, expert, target)  # noqa: E731
-                handle = self.transfers.fill(read, nbytes, needed_now, previous)
-            else:
-                i = self.staging_next
-                self.staging_next ^= 1
-                self.transfers.wait_host(self.staging_copy[i])  # that buffer may still feed a copy
-                self.source.read_record(layer, expert, self.staging[i])
-                handle = self.transfers.copy(target, self.staging[i], after)
-                self.staging_copy[i] = handle
+            source = self.source
+            read = lambda buffer: source.read_record(layer, expert, buffer)  # noqa: E731
+            # a prefetch reads on the loader thread, a demand load here; never one behind the other
+            handle = self.transfers.read(read, target, after, needed_now, previous)
         seconds = self.stall.stop(started, layer)
         if seconds is not None:
             stats.stall_seconds += seconds

@@ -89,6 +89,9 @@ POLICY_CHOICES = ("auto", *CACHE_POLICIES)  # what --policy accepts
 # experts are tiny and loads are memcpys (the demo model on a CPU) does LRU decode faster;
 # ``offload profile`` measures that per machine and writes the faster one into the profile.
 DEFAULT_POLICY = "combined"
+# What ``--policy auto`` means when routing is replayed from a trace (``--replay``): gate
+# look-ahead needs hidden states a trace does not hold, so router history alone prefetches.
+REPLAY_POLICY = "history"
 
 
 def cache_policy(name: str) -> tuple[str, str | None]:

@@ -1,7 +1,7 @@
 """Prefetch during decode: guess the coming layers' experts and start loading them early.
 
 What it is: the glue between the model's forward pass and the expert cache. After layer L's
-router has chosen, and before layer L's experts run, ``Prefetcher.before_moe`` asks its
+router has chosen, and before layer L's experts run, ``Prefetcher.routed`` asks its
 predictors about layers L+1 .. L+depth and starts loading the best guesses (on the copy stream
 on CUDA, on the loader thread on CPU), so the loads overlap layer L's expert compute.
 ``Lookahead`` is the gate look-ahead predictor: the routers of the coming layers applied to the
@@ -39,17 +39,23 @@ class Lookahead:
         # [L * E, D]: each layer's router rows scaled by its post-attention norm weight
         self.folded = torch.cat([lw.router * lw.post_attention_layernorm for lw in dense.layers])
 
-    def top(self, layer: int, hidden: torch.Tensor, width: int) -> dict[int, list[int]]:
-        """hidden [T, D] (the last row is used) after ``layer``'s attention -> for each of the
-        next ``depth`` layers that exist, its ``width`` best experts, best first."""
+    def device_top(self, layer: int, hidden: torch.Tensor, width: int) -> torch.Tensor | None:
+        """hidden [1, D] after ``layer``'s attention -> the ``width`` best experts of each of the
+        next ``depth`` layers that exist, [d, width] int64 on the device, best first (None when
+        ``layer`` is the last). Queued only: the caller reads it with the layer's routing."""
         first, last = layer + 1, min(layer + self.depth, self.num_layers - 1)
         if first > last:
-            return {}
+            return None
         E = self.num_experts
         routers = self.folded[first * E : (last + 1) * E]  # [d * E, D]
-        logits = F.linear(hidden[-1], routers).view(-1, E)  # [d, E], unnormalised: same order
-        picks = torch.topk(logits, width, dim=-1).indices.tolist()  # [d][width], one host copy
-        return {first + i: row for i, row in enumerate(picks)}
+        last_row = hidden if hidden.shape[0] == 1 else hidden[-1:]  # [1, D]
+        logits = F.linear(last_row, routers).view(-1, E)  # [d, E], unnormalised: same order
+        return torch.topk(logits, width, dim=-1).indices  # [d, width]
+
+    def top(self, layer: int, hidden: torch.Tensor, width: int) -> dict[int, list[int]]:
+        """hidden [T, D] (the last row is used) -> {coming layer: its ``width`` best experts}."""
+        picks = self.device_top(layer, hidden, width)
+        return {} if picks is None else {layer + 1 + i: row for i, row in enumerate(picks.tolist())}
 
 
 class Prefetcher:
@@ -88,27 +94,45 @@ class Prefetcher:
         if self.history is not None:
             self.history.reset()
 
-    def before_moe(self, layer: int, hidden: torch.Tensor, chosen: torch.Tensor) -> None:
-        """Layer ``layer`` has routed ``chosen`` [T, K] from ``hidden`` [T, D]; prefetch for the
-        coming layers (decode only: a prompt asks for nearly every expert anyway)."""
-        if hidden.shape[0] != 1:
-            if self.history is not None:
-                self._learn_prompt(layer, chosen)
-            return
-        # gate look-ahead first: its kernels queue behind the router's, and one wait reads both
-        last = layer + 1 >= self.num_layers
-        picks = self.lookahead.top(layer, hidden, self.width) if self.lookahead is not None and not last else {}
+    def device_picks(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Decode: queue the gate look-ahead for the layers after ``layer`` from ``hidden``
+        [1, D] (after its attention); [d, width] on the device, or None. The model reads it to
+        the host together with the layer's routing (one copy) and hands both to ``routed``."""
+        if self.lookahead is None or layer + 1 >= self.num_layers:
+            return None
+        return self.lookahead.device_top(layer, hidden, self.width)
+
+    def routed(self, layer: int, chosen: list[int], picks: list[list[int]] | None) -> None:
+        """Decode: layer ``layer`` chose ``chosen`` (host ids), and the look-ahead picked
+        ``picks`` (rows for layers ``layer+1 ..``); prefetch for the coming layers, now (CPU)
+        or once the layer's experts are queued (``defer``, CUDA)."""
         if self.history is not None:
-            self.history.observe(layer, chosen[0].tolist())
-        if last:
+            self.history.observe(layer, chosen)
+        if layer + 1 >= self.num_layers:
             return
+        ahead = {layer + 1 + i: row for i, row in enumerate(picks)} if picks else {}
         if self.defer:
-            self._pending = (layer, picks)
+            self._pending = (layer, ahead)
         else:
-            self._issue(layer, picks)
+            self._issue(layer, ahead)
+
+    def prompt_routed(self, layer: int, chosen: torch.Tensor) -> None:
+        """A prompt's layer has routed ``chosen`` [T, K]: nothing is prefetched (a prompt asks
+        for nearly every expert anyway), but the history learns it (``_learn_prompt``)."""
+        if self.history is not None:
+            self._learn_prompt(layer, chosen)
+
+    def before_moe(self, layer: int, hidden: torch.Tensor, chosen: torch.Tensor) -> None:
+        """``device_picks`` + ``routed`` (or ``prompt_routed``) from device tensors: hidden
+        [T, D], chosen [T, K]. For callers outside the model's decode step."""
+        if hidden.shape[0] != 1:
+            self.prompt_routed(layer, chosen)
+            return
+        ahead = self.device_picks(layer, hidden)
+        self.routed(layer, chosen[0].tolist(), None if ahead is None else ahead.tolist())
 
     def after_moe(self, layer: int) -> None:
-        """Layer ``layer``'s experts are queued: start the prefetches ``before_moe`` deferred."""
+        """Layer ``layer``'s experts are queued: start the prefetches ``routed`` deferred."""
         if self._pending is not None and self._pending[0] == layer:
             self._issue(*self._pending)
         self._pending = None
