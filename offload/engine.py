@@ -15,7 +15,7 @@ import torch
 
 from offload.checkpoint import Checkpoint
 from offload.config import ModelConfig
-from offload.device import is_cuda, resolve_device
+from offload.device import is_cuda, memory_info, resolve_device
 from offload.errors import SettingError, TokenizerError
 from offload.experts.cache import ExpertCache
 from offload.experts.policy import DEFAULT_POLICY, REPLAY_POLICY, cache_policy
@@ -44,7 +44,7 @@ from offload.loader import (
 )
 from offload.model import DenseWeights, KVCache, MixtralModel, RotaryTable, fuse_qkv
 from offload.pack import Pack, is_pack
-from offload.plan import MemoryPlan, dense_bytes_by_class, parse_bytes, plan_memory
+from offload.plan import MemoryPlan, dense_bytes_by_class, fit_to_free, parse_bytes, plan_memory
 from offload.quant import get_format
 from offload.tokenizer import Tokenizer
 
@@ -77,6 +77,7 @@ class Engine:
         context_length: int,
         plan: MemoryPlan | None = None,
         source: Checkpoint | Pack | None = None,
+        kv_cache: KVCache | None = None,
     ):
         self.config = config
         self.tokenizer = tokenizer
@@ -88,7 +89,8 @@ class Engine:
         self.policy = ""  # set by load: the --policy name when the cache is on
         self.cache = experts if isinstance(experts, ExpertCache) else None
         self._source = source  # kept open while the cache reads from it
-        cache = KVCache(config, context_length, device, dtype)
+        self.notes: list[str] = []  # what load changed from the plan asked for, one line each
+        cache = kv_cache if kv_cache is not None else KVCache(config, context_length, device, dtype)
         rope = RotaryTable(config, context_length, device, dtype)
         for layer in dense.layers:
             fuse_qkv(layer)  # one matmul for q, k and v in a decode step (plain projections)
@@ -189,8 +191,19 @@ class Engine:
                 experts_per_layer=experts_per_layer,
                 ram_available=spare_ram(torch_device, config, torch_dtype),
                 dense=sum(dense_bytes_by_class(config, torch_dtype, attn_format).values()),
+                device_type=torch_device.type,
+                expert_format=layout.fmt,
+                attn_format=attn_format,
             )
-            records = source if isinstance(source, Pack) else CheckpointRecords(source, layout)
+            # the KV cache before the slots, so that on CUDA the slots are checked against what is
+            # really free once the dense weights and the KV cache are in place
+            kv_cache = KVCache(config, context_length, torch_device, torch_dtype)
+            notes = []
+            free = memory_info(torch_device)
+            if free is not None:
+                plan, note = fit_to_free(plan, free[0])
+                notes += [note] if note else []
+            records = source if isinstance(source, Pack) else CheckpointRecords(source, layout, torch_device)
             history = spec = None
             if predictor in ("history", "combined"):
                 spec = PREFETCH_POLICIES["history"]
@@ -203,16 +216,18 @@ class Engine:
                 config.num_local_experts,
                 config.num_experts_per_tok,
                 torch_device,
-                slots_per_layer=plan.slots_per_layer,
+                slots_per_layer=plan.layer_slots,
                 host_capacity=plan.host_experts,
                 policy=eviction,
                 progress=progress,
+                host_chunks=plan.host_chunks,
             )
         except BaseException:
             source.close()
             raise
-        engine = cls(config, tokenizer, dense, cache, torch_device, torch_dtype, context_length, plan, source)
+        engine = cls(config, tokenizer, dense, cache, torch_device, torch_dtype, context_length, plan, source, kv_cache)
         engine.model_name, engine.policy = str(model_dir), policy
+        engine.notes = notes
         engine.model.routing_source = routing
         defer = is_cuda(torch_device)  # see Prefetcher: on CUDA, decide while the GPU computes
         if predictor == "lookahead":

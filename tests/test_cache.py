@@ -94,11 +94,21 @@ def test_random_budgets_policies_and_prompts_are_bit_identical(data, model_dirs,
     depth = data.draw(st.integers(1, c.num_hidden_layers), label="prefetch depth")
     # every load on the loader thread (as experts of real size go), or only small ones inline
     threaded = data.draw(st.booleans(), label="loads on the loader thread")
+    # a --vram budget buys slots for the whole model: the share left over goes to some layers
+    uneven = data.draw(st.booleans(), label="a --vram budget (uneven slots)")
+    budget = {"experts_per_layer": slots}
+    if uneven:
+        L = c.num_hidden_layers
+        n = data.draw(st.integers(L * c.num_experts_per_tok, L * c.num_local_experts), label="device slots")
+        context = min(c.max_position_embeddings, 4096)
+        budget = {"vram": dense_bytes(c, ref.dtype) + kv_cache_bytes(c, context, ref.dtype) + n * record}
     engine = Engine.load(
-        packs[(shape, dtype)] if from_pack else model_dirs[shape], device="cpu", dtype=dtype, experts_per_layer=slots,
+        packs[(shape, dtype)] if from_pack else model_dirs[shape], device="cpu", dtype=dtype, **budget,
         ram=None if ram_records is None else ram_records * record, policy=policy, expert_format=fmt,
         prefetch_depth=depth,
     )
+    if uneven:
+        assert sum(engine.cache.capacity) == n
     if engine.model.prefetcher is not None:  # CUDA's order: prefetches start once the experts are queued
         engine.model.prefetcher.defer = data.draw(st.booleans(), label="defer prefetch")
     # CUDA's disk path: reads into staging (a prefetch's on the loader thread), then a copy
@@ -171,10 +181,12 @@ def test_vram_budget_sets_slots_and_refuses_below_the_minimum(model_dirs):
     c, record = probe.config, probe.cache.layout.nbytes
     fixed = dense_bytes(c, torch.float32) + kv_cache_bytes(c, 256, torch.float32)
     minimum = fixed + c.num_hidden_layers * c.num_experts_per_tok * record
-    five = fixed + c.num_hidden_layers * 5 * record + record  # room for 5 per layer, not 6
+    five = fixed + c.num_hidden_layers * 5 * record + record  # room for 5 per layer and one more, not 6
     engine = Engine.load(path, device="cpu", dtype="float32", context_length=256, vram=five)
     assert engine.plan.slots_per_layer == 5
-    assert engine.cache.slots.storage.shape[0] == 5 * c.num_hidden_layers
+    assert sorted(engine.plan.layer_slots) == [5] * (c.num_hidden_layers - 1) + [6]  # the spare slot is used
+    assert engine.cache.slots.storage.shape[0] == 5 * c.num_hidden_layers + 1
+    assert engine.cache.capacity == list(engine.plan.layer_slots)
     with pytest.raises(BudgetError, match=r"below the minimum .*top-2 experts"):
         Engine.load(path, device="cpu", dtype="float32", context_length=256, vram=minimum - 1)
     assert Engine.load(path, device="cpu", dtype="float32", context_length=256, vram=minimum).plan.slots_per_layer == 2

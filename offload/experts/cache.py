@@ -107,13 +107,15 @@ class ExpertCache:
         num_experts: int,
         top_k: int,
         device: torch.device,
-        slots_per_layer: int,
+        slots_per_layer: int | Sequence[int],
         host_capacity: int,
         policy: str | EvictionPolicy = "lru",
         progress: ProgressFn | None = None,
         staged: bool | None = None,
+        host_chunks: Sequence[int] | None = None,
     ):
-        if not top_k <= slots_per_layer <= num_experts:
+        capacity = [slots_per_layer] * num_layers if isinstance(slots_per_layer, int) else list(slots_per_layer)
+        if len(capacity) != num_layers or not all(top_k <= n <= num_experts for n in capacity):
             raise BudgetError(
                 f"experts per layer on the device must be in [{top_k}, {num_experts}] "
                 f"(top-k to all), got {slots_per_layer}"
@@ -123,19 +125,22 @@ class ExpertCache:
         self.layout = layout
         self.device = device
         self.num_layers, self.num_experts = num_layers, num_experts
-        self.max_experts_per_call = slots_per_layer
+        self.capacity = capacity  # device slots of each layer
+        self.max_experts_per_call = min(capacity)  # every layer can serve a request this large
         self.policy = make_policy(policy, num_layers, num_experts) if isinstance(policy, str) else policy
-        self.slots = DeviceSlots(layout, num_layers, slots_per_layer, device)
-        self.host = HostTier(layout, min(host_capacity, total), device)
+        self.slots = DeviceSlots(layout, num_layers, capacity, device)
+        host_capacity = min(host_capacity, total)
+        chunks = host_chunks if host_chunks and sum(host_chunks) == host_capacity else None
+        self.host = HostTier(layout, host_capacity, device, chunks)
         # disk reads go through pinned staging on CUDA (``staged``); a CPU device reads into its slot
         self.transfers = Transfers(device, layout.nbytes, staged=staged)
         self.stall = StallClock(device)
         # residency: layer -> {expert: slot}, and each layer's free slots
         self.where: list[dict[int, int]] = [{} for _ in range(num_layers)]
-        self.free: list[list[int]] = [list(range(slots_per_layer - 1, -1, -1)) for _ in range(num_layers)]
+        self.free: list[list[int]] = [list(range(n - 1, -1, -1)) for n in capacity]
         # per slot (DeviceSlots index): the handle of the last load into it, until compute has
         # waited for it; a slot is never read while its load may be running or has failed
-        self.loads: list[object] = [None] * (num_layers * slots_per_layer)
+        self.loads: list[object] = [None] * sum(capacity)
         self.prefetched: set[tuple[int, int]] = set()  # (layer, expert) prefetched, not yet asked for
         self._inflight: list[object] = []  # handles of prefetches that may still be running
         self.max_inflight = 2 * top_k  # prefetch loads not yet finished, at most
@@ -161,8 +166,8 @@ class ExpertCache:
     # ---- the provider contract ----------------------------------------------------------------
 
     def get(self, layer: int, experts: Sequence[int]) -> list[ExpertWeights]:
-        if len(experts) > self.max_experts_per_call:
-            raise ValueError(f"{len(experts)} experts requested, {self.max_experts_per_call} slots per layer")
+        if len(experts) > self.capacity[layer]:
+            raise ValueError(f"{len(experts)} experts requested, layer {layer} has {self.capacity[layer]} slots")
         if self._last_layer is not None and self._last_layer != layer:
             self.slots_free[self._last_layer] = self.transfers.mark()  # its compute is queued by now
         self._last_layer = layer

@@ -146,7 +146,7 @@ class Prefetcher:
             guessed = select_prefetch(
                 self.history.scores(nxt),
                 set(self.cache.where[nxt]),
-                self.cache.max_experts_per_call,
+                self.cache.capacity[nxt],
                 self.spec.threshold,
                 self.spec.max_prefetch,
                 self.cache.policy.last_use[nxt],

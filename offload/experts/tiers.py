@@ -10,7 +10,7 @@ What it is not: the policy deciding what to keep (policy.py) or the orchestratio
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import torch
 
@@ -29,29 +29,52 @@ class RecordSource(Protocol):
 
 
 class CheckpointRecords:
-    """A Hugging Face checkpoint as a record source: reads w1, w3, w2 and packs them."""
+    """A Hugging Face checkpoint as a record source: reads w1, w3, w2 and packs them.
 
-    def __init__(self, checkpoint: Checkpoint, layout: RecordLayout):
+    Quantized formats are quantized on ``device`` (default the CPU), one matrix at a time: the
+    checkpoint's own tensor is moved there, quantized, and its packed tensors copied back into
+    the host record, so on a GPU the CPU only reads and copies. Quantizing on the compute device
+    makes the same numbers as ``offload.loader.load_resident_experts`` there.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, layout: RecordLayout, device: torch.device | str | None = None):
         self.checkpoint = checkpoint
         self.layout = layout
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
 
     def read_record(self, layer: int, expert: int, out: torch.Tensor) -> torch.Tensor:
-        record = out[: self.layout.nbytes]
-        return self.layout.pack(ExpertWeights(*self.checkpoint.expert(layer, expert)), record)
+        record = out[: self.layout.nbytes]  # [nbytes] uint8, host
+        weights = ExpertWeights(*self.checkpoint.expert(layer, expert))  # w1, w3 [I, D], w2 [D, I], CPU
+        if self.layout.plain or self.device.type == "cpu":
+            return self.layout.pack(weights, record)
+        from offload import quant
+
+        for target, weight in zip(self.layout.views(record), weights):  # QuantizedMatrix views into record
+            quantized = quant.quantize(weight.to(self.device), self.layout.fmt)  # on the device
+            for name, tensor in quantized.tensors.items():
+                target.tensors[name].copy_(tensor)  # device -> host record
+        return record
 
 
 class DeviceSlots:
-    """``slots_per_layer`` expert buffers for each layer on ``device``, allocated once."""
+    """Expert buffers on ``device``, ``layer_slots[l]`` for layer l (an int: that many for every
+    layer), allocated once in one tensor; each slot's typed views are made here, once."""
 
-    def __init__(self, layout: RecordLayout, num_layers: int, slots_per_layer: int, device: torch.device):
+    def __init__(self, layout: RecordLayout, num_layers: int, layer_slots: int | Sequence[int], device: torch.device):
         self.layout = layout
-        self.slots_per_layer = slots_per_layer
-        # [L * S, record bytes]; a record's views are made here, once
-        self.storage = torch.zeros((num_layers * slots_per_layer, layout.nbytes), dtype=torch.uint8, device=device)
+        counts = [layer_slots] * num_layers if isinstance(layer_slots, int) else list(layer_slots)
+        if len(counts) != num_layers:
+            raise ValueError(f"{len(counts)} slot counts for {num_layers} layers")
+        self.layer_slots = tuple(counts)
+        self.first = [0]  # index of layer l's first slot
+        for count in counts:
+            self.first.append(self.first[-1] + count)
+        # [sum of slots, record bytes]; a record's views are made here, once
+        self.storage = torch.zeros((self.first[-1], layout.nbytes), dtype=torch.uint8, device=device)
         self.weights: list[ExpertWeights] = [layout.views(self.storage[i]) for i in range(self.storage.shape[0])]
 
     def index(self, layer: int, slot: int) -> int:
-        return layer * self.slots_per_layer + slot
+        return self.first[layer] + slot
 
     @property
     def nbytes(self) -> int:
@@ -65,12 +88,22 @@ class HostTier:
     expert is wanted again more experts have been loaded than a partial RAM tier holds, and
     an LRU tier would only churn (measured: a quarter-size LRU tier served 0.5% of misses, a
     fixed quarter served ~25%). Experts outside the set are read from disk each time.
+
+    On CUDA the records are pinned, in blocks of ``chunk_rows[i]`` records each
+    (``offload.plan.pinned_chunks``): torch's pinned allocator rounds every block up to a power
+    of two, so one block for all of them could ask for a third more than they take.
     """
 
-    def __init__(self, layout: RecordLayout, capacity: int, device: torch.device):
+    def __init__(
+        self, layout: RecordLayout, capacity: int, device: torch.device, chunk_rows: Sequence[int] | None = None
+    ):
         self.layout = layout
         self.capacity = capacity
-        self.buffer = empty_host_buffer(layout.nbytes, capacity, device) if capacity else None
+        rows = list(chunk_rows) if chunk_rows else ([capacity] if capacity else [])
+        if sum(rows) != capacity:
+            raise ValueError(f"chunks of {rows} records do not hold {capacity}")
+        self.buffers = [empty_host_buffer(layout.nbytes, n, device) for n in rows]  # [n, record bytes] each
+        self._row_of = [(b, r) for b, n in enumerate(rows) for r in range(n)]  # record index -> (block, row)
         self.rows: dict[ExpertKey, int] = {}
 
     def add(self, key: ExpertKey) -> torch.Tensor:
@@ -79,15 +112,19 @@ class HostTier:
         if row >= self.capacity:
             raise ValueError("host tier is full")
         self.rows[key] = row
-        return self.buffer[row]
+        return self._row(row)
+
+    def _row(self, row: int) -> torch.Tensor:
+        block, r = self._row_of[row]
+        return self.buffers[block][r]
 
     def get(self, key: ExpertKey) -> torch.Tensor | None:
         row = self.rows.get(key)
-        return None if row is None else self.buffer[row]
+        return None if row is None else self._row(row)
 
     def __contains__(self, key: ExpertKey) -> bool:
         return key in self.rows
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.buffer is None else self.buffer.numel()
+        return sum(b.numel() for b in self.buffers)
