@@ -5,7 +5,11 @@ Argument parsing and output only; the measuring is ``offload.bench``. Every engi
 Cartesian product, one load per combination, and prints one row per test (ppN, tgN) with tokens
 per second as mean ± std over -r repetitions: a markdown table (-o md, default), a JSON list of
 rows (-o json) or CSV (-o csv).
-A progress line per combination goes to stderr.
+A progress line per combination goes to stderr. --replay TRACE (a comma list too) takes every
+request's routing from a router trace; the trace then bounds the lengths as the model's context
+does. -p and -n left at their defaults (512, 128) are fitted first: a default -p that does not fit
+the model (or the trace) shrinks, saying so in one dim line on stderr; lengths given that do not
+fit are refused, naming the flags and the limit (``offload.bench.fit_lengths``).
 
 Each combination runs under a machine profile (``cli.common.choose_profile``): the ones --profile
 names, their plans as written, or, without --profile, the best shipped profile for the
@@ -30,31 +34,48 @@ from cli.common import (
     choose_profile,
     engine_options,
     load_engine,
+    local_model,
     model_label,
     stderr,
     user_errors,
 )
-from offload.bench import BenchConfig, BenchResult, context_needed, measure, sweep
+from offload.bench import (
+    DEFAULT_GEN_TOKENS,
+    DEFAULT_PROMPT_TOKENS,
+    BenchConfig,
+    BenchResult,
+    LengthLimits,
+    context_needed,
+    fit_lengths,
+    measure,
+    sweep,
+)
+from offload.config import ModelConfig
 from offload.demo import DEMO_MODEL_DIR
 from offload.engine import DEFAULT_DTYPE, DTYPES
 from offload.errors import SettingError
+from offload.trace import ReplayRouting
 
 OUTPUTS = ("md", "json", "csv")
 # settings columns of the markdown table, shown only when they vary (or are given)
 SETTING_COLUMNS = (
     ("vram", "vram"), ("ram", "ram"), ("experts_per_layer", "experts/layer"), ("policy", "policy"),
     ("prefetch_depth", "prefetch depth"), ("expert_bits", "expert bits"), ("attn_bits", "attn bits"),
-    ("dtype", "dtype"), ("device", "device"),
+    ("dtype", "dtype"), ("device", "device"), ("replay", "replay"),
 )
 # columns of JSON rows and CSV, in order
 FIELDS = (
     "model", "machine", "profile", "vram", "ram", "experts_per_layer", "policy", "prefetch_depth", "expert_bits",
-    "attn_bits", "dtype", "device", "policy_used", "dtype_used", "device_used", "slots_per_layer", "host_experts",
+    "attn_bits", "dtype", "device", "replay", "policy_used", "dtype_used", "device_used", "slots_per_layer",
+    "host_experts",
     "n_prompt", "n_gen", "reps", "test", "t_s_mean", "t_s_std", "hit_rate", "stall_share", "bytes_per_token",
 )
 
 
-def _lengths(text: str, flag: str) -> list[int]:
+def _lengths(text: Optional[str], flag: str) -> Optional[list[int]]:
+    """A comma list of token counts; None (not given) stays None."""
+    if text is None:
+        return None
     try:
         values = [int(part) for part in text.split(",")]
     except ValueError:
@@ -114,7 +135,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             model_label(str(row["model"])),
             str(row["machine"]),
             str(row["profile"]),
-            *("-" if row[key] is None else str(row[key]) for key, _ in varying),
+            *("-" if row[key] is None else _cell(key, row[key]) for key, _ in varying),
             row["test"],
             f"{row['t_s_mean']:.2f} ± {row['t_s_std']:.2f}",
             "-" if row["hit_rate"] is None else f"{row['hit_rate']:.3f}",
@@ -123,6 +144,11 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _cell(key: str, value: Any) -> str:
+    """A settings cell: the replayed trace by its file name, the rest as given."""
+    return Path(value).name if key == "replay" else str(value)
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
@@ -138,8 +164,13 @@ def bench_command(
     model: Optional[Path] = typer.Argument(
         None, help="A Mixtral checkpoint directory or offload pack. Default: the bundled demo model."
     ),
-    n_prompt: str = typer.Option("512", "--n-prompt", "-p", help="Prompt tokens for ppN (comma list; 0 skips pp)."),
-    n_gen: str = typer.Option("128", "--n-gen", "-n", help="Decode passes for tgN (comma list; 0 skips tg)."),
+    n_prompt: Optional[str] = typer.Option(
+        None, "--n-prompt", "-p",
+        help=f"Prompt tokens for ppN (comma list; 0 skips pp). Default {DEFAULT_PROMPT_TOKENS}, shortened to fit.",
+    ),
+    n_gen: Optional[str] = typer.Option(
+        None, "--n-gen", "-n", help=f"Decode passes for tgN (comma list; 0 skips tg). Default {DEFAULT_GEN_TOKENS}."
+    ),
     reps: int = typer.Option(3, "--repetitions", "-r", help="Measured repetitions, after one warm-up."),
     vram: Optional[str] = typer.Option(None, "--vram", help="Device memory budgets, e.g. 4GiB,8GiB."),
     ram: Optional[str] = typer.Option(None, "--ram", help="RAM budgets for experts, e.g. 0,16GiB."),
@@ -156,6 +187,9 @@ def bench_command(
     ),
     device: Optional[str] = typer.Option(None, "--device", help="Devices: auto, cpu, cuda[:N] (comma list)."),
     prefetch_depth: Optional[int] = PREFETCH_DEPTH_OPTION,
+    replay: Optional[str] = typer.Option(
+        None, "--replay", help="Router traces (offload-trace format; comma list) whose routing replaces the routers'.",
+    ),
     profile: Optional[str] = typer.Option(
         None, "--profile", help="Machine profiles: shipped names or TOML paths (comma list); flags given win. "
         "Default: the best shipped profile for each device, fitted to the model.",
@@ -169,12 +203,18 @@ def bench_command(
             raise SettingError(f"-o {output!r}: choose one of {', '.join(OUTPUTS)}")
         if reps < 1:
             raise SettingError(f"-r {reps}: at least one repetition")
-        pairs = _pairs(_lengths(n_prompt, "-p"), _lengths(n_gen, "-n"))
+        prompts, gens = _lengths(n_prompt, "-p"), _lengths(n_gen, "-n")
+        _pairs(prompts or [DEFAULT_PROMPT_TOKENS], gens or [DEFAULT_GEN_TOKENS])  # -p 0 -n 0 refused first
         configs = sweep({
             "vram": vram, "ram": ram, "experts_per_layer": experts_per_layer, "policy": policy,
             "expert_bits": expert_bits, "attn_bits": attn_bits, "dtype": dtype, "device": device,
+            "replay": replay,
         })
         model = model or DEMO_MODEL_DIR
+        prompts, gens, note = fit_lengths(prompts, gens, _limits(model, configs))
+        if note:
+            stderr.print(note, style="dim", markup=False)
+        pairs = _pairs(prompts, gens)
         context = max(context_needed(p, n) for p, n in pairs)
         names = _profiles(profile)
         # every profile is chosen (and a bad one refused) before anything loads
@@ -204,6 +244,19 @@ def bench_command(
             print(to_csv(rows), end="")
         else:
             print(markdown(rows))
+
+
+def _limits(model: Path, configs: list[BenchConfig]) -> LengthLimits:
+    """The model's positions and the shortest replayed trace (each trace checked against the model
+    before anything loads)."""
+    config = ModelConfig.from_dir(local_model(model))
+    limits = LengthLimits(config.max_position_embeddings, model_label(str(model)))
+    traces = [c.replay for c in configs if c.replay is not None]
+    for path in dict.fromkeys(traces):
+        tokens = ReplayRouting.from_file(path, config, "cpu").tokens
+        if limits.replay_tokens is None or tokens < limits.replay_tokens:
+            limits = LengthLimits(limits.max_positions, limits.model, tokens, f"the replayed trace {Path(path).name}")
+    return limits
 
 
 def _profiles(text: Optional[str]) -> list[Optional[str]]:

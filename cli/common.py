@@ -209,7 +209,8 @@ def engine_options(profile: Union[None, str, "Profile", ProfileChoice], **flags)
     """``load_engine``'s settings: a profile's plan (a name or path, a Profile, or a choice),
     overridden by every flag the user gave (a flag at its default, None or "auto", counts as not
     given). A flag that replaces a profile setting by another name replaces it whole:
-    --expert-format the profile's expert bits, --vram and --experts-per-layer each other."""
+    --expert-format the profile's expert bits, --vram and --experts-per-layer each other, and
+    --replay a profile's look-ahead policy (lookahead, combined: a trace holds no hidden states)."""
     from offload.profile import Profile, engine_kwargs, load_profile
 
     if isinstance(profile, ProfileChoice):
@@ -232,6 +233,8 @@ def engine_options(profile: Union[None, str, "Profile", ProfileChoice], **flags)
             settings[key] = value
         else:
             settings.setdefault(key, value)
+    if "replay" in given and "policy" not in given and settings.get("policy") in ("lookahead", "combined"):
+        settings["policy"] = "auto"  # a profile's gate look-ahead cannot run on a trace: the replay default
     depth = settings.pop("prefetch_depth", None)
     if depth is not None:  # None: the engine's default
         if depth < 1:
@@ -253,4 +256,6 @@ def load_with_profile(profile: Optional[str], model: Union[str, Path], **flags) 
     engine = load_engine(model, **engine_options(chosen, **flags))
     if chosen.note:
         stderr.print(chosen.note, style="dim", markup=False)
+    for note in engine.notes:  # what the load changed from the plan (e.g. slots fitted to free memory)
+        stderr.print(note, style="dim", markup=False)
     return engine, chosen

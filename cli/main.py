@@ -37,6 +37,8 @@ from cli.convert import convert_command
 from cli.profile import profile_command
 from cli.info import info_command
 from cli.simulate import simulate_command, stats_command
+from cli.synth import synth_command
+from cli.trace import trace_app
 from offload.demo import DEMO_MODEL_DIR
 from offload.engine import Engine, GenerationSettings
 from offload.errors import OffloadError
@@ -58,12 +60,14 @@ def main() -> None:
 
 
 app.command("convert")(convert_command)
+app.command("synth")(synth_command)
 app.command("info")(info_command)
 app.command("simulate")(simulate_command)
 app.command("stats")(stats_command)
 app.command("bench")(bench_command)
 app.command("chat")(chat_command)
 app.command("profile")(profile_command)
+app.add_typer(trace_app, name="trace")
 
 
 @app.command()
@@ -100,6 +104,10 @@ def generate(
     trace: Optional[Path] = typer.Option(
         None, "--trace", help="Write a router trace (experts, gates, predictions, cache outcomes) to this file."
     ),
+    replay: Optional[Path] = typer.Option(
+        None, "--replay", help="Take each layer's experts and gate weights from this router trace (offload-trace "
+        "format, e.g. from --trace or `offload trace convert`) instead of the routers, position by position.",
+    ),
     show_stats: bool = typer.Option(False, "--stats", help="Print per-layer expert cache statistics on stderr."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with ids, text and statistics."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence."),
@@ -120,7 +128,7 @@ def generate(
         engine, chosen = load_with_profile(
             profile, model, device=device, dtype=dtype, context_length=context, vram=vram, ram=ram,
             experts_per_layer=experts_per_layer, policy=policy, prefetch_depth=prefetch_depth,
-            expert_format=expert_format, expert_bits=expert_bits, attn_bits=attn_bits,
+            expert_format=expert_format, expert_bits=expert_bits, attn_bits=attn_bits, replay=replay,
         )
         tokenizer = engine.tokenizer
         if chat:

@@ -16,6 +16,9 @@ Definitions:
   seconds / decode seconds; bytes per token = bytes moved into the device slots (from RAM or
   disk) / decode passes. Summed over the repetitions, then divided.
 - One warm-up request runs first and is not counted: the numbers are for a warm cache.
+- Replay (``BenchConfig.replay``, a router trace): every request takes its routing from the
+  trace, position by position from its start, so the prompt and the decode passes together
+  need max(1, N prompt) + N gen of the trace's tokens (``fit_lengths`` fits the defaults).
 """
 
 from __future__ import annotations
@@ -34,8 +37,11 @@ from offload.experts.cache import CacheStats
 from offload.experts.policy import POLICY_CHOICES
 from offload.plan import parse_bytes
 from offload.quant import BITS_CHOICES
+from offload.trace import ReplayRouting
 
 FIRST_RANDOM_ID = 3  # ids 0, 1, 2 are <unk>, <s>, </s> in Mixtral's tokenizer
+DEFAULT_PROMPT_TOKENS = 512  # pp512
+DEFAULT_GEN_TOKENS = 128  # tg128
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class BenchConfig:
     attn_bits: int | None = None
     dtype: str | None = None
     device: str = "auto"
+    replay: str | None = None  # a router trace whose routing replaces the routers'
 
     def load_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``Engine.load``."""
@@ -97,7 +104,7 @@ def _check(name: str, text: str) -> Any:
     if name == "dtype":
         parse_dtype(text)
         return text
-    if name == "device":
+    if name in ("device", "replay"):
         return text
     raise SettingError(f"unknown benchmark setting {name!r}")
 
@@ -237,6 +244,91 @@ def context_needed(prompt_tokens: int, gen_tokens: int) -> int:
     return max(1, prompt_tokens) + gen_tokens + 1
 
 
+def replay_needed(prompt_tokens: int, gen_tokens: int) -> int:
+    """Trace tokens one request replays: the prompt (at least BOS) and one per decode pass."""
+    return max(1, prompt_tokens) + gen_tokens
+
+
+@dataclass(frozen=True)
+class LengthLimits:
+    """What bounds a benchmark's lengths: the model's positions (``max_position_embeddings``)
+    and, with replay, the shortest trace's tokens; ``model`` and ``trace`` name them in messages."""
+
+    max_positions: int
+    model: str = "the model"
+    replay_tokens: int | None = None
+    trace: str | None = None
+
+    def _context(self, prompt_tokens: int, gen_tokens: int) -> str:
+        return (f"needs a context of {context_needed(prompt_tokens, gen_tokens)}; {self.model} allows "
+                f"{self.max_positions} (max_position_embeddings)")
+
+    def _replay(self, prompt_tokens: int, gen_tokens: int) -> str:
+        needed = replay_needed(prompt_tokens, gen_tokens)
+        return f"replays {needed} trace tokens; {self.trace} holds {self.replay_tokens}"
+
+    def _trace_binds(self, gen_tokens: int) -> bool:
+        """Whether the trace, not the model, sets the longest prompt."""
+        return self.replay_tokens is not None and self.replay_tokens - gen_tokens < self.max_positions - gen_tokens - 1
+
+    def why(self, prompt_tokens: int, gen_tokens: int) -> str | None:
+        """Why (prompt, gen) does not fit, in words; None when it does."""
+        reasons = []
+        if context_needed(prompt_tokens, gen_tokens) > self.max_positions:
+            reasons.append(self._context(prompt_tokens, gen_tokens))
+        if self.replay_tokens is not None and replay_needed(prompt_tokens, gen_tokens) > self.replay_tokens:
+            reasons.append(self._replay(prompt_tokens, gen_tokens))
+        return " and ".join(reasons) or None
+
+    def binding(self, prompt_tokens: int, gen_tokens: int) -> str:
+        """Why (prompt, gen) does not fit, naming only the limit that sets the longest prompt."""
+        if self._trace_binds(gen_tokens):
+            return self._replay(prompt_tokens, gen_tokens)
+        return self._context(prompt_tokens, gen_tokens)
+
+    def largest_prompt(self, gen_tokens: int) -> int:
+        """The longest prompt that fits with ``gen_tokens`` decode passes (< 1: none fits)."""
+        largest = self.max_positions - gen_tokens - 1
+        if self.replay_tokens is not None:
+            largest = min(largest, self.replay_tokens - gen_tokens)
+        return largest
+
+
+def fit_lengths(
+    prompts: Sequence[int] | None, gens: Sequence[int] | None, limits: LengthLimits
+) -> tuple[list[int], list[int], str | None]:
+    """The (-p, -n) lists to run, and a note when a default was changed. None: not given, the
+    default (pp512, tg128). A default -p that does not fit shrinks to the longest prompt that does
+    (the note says so); a length the user gave that does not fit, or a -n that leaves no room for
+    even a one-token prompt, is refused naming the flags (SettingError)."""
+    gen_list = list(gens) if gens is not None else [DEFAULT_GEN_TOKENS]
+    prompt_list = list(prompts) if prompts is not None else [DEFAULT_PROMPT_TOKENS]
+
+    def flags(p: int, n: int) -> str:
+        return (f"-p {p}" + ("" if prompts is not None else " (the default)") + f" -n {n}"
+                + ("" if gens is not None else " (the default)"))
+
+    note = None
+    if prompts is None:
+        worst = max(gen_list)
+        largest = limits.largest_prompt(worst)
+        if largest < 1:
+            raise SettingError(
+                f"-n {worst}{'' if gens is not None else ' (the default)'} leaves no room for a prompt: with a "
+                f"1-token prompt it {limits.binding(1, worst)}; give -n {worst + largest - 1} or less"
+            )
+        if any(limits.why(p, n) for p in prompt_list for n in gen_list):
+            why = limits.binding(DEFAULT_PROMPT_TOKENS, worst)
+            prompt_list = [largest]
+            note = f"-p {largest}: pp{DEFAULT_PROMPT_TOKENS} with -n {worst} {why}; give -p to choose"
+    for p in prompt_list:
+        for n in gen_list:
+            why = limits.why(p, n)
+            if why:
+                raise SettingError(f"{flags(p, n)} {why}: lower -p or -n")
+    return prompt_list, gen_list, note
+
+
 def load(
     model: str | Path,
     config: BenchConfig,
@@ -262,6 +354,12 @@ def measure(
     if needed > engine.context_length:
         raise SettingError(
             f"pp{prompt_tokens} + tg{gen_tokens} needs {needed} positions; the engine holds {engine.context_length}"
+        )
+    routing = engine.model.routing_source
+    if isinstance(routing, ReplayRouting) and replay_needed(prompt_tokens, gen_tokens) > routing.tokens:
+        raise SettingError(
+            f"-p {prompt_tokens} -n {gen_tokens} replay {replay_needed(prompt_tokens, gen_tokens)} trace tokens; "
+            f"{routing.path} holds {routing.tokens}: lower -p or -n"
         )
     vocab = min(engine.config.vocab_size, engine.tokenizer.vocab_size)  # ids the tokenizer can decode too
     ids = bench_prompt(vocab, prompt_tokens, seed, engine.tokenizer.bos_id)
@@ -326,6 +424,6 @@ def run_bench(
 
 
 __all__ = [
-    "BenchConfig", "BenchResult", "CacheSummary", "Measure", "SWEEP_OPTIONS",
-    "bench_prompt", "context_needed", "load", "measure", "run_bench", "sweep",
+    "BenchConfig", "BenchResult", "CacheSummary", "LengthLimits", "Measure", "SWEEP_OPTIONS",
+    "bench_prompt", "context_needed", "fit_lengths", "load", "measure", "replay_needed", "run_bench", "sweep",
 ]

@@ -18,7 +18,7 @@ from offload.device import synchronize
 from offload.errors import SettingError
 from offload.experts.cache import CacheStats
 from offload.sampling import Sampler, SamplingSettings
-from offload.trace import TraceHeader, TraceWriter
+from offload.trace import ReplayRouting, TraceHeader, TraceWriter
 
 if TYPE_CHECKING:
     from offload.engine import Engine
@@ -181,6 +181,10 @@ class Generation:
             raise SettingError(
                 f"prompt of {len(self.prompt_ids)} tokens exceeds the context length {engine.context_length}"
             )
+        routing = getattr(engine.model, "routing_source", None)
+        if isinstance(routing, ReplayRouting):  # --replay: the trace must hold every position run
+            room = engine.context_length - len(self.prompt_ids)
+            routing.check_request(len(self.prompt_ids), min(settings.max_new_tokens, room))
         self._events = self._run()
 
     def __iter__(self) -> Iterator[TokenEvent]:
@@ -198,9 +202,12 @@ class Generation:
         decoder = engine.tokenizer.stream_decoder(self.prompt_ids)
         stopper = StopMatcher(settings.stop)
         eos = frozenset() if settings.ignore_eos else engine.tokenizer.eos_ids
-        history = torch.tensor(self.prompt_ids, dtype=torch.int64)
         room = engine.context_length - len(self.prompt_ids)
         budget = min(settings.max_new_tokens, room)
+        # every id the sampler may look at, allocated once: the prompt, then each new token
+        history = torch.empty(len(self.prompt_ids) + max(0, budget), dtype=torch.int64)
+        history[: len(self.prompt_ids)] = torch.tensor(self.prompt_ids, dtype=torch.int64)
+        seen = len(self.prompt_ids)
         if budget <= 0:
             stats.stop_reason = "length" if settings.max_new_tokens <= room else "context"
             return
@@ -223,10 +230,11 @@ class Generation:
         decode_start = time.perf_counter()
         try:
             while True:
-                token = sampler(logits, history)
+                token = sampler(logits, history[:seen])
                 self.tokens.append(token)
                 stats.generated_tokens += 1
-                history = torch.cat((history, torch.tensor([token])))
+                history[seen] = token
+                seen += 1
                 reason = ""
                 if token in eos:
                     reason, chunk = "eos", decoder.flush()

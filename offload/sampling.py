@@ -51,6 +51,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, history: torch.Tensor) -> int:
         """logits [V] (any device, any dtype), history [N] int64 ids seen so far -> token id."""
         s = self.settings
+        if s.greedy and s.repetition_penalty == 1.0:  # one small device -> host read, not [V] floats
+            return int(torch.argmax(logits))  # the first of equal maxima, as on the CPU copy below
         scores = logits.detach().float().cpu()  # [V]
         if s.repetition_penalty != 1.0 and history.numel():
             seen = history.cpu().unique()

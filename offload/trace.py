@@ -1,15 +1,19 @@
-"""Router traces: record, load, replay; a cache simulator with the Belady bound.
+"""Router traces: record, load, convert, replay; a cache simulator with the Belady bound.
 
 What it is: the engine's compact trace format (a writer and a reader), readers for the shared
-research traces of real Mixtral-8x7B routing, and ``simulate``, which replays a trace through
-per-layer caches of k experts under a policy (LRU, LFU, Belady's offline optimum, or a
-prefetching policy from ``offload.experts.predict``) and counts hits, loads and prefetch
-precision. What it is not: the engine's cache (no bytes move here) or a predictor.
+research traces of real Mixtral-8x7B routing, ``convert_trace`` (a shared trace -> the engine's
+format, layers that line up only), ``ReplayRouting`` (an engine trace as the model's routing,
+``--replay``), and ``simulate``, which replays a trace through per-layer caches of k experts
+under a policy (LRU, LFU, Belady's offline optimum, or a prefetching policy from
+``offload.experts.predict``) and counts hits, loads and prefetch precision. What it is not: the
+engine's cache (no bytes move here) or a predictor.
 
 The engine's format, JSON Lines (one object per line; weights rounded to 4 decimals)::
 
     {"format": "offload-trace", "version": 1, "model": str, "num_layers": N, "num_experts": E,
-     "top_k": K, "experts_per_layer": int | null, "policy": str | null}        <- the header
+     "top_k": K, "experts_per_layer": int | null, "policy": str | null,
+     "source": str | null, "source_layers": [int] | null, "source_sequences": [str] | null}
+                                                                           <- the header
     {"t": 0, "phase": "prefill" | "decode",
      "experts":   [[K expert ids] per layer],
      "weights":   [[K gate weights] per layer],
@@ -17,7 +21,9 @@ The engine's format, JSON Lines (one object per line; weights rounded to 4 decim
      "outcome":   [["hit" | "prefetched" | "late" | "miss" per chosen expert] per layer]}
                                                                            (outcome may be absent)
 
-One file is one token sequence: the simulator starts it with empty caches.
+One file is one token sequence: the simulator starts it with empty caches. The ``source*``
+fields (optional; absent or null in a recording) say what a converted file came from: the source
+file, which of its layers became layers 0, 1, ... here, and which of its sequences, in order.
 
 The shared traces (``../shared/traces/README.md``) come in two shapes, both read here:
 - the decode JSONL, one record per (problem, layer, step). Its recorder dropped steps whose two
@@ -31,7 +37,11 @@ The shared traces (``../shared/traces/README.md``) come in two shapes, both read
 Simulation rules (those of the shared README): each sequence starts with empty caches; a step
 asks for its K experts of a layer together, and none of them may evict another; a layer with no
 record at a step asks for nothing. Decode steps only unless prefill is asked for (prefill is then
-replayed token by token, which the engine's expert-major prefill does not do).
+replayed token by token, which the engine's expert-major prefill does not do). A request's
+experts are served in ascending id, as the engine's MoE block asks its cache for them.
+
+Replay (``ReplayRouting``): sequence position p takes the trace's token p, in file order,
+whatever phase it was recorded in, so a prompt of P tokens consumes tokens 0..P-1.
 """
 
 from __future__ import annotations
@@ -42,9 +52,14 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
-from offload.errors import OffloadError
+from offload.errors import OffloadError, SettingError
+
+if TYPE_CHECKING:
+    import torch
+
+    from offload.config import ModelConfig
 
 FORMAT = "offload-trace"
 VERSION = 1
@@ -72,9 +87,16 @@ class TraceHeader:
     top_k: int
     experts_per_layer: int | None = None  # the engine's slots per layer when it recorded
     policy: str | None = None  # the engine's policy when it recorded
+    source: str | None = None  # a converted trace: the file it came from
+    source_layers: tuple[int, ...] | None = None  # ... the source layer of each layer here
+    source_sequences: tuple[str, ...] | None = None  # ... the source sequences, concatenated in order
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "version": VERSION, **asdict(self)}
+        out = {"format": FORMAT, "version": VERSION, **asdict(self)}
+        for key in ("source_layers", "source_sequences"):
+            if out[key] is not None:
+                out[key] = list(out[key])
+        return out
 
 
 @dataclass
@@ -96,6 +118,7 @@ class TokenSequence:
     name: str
     steps: list[Step]
     aligned_layers: frozenset[int]  # layers whose entry at step i is really token i's
+    problem: int | None = None  # the shared traces' problem id, when it has one
 
     def layer_requests(self, layer: int, phases: Iterable[str] = ("decode",)) -> list[Experts]:
         keep = set(phases)
@@ -145,6 +168,9 @@ class TraceWriter:
         self.path = Path(path)
         if not isinstance(header, TraceHeader):
             fields = {k: v for k, v in header.items() if k not in ("format", "version")}
+            for key in ("source_layers", "source_sequences"):
+                if fields.get(key) is not None:
+                    fields[key] = tuple(fields[key])
             header = TraceHeader(**fields)
         self.header = header
         try:
@@ -314,7 +340,28 @@ def _parse_header(where: _Where, obj: dict) -> TraceHeader:
     policy = obj.get("policy")
     if policy is not None and not isinstance(policy, str):
         raise where.error(1, "header: \"policy\" must be a string or null")
-    return TraceHeader(obj["model"], obj["num_layers"], obj["num_experts"], obj["top_k"], slots, policy)
+    source = obj.get("source")  # the optional fields of a converted trace
+    if source is not None and not isinstance(source, str):
+        raise where.error(1, "header: \"source\" must be a string or null")
+    layers = obj.get("source_layers")
+    if layers is not None:
+        if (
+            not isinstance(layers, list)
+            or len(layers) != obj["num_layers"]
+            or not all(_is_int(x) and x >= 0 for x in layers)
+        ):
+            raise where.error(
+                1, f"header: \"source_layers\" must be a list of {obj['num_layers']} layer numbers or null"
+            )
+        layers = tuple(layers)
+    names = obj.get("source_sequences")
+    if names is not None:
+        if not isinstance(names, list) or not all(isinstance(x, str) for x in names):
+            raise where.error(1, "header: \"source_sequences\" must be a list of names or null")
+        names = tuple(names)
+    return TraceHeader(
+        obj["model"], obj["num_layers"], obj["num_experts"], obj["top_k"], slots, policy, source, layers, names
+    )
 
 
 def _json_lines(where: _Where, lines: list[str]):
@@ -438,7 +485,7 @@ def _load_decode_jsonl(where: _Where, lines: list[str]) -> Trace:
                 experts.append(records[i][1] if i < len(records) else None)
                 weights.append(records[i][2] if i < len(records) else None)
             steps.append(Step(i, "decode", experts, weights))
-        sequences.append(TokenSequence(f"problem {pid}", steps, aligned))
+        sequences.append(TokenSequence(f"problem {pid}", steps, aligned, pid))
     assert top_k is not None
     header = TraceHeader(f"shared decode trace ({where.path.name})", num_layers, num_experts, top_k)
     return Trace(where.path, "jsonl", header, sequences)
@@ -476,8 +523,181 @@ def _load_aligned_json(where: _Where, obj: dict) -> Trace:
                 experts.append(e)
                 weights.append(w)
             steps.append(Step(len(steps), phase, experts, weights))
-    name = f"problem {obj['problem_id']}" if "problem_id" in obj else where.path.stem
-    return Trace(where.path, "aligned-json", header, [TokenSequence(name, steps, frozenset(range(header.num_layers)))])
+    problem = obj.get("problem_id") if _is_int(obj.get("problem_id")) else None
+    name = f"problem {problem}" if problem is not None else where.path.stem
+    sequence = TokenSequence(name, steps, frozenset(range(header.num_layers)), problem)
+    return Trace(where.path, "aligned-json", header, [sequence])
+
+
+# ---- converting the shared traces ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Converted:
+    """What ``convert_trace`` wrote: one token sequence in the engine's format."""
+
+    path: Path
+    tokens: int
+    source_layers: tuple[int, ...]  # the source layer of output layer 0, 1, ...
+    source_num_layers: int
+    sequences: tuple[str, ...]  # the source sequences, concatenated in this order
+
+    @property
+    def concatenated(self) -> bool:
+        return len(self.sequences) > 1
+
+
+def complete_layers(sequence: TokenSequence) -> list[int]:
+    """The layers of ``sequence`` that line up across layers and have a record at every step."""
+    return [
+        layer
+        for layer in sorted(sequence.aligned_layers)
+        if all(step.experts[layer] is not None for step in sequence.steps)
+    ]
+
+
+def convert_trace(
+    src: str | os.PathLike, out: str | os.PathLike, *, problem: int | None = None, force: bool = False
+) -> Converted:
+    """Write the shared trace ``src`` (the decode JSONL or the aligned JSON) to ``out`` in the
+    engine's format, one token sequence: the problem ``problem``, or, when None, every problem
+    of ``src`` concatenated in order. Only layers that line up at every kept step are written
+    (``complete_layers``; with several problems, those complete in all of them): output layer j
+    is the j-th such source layer, and the header names them (``source_layers``). An existing
+    ``out`` is refused unless ``force``; the file appears whole or not at all (``TraceWriter``)."""
+    src, out = Path(src), Path(out)
+    trace = load_trace(src)
+    if trace.source == "offload":
+        raise OffloadError(f"{src}: already in the engine's trace format; nothing to convert")
+    sequences = trace.sequences
+    if problem is not None:
+        sequences = [s for s in trace.sequences if s.problem == problem]
+        if not sequences:
+            held = ", ".join(str(s.problem) for s in trace.sequences if s.problem is not None) or "none"
+            raise SettingError(f"--problem {problem}: {src} holds no such problem (problems: {held})")
+    sequences = [s for s in sequences if s.steps]
+    if not sequences:
+        raise OffloadError(f"{src}: no tokens to convert")
+    kept = set(range(trace.num_layers))
+    for seq in sequences:
+        kept &= set(complete_layers(seq))
+    layers = sorted(kept)
+    if not layers:
+        names = ", ".join(s.name for s in sequences)
+        hint = "; convert one problem at a time with --problem ID" if len(sequences) > 1 else ""
+        raise OffloadError(f"{src}: no layer has a record at every step of {names}{hint}")
+    if out.is_dir():
+        raise OffloadError(f"{out}: is a folder, expected a trace file name")
+    if out.exists() and not force:
+        raise OffloadError(f"{out}: already exists; give --force to replace it")
+    if out.resolve() == src.resolve():
+        raise OffloadError(f"{out}: is the source trace itself; write the conversion elsewhere")
+    header = TraceHeader(
+        trace.header.model, len(layers), trace.num_experts, trace.top_k,
+        source=str(src), source_layers=tuple(layers), source_sequences=tuple(s.name for s in sequences),
+    )
+    t = 0
+    with TraceWriter(out, header) as writer:
+        for seq in sequences:
+            for step in seq.steps:
+                writer.write_token(
+                    t, step.phase, [step.experts[layer] for layer in layers], [step.weights[layer] for layer in layers]
+                )
+                t += 1
+    return Converted(out, t, tuple(layers), trace.num_layers, tuple(s.name for s in sequences))
+
+
+# ---- replay: a trace as the model's routing ------------------------------------------------
+
+
+class ReplayRouting:
+    """The experts and gate weights of an engine trace as the model's routing (``--replay``):
+    ``MixtralModel.routing_source``. Sequence position p takes the trace's token p (file order,
+    whatever phase it was recorded in), layer l the trace's layer l (a trace of more layers than
+    the model gives its first ones). Gate weights, rounded to 4 decimals in the file, are
+    renormalised per token to sum to 1 in fp32.
+
+    The whole trace is on the device from the start, layer-major, so ``route`` only slices."""
+
+    def __init__(self, path: str | os.PathLike, experts: torch.Tensor, weights: torch.Tensor):
+        self.path = Path(path)
+        self.experts = experts  # [L, N, K] int64
+        self.weights = weights  # [L, N, K] fp32, rows sum to 1
+        self.tokens = int(experts.shape[1])
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, config: ModelConfig, device: torch.device | str) -> ReplayRouting:
+        """Read an engine trace and check it against the model (``config``) in one line each:
+        at least the model's layers, its expert count and its top-k."""
+        return cls.from_trace(load_trace(path), config, device)
+
+    @classmethod
+    def from_trace(cls, trace: Trace, config: ModelConfig, device: torch.device | str) -> ReplayRouting:
+        import torch
+
+        path = trace.path
+        if trace.source != "offload":
+            raise OffloadError(
+                f"{path}: --replay reads the engine's trace format; convert this shared trace first: "
+                f"offload trace convert {path} OUT"
+            )
+        L, E, K = config.num_hidden_layers, config.num_local_experts, config.num_experts_per_tok
+        h = trace.header
+        problems = []
+        if h.num_layers < L:
+            problems.append(f"{h.num_layers} layers, fewer than the model's {L}")
+        if h.num_experts != E:
+            problems.append(f"{h.num_experts} experts per layer, the model has {E}")
+        if h.top_k != K:
+            problems.append(f"top-{h.top_k} routing, the model routes top-{K}")
+        if problems:
+            raise SettingError(f"{path}: cannot replay on this model: the trace has {'; '.join(problems)}")
+        steps = [step for seq in trace.sequences for step in seq.steps]
+        if not steps:
+            raise SettingError(f"{path}: the trace holds no tokens to replay")
+        for i, step in enumerate(steps):
+            if step.t != i:
+                raise SettingError(f"{path}: token {i} of the file says t={step.t}; expected 0, 1, 2, ... in order")
+        experts = torch.tensor([[step.experts[layer] for step in steps] for layer in range(L)], dtype=torch.int64)
+        weights = torch.tensor([[step.weights[layer] for step in steps] for layer in range(L)], dtype=torch.float32)
+        # experts, weights [L, N, K]
+        sums = weights.sum(dim=-1, keepdim=True)  # [L, N, 1]
+        bad = (weights < 0).any(dim=-1, keepdim=True) | ~(sums > 0)
+        if bad.any():
+            layer, token, _ = (int(x) for x in bad.nonzero()[0])
+            raise SettingError(
+                f"{path}: token {token} layer {layer}: gate weights must be >= 0 with a positive sum, "
+                f"got {steps[token].weights[layer]}"
+            )
+        weights = weights / sums
+        return cls(path, experts.to(device), weights.to(device))
+
+    def route(self, layer: int, start: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Experts [T, K] int64 and weights [T, K] fp32 of positions start .. start+T-1 (views)."""
+        end = start + tokens
+        if end > self.tokens:
+            raise OffloadError(
+                f"{self.path}: the replayed trace holds {self.tokens} tokens (positions 0..{self.tokens - 1}); "
+                f"position {end - 1} asked for"
+            )
+        return self.experts[layer, start:end], self.weights[layer, start:end]
+
+    def check_request(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Refuse, before anything runs, a request whose positions the trace does not hold: a
+        prompt of P tokens and N new tokens take P + N - 1 positions (the last token is not run)."""
+        needed = prompt_tokens + max_new_tokens - 1 if max_new_tokens > 0 else 0
+        if needed <= self.tokens:
+            return
+        if prompt_tokens > self.tokens:
+            raise SettingError(
+                f"--replay {self.path}: the trace holds {self.tokens} tokens and the prompt alone takes "
+                f"{prompt_tokens}; shorten the prompt"
+            )
+        raise SettingError(
+            f"--replay {self.path}: the trace holds {self.tokens} tokens; a {prompt_tokens}-token prompt and "
+            f"{max_new_tokens} new tokens need {needed}: lower -n/--max-tokens to {self.tokens - prompt_tokens + 1} "
+            "or less"
+        )
 
 
 # ---- the simulator -------------------------------------------------------------------------
@@ -625,10 +845,11 @@ def _simulate_belady(trace: Trace, k: int, phases: Sequence[str]) -> SimResult:
 
 def _serve(resident: set[int], request: Sequence[int], k: int, layer: int, policy) -> int:
     """One layer's request against a cache of ``k`` experts, as ``ExpertCache.get`` serves it:
-    each expert in turn is used, then a hit or a load; a load into a full cache evicts the
-    policy's victim among the experts this request does not ask for. Returns the hits."""
+    the experts in ascending id (the engine's MoE block asks for them so, whatever the router's
+    order), each in turn used, then a hit or a load; a load into a full cache evicts the policy's
+    victim among the experts this request does not ask for. Returns the hits."""
     hits = 0
-    for expert in request:
+    for expert in sorted(request):
         policy.use(layer, expert)
         if expert in resident:
             hits += 1

@@ -14,8 +14,19 @@ import typer
 from typer.testing import CliRunner
 
 from cli.bench import FIELDS, bench_command
-from offload.bench import BenchConfig, bench_prompt, run_bench, sweep
+from offload.bench import (
+    BenchConfig,
+    LengthLimits,
+    bench_prompt,
+    context_needed,
+    fit_lengths,
+    load,
+    measure,
+    run_bench,
+    sweep,
+)
 from offload.errors import SettingError
+from offload.trace import TraceHeader, TraceWriter
 from tests.model_builder import WINDOWED
 
 runner = CliRunner()
@@ -170,3 +181,90 @@ def test_the_profile_column(model_dirs, tmp_path):
     table = list(csv.DictReader(io.StringIO(auto.stdout)))
     assert all(r["profile"].endswith(" (auto)") for r in table) and len(table) == 2
     assert "profile " in auto.stderr and "(auto: best shipped profile" in auto.stderr
+
+
+# ---- lengths that fit the model (and a replayed trace) -------------------------------------
+
+
+def test_fit_lengths_shrinks_only_the_default_prompt():
+    # the demo model's 2048 positions hold pp512 + tg128 (512 + 128 + 1 = 641): unchanged
+    assert fit_lengths(None, None, LengthLimits(2048)) == ([512], [128], None)
+    # 512 positions: the longest prompt with 128 decode passes is 512 - 128 - 1 = 383
+    prompts, gens, note = fit_lengths(None, None, LengthLimits(512, "tiny"))
+    assert (prompts, gens) == ([383], [128])
+    assert note == "-p 383: pp512 with -n 128 needs a context of 641; tiny allows 512 (max_position_embeddings); " \
+        "give -p to choose"
+    # a trace of 83 tokens: prompt + decode passes <= 83, so -n 16 leaves 67 for the prompt
+    limits = LengthLimits(2048, "demo", 83, "the replayed trace p0.jsonl")
+    prompts, gens, note = fit_lengths(None, [16, 8], limits)
+    assert (prompts, gens) == ([67], [16, 8]) and "p0.jsonl holds 83" in note
+    assert fit_lengths(None, [82], limits)[:2] == ([1], [82])
+    with pytest.raises(SettingError, match=r"^-n 128 \(the default\) leaves no room for a prompt: .* replays 129 "
+                                           r"trace tokens; the replayed trace p0.jsonl holds 83; give -n 82 or less$"):
+        fit_lengths(None, None, limits)
+    with pytest.raises(SettingError, match=r"^-p 68 -n 16 replays 84 trace tokens; .* holds 83: lower -p or -n$"):
+        fit_lengths([68], [16], limits)
+    with pytest.raises(SettingError, match=r"^-p 400 -n 128 \(the default\) needs a context of 529; tiny allows 512"):
+        fit_lengths([400], None, LengthLimits(512, "tiny"))
+    assert fit_lengths([0, 16], [0, 4], LengthLimits(24)) == ([0, 16], [0, 4], None)  # 16 + 4 + 1 <= 24
+
+
+def test_the_default_lengths_fit_a_512_position_model(model_dirs):
+    d = str(model_dirs[WINDOWED.name])  # max_position_embeddings 512: pp512 + tg128 would need 641
+    result = run(d, "-r", "1", "--dtype", "float32", "--experts-per-layer", "4", "-o", "json")
+    assert result.exit_code == 0, result.output
+    assert [(r["test"], r["n_prompt"], r["n_gen"]) for r in json.loads(result.stdout)] == [
+        ("pp383", 383, 128), ("tg128", 383, 128),
+    ]
+    note = result.stderr.splitlines()[0]
+    assert note.startswith("-p 383: pp512 with -n 128 needs a context of 641; windowed allows 512")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-p", "512", "-n", "8"], "-p 512 -n 8 needs a context of 521; windowed allows 512 (max_position_embeddings)"),
+        (["-p", "16,400"], "-p 400 -n 128 (the default) needs a context of 529"),
+        (["-n", "600"], "-n 600 leaves no room for a prompt"),
+    ],
+)
+def test_lengths_given_that_do_not_fit_are_refused(model_dirs, args, message):
+    result = run(str(model_dirs[WINDOWED.name]), "-r", "1", *args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def write_replay_trace(path: Path, tokens: int, layers: int = 3) -> Path:
+    with TraceWriter(path, TraceHeader("t", layers, 8, 2)) as w:
+        for t in range(tokens):
+            w.write_token(t, "decode", [[t % 8, (t + 3) % 8]] * layers, [[0.75, 0.25]] * layers)
+    return path
+
+
+def test_bench_with_replay(model_dirs, tmp_path):
+    d = str(model_dirs[WINDOWED.name])
+    trace = write_replay_trace(tmp_path / "twenty.jsonl", 20)
+    common = ["--replay", str(trace), "-n", "4", "-r", "1", "--dtype", "float32", "--experts-per-layer", "3"]
+    result = run(d, *common, "-o", "json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    # the prompt and the decode passes replay the trace: -p shrinks to 20 - 4 = 16
+    assert [(r["test"], r["replay"], r["policy_used"]) for r in rows] == [
+        ("pp16", str(trace), "history"), ("tg4", str(trace), "history"),
+    ]
+    assert "-p 16: pp512 with -n 4 replays 516 trace tokens; the replayed trace twenty.jsonl holds 20" in result.stderr
+    md = run(d, *common)
+    assert md.exit_code == 0, md.output
+    lines = md.stdout.strip().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert "replay" in header
+    assert [line.strip("|").split("|")[header.index("replay")].strip() for line in lines[2:]] == ["twenty.jsonl"] * 2
+    too_long = run(d, *common, "-p", "17")
+    assert too_long.exit_code == 2 and "-p 17 -n 4 replays 21 trace tokens" in too_long.stderr
+    short = write_replay_trace(tmp_path / "short.jsonl", 20, layers=2)
+    refused = run(d, "--replay", str(short), "-n", "4")
+    assert refused.exit_code == 2 and "2 layers, fewer than the model's 3" in refused.stderr
+    engine = load(d, BenchConfig(replay=str(trace), dtype="float32"), context_needed(16, 8))
+    with pytest.raises(SettingError, match=r"-p 16 -n 8 replay 24 trace tokens; .*twenty.jsonl holds 20"):
+        measure(engine, BenchConfig(replay=str(trace)), 16, 8, 1)

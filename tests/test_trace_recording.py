@@ -56,3 +56,24 @@ def test_a_failed_prefill_leaves_no_trace(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="device lost"):
         engine.generate(ids, GenerationSettings(max_new_tokens=2, trace=path)).run()
     assert not list(tmp_path.iterdir())  # neither the trace nor its temporary file
+
+
+def test_a_recorded_trace_replays_its_own_routing(tmp_path):
+    """--trace then --replay: the replaying engine routes every position as the recording did
+    (experts exactly; gate weights as recorded, 4 decimals, renormalised), prompt included."""
+    engine = Engine.load(DEMO_MODEL_DIR, device="cpu", dtype="float32", experts_per_layer=3, policy="lru")
+    ids = engine.tokenizer.encode("To open a file for reading, use", bos=True)
+    first = tmp_path / "first.jsonl"
+    engine.generate(ids, GenerationSettings(max_new_tokens=20, ignore_eos=True, trace=first)).run()
+    replaying = Engine.load(DEMO_MODEL_DIR, device="cpu", dtype="float32", experts_per_layer=3, replay=first)
+    assert replaying.policy == "history"  # auto under replay: no gate look-ahead
+    second = tmp_path / "second.jsonl"
+    other = engine.tokenizer.encode("A list comprehension", bos=True)[: len(ids)]  # other text, same routing
+    other += [5] * (len(ids) - len(other))
+    replaying.generate(other, GenerationSettings(max_new_tokens=20, ignore_eos=True, trace=second)).run()
+    a, b = (load_trace(p).sequences[0].steps for p in (first, second))
+    assert len(a) == len(b) == len(ids) + 19
+    for x, y in zip(a, b):
+        assert x.experts == y.experts and x.phase == y.phase
+        for wx, wy in zip(x.weights, y.weights):
+            assert wy == pytest.approx([w / sum(wx) for w in wx], abs=1e-4)
