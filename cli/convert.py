@@ -1,6 +1,7 @@
 """`offload convert HF_DIR OUT_DIR`: write the offload pack of a Hugging Face checkpoint.
 
-Argument parsing and rich output only; the conversion itself is ``offload.pack.convert``.
+Argument parsing and rich output only; the conversion itself is ``offload.pack.convert``
+(experts and attention quantized on request, for the device ``--for`` names).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from typing import Optional
 import typer
 
 from cli.common import progress_bar, stderr, user_errors
+from cli.synth import BITS, FOR_OPTION_HELP
 from offload.engine import DTYPES, parse_dtype
-from offload.pack import EXPERTS_FILE, Pack, convert
+from offload.pack import EXPERTS_FILE, TARGETS, Pack, convert
 from offload.plan import format_bytes
 from offload.quant import FORMATS
 
@@ -31,24 +33,35 @@ def convert_command(
         "--expert-format",
         help=f"Store experts quantized: {'|'.join(FORMATS)} (default: the pack's dtype, unquantized).",
     ),
+    expert_bits: Optional[int] = typer.Option(
+        None, "--expert-bits", help=f"Experts in {BITS} bits (4 nf4, 8 int8, 16 unquantized), instead of --expert-format."
+    ),
+    attn_bits: Optional[int] = typer.Option(
+        None, "--attn-bits", help=f"Attention projections in {BITS} bits, stored quantized (default 16)."
+    ),
+    target: str = typer.Option("auto", "--for", help=f"{'|'.join(TARGETS)}. {FOR_OPTION_HELP}"),
     force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it is already a pack."),
 ) -> None:
     """Convert a checkpoint into an offload pack: each expert one aligned record, read in one go."""
     with user_errors():
-        target = parse_dtype(dtype) if dtype is not None else None
+        pack_dtype = parse_dtype(dtype) if dtype is not None else None
         start = time.perf_counter()
         try:
             with progress_bar("converting", src.name) as progress:
-                convert(src, out, dtype=target, expert_format=expert_format, force=force, progress=progress)
+                convert(
+                    src, out, dtype=pack_dtype, expert_format=expert_format, expert_bits=expert_bits,
+                    attn_bits=attn_bits, target=target, force=force, progress=progress,
+                )
         except KeyboardInterrupt:
             stderr.print(f"interrupted: {out} left as it was", style="bold red")
             raise typer.Exit(130) from None
         seconds = time.perf_counter() - start
         with Pack(out) as pack:  # opens what was written: the summary describes a valid pack
             experts = len(pack.manifest["experts"])
-            dtype_name = pack.manifest["weight_format"]["experts"]
+            fmt, attention = pack.layout.fmt.name, pack.attn_format
         total = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+        attn = f", attention {attention.name}" if attention.kind != "plain" else ""
         print(
-            f"wrote {out}: {experts} experts ({dtype_name}, {format_bytes((out / EXPERTS_FILE).stat().st_size)}), "
+            f"wrote {out}: {experts} experts ({fmt}, {format_bytes((out / EXPERTS_FILE).stat().st_size)}){attn}, "
             f"{format_bytes(total)} in all, {seconds:.1f} s"
         )

@@ -1,9 +1,12 @@
 """Loading a model's weights onto a device: formats, dense weights, resident experts.
 
 What it is: the steps of ``Engine.load`` that read weights: which dtype and weight formats a
-load uses (``weight_formats``), the dense weights (attention projections quantized on request),
-every expert on the device for the all-resident reference, and how much RAM a default host
-tier may take. What it is not: the expert cache (offload.experts) or generation (generation.py).
+load uses (``weight_formats``: a pack fixes its experts' and quantized attention's formats, and
+flags that disagree are refused), the dense weights (attention projections quantized on request,
+or taken as a pack stores them), every expert on the device for the all-resident reference, and
+how much RAM a default host tier may take. Quantization runs on the compute device, one tensor
+at a time: the checkpoint's tensor is moved there and quantized there. What it is not: the
+expert cache (offload.experts) or generation (generation.py).
 """
 
 from __future__ import annotations
@@ -57,6 +60,45 @@ class ResidentExperts:
         return [self.experts[layer][e] for e in experts]
 
 
+def _bits_agree(bits: int, fmt: WeightFormat) -> bool:
+    """Whether ``--expert-bits`` / ``--attn-bits`` ``bits`` describes a stored format: 16 any
+    unquantized one, 8 int8, 4 every 4-bit format (nf4, fp4, double-quantized, CPU layout)."""
+    if bits == 16:
+        return fmt.kind == "plain"
+    return fmt.kind != "plain" and fmt.bits == bits
+
+
+def _refuse_cpu_layout_on_cuda(pack: Pack, device: torch.device) -> None:
+    """A pack whose 4-bit weights are in bitsandbytes' fused CPU kernel's layout cannot run on
+    CUDA (no CUDA kernel reads it): one line saying which format, why, and the command that
+    writes a CUDA pack. Decided from the device's type alone, before anything touches CUDA."""
+    if device.type != "cuda":
+        return
+    experts, attention = pack.layout.fmt, pack.attn_format
+    held = [f"{fmt.name} {what}" for what, fmt in (("experts", experts), ("attention", attention))
+            if fmt.kind == "4bit-cpu"]
+    if not held:
+        return
+    flags = []  # the same widths, in the portable layout CUDA reads
+    if experts.kind == "4bit-cpu":
+        flags.append("--expert-bits 4" if experts.quant_type == "nf4" else f"--expert-format {experts.quant_type}")
+    elif experts.kind != "plain":
+        flags.append(f"--expert-format {experts.name}")
+    if attention.kind != "plain":
+        flags.append(f"--attn-bits {attention.bits}")
+    flags.append("--for cuda")
+    synthetic = pack.synthetic or {}
+    if synthetic.get("preset"):
+        command = (f"`offload synth {synthetic['preset']} OUT_DIR --layers {synthetic.get('layers')} "
+                   f"--seed {synthetic.get('seed')} {' '.join(flags)}`")
+    else:
+        command = f"`offload convert HF_DIR OUT_DIR {' '.join(flags)}`"
+    raise SettingError(
+        f"--device {device}: {pack.path} holds {' and '.join(held)} in the layout of bitsandbytes' fused "
+        f"CPU kernel, which CUDA cannot run; write a CUDA pack with {command}"
+    )
+
+
 def weight_formats(
     source: Checkpoint | Pack,
     device: torch.device,
@@ -67,16 +109,29 @@ def weight_formats(
 ) -> tuple[torch.dtype, RecordLayout, WeightFormat | None]:
     """(compute dtype, expert record layout, attention format or None) for a load.
 
-    A pack fixes its experts' format, and for unquantized packs the compute dtype too; a
-    checkpoint takes ``expert_format`` or ``expert_bits``, else unquantized in the compute dtype.
+    A pack fixes its experts' format, and for unquantized packs the compute dtype too; an
+    ``expert_format`` or ``expert_bits`` that disagrees is refused, naming the pack and the
+    flag. A pack with quantized attention fixes that too (returned, to be taken as stored), and
+    an ``attn_bits`` that disagrees is refused; a pack with 16-bit attention is quantized on
+    load like a checkpoint when ``attn_bits`` asks. A pack in a CPU-only layout is refused on
+    CUDA. A checkpoint takes ``expert_format`` or ``expert_bits``, else unquantized in the
+    compute dtype.
     """
     config = source.config
+    shapes = tuple(attention_shapes(config).values())
     if isinstance(source, Pack):
+        _refuse_cpu_layout_on_cuda(source, device)
         layout = source.layout
         if expert_format is not None and expert_format != layout.fmt:
             raise SettingError(
                 f"--expert-format {expert_format.name}: {source.path} holds {layout.fmt.name} experts; "
                 f"convert the checkpoint again with --expert-format {expert_format.name}"
+            )
+        if expert_bits is not None and not _bits_agree(expert_bits, layout.fmt):
+            format_for_bits(expert_bits, torch.bfloat16, device.type, setting="--expert-bits")  # refuses bad bits
+            raise SettingError(
+                f"--expert-bits {expert_bits}: {source.path} holds {layout.fmt.name} experts; run without "
+                f"--expert-bits or convert the checkpoint again with --expert-bits {expert_bits}"
             )
         dtype = dtype or (layout.dtype if layout.plain else parse_dtype(DEFAULT_DTYPE))
         if layout.plain and dtype != layout.dtype:
@@ -85,6 +140,15 @@ def weight_formats(
                 f"{str(layout.dtype).removeprefix('torch.')} experts; run with that dtype "
                 f"or convert the checkpoint again with --dtype"
             )
+        stored = source.attn_format
+        if stored.kind != "plain":
+            if attn_bits is not None and not _bits_agree(attn_bits, stored):
+                format_for_bits(attn_bits, dtype, device.type, setting="--attn-bits")  # refuses bad bits
+                raise SettingError(
+                    f"--attn-bits {attn_bits}: {source.path} holds {stored.name} attention; run without "
+                    f"--attn-bits or convert the checkpoint again with --attn-bits {attn_bits}"
+                )
+            return dtype, layout, stored
     else:
         dtype = dtype or parse_dtype(DEFAULT_DTYPE)
         if expert_bits is not None:
@@ -93,7 +157,6 @@ def weight_formats(
         layout = RecordLayout.for_config(config, expert_format or dtype)
     attn_format = None
     if attn_bits is not None and attn_bits != 16:
-        shapes = tuple(attention_shapes(config).values())
         attn_format = format_for_bits(attn_bits, dtype, device.type, shapes, "--attn-bits")
     return dtype, layout, attn_format
 
@@ -118,18 +181,20 @@ def load_dense(
     progress: ProgressFn | None,
 ) -> DenseWeights:
     """Every non-expert weight on the device, in the compute dtype; the attention projections
-    quantized to ``attn_format`` when one is given."""
+    quantized to ``attn_format`` when one is given, on the device (the stored tensor is moved
+    there first), or, from a pack that stores them quantized, moved there as they are."""
     c = source.config
     total = 2 + c.num_hidden_layers + (0 if c.tie_word_embeddings else 1)
 
     def place(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device, dtype=dtype)
 
-    def place_attention(t: torch.Tensor) -> Matrix:
+    def place_attention(t: Matrix) -> Matrix:
+        if isinstance(t, QuantizedMatrix):  # a pack's quantized attention: its tensors, moved
+            return from_tensors(t.tensors, t.shape, t.fmt, device)
         if attn_format is None:
             return place(t)
-        quantized = quantize(t, attn_format)
-        return from_tensors(quantized.tensors, quantized.shape, quantized.fmt, device)
+        return quantize(t.to(device), attn_format)  # the stored tensor, quantized on the device
 
     def tick(done: int, what: str) -> None:
         if progress is not None:
@@ -157,7 +222,8 @@ def load_resident_experts(
     progress: ProgressFn | None,
 ) -> ResidentExperts:
     """Every expert on the device, in the layout's format: the all-resident reference. Quantized
-    experts are made exactly as the cache's records are (same input, same quantizer)."""
+    experts are made exactly as the cache's records are (same input, same quantizer, on the
+    device: ``CheckpointRecords`` given the same device), one matrix at a time."""
     c = source.config
 
     def place(w: Matrix) -> Matrix:
@@ -165,8 +231,7 @@ def load_resident_experts(
             return from_tensors(w.tensors, w.shape, w.fmt, device)
         if layout.plain:
             return w.to(device=device, dtype=dtype)
-        quantized = quantize(w, layout.fmt)  # the checkpoint's own tensor, as CheckpointRecords does
-        return from_tensors(quantized.tensors, quantized.shape, quantized.fmt, device)
+        return quantize(w.to(device), layout.fmt)  # the checkpoint's own tensor, quantized on the device
 
     total = c.num_hidden_layers * c.num_local_experts
     experts: list[list[ExpertWeights]] = []

@@ -3,7 +3,8 @@
 What it is: the formats by name ("bf16", "fp16", "fp32" plain; "int8" row-wise absmax; "nf4",
 "nf4-dq", "fp4", "fp4-dq" 4-bit in blocks of 64, "-dq" with bitsandbytes' double quantization
 of the block scales; "nf4-cpu", "fp4-cpu" the same codes in the layout of bitsandbytes' fused
-CPU kernel), quantization through bitsandbytes, and a fixed tensor layout per (shape, format):
+CPU kernel), quantization on the weight's device (int8 in plain torch, bit-identical to
+bitsandbytes' own; 4-bit through bitsandbytes), and a fixed tensor layout per (shape, format):
 ``tensor_specs`` names every tensor a quantized matrix has, with its dtype and shape, without
 quantizing anything. So one expert record layout serves every expert, and ``from_tensors``
 rebuilds a matrix from views into a record's bytes (``views``) without copying them. ``linear``
@@ -270,11 +271,34 @@ def _bnb():
     return functional
 
 
+def int8_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise absmax int8 of weight [Out, In] (bf16, fp16 or fp32) on its own device, in plain
+    torch: (data [Out, In] int8, row_absmax [Out] fp32), data = round(w * (127 / row_absmax)).
+
+    The arithmetic of bitsandbytes' ``int8_vectorwise_quant`` (its CPU kernel: the weight cast
+    to fp32, multiplied by the fp32 reciprocal scale, rounded half to even), so the codes are
+    bit-identical to bitsandbytes' on every device; its CUDA kernel is not used because it takes
+    fp16 only. An all-zero row, where bitsandbytes divides 0 by 0, gets codes 0.
+    """
+    if weight.dim() != 2 or weight.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"int8_rowwise expects a 2-D bf16, fp16 or fp32 weight, got {weight.dtype} {list(weight.shape)}")
+    row_absmax = weight.abs().amax(dim=1).float()  # [Out] fp32 (a max of stored values: exact)
+    scale = torch.where(row_absmax > 0, 127.0 / row_absmax, torch.zeros_like(row_absmax))  # [Out] fp32
+    if weight.dtype == torch.float32:
+        scaled = weight * scale.unsqueeze(1)  # [Out, In] fp32, a new tensor
+    else:
+        scaled = weight.float().mul_(scale.unsqueeze(1))  # [Out, In] fp32: the cast is the copy
+    data = scaled.round_().to(torch.int8)  # [Out, In] int8, in [-127, 127]
+    return data, row_absmax
+
+
 def quantize(weight: torch.Tensor, fmt: str | WeightFormat) -> QuantizedMatrix:
     """weight [out, in] (bf16, fp16 or fp32) -> its representation in ``fmt``, on its device.
 
-    int8 is quantized on the CPU (bitsandbytes' CUDA kernel takes fp16 only, which would round
-    bf16 weights first); 4-bit on the weight's device. This is the offline step of a convert.
+    Every format is quantized on the weight's device: int8 by ``int8_rowwise`` (plain torch,
+    bit-identical to bitsandbytes' CPU quantizer; its CUDA kernel takes fp16 only, which would
+    round bf16 weights first), 4-bit by bitsandbytes' ``quantize_4bit``. So a caller that wants
+    the work on a GPU moves the weight there first (``offload.loader`` does, one tensor at a time).
     """
     fmt = get_format(fmt)
     shape = _check_shape(weight.shape)
@@ -284,12 +308,10 @@ def quantize(weight: torch.Tensor, fmt: str | WeightFormat) -> QuantizedMatrix:
     if fmt.kind == "plain":
         data = weight.to(dtype=fmt.dtype, memory_format=torch.contiguous_format, copy=True)  # [Out, In]
         return QuantizedMatrix(fmt, shape, {"data": data})
-    functional = _bnb()
     if fmt.kind == "int8":
-        data, row_absmax, _ = functional.int8_vectorwise_quant(weight.cpu().contiguous())  # [Out, In] int8, [Out] fp32
-        data[row_absmax == 0] = 0  # an all-zero row divides 0 by 0; its codes are 0 by definition
-        tensors = {"row_absmax": row_absmax, "data": data}
-        return QuantizedMatrix(fmt, shape, {k: v.to(weight.device) for k, v in tensors.items()})
+        data, row_absmax = int8_rowwise(weight)  # [Out, In] int8, [Out] fp32
+        return QuantizedMatrix(fmt, shape, {"row_absmax": row_absmax, "data": data})
+    functional = _bnb()
     specs = tensor_specs(shape, fmt)  # refuses shapes the format cannot hold
     data, state = functional.quantize_4bit(
         weight.contiguous(),

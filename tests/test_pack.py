@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from cli.convert import convert_command
 from offload.checkpoint import DENSE_TABLE, LAYER_TABLE, Checkpoint
 from offload.config import ModelConfig
-from offload.errors import CorruptCheckpointError, CorruptPackError, PackError
+from offload.errors import CorruptCheckpointError, CorruptPackError, PackError, SettingError
 from offload.experts.record import RECORD_ALIGNMENT, RecordLayout
 from offload.pack import MANIFEST, PACK_FORMAT, Pack, convert, is_pack
 from offload.quant import get_format
@@ -56,7 +56,9 @@ def test_pack_reads_back_the_checkpoint(model_dirs, packs, shape, dtype_name):
     pack_dir = packs[(shape.name, dtype_name)]
     manifest = manifest_of(pack_dir)
     assert manifest["format"] == PACK_FORMAT and is_pack(pack_dir)
-    assert manifest["weight_format"] == {"dense": dtype_name, "experts": get_format(dtype_name).name}
+    plain = get_format(dtype_name).name
+    assert manifest["weight_format"] == {"dense": dtype_name, "experts": plain, "attention": plain}
+    assert manifest["format_version"] == 2
     with Checkpoint(model_dirs[shape.name]) as ck, Pack(pack_dir) as pack:
         c = pack.config
         assert c == ck.config
@@ -117,7 +119,7 @@ def test_dense_file_is_valid_safetensors(model_dirs, packs, shape):
 
 def test_default_dtype_is_the_checkpoints(model_dirs, tmp_path):
     out = convert(model_dirs[WINDOWED.name], tmp_path / "pack")
-    assert manifest_of(out)["weight_format"] == {"dense": "float32", "experts": "fp32"}
+    assert manifest_of(out)["weight_format"] == {"dense": "float32", "experts": "fp32", "attention": "fp32"}
 
 
 def test_reading_one_expert_reads_only_its_record(packs):
@@ -188,7 +190,7 @@ def test_newer_format_version_is_refused(pack_copy):
     manifest = manifest_of(pack_copy)
     manifest["format_version"] = 99
     (pack_copy / MANIFEST).write_text(json.dumps(manifest))
-    newer = r"manifest\.json: pack format version 99 is newer than this offload reads \(1\); upgrade offload"
+    newer = r"manifest\.json: pack format version 99 is newer than this offload reads \(2\); upgrade offload"
     with pytest.raises(PackError, match=newer):
         Pack(pack_copy)
 
@@ -339,3 +341,116 @@ def test_quantized_pack_holds_what_the_quantizer_makes(fmt, model_dirs, tmp_path
                 for name, tensor in want.tensors.items():
                     assert torch.equal(got.tensors[name], tensor), (layer, expert, name)
         pack.verify_all()
+
+
+# ---- format version 2: quantized attention ------------------------------------------------------
+
+
+def bnb():
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import bitsandbytes.functional as F
+    return F
+
+
+def test_quantized_attention_is_stored_as_bitsandbytes_quantizes_it(model_dirs, tmp_path):
+    """int8 and nf4 attention in dense.safetensors: each projection as its format's tensors,
+    named <hub name>.<tensor>, holding what bitsandbytes itself makes of the checkpoint's tensor."""
+    F = bnb()
+    src = model_dirs[WINDOWED.name]
+    int8 = convert(src, tmp_path / "int8", attn_bits=8, expert_format="nf4")
+    nf4 = convert(src, tmp_path / "nf4", attn_bits=4, target="cuda")  # portable nf4: the CUDA layout
+    assert manifest_of(int8)["weight_format"] == {"dense": "float32", "experts": "nf4", "attention": "int8"}
+    assert manifest_of(nf4)["weight_format"]["attention"] == "nf4"
+    assert manifest_of(int8)["format_version"] == 2
+    with Checkpoint(src) as ck, safe_open(int8 / "dense.safetensors", "pt") as a, safe_open(nf4 / "dense.safetensors", "pt") as b:
+        name = "model.layers.2.self_attn.k_proj.weight"
+        assert name not in set(a.keys()) and name not in set(b.keys())
+        assert {n for n in a.keys() if n.startswith(name)} == {f"{name}.row_absmax", f"{name}.data"}
+        raw = ck.dense("k_proj", 2)
+        data, row_absmax, _ = F.int8_vectorwise_quant(raw.clone())
+        assert torch.equal(a.get_tensor(f"{name}.data"), data)
+        assert torch.equal(a.get_tensor(f"{name}.row_absmax"), row_absmax)
+        data, state = F.quantize_4bit(raw, blocksize=64, quant_type="nf4", compress_statistics=False)
+        assert torch.equal(b.get_tensor(f"{name}.data"), data)
+        assert torch.equal(b.get_tensor(f"{name}.absmax"), state.absmax)
+        assert torch.equal(b.get_tensor(f"{name}.quant_map"), state.code)
+        # everything that is not attention is as before
+        assert torch.equal(a.get_tensor("model.layers.2.block_sparse_moe.gate.weight"), ck.dense("router", 2))
+    with Pack(int8) as pack:
+        q = pack.dense("o_proj", 1)
+        assert q.fmt.name == "int8" and q.shape == (64, 4 * 32)
+        assert pack.attn_format.name == "int8" and pack.dense("router", 1).dtype == torch.float32
+
+
+def v1_manifest(pack_dir) -> None:
+    """Turn a pack with 16-bit attention into what format version 1 wrote: the same files, the
+    manifest without the attention format (version 1 had none)."""
+    manifest = manifest_of(pack_dir)
+    manifest["format_version"] = 1
+    del manifest["weight_format"]["attention"]
+    (pack_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def test_version_1_packs_still_open(packs, pack_copy):
+    from offload.engine import Engine
+
+    v1_manifest(pack_copy)
+    with Pack(pack_copy) as pack, Pack(packs[(WINDOWED.name, "float32")]) as v2:
+        assert pack.version == 1 and pack.attn_format == get_format("fp32") and pack.synthetic is None
+        for key, layer in (("q_proj", 1), ("embed_tokens", None), ("router", 0)):
+            assert torch.equal(pack.dense(key, layer), v2.dense(key, layer))
+        pack.verify_all()
+    ids = [1, 5, 9, 200, 31]
+    old = Engine.load(pack_copy, device="cpu", experts_per_layer=4, ram=0)
+    new = Engine.load(packs[(WINDOWED.name, "float32")], device="cpu")
+    assert torch.equal(old.logits(ids), new.logits(ids))
+
+
+def test_bad_attention_formats_are_refused(pack_copy):
+    from offload.errors import MissingTensorError
+
+    manifest = manifest_of(pack_copy)
+    for attention, complaint in ((None, "attention None"), ("fp16", "attention 'fp16'"), ("int3", "attention 'int3'")):
+        manifest["weight_format"]["attention"] = attention
+        (pack_copy / MANIFEST).write_text(json.dumps(manifest))
+        with pytest.raises(PackError, match=rf"manifest\.json: weight_format {complaint} must be the dense dtype \(fp32\)"):
+            Pack(pack_copy)
+    manifest["weight_format"]["attention"] = "int8"  # says quantized; the file holds fp32 weights
+    (pack_copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(MissingTensorError, match=r"dense\.safetensors: tensor 'model\.layers\.0\.self_attn\.q_proj\.weight\.row_absmax'"):
+        Pack(pack_copy)
+
+
+def test_bits_pick_the_layout_of_the_target_device(model_dirs, tmp_path):
+    from offload.plan import attention_shapes
+    from offload.quant import format_for_bits
+
+    src = model_dirs[WINDOWED.name]
+    cuda = convert(src, tmp_path / "cuda", expert_bits=4, attn_bits=4, target="cuda")
+    assert manifest_of(cuda)["weight_format"] == {"dense": "float32", "experts": "nf4", "attention": "nf4"}
+    cpu = convert(src, tmp_path / "cpu", expert_bits=8, attn_bits=4, target="cpu")
+    shapes = tuple(attention_shapes(ModelConfig.from_dir(src)).values())
+    want = format_for_bits(4, torch.float32, "cpu", shapes)  # nf4-cpu where the fused kernel works
+    assert manifest_of(cpu)["weight_format"] == {"dense": "float32", "experts": "int8", "attention": want.name}
+    with pytest.raises(SettingError, match="--expert-format nf4-cpu: nf4-cpu is the layout of bitsandbytes' fused CPU kernel"):
+        convert(src, tmp_path / "x", expert_format="nf4-cpu", target="cuda")
+    with pytest.raises(SettingError, match="not both"):
+        convert(src, tmp_path / "x", expert_format="nf4", expert_bits=4)
+    with pytest.raises(SettingError, match="--for 'tpu'"):
+        convert(src, tmp_path / "x", target="tpu")
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_convert_takes_bits_and_the_target(model_dirs, tmp_path):
+    out = tmp_path / "pack"
+    args = ["convert", str(model_dirs[WINDOWED.name]), str(out), "--expert-bits", "8", "--attn-bits", "4", "--for", "cuda"]
+    result = CliRunner().invoke(cli_app(), args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"wrote {out}: 24 experts (int8,") and ", attention nf4," in result.stdout
+    bad = CliRunner().invoke(cli_app(), ["convert", str(model_dirs[WINDOWED.name]), str(tmp_path / "p2"), "--attn-bits", "5"])
+    assert bad.exit_code == 2 and bad.stderr.strip().startswith("error:") and "--attn-bits 5" in bad.stderr

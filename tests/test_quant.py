@@ -113,6 +113,53 @@ def test_int8_all_zero_row_dequantizes_to_zero():
     assert torch.isfinite(back).all()
 
 
+def int8_matrix(dtype: torch.dtype) -> torch.Tensor:
+    """[12, 96] rows that exercise the int8 quantizer: Gaussian, all zero, one nonzero weight,
+    negative extremes, exact halves after scaling (ties), the dtype's largest value, tiny ones."""
+    w = gaussian((12, 96), torch.float32, seed=3) * 50
+    w[1] = 0
+    w[2] = 0
+    w[2, 17] = -3.0
+    w[3, :5] = torch.tensor([254.0, 1.0, 3.0, 5.0, -7.0])  # scale 1/2: ties at 0.5, 1.5, 2.5, -3.5
+    w[3, 5:] = 0
+    w[4] = -w[4].abs()  # every weight negative
+    w[5, 0] = torch.finfo(dtype).max if dtype != torch.float32 else 3e38
+    w[6] = torch.linspace(-1e-3, 1e-3, 96)
+    return w.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_int8_rowwise_is_bit_identical_to_bitsandbytes(dtype):
+    """Plain torch on any device, against bitsandbytes' own int8_vectorwise_quant on the CPU."""
+    w = int8_matrix(dtype)
+    data, row_absmax = quant.int8_rowwise(w)
+    theirs, their_absmax, outliers = quant._bnb().int8_vectorwise_quant(w.clone())
+    assert outliers is None
+    assert data.dtype == torch.int8 and row_absmax.dtype == torch.float32
+    assert torch.equal(row_absmax, their_absmax)
+    nonzero = their_absmax != 0  # bitsandbytes divides 0 by 0 on all-zero rows; ours are 0 there
+    assert torch.equal(data[nonzero], theirs[nonzero])
+    assert torch.equal(data[~nonzero], torch.zeros_like(data[~nonzero])) and (~nonzero).sum() == 1
+    assert data[3, :5].tolist() == [127, 0, 2, 2, -4]  # round half to even, as torch.round
+    assert not torch.equal(w, torch.zeros_like(w))  # the input is left as it was
+    assert torch.equal(w, int8_matrix(dtype))
+
+
+def test_int8_rowwise_on_a_mixtral_sized_matrix_is_bitsandbytes():
+    w = gaussian((4096, 1024), torch.bfloat16, seed=4)
+    data, row_absmax = quant.int8_rowwise(w)
+    theirs, their_absmax, _ = quant._bnb().int8_vectorwise_quant(w)
+    assert torch.equal(data, theirs) and torch.equal(row_absmax, their_absmax)
+    assert torch.equal(quant.quantize(w, "int8").tensors["data"], theirs)
+
+
+def test_int8_rowwise_refuses_what_it_cannot_quantize():
+    with pytest.raises(ValueError, match="2-D bf16, fp16 or fp32"):
+        quant.int8_rowwise(torch.zeros(4, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="2-D"):
+        quant.int8_rowwise(torch.zeros(4))
+
+
 # ---- layout -----------------------------------------------------------------------------------
 
 
@@ -305,3 +352,35 @@ def test_linear_on_cuda_equals_matmul_with_the_dequantized_weight(name, dtype, n
     assert torch.equal(quant.dequantize(qm, torch.float32).cpu(), quant.dequantize(host, torch.float32))
     assert got.shape == (n, shape[0]) and got.dtype == dtype
     assert relative_error(got, want) <= LINEAR_TOLERANCE[dtype] * 10
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_int8_on_cuda_is_bit_identical_to_the_cpu(dtype):
+    """bitsandbytes' CUDA int8 kernel takes fp16 only; ours quantizes bf16 weights on the GPU as
+    bitsandbytes' CPU kernel does."""
+    w = int8_matrix(dtype)
+    on_gpu = quant.quantize(w.cuda(), "int8")
+    assert on_gpu.device.type == "cuda"
+    theirs, their_absmax, _ = quant._bnb().int8_vectorwise_quant(w.clone())
+    nonzero = their_absmax != 0
+    assert torch.equal(on_gpu.tensors["row_absmax"].cpu(), their_absmax)
+    assert torch.equal(on_gpu.tensors["data"].cpu()[nonzero], theirs[nonzero])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["nf4", "nf4-dq", "fp4", "nf4-cpu"])
+def test_4bit_quantized_on_cuda_matches_the_cpu(name):
+    """The same weight quantized on the GPU and on the CPU: the same block scales, and codes
+    equal but for weights on a bin's edge, where the two kernels may round apart."""
+    w = gaussian((512, 1024), torch.bfloat16, seed=5)
+    gpu = quant.quantize(w.cuda(), name)
+    cpu = quant.quantize(w, name)
+    assert gpu.device.type == "cuda"
+    for key, t in cpu.tensors.items():
+        if key != "data":
+            assert torch.allclose(gpu.tensors[key].cpu().float(), t.float(), rtol=1e-6, atol=0), key
+    same = (gpu.tensors["data"].cpu() == cpu.tensors["data"]).float().mean().item()
+    assert same >= 0.999
+    error = relative_error(quant.dequantize(gpu, torch.float32).cpu(), quant.dequantize(cpu, torch.float32))
+    assert error <= 1e-2

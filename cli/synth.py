@@ -1,0 +1,71 @@
+"""`offload synth PRESET OUT_DIR`: write a synthetic pack with a built-in model's true shapes.
+
+Argument parsing and rich output only; the pack is made by ``offload.synth.synthesize``. It
+takes only the built-in presets (``offload.plan.BUILTIN_MODELS``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cli.common import progress_bar, stderr, user_errors
+from offload.pack import EXPERTS_FILE, TARGETS, Pack
+from offload.plan import BUILTIN_MODELS, format_bytes
+from offload.quant import BITS_CHOICES, FORMATS
+from offload.synth import synthesize
+
+BITS = "|".join(map(str, BITS_CHOICES))
+FOR_OPTION_HELP = (
+    "The device the pack is for, which picks the 4-bit layout: auto (CUDA when this machine has it, "
+    "else this CPU), cpu (nf4-cpu where bitsandbytes' fused CPU kernel works) or cuda (portable nf4; "
+    "no GPU needed to write it)."
+)
+
+
+def synth_command(
+    preset: str = typer.Argument(..., metavar="PRESET", help=f"A built-in model: {', '.join(BUILTIN_MODELS)}."),
+    out: Path = typer.Argument(..., metavar="OUT_DIR", help="The pack directory to write."),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Only the first N layers (default: all)."),
+    expert_format: Optional[str] = typer.Option(
+        None, "--expert-format", help=f"Expert format: {'|'.join(FORMATS)} (default: bf16, unquantized)."
+    ),
+    expert_bits: Optional[int] = typer.Option(
+        None, "--expert-bits", help=f"Experts in {BITS} bits (4 nf4, 8 int8, 16 bf16), instead of --expert-format."
+    ),
+    attn_bits: Optional[int] = typer.Option(
+        None, "--attn-bits", help=f"Attention projections in {BITS} bits, stored quantized (default 16)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Random seed: the same seed writes the same bytes."),
+    target: str = typer.Option("auto", "--for", help=f"{'|'.join(TARGETS)}. {FOR_OPTION_HELP}"),
+    force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it is already a pack."),
+) -> None:
+    """Write a pack with a built-in model's true shapes and seeded random weights, at disk speed:
+    for sizes, memory and speed without downloading the model (its text is noise)."""
+    with user_errors():
+        start = time.perf_counter()
+        try:
+            with progress_bar("writing", f"synthetic {preset}") as progress:
+                synthesize(
+                    preset, out, layers=layers, expert_format=expert_format, expert_bits=expert_bits,
+                    attn_bits=attn_bits, target=target, seed=seed, force=force, progress=progress,
+                )
+        except KeyboardInterrupt:
+            stderr.print(f"interrupted: {out} left as it was", style="bold red")
+            raise typer.Exit(130) from None
+        seconds = time.perf_counter() - start
+        with Pack(out) as pack:  # opens what was written: the summary describes a valid pack
+            experts = len(pack.manifest["experts"])
+            fmt, attention = pack.layout.fmt.name, pack.attn_format
+            synthetic = pack.synthetic or {}
+            total_layers = BUILTIN_MODELS[synthetic["preset"]][1]["num_hidden_layers"]
+        total = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+        attn = f", attention {attention.name}" if attention.kind != "plain" else ""
+        print(
+            f"wrote {out}: synthetic {synthetic['preset']}, {synthetic['layers']} of {total_layers} layers, "
+            f"{experts} experts ({fmt}, {format_bytes((out / EXPERTS_FILE).stat().st_size)}){attn}, "
+            f"{format_bytes(total)} in all, {seconds:.1f} s ({total / seconds / 1e9:.2f} GB/s)"
+        )
