@@ -1,8 +1,12 @@
 """`offload info MODEL`: the memory plan a user reads before downloading 90 GB.
 
-Argument parsing and rich output only; the arithmetic is ``offload.plan.plan_model``. MODEL is a
-checkpoint directory or pack (its config.json), or a built-in name (``offload.plan.BUILTIN_MODELS``),
-so the plan for Mixtral-8x7B needs no download. Nothing is loaded: only shapes are read.
+Argument parsing and rich output only; the arithmetic is ``offload.plan.plan_model`` and the
+speed estimate ``offload.estimate``. MODEL is a checkpoint directory or pack (its config.json),
+or a built-in name (``offload.plan.BUILTIN_MODELS``), so the plan for Mixtral-8x7B needs no
+download. Nothing is loaded: only shapes are read. With a budget (``--vram``,
+``--experts-per-layer``) or a profile, the last line is the estimated decode speed, labelled
+an estimate, for the profile's machine or the one ``--mem-gbps``, ``--link-gbps`` and
+``--disk-gbps`` describe.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ from offload import quant
 from offload.config import ModelConfig
 from offload.engine import DEFAULT_CONTEXT, DEFAULT_DTYPE, DTYPES, parse_dtype
 from offload.errors import ConfigError, SettingError
-from offload.pack import Pack, is_pack
+from offload.estimate import DEFAULT_DISK_GBPS, DEFAULT_LINK_GBPS, DEFAULT_MEM_GBPS, Estimate, Machine, estimate_plan
 from offload.plan import (
     BUILTIN_MODELS,
     ModelPlan,
+    attention_shapes,
     builtin_model,
     format_bytes,
     parse_bytes,
@@ -64,35 +69,73 @@ def info_command(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object, sizes in bytes."),
     profile: Optional[str] = typer.Option(
-        None, "--profile", help="Plan with a machine profile's budgets, bits and context: a shipped name or a "
-        "TOML path; flags given explicitly win. No default: info plans what the flags say.",
+        None, "--profile", help="Plan with a machine profile's budgets, bits and context, and estimate the "
+        "speed on its machine: a shipped name or a TOML path; flags given explicitly win. No default: "
+        "info plans what the flags say.",
+    ),
+    experts_per_layer: Optional[int] = typer.Option(
+        None, "--experts-per-layer", help="Expert slots on the GPU for every layer (top-k to all), instead of --vram."
+    ),
+    mem_gbps: Optional[float] = typer.Option(
+        None, "--mem-gbps", help=f"The card's memory bandwidth for the estimate, GB/s (default: the profile's, "
+        f"else {DEFAULT_MEM_GBPS:g}, an RTX 3060 12 GB).",
+    ),
+    link_gbps: Optional[float] = typer.Option(
+        None, "--link-gbps", help=f"Host-to-device copy for the estimate, GB/s (default: the profile's, else "
+        f"{DEFAULT_LINK_GBPS:g}, PCIe 4.0 x16 as measured).",
+    ),
+    disk_gbps: Optional[float] = typer.Option(
+        None, "--disk-gbps",
+        help=f"Disk read for the estimate, GB/s (default: the profile's, else {DEFAULT_DISK_GBPS:g}).",
     ),
 ) -> None:
     """Show how a model splits between GPU, RAM and disk: sizes by class, one expert, KV cache,
-    and how many experts fit on the card and in RAM."""
+    how many experts fit on the card and in RAM, and (with a budget or a profile) an estimate
+    of the decode speed."""
     with user_errors():
+        p = None
+        ceiling = None  # a profile's context: a ceiling the model may lower, as for generate
         if profile:  # the profile's plan, where no flag says otherwise
             from offload.profile import load_profile
 
             p = load_profile(profile)
-            vram = vram or p.plan_vram
+            if vram is None and experts_per_layer is None:
+                vram, experts_per_layer = p.plan_vram, p.experts_per_layer
             ram = ram or p.plan_ram
-            context = context or p.context
+            ceiling = p.context
             if expert_format is None:
                 expert_bits = expert_bits or p.expert_bits
-            attn_bits = attn_bits or p.attn_bits
-        attn_bits = attn_bits or 16
+            profile_attn_bits = p.attn_bits
+        else:
+            profile_attn_bits = None
         if expert_format is not None and expert_bits is not None:
             raise SettingError("give --expert-format or --expert-bits, not both")
-        name, config, pack_format, pack_dtype = _resolve_model(model)
+        if vram is not None and experts_per_layer is not None:
+            raise SettingError("give --vram or --experts-per-layer, not both")
+        device_type = "cpu" if p is not None and not p.has_gpu else "cuda"
+        name, config, pack_format, pack_dtype, pack_attn_bits = _resolve_model(model)
+        if pack_attn_bits is not None and attn_bits not in (None, pack_attn_bits):
+            stderr.print(
+                f"note: {model} holds {pack_attn_bits}-bit attention; running this plan needs a convert "
+                f"with --attn-bits {attn_bits}",
+                style="dim",
+            )
+        attn_bits = attn_bits or pack_attn_bits or profile_attn_bits or 16  # a pack's quantized attention is fixed
+        if context is None and ceiling is not None:
+            context = min(ceiling, config.max_position_embeddings)
+        if p is not None and vram is None and experts_per_layer is None:
+            experts_per_layer = config.num_local_experts  # a profile with no budget: every expert resident
         torch_dtype = parse_dtype(dtype) if dtype is not None else pack_dtype or parse_dtype(DEFAULT_DTYPE)
+        I, D = config.intermediate_size, config.hidden_size
+        expert_shapes = ((I, D), (D, I))
+        attn_shapes = tuple(attention_shapes(config).values())
         if expert_format is not None:
             experts = get_format(expert_format)
         elif expert_bits is not None:
-            experts = quant.format_for_bits(expert_bits, torch_dtype, "cuda", setting="--expert-bits")
+            experts = quant.format_for_bits(expert_bits, torch_dtype, device_type, expert_shapes, "--expert-bits")
         else:
-            experts = pack_format or quant.format_for_bits(16, torch_dtype, "cuda")
-        attention = quant.format_for_bits(attn_bits, torch_dtype, "cuda", setting="--attn-bits")
+            experts = pack_format or quant.format_for_bits(16, torch_dtype, device_type)
+        attention = quant.format_for_bits(attn_bits, torch_dtype, device_type, attn_shapes, "--attn-bits")
         if pack_format is not None and experts != pack_format:
             stderr.print(
                 f"note: {model} holds {pack_format.name} experts; running this plan needs a convert "
@@ -108,29 +151,57 @@ def info_command(
             attention,
             vram=None if vram is None else parse_bytes(vram, "--vram"),
             ram=None if ram is None else parse_bytes(ram, "--ram"),
+            experts_per_layer=experts_per_layer,
+            device_type=device_type,
         )
+        estimate = None
+        if p is not None or plan.vram is not None or experts_per_layer is not None or (
+            mem_gbps or link_gbps or disk_gbps
+        ):
+            estimate = _estimate(plan, p, mem_gbps, link_gbps, disk_gbps)
         if as_json:
-            print(json.dumps(dict(plan.to_dict(), summary=summary(plan))))
+            print(json.dumps(dict(
+                plan.to_dict(), summary=summary(plan),
+                estimate=None if estimate is None else dict(estimate.to_dict(), summary=estimate.describe()),
+            )))
             return
         out = Console(highlight=False, soft_wrap=True)
         out.print(_table(plan, expert_bits))
         out.print(summary(plan))
+        if estimate is not None:
+            out.print(estimate.describe())
 
 
-def _resolve_model(model: str) -> tuple[str, ModelConfig, Optional[WeightFormat], Optional[torch.dtype]]:
-    """(display name, config, a pack's expert format, a plain pack's dtype) for MODEL. An existing
-    path wins over a built-in name."""
+def _estimate(plan: ModelPlan, profile, mem_gbps, link_gbps, disk_gbps) -> Optional[Estimate]:
+    """The decode estimate on the profile's machine, or on the one the flags (or their defaults)
+    describe; None, with a note, when a profile gives no memory bandwidth and no flag does."""
+    flags = dict(mem_gbps=mem_gbps, link_gbps=link_gbps, disk_gbps=disk_gbps)
+    if profile is not None:
+        if profile.mem_gbps is None and mem_gbps is None:
+            stderr.print(f"note: no estimate: {profile.name or profile.source} gives no machine.mem_gbps "
+                         "(--mem-gbps to give one)", style="dim")
+            return None
+        machine = Machine.from_profile(profile, **flags)
+    else:
+        given = {k: v for k, v in flags.items() if v is not None}
+        source = "flags" if given else "defaults"
+        machine = Machine(device_type=plan.device_type, **given, source=source)
+    return estimate_plan(plan, machine)
+
+
+def _resolve_model(
+    model: str,
+) -> tuple[str, ModelConfig, Optional[WeightFormat], Optional[torch.dtype], Optional[int]]:
+    """(display name, config, a pack's expert format, a plain pack's dtype, the width of a pack's
+    quantized attention) for MODEL. An existing path wins over a built-in name."""
+    from offload.profile_fit import model_shape
+
     path = Path(model)
     if path.exists():
-        config = ModelConfig.from_dir(path)
-        if not is_pack(path):
-            return path.name, config, None, None
-        with Pack(path) as pack:
-            layout = pack.layout
-        return path.name, config, layout.fmt, layout.dtype if layout.plain else None
+        return (path.name, *model_shape(path))
     if model.strip().lower() in BUILTIN_MODELS:
         name, config = builtin_model(model)
-        return name, config, None, None
+        return name, config, None, None, None
     raise ConfigError(
         f"{model}: not a model directory, and not a built-in model ({', '.join(BUILTIN_MODELS)})"
     )
@@ -152,6 +223,7 @@ def _table(plan: ModelPlan, expert_bits: Optional[int]) -> Table:
     c, m = plan.config, plan.memory
     L, E, K = c.num_hidden_layers, c.num_local_experts, c.num_experts_per_tok
     dtype = get_format(str(plan.dtype).removeprefix("torch.")).name  # "bf16"
+    gpu = "GPU" if plan.device_type == "cuda" else "device (RAM)"
     table = Table(
         title=f"{plan.name}: {dtype} compute, {plan.expert_format.name} experts, "
         f"{plan.attn_format.name} attention, context {plan.context}",
@@ -168,27 +240,51 @@ def _table(plan: ModelPlan, expert_bits: Optional[int]) -> Table:
     table.add_row("attention", _size(by["attention"]), f"q, k, v, o x {L} layers, {plan.attn_format.name}")
     table.add_row("norms", _size(by["norms"]), dtype)
     table.add_row("routers", _size(by["routers"]), f"{E} x {c.hidden_size} x {L} layers, {dtype}")
-    table.add_row("dense total", _size(plan.dense_bytes), "always on the GPU")
+    table.add_row("dense total", _size(plan.dense_bytes), f"always on the {gpu}")
     table.add_section()
     table.add_row("one expert", _size(plan.expert_bytes), _format_note(plan.expert_format, expert_bits, plan))
     table.add_row("all experts", _size(plan.experts_total_bytes), f"{L} layers x {E} experts = {m.experts_total}")
     table.add_row("KV cache", _size(m.kv_cache_bytes), f"context {plan.context}, {dtype}")
+    reserve = m.reserve
+    if reserve.terms:
+        terms = ", ".join(f"{t.name} {_size(t.nbytes)}" for t in reserve.terms if t.nbytes >= 2**20)
+        table.add_row("runtime reserve", _size(reserve.total), f"{terms} (prefill chunks of {reserve.prefill_tokens})")
     table.add_section()
-    table.add_row("minimum VRAM", _size(plan.min_vram), f"dense + KV cache + top-{K} experts per layer")
-    table.add_row("all experts on the GPU", _size(plan.all_resident_vram), "dense + KV cache + every expert")
-    table.add_section()
-    card = f"--vram {_size(plan.vram)}" if plan.vram is not None else "at the minimum VRAM"
-    table.add_row("GPU: dense", _size(m.dense_bytes), card)
-    table.add_row("GPU: KV cache", _size(m.kv_cache_bytes), "")
+    with_reserve = " + runtime reserve" if reserve.terms else ""
+    table.add_row("minimum VRAM", _size(plan.min_vram), f"dense + KV cache + top-{K} experts per layer{with_reserve}")
     table.add_row(
-        "GPU: expert slots", _size(m.device_expert_bytes),
-        f"{m.slots_per_layer} of {E} per layer, {plan.device_experts} in all",
+        f"all experts on the {gpu}", _size(plan.all_resident_vram), f"dense + KV cache + every expert{with_reserve}"
     )
+    table.add_section()
+    if plan.vram is not None:
+        card = f"--vram {_size(plan.vram)}"
+    elif plan.experts_per_layer is not None:
+        card = f"--experts-per-layer {plan.experts_per_layer}"
+    else:
+        card = "at the minimum VRAM"
+    table.add_row(f"{gpu}: dense", _size(m.dense_bytes), card)
+    table.add_row(f"{gpu}: KV cache", _size(m.kv_cache_bytes), "")
+    if m.max_slots_per_layer == m.slots_per_layer:
+        spread = ""
+    else:
+        rule = ("the layers whose LRU hit rate gains most on Mixtral-8x7B's traces" if m.spread == "trace"
+                else "layers spread evenly")
+        spread = f" ({m.device_slots / L:.2f} on average; the spare slots to {rule})"
+    table.add_row(
+        f"{gpu}: expert slots", _size(m.device_expert_bytes),
+        f"{m.slots_text(' of ')} per layer, {plan.device_experts} in all{spread}",
+    )
+    if reserve.terms:
+        table.add_row(f"{gpu}: runtime reserve", _size(reserve.total), "")
     spare = f", {_size(plan.vram - m.device_bytes)} spare" if plan.vram is not None else ""
-    table.add_row("GPU: total", _size(m.device_bytes), f"of {_size(plan.vram or m.device_bytes)}{spare}")
+    table.add_row(f"{gpu}: total", _size(m.device_bytes), f"of {_size(plan.vram or m.device_bytes)}{spare}")
     ram = f"of --ram {_size(plan.ram)}" if plan.ram is not None else "no --ram: all of them"
     if m.slots_per_layer == E:
-        ram = "not needed: every expert has a GPU slot"
+        ram = f"not needed: every expert has a {gpu} slot"
+    elif m.host_pinned:
+        blocks = len(m.host_chunks)
+        ram += (f", pinned in {blocks} block{'s' if blocks > 1 else ''} "
+                f"({_size(m.host_raw_bytes)} of records)")
     table.add_row("RAM: experts", _size(m.host_bytes), f"{m.host_experts} of {m.experts_total}, {ram}")
     disk = (
         f"{plan.disk_experts} experts ({_size(plan.disk_experts * plan.expert_bytes)}) read on a miss"
@@ -198,24 +294,37 @@ def _table(plan: ModelPlan, expert_bits: Optional[int]) -> Table:
     return table
 
 
+def _article(size: str) -> str:
+    """"An" before a size said with a vowel ("an 8 GiB", "an 11 GiB", "an 80 GiB"), else "A"."""
+    whole = size.split(" ")[0].split(".")[0]
+    return "An" if whole.startswith("8") or whole in ("11", "18") else "A"
+
+
 def summary(plan: ModelPlan) -> str:
     """One plain-language line: what the card and RAM hold, and whether disk reads happen."""
     c, m = plan.config, plan.memory
     E, K = c.num_local_experts, c.num_experts_per_tok
     fmt = f"{plan.expert_format.name} experts"
-    if plan.vram is None:
+    gpu = "GPU" if plan.device_type == "cuda" else "device"
+    if plan.vram is None and plan.experts_per_layer is None:
         return (
             f"{plan.name} with {fmt} needs a card of at least {_size(plan.min_vram)} "
             f"({K} of {E} experts per layer on the GPU); every expert on the GPU needs {_size(plan.all_resident_vram)}."
         )
     ram = f" with {_size(plan.ram)} of RAM" if plan.ram is not None else ""
-    head = f"A {_size(plan.vram)} card{ram} holds {plan.name} ({fmt})"
+    if plan.vram is not None:
+        head = f"{_article(_size(plan.vram))} {_size(plan.vram)} card{ram} holds {plan.name} ({fmt})"
+    elif plan.device_type == "cpu":
+        head = f"On a CPU{ram}, {plan.name} ({fmt}) takes {_size(m.device_bytes)} for dense weights, KV cache and slots"
+    else:
+        head = f"A card of {_size(m.device_bytes)}{ram} holds {plan.name} ({fmt})"
     if m.slots_per_layer == E:
-        return f"{head}: all {E} experts per layer on the GPU; no RAM tier, no disk reads."
-    gpu = f"{m.slots_per_layer} of {E} experts per layer on the GPU"
+        return f"{head}: all {E} experts per layer on the {gpu}; no RAM tier, no disk reads."
+    slots = m.slots_phrase(f"on the {gpu}", " of ")
+    pinned = " pinned" if m.host_pinned else ""
     if not plan.disk_experts:
-        return f"{head}: {gpu}, all {m.experts_total} in RAM ({_size(m.host_bytes)}); no disk reads."
+        return f"{head}: {slots}, all {m.experts_total} in RAM ({_size(m.host_bytes)}{pinned}); no disk reads."
     return (
-        f"{head}: {gpu}, {m.host_experts} of {m.experts_total} in RAM; "
+        f"{head}: {slots}, {m.host_experts} of {m.experts_total} in RAM; "
         f"{plan.disk_experts} are read from disk when needed."
     )

@@ -2,17 +2,27 @@
 
 What it is: arithmetic over a model's shapes (dense weights, KV cache, expert records) and the
 user's budgets (``--vram``, ``--ram``, ``--experts-per-layer``), with a clear refusal when a
-budget cannot hold the minimum (dense weights + KV cache + top-k experts per layer); the dense
-bytes by class (embeddings, lm_head, attention, norms, routers); and ``plan_model``, the whole
-plan that ``offload info`` prints, for a checkpoint's config or a built-in published shape
-(``BUILTIN_MODELS``: Mixtral-8x7B, Mixtral-8x22B), so a plan needs no download. What it is
-not, yet: the machine probe and TOML profiles, which come with the CLI's profiles.
+budget cannot hold the minimum (dense weights + KV cache + top-k experts per layer, and on CUDA
+the runtime reserve); the runtime reserve itself (``runtime_reserve``: CUDA context, cuBLAS
+workspaces, activations, logits and kernel temporaries, term by term); the RAM tier in pinned
+blocks (``pinned_chunks``: torch's host allocator rounds each block up to a power of two);
+per-layer slot counts (``MemoryPlan.layer_slots``: the slots left over after an even split go
+to the layers that gain most on the shared Mixtral-8x7B traces, or spread evenly);
+``fit_to_free``, the check against the device's real free memory at load; the dense bytes by
+class (embeddings, lm_head, attention, norms, routers); and ``plan_model``, the whole plan that
+``offload info`` prints, for a checkpoint's config or a built-in published shape
+(``BUILTIN_MODELS``: Mixtral-8x7B, Mixtral-8x22B), so a plan needs no download.
+
+What it is not: the engine (which allocates what the plan says), the machine probe and profiles
+(profile.py), nor a timing model (estimate.py).
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Sequence
 
 import torch
 
@@ -71,48 +81,456 @@ def kv_cache_bytes(config: ModelConfig, context: int, dtype: torch.dtype) -> int
     return 2 * c.num_hidden_layers * c.num_key_value_heads * context * c.head_dim * _itemsize(dtype)
 
 
+# ---- what the device needs besides weights, KV cache and expert slots ------------------------
+
+MiB = 2**20
+
+# The engine prefills a prompt in chunks of at most this many tokens: the activations of a chunk
+# are part of the runtime reserve below, so a longer chunk costs device memory, a shorter one
+# costs a sweep of expert loads per chunk (every expert of a layer is wanted by 256 tokens).
+PREFILL_CHUNK_TOKENS = 256
+
+# The CUDA context of a PyTorch process once cuBLAS and bitsandbytes kernels are loaded. A bare
+# context with lazy module loading (CUDA >= 11.7, PyTorch's default) is ~300 MiB on consumer
+# cards; loading cuBLAS's and bitsandbytes' kernels adds to it. A stated round figure, not a
+# measurement on every card: ``fit_to_free`` measures the real free memory at load.
+CUDA_CONTEXT_BYTES = 512 * MiB
+# cuBLAS and cuBLASLt workspaces of the compute stream: PyTorch's default cuBLAS workspace is
+# 32 MiB on Hopper (":4096:8") and ~8 MiB on earlier GPUs (":4096:2:16:8"); counted at Hopper's,
+# for both libraries.
+CUBLAS_WORKSPACE_BYTES = 2 * 32 * MiB
+# The caching allocator rounds blocks and leaves fragments between prefill chunks.
+ALLOCATOR_MARGIN_BYTES = 64 * MiB
+# Sampling one position: fp32 logits, probabilities, sorted probabilities and their cumulative
+# sum (top-p), 4 bytes per vocabulary entry each, and int64 sort indices.
+SAMPLING_BYTES_PER_VOCAB = 4 * 4 + 8
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ReserveTerm:
+    """One thing the device must hold besides weights, KV cache and slots: bytes and why."""
+
+    name: str
+    nbytes: int
+    reason: str
+    at_init: bool = False  # taken when CUDA starts: already missing from mem_get_info's free at load
+
+
+@dataclass(frozen=True)
+class RuntimeReserve:
+    """Device memory kept free for the runtime (``runtime_reserve``); no terms on a CPU."""
+
+    device_type: str = "cpu"
+    prefill_tokens: int = 0
+    terms: tuple[ReserveTerm, ...] = ()
+
+    @property
+    def total(self) -> int:
+        """Every term: what a ``--vram`` budget (the card's size) must leave for the runtime."""
+        return sum(t.nbytes for t in self.terms)
+
+    @property
+    def working(self) -> int:
+        """The terms not yet allocated when the engine measures free memory after loading dense
+        weights and the KV cache: everything but the CUDA context."""
+        return sum(t.nbytes for t in self.terms if not t.at_init)
+
+    def describe(self) -> str:
+        if not self.terms:
+            return f"no runtime reserve on {self.device_type} (slots are RAM)"
+        parts = " + ".join(f"{t.name} {format_bytes(t.nbytes)}" for t in self.terms)
+        return f"runtime reserve {format_bytes(self.total)}: {parts}"
+
+    def to_dict(self) -> dict:
+        return {
+            "device_type": self.device_type,
+            "prefill_tokens": self.prefill_tokens,
+            "total": self.total,
+            "working": self.working,
+            "terms": [asdict(t) for t in self.terms],
+        }
+
+
+def _device_type(device_type: str | torch.device) -> str:
+    kind = device_type.type if isinstance(device_type, torch.device) else str(device_type).split(":")[0]
+    if kind not in DEVICE_TYPES:
+        raise SettingError(f"device type {device_type!r}: expected one of {', '.join(DEVICE_TYPES)}")
+    return kind
+
+
+def _dequantized_bytes(shapes, fmt: quant.WeightFormat, dtype: torch.dtype) -> int:
+    """The largest temporary a matmul on ``fmt`` makes in ``dtype``: nothing for plain weights
+    already in the compute dtype; one whole [out, in] matrix in the compute dtype otherwise
+    (int8 casts the matrix on every call; bitsandbytes' 4-bit matmul above batch 1 dequantizes
+    it; a plain matrix in another dtype is cast); the CPU-layout 4-bit formats on CUDA unpack
+    the codes first, a second matrix."""
+    if fmt.kind == "plain" and fmt.dtype == dtype:
+        return 0
+    largest = max(out * inp for out, inp in shapes) * _itemsize(dtype)
+    return 2 * largest if fmt.kind == "4bit-cpu" else largest
+
+
+def runtime_reserve(
+    config: ModelConfig,
+    dtype: torch.dtype,
+    expert_format: quant.WeightFormat | str,
+    attn_format: quant.WeightFormat | str,
+    device_type: str | torch.device,
+    *,
+    context: int,
+    prefill_tokens: int = PREFILL_CHUNK_TOKENS,
+) -> RuntimeReserve:
+    """Device bytes the runtime needs beyond dense weights, KV cache and expert slots, term by
+    term with its reason (``RuntimeReserve.terms``). On "cpu" there are none (the slots are RAM,
+    and so is everything else). On "cuda":
+
+    - the CUDA context (``CUDA_CONTEXT_BYTES``, taken at start: ``at_init``);
+    - cuBLAS workspaces (``CUBLAS_WORKSPACE_BYTES``);
+    - the largest dequantized weight: a quantized matrix (expert or attention) becomes a whole
+      matrix in the compute dtype inside a matmul (Mixtral's 14336 x 4096 in bf16: 112 MiB);
+    - attention over one prefill chunk of T = ``prefill_tokens`` tokens against S keys (the
+      context, or the sliding window): ``scaled_dot_product_attention`` with a mask and grouped
+      KV heads takes the math path, which keeps fp32 copies of q, k and v, expands k and v to
+      every query head, and holds two fp32 [H, T, S] score tensors (scores, softmax); plus the
+      projections and their rotated copies;
+    - the experts' activations for T tokens (an expert can be asked for by every token): the
+      gathered input, w1 and w3 outputs and their product [T, I], and the fp32 weighted output;
+    - hidden states for T tokens: residual, normed input, attention and MoE outputs, the MoE
+      accumulator, and rms_norm's fp32 temporaries;
+    - logits and sampling: generation asks for the last position only, [1, V] in fp32 with the
+      sampler's copies (``SAMPLING_BYTES_PER_VOCAB``); ``Engine.logits`` (evaluation, every
+      position) needs more and is not planned for;
+    - an allocator margin (``ALLOCATOR_MARGIN_BYTES``).
+
+    The engine must prefill in chunks of at most ``prefill_tokens`` for this to hold."""
+    kind = _device_type(device_type)
+    if kind != "cuda":
+        return RuntimeReserve(kind, 0, ())
+    if prefill_tokens < 1:
+        raise SettingError(f"prefill tokens {prefill_tokens}: must be at least 1")
+    c = config
+    s = _itemsize(dtype)
+    T = min(prefill_tokens, context)
+    S = context if c.sliding_window is None else min(context, c.sliding_window + T - 1)
+    H, G, Dh, D, I, V = (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size,
+                         c.intermediate_size, c.vocab_size)
+    expert_fmt, attn_fmt = quant.get_format(expert_format), quant.get_format(attn_format)
+    expert_shapes = ((I, D), (D, I))
+    attn_shapes = tuple(attention_shapes(c).values())
+    dequantized = max(
+        _dequantized_bytes(expert_shapes, expert_fmt, dtype), _dequantized_bytes(attn_shapes, attn_fmt, dtype)
+    )
+    scores = 2 * H * T * S * 4
+    expanded = (2 * H * S * Dh * s if G != H else 0) + (4 * (H * T * Dh + 2 * H * S * Dh) if s < 4 else 0)
+    projections = T * (3 * H * Dh + 4 * G * Dh) * s  # q, k, v, rotated q and k, the output
+    attention = scores + expanded + projections
+    experts = T * (3 * I * s + D * s + D * 4)
+    hidden = T * D * (5 * s + 2 * 4)
+    sampling = V * (s + SAMPLING_BYTES_PER_VOCAB)
+    terms = (
+        ReserveTerm("CUDA context", CUDA_CONTEXT_BYTES,
+                    "the process's CUDA context with cuBLAS and bitsandbytes kernels loaded", at_init=True),
+        ReserveTerm("cuBLAS workspaces", CUBLAS_WORKSPACE_BYTES,
+                    "cuBLAS and cuBLASLt workspaces, Hopper's default size"),
+        ReserveTerm("dequantized weight", dequantized,
+                    f"one whole matrix in {str(dtype).removeprefix('torch.')} inside a matmul on "
+                    f"{expert_fmt.name} experts / {attn_fmt.name} attention"),
+        ReserveTerm("attention", attention,
+                    f"prefill chunk of {T} tokens against {S} keys: fp32 scores and softmax, "
+                    "fp32 and head-expanded q/k/v (SDPA's math path), projections"),
+        ReserveTerm("expert activations", experts, f"{T} tokens through one expert: [T, {I}] x 3, fp32 output"),
+        ReserveTerm("hidden states", hidden, f"{T} tokens: residual, norms, attention and MoE outputs"),
+        ReserveTerm("logits", sampling, "the last position's fp32 logits and the sampler's copies"),
+        ReserveTerm("allocator margin", ALLOCATOR_MARGIN_BYTES, "caching allocator rounding and fragments"),
+    )
+    return RuntimeReserve(kind, T, terms)
+
+
+# ---- the RAM tier in pinned blocks --------------------------------------------------------------
+
+
+def pinned_block_bytes(nbytes: int) -> int:
+    """What torch's caching host allocator takes for one pinned block of ``nbytes``: the size
+    rounded up to a power of two (a 23.6 GiB ``pin_memory`` tensor takes 32 GiB)."""
+    return 0 if nbytes <= 0 else 1 << (nbytes - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class PinnedChunks:
+    """The RAM tier as pinned blocks: ``rows[i]`` records in block i, each block one pinned
+    tensor of ``rows[i] * row_bytes`` bytes, allocated in this order (record r lives in the
+    block whose cumulative row range holds r)."""
+
+    rows: tuple[int, ...]
+    row_bytes: int
+
+    @property
+    def records(self) -> int:
+        return sum(self.rows)
+
+    @property
+    def raw_bytes(self) -> int:
+        return self.records * self.row_bytes
+
+    @property
+    def pinned_bytes(self) -> int:
+        """The host allocator's bytes for all blocks (each rounded up to a power of two)."""
+        return sum(pinned_block_bytes(r * self.row_bytes) for r in self.rows)
+
+
+@functools.lru_cache(maxsize=64)
+def _pinned_table(rows: int, row_bytes: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(cost, choice) for every n <= rows: the fewest pinned bytes that hold at least n records
+    in blocks of power-of-two size, and the capacity (records) of the first block to take.
+
+    A block of 2^p bytes holds floor(2^p / row_bytes) records; taking the largest such block
+    that fits the remaining count halves the count each time, so at most floor(log2 n) + 1
+    blocks each waste under ``row_bytes``; the table (a covering DP over those block sizes)
+    never does worse than that."""
+    options = []  # (capacity, block bytes), largest first
+    p = max(0, (row_bytes - 1).bit_length())
+    top = max(p, (rows * row_bytes - 1).bit_length())
+    for q in range(top, p - 1, -1):
+        capacity = (1 << q) // row_bytes
+        if capacity >= 1:
+            options.append((capacity, 1 << q))
+    cost = [0] * (rows + 1)
+    choice = [0] * (rows + 1)
+    for n in range(1, rows + 1):
+        best = None
+        for capacity, block in options:  # largest first: ties go to fewer, larger blocks
+            value = block + cost[max(0, n - capacity)]
+            if best is None or value < best:
+                best, choice[n] = value, capacity
+        cost[n] = best
+    return tuple(cost), tuple(choice)
+
+
+def pinned_chunks(rows: int, row_bytes: int) -> PinnedChunks:
+    """Split ``rows`` records of ``row_bytes`` into pinned blocks whose power-of-two rounding
+    wastes little: ``PinnedChunks.rows`` (records per block) and ``.pinned_bytes``.
+
+    The bound, for any counts: pinned bytes < (rows + floor(log2 rows) + 1) * row_bytes. In
+    practice: within 5% of rows * row_bytes whenever rows >= 128 (tested over record sizes from
+    64 KiB to 1 GiB), and for the RAM tier holding every expert of the demo model, Mixtral-8x7B
+    and Mixtral-8x22B in each format (Mixtral-8x7B nf4, 256 x 99,090,624 B: 12 blocks of 2 GiB,
+    24 GiB for 23.63 GiB, 1.6% over; one block would take 32 GiB)."""
+    if rows < 0 or row_bytes < 1:
+        raise SettingError(f"pinned RAM tier: {rows} records of {row_bytes} bytes")
+    _, choice = _pinned_table(rows, row_bytes)
+    out = []
+    n = rows
+    while n > 0:
+        take = min(choice[n], n)
+        out.append(take)
+        n -= take
+    return PinnedChunks(tuple(out), row_bytes)
+
+
+def _host_tier(total: int, expert_bytes: int, limit: int | None, pinned: bool) -> tuple[int, tuple[int, ...]]:
+    """(records in RAM, pinned blocks) for a RAM budget of ``limit`` bytes (None: every record);
+    pinned, the count is the largest whose blocks fit the budget (so the last block is full)."""
+    host = total if limit is None else max(0, min(total, limit // expert_bytes))
+    if not pinned:
+        return host, ()
+    if limit is not None:
+        cost, _ = _pinned_table(host, expert_bytes)
+        while host > 0 and cost[host] > limit:
+            host -= 1
+    return host, pinned_chunks(host, expert_bytes).rows
+
+
+# ---- uneven slots: the spare slots to the layers that gain most -------------------------------
+
+
+MIXTRAL_8X7B_SHAPE = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                      "num_key_value_heads", "num_local_experts", "num_experts_per_tok")
+
+
+def is_mixtral_8x7b_shape(config: ModelConfig) -> bool:
+    """Whether ``config`` has Mixtral-8x7B's layers, widths, heads and routing (the shape of
+    the shared router traces, ``MIXTRAL_8X7B_SHAPE``); the vocabulary and context may differ."""
+    ref = BUILTIN_MODELS["mixtral-8x7b"][1]
+    return all(getattr(config, f) == ref[f] for f in MIXTRAL_8X7B_SHAPE)
+
+
+@functools.cache
+def trace_hit_rates() -> dict[int, tuple[float, ...]] | None:
+    """Per-layer LRU hit rates, demand loading, on the shared Mixtral-8x7B decode traces
+    (``offload.trace.MIXTRAL_DECODE``, replayed by ``offload.trace.simulate``) for every slot
+    count from top-k to all experts: {slots: (hit rate of layer 0, ...)}. None when the traces
+    are not there (an installed package without the shared folder)."""
+    from offload.errors import OffloadError
+    from offload.trace import MIXTRAL_DECODE, load_trace, simulate
+
+    if not MIXTRAL_DECODE.is_file():
+        return None
+    try:
+        trace = load_trace(MIXTRAL_DECODE)
+        counts = range(trace.top_k, trace.num_experts + 1)
+        return {k: tuple(simulate(trace, k, "lru").layer_hit_rates()) for k in counts}
+    except OffloadError:
+        return None
+
+
+SPREADS = ("auto", "even", "trace")
+
+
+def spread_slots(
+    total: int, num_layers: int, num_experts: int, top_k: int, gains: Sequence[float] | None = None
+) -> tuple[int, ...]:
+    """``total`` device slots over ``num_layers`` layers: every layer gets total // L, and the
+    remaining total % L slots go one each to the layers with the largest ``gains`` (the hit
+    rate one more slot adds to that layer; ties to the lower layer), or, with no gains, to
+    layers spread evenly (the middle of each of total % L equal runs of layers)."""
+    L, E, K = num_layers, num_experts, top_k
+    if not L * K <= total <= L * E:
+        raise BudgetError(f"{total} expert slots over {L} layers: must be in [{L * K}, {L * E}] (top-k to all)")
+    base, extra = divmod(total, L)
+    if extra == 0:
+        return (base,) * L
+    if gains is not None:
+        if len(gains) != L:
+            raise ValueError(f"expected {L} per-layer gains, got {len(gains)}")
+        chosen = set(sorted(range(L), key=lambda layer: (-gains[layer], layer))[:extra])
+    else:
+        chosen = {(2 * j + 1) * L // (2 * extra) for j in range(extra)}
+    return tuple(base + (layer in chosen) for layer in range(L))
+
+
+def _layer_slots(total: int, num_layers: int, num_experts: int, top_k: int, trace: bool) -> tuple[tuple[int, ...], str]:
+    """(slots per layer, the rule used: "trace" or "even") for ``total`` slots; ``trace``: give
+    the leftover slots by the gains on the shared Mixtral-8x7B traces when they are there."""
+    gains = None
+    base = total // num_layers
+    if trace and total % num_layers:
+        rates = trace_hit_rates()
+        if rates is not None and base in rates and base + 1 in rates and len(rates[base]) == num_layers:
+            gains = [after - before for before, after in zip(rates[base], rates[base + 1])]
+    used = "trace" if gains is not None else "even"
+    return spread_slots(total, num_layers, num_experts, top_k, gains), used
+
+
+# ---- the plan --------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
+    """Where experts live: device slots per layer, records in RAM, the rest on disk.
+
+    The first seven fields are the plan as it always was; ``slots_per_layer`` is the smallest
+    per-layer count, so code that sizes every layer alike stays within the plan. The engine
+    sizes layer l's slots by ``layer_slots[l]``, the RAM tier by ``host_experts`` in the pinned
+    blocks ``host_chunks`` (CUDA; () means one unpinned buffer), and on CUDA checks the plan
+    against the real free memory with ``fit_to_free``."""
+
     dense_bytes: int
     kv_cache_bytes: int
     expert_bytes: int  # one expert record
     experts_total: int
-    slots_per_layer: int  # device slots for each layer
+    slots_per_layer: int  # device slots of the layer with the fewest
     host_experts: int  # records held in RAM
     num_layers: int
+    layer_slots: tuple[int, ...] = ()  # device slots of each layer (() at construction: all slots_per_layer)
+    top_k: int = 1  # experts per token: the fewest slots a layer may have
+    reserve: RuntimeReserve = RuntimeReserve()  # device bytes kept for the runtime (CUDA)
+    host_chunks: tuple[int, ...] = ()  # records per pinned block of the RAM tier; (): not pinned
+    host_limit: int | None = None  # the RAM budget the tier was sized for (None: every record)
+    spread: str = "even"  # how slots above slots_per_layer were placed: "even" or "trace"
+
+    def __post_init__(self) -> None:
+        if not self.layer_slots:
+            object.__setattr__(self, "layer_slots", (self.slots_per_layer,) * self.num_layers)
+        object.__setattr__(self, "layer_slots", tuple(int(s) for s in self.layer_slots))
+        if len(self.layer_slots) != self.num_layers or min(self.layer_slots) != self.slots_per_layer:
+            raise ValueError(
+                f"layer_slots {self.layer_slots}: expected {self.num_layers} counts, "
+                f"the smallest {self.slots_per_layer}"
+            )
+        if self.host_chunks and sum(self.host_chunks) != self.host_experts:
+            raise ValueError(f"host_chunks {self.host_chunks} do not add up to {self.host_experts} records")
+
+    @property
+    def experts_per_layer(self) -> int:
+        """Experts each layer has (E)."""
+        return self.experts_total // self.num_layers
+
+    @property
+    def device_slots(self) -> int:
+        return sum(self.layer_slots)
+
+    @property
+    def max_slots_per_layer(self) -> int:
+        return max(self.layer_slots)
 
     @property
     def device_expert_bytes(self) -> int:
-        return self.slots_per_layer * self.num_layers * self.expert_bytes
+        return self.device_slots * self.expert_bytes
+
+    @property
+    def reserve_bytes(self) -> int:
+        return self.reserve.total
 
     @property
     def device_bytes(self) -> int:
-        return self.dense_bytes + self.kv_cache_bytes + self.device_expert_bytes
+        """Dense weights + KV cache + expert slots + the runtime reserve."""
+        return self.dense_bytes + self.kv_cache_bytes + self.device_expert_bytes + self.reserve.total
+
+    @property
+    def host_pinned(self) -> bool:
+        return bool(self.host_chunks)
+
+    @property
+    def host_raw_bytes(self) -> int:
+        return self.host_experts * self.expert_bytes
 
     @property
     def host_bytes(self) -> int:
-        return self.host_experts * self.expert_bytes
+        """RAM the tier takes: pinned blocks as the host allocator rounds them, else the records."""
+        if self.host_chunks:
+            return PinnedChunks(self.host_chunks, self.expert_bytes).pinned_bytes
+        return self.host_raw_bytes
 
     @property
     def disk_tier(self) -> bool:
         """Whether some misses will read the source on disk."""
-        return self.slots_per_layer * self.num_layers < self.experts_total and self.host_experts < self.experts_total
+        return self.device_slots < self.experts_total and self.host_experts < self.experts_total
+
+    def slots_text(self, sep: str = "/") -> str:
+        """Slots per layer of E: "3/8", or "2-3/8" when layers differ (``sep`` " of " for prose)."""
+        low, high = self.slots_per_layer, self.max_slots_per_layer
+        return f"{low}{sep}{self.experts_per_layer}" if low == high else f"{low}-{high}{sep}{self.experts_per_layer}"
+
+    def slots_phrase(self, where: str = "on the device", sep: str = "/") -> str:
+        """"3/8 experts per layer on the device", or "2-3/8 experts per layer on the device (2.72
+        on average)" when layers differ."""
+        average = "" if self.max_slots_per_layer == self.slots_per_layer else (
+            f" ({self.device_slots / self.num_layers:.2f} on average)")
+        return f"{self.slots_text(sep)} experts per layer {where}{average}"
 
     def to_dict(self) -> dict:
         return dict(
             asdict(self),
+            layer_slots=list(self.layer_slots),
+            host_chunks=list(self.host_chunks),
+            reserve=self.reserve.to_dict(),
+            device_slots=self.device_slots,
             device_expert_bytes=self.device_expert_bytes,
+            reserve_bytes=self.reserve_bytes,
             device_bytes=self.device_bytes,
+            host_raw_bytes=self.host_raw_bytes,
             host_bytes=self.host_bytes,
+            host_pinned=self.host_pinned,
             disk_tier=self.disk_tier,
         )
 
     def describe(self) -> str:
-        total = self.experts_total // self.num_layers
+        pinned = " pinned" if self.host_pinned else ""
         return (
-            f"{self.slots_per_layer}/{total} experts per layer on the device "
-            f"({format_bytes(self.device_expert_bytes)}), {self.host_experts}/{self.experts_total} in RAM "
-            f"({format_bytes(self.host_bytes)}){', rest read from disk' if self.disk_tier else ''}"
+            f"{self.slots_phrase()}, {format_bytes(self.device_expert_bytes)}; "
+            f"{self.host_experts}/{self.experts_total} in RAM ({format_bytes(self.host_bytes)}{pinned})"
+            f"{', rest read from disk' if self.disk_tier else ''}"
         )
 
 
@@ -127,6 +545,11 @@ def plan_memory(
     experts_per_layer: int | None = None,
     ram_available: int | None = None,
     dense: int | None = None,
+    device_type: str | torch.device = "cpu",
+    expert_format: quant.WeightFormat | str | None = None,
+    attn_format: quant.WeightFormat | str | None = None,
+    prefill_tokens: int = PREFILL_CHUNK_TOKENS,
+    spread: str = "auto",
 ) -> MemoryPlan:
     """Slots per layer from ``experts_per_layer`` or the ``vram`` budget; RAM records from ``ram``.
 
@@ -134,35 +557,105 @@ def plan_memory(
     expert, or as many as fit in ``ram_available`` bytes when that is given. ``dense`` replaces
     ``dense_bytes(config, dtype)`` when the dense weights are not all in ``dtype`` (quantized
     attention: ``dense_bytes_by_class``).
-    """
+
+    ``device_type`` "cuda" counts ``runtime_reserve`` inside the device budget (the minimum and
+    ``vram`` both include it; ``expert_format`` / ``attn_format`` name the formats, or, left
+    None, are taken as quantized when ``expert_bytes`` / ``dense`` are below their plain size)
+    and sizes the RAM tier in pinned blocks (``pinned_chunks``), counting the bytes the host
+    allocator takes. "cpu" (the default, as before) has no reserve and no pinning.
+
+    ``experts_per_layer`` gives every layer the same count. A ``vram`` budget buys as many
+    slots as fit: every layer gets the same share, and the slots left over go one each to some
+    layers (``spread``: "auto" = "trace" for a Mixtral-8x7B-shaped model while the shared
+    traces are there, the layers whose LRU hit rate gains most from one more slot; "even"
+    otherwise, layers spread evenly; "trace" asks for the traces whatever the shape, when the
+    layer count matches). Deterministic either way."""
     c = config
     L, E, K = c.num_hidden_layers, c.num_local_experts, c.num_experts_per_tok
+    kind = _device_type(device_type)
     dense = dense_bytes(c, dtype) if dense is None else dense
     kv = kv_cache_bytes(c, context, dtype)
-    fixed = dense + kv
+    if kind == "cuda":
+        plain = str(dtype).removeprefix("torch.")  # quant.get_format reads dtype names
+        if expert_format is None:
+            plain_expert = 3 * c.hidden_size * c.intermediate_size * _itemsize(dtype)
+            expert_format = "nf4" if expert_bytes < plain_expert else plain
+        if attn_format is None:
+            attn_format = "nf4" if dense < dense_bytes(c, dtype) else plain
+        reserve = runtime_reserve(
+            c, dtype, expert_format, attn_format, kind, context=context, prefill_tokens=prefill_tokens
+        )
+    else:
+        reserve = RuntimeReserve(kind, 0, ())
+    fixed = dense + kv + reserve.total
     minimum = fixed + L * K * expert_bytes
+    if spread not in SPREADS:
+        raise SettingError(f"slot spread {spread!r}: expected one of {', '.join(SPREADS)}")
+    used = "even"
     if experts_per_layer is not None:
         if not K <= experts_per_layer <= E:
             raise BudgetError(f"--experts-per-layer {experts_per_layer}: must be in [{K}, {E}] (top-k to all experts)")
-        slots = experts_per_layer
+        layer_slots = (experts_per_layer,) * L
     elif vram is not None:
         if vram < minimum:
+            extra = f" + runtime reserve {format_bytes(reserve.total)}" if reserve.total else ""
             raise BudgetError(
                 f"--vram {format_bytes(vram)} is below the minimum {format_bytes(minimum)}: dense weights "
                 f"{format_bytes(dense)} + KV cache {format_bytes(kv)} at context {context} + top-{K} experts "
-                f"for each of {L} layers ({format_bytes(L * K * expert_bytes)})"
+                f"for each of {L} layers ({format_bytes(L * K * expert_bytes)}){extra}"
             )
-        slots = min(E, (vram - fixed) // (L * expert_bytes))
+        by_trace = spread == "trace" or (spread == "auto" and is_mixtral_8x7b_shape(c))
+        layer_slots, used = _layer_slots(min(L * E, (vram - fixed) // expert_bytes), L, E, K, by_trace)
     else:
-        slots = E
+        layer_slots = (E,) * L
     total = L * E
-    if slots == E:
-        host = 0  # everything lives on the device; nothing to stage in RAM
-    elif ram is None:
-        host = total if ram_available is None else max(0, min(total, ram_available // expert_bytes))
+    limit = ram if ram is not None else ram_available
+    if min(layer_slots) == E:
+        host, chunks = 0, ()  # everything lives on the device; nothing to stage in RAM
     else:
-        host = min(total, ram // expert_bytes)
-    return MemoryPlan(dense, kv, expert_bytes, total, slots, host, L)
+        host, chunks = _host_tier(total, expert_bytes, limit, kind == "cuda")
+    return MemoryPlan(
+        dense, kv, expert_bytes, total, min(layer_slots), host, L,
+        layer_slots=layer_slots, top_k=K, reserve=reserve, host_chunks=chunks, host_limit=limit, spread=used,
+    )
+
+
+def fit_to_free(plan: MemoryPlan, free: int) -> tuple[MemoryPlan, str | None]:
+    """The plan clamped to the device memory really free, for the engine to call at load on
+    CUDA after the dense weights and the KV cache are allocated and before the expert slots
+    are: ``free`` is ``torch.cuda.mem_get_info()[0]`` then. The slots must fit in ``free`` less
+    the reserve's terms still to come (``RuntimeReserve.working``: all but the CUDA context,
+    which is already taken). Returns ``(plan, None)`` when they fit; otherwise a plan with as
+    many slots as fit, spread over the layers by the plan's own rule (``MemoryPlan.spread``),
+    and a one-line note naming the numbers. A RAM tier that
+    was left empty because every expert had a slot is sized again from ``plan.host_limit``.
+    Raises BudgetError, naming the numbers, when not even top-k slots per layer fit."""
+    working = plan.reserve.working
+    available = free - working
+    if plan.device_expert_bytes <= available:
+        return plan, None
+    L, K, E = plan.num_layers, plan.top_k, plan.experts_per_layer
+    slots = min(plan.device_slots, max(0, available) // plan.expert_bytes)
+    if slots < L * K:
+        raise BudgetError(
+            f"device: {format_bytes(free)} free after dense weights and KV cache, less {format_bytes(working)} "
+            f"for the runtime, holds {slots} expert slots of {format_bytes(plan.expert_bytes)}; top-{K} for each "
+            f"of {L} layers needs {L * K} ({format_bytes(L * K * plan.expert_bytes)})"
+        )
+    layer_slots, used = _layer_slots(slots, L, E, K, plan.spread == "trace")
+    host, chunks, limit = plan.host_experts, plan.host_chunks, plan.host_limit
+    if host == 0 and plan.slots_per_layer == E:  # the RAM tier had nothing to hold; now it has
+        host, chunks = _host_tier(plan.experts_total, plan.expert_bytes, limit, plan.reserve.device_type == "cuda")
+    fitted = replace(
+        plan, slots_per_layer=min(layer_slots), layer_slots=layer_slots, host_experts=host, host_chunks=chunks,
+        spread=used,
+    )
+    note = (
+        f"device: {format_bytes(free)} free after dense weights and KV cache, less {format_bytes(working)} for the "
+        f"runtime, holds {slots} expert slots of {format_bytes(plan.expert_bytes)}, not the planned "
+        f"{plan.device_slots}: {fitted.slots_phrase()} instead of {plan.slots_text()}"
+    )
+    return fitted, note
 
 
 # ---- the model plan that `offload info` prints ----------------------------------------------
@@ -238,7 +731,8 @@ def dense_bytes_by_class(
 @dataclass(frozen=True)
 class ModelPlan:
     """Everything ``offload info`` shows: sizes by class, one expert record, and the memory
-    plan for a card (``vram``), or, with no card given, the plan at the minimum card."""
+    plan for a card (``vram``), or ``experts_per_layer`` slots, or, with neither given, the plan
+    at the minimum card. On CUDA every device figure includes the runtime reserve."""
 
     name: str
     config: ModelConfig
@@ -248,11 +742,13 @@ class ModelPlan:
     attn_format: quant.WeightFormat
     dense_by_class: dict[str, int]
     expert_bytes: int  # one expert record (RecordLayout.nbytes)
-    min_vram: int  # dense + KV cache + top-k experts per layer
-    all_resident_vram: int  # dense + KV cache + every expert
-    memory: MemoryPlan  # at ``vram``, or at ``min_vram`` when no vram was given
+    min_vram: int  # dense + KV cache + top-k experts per layer (+ the runtime reserve on CUDA)
+    all_resident_vram: int  # dense + KV cache + every expert (+ the runtime reserve on CUDA)
+    memory: MemoryPlan  # at ``vram`` or ``experts_per_layer``, else at ``min_vram``
     vram: int | None
     ram: int | None
+    device_type: str = "cuda"
+    experts_per_layer: int | None = None
 
     @property
     def dense_bytes(self) -> int:
@@ -264,7 +760,7 @@ class ModelPlan:
 
     @property
     def device_experts(self) -> int:
-        return self.memory.slots_per_layer * self.memory.num_layers
+        return self.memory.device_slots
 
     @property
     def disk_experts(self) -> int:
@@ -292,12 +788,21 @@ class ModelPlan:
             "all_resident_vram_bytes": self.all_resident_vram,
             "vram_bytes": self.vram,
             "ram_bytes": self.ram,
+            "device_type": self.device_type,
+            "experts_per_layer": self.experts_per_layer,
             "slots_per_layer": m.slots_per_layer,
+            "layer_slots": list(m.layer_slots),
+            "slot_spread": m.spread,
             "device_experts": self.device_experts,
             "device_expert_bytes": m.device_expert_bytes,
+            "reserve_bytes": m.reserve_bytes,
+            "reserve": m.reserve.to_dict(),
             "device_bytes": m.device_bytes,
             "host_experts": m.host_experts,
+            "host_raw_bytes": m.host_raw_bytes,
             "host_bytes": m.host_bytes,
+            "host_pinned": m.host_pinned,
+            "host_chunks": list(m.host_chunks),
             "disk_experts": self.disk_experts,
             "config": self.config.to_dict(),
         }
@@ -313,10 +818,16 @@ def plan_model(
     *,
     vram: int | None = None,
     ram: int | None = None,
+    experts_per_layer: int | None = None,
+    device_type: str = "cuda",
+    prefill_tokens: int = PREFILL_CHUNK_TOKENS,
 ) -> ModelPlan:
-    """The plan for ``config`` on a card of ``vram`` bytes with ``ram`` bytes for experts (no
-    ``ram``: RAM holds every expert). Raises BudgetError, naming the minimum, when ``vram`` is
-    below it; with no ``vram`` the plan is the one at the minimum card (top-k slots per layer)."""
+    """The plan for ``config`` on a card of ``vram`` bytes (or with ``experts_per_layer`` slots
+    on every layer) with ``ram`` bytes for experts (no ``ram``: RAM holds every expert). Raises
+    BudgetError, naming the minimum, when ``vram`` is below it; with neither device setting the
+    plan is the one at the minimum card (top-k slots per layer). ``device_type`` "cuda" (a
+    card, the default) counts the runtime reserve and pins the RAM tier (``plan_memory``);
+    "cpu" plans a machine whose slots are RAM."""
     if not 1 <= context <= config.max_position_embeddings:
         raise SettingError(f"--context {context}: must be in [1, {config.max_position_embeddings}]")
     expert_format, attn_format = quant.get_format(expert_format), quant.get_format(attn_format)
@@ -324,12 +835,18 @@ def plan_model(
     record = RecordLayout.for_config(config, expert_format).nbytes
 
     def plan(**budget) -> MemoryPlan:
-        return plan_memory(config, record, dtype, context, ram=ram, dense=sum(by_class.values()), **budget)
+        return plan_memory(
+            config, record, dtype, context, ram=ram, dense=sum(by_class.values()), device_type=device_type,
+            expert_format=expert_format, attn_format=attn_format, prefill_tokens=prefill_tokens, **budget,
+        )
 
     minimum = plan(experts_per_layer=config.num_experts_per_tok)
     everything = plan(experts_per_layer=config.num_local_experts)
-    memory = minimum if vram is None else plan(vram=vram)
+    if experts_per_layer is not None:
+        memory = plan(experts_per_layer=experts_per_layer)
+    else:
+        memory = minimum if vram is None else plan(vram=vram)
     return ModelPlan(
         name, config, dtype, context, expert_format, attn_format, by_class, record,
-        minimum.device_bytes, everything.device_bytes, memory, vram, ram,
+        minimum.device_bytes, everything.device_bytes, memory, vram, ram, _device_type(device_type), experts_per_layer,
     )

@@ -22,6 +22,8 @@ File layout (sizes as strings: "8GiB", "512MiB", "0"):
     h2d_gbps = 25.0                   # host-to-device copy, GB/s
     disk_gbps = 3.5                   # sequential read, GB/s
     cpu_threads = 16
+    mem_gbps = 360.0                  # optional: the device's memory bandwidth, GB/s (published;
+                                      # the CPU's RAM without a GPU), for offload.estimate
     [plan]
     expert_bits = 4                   # 4, 8 or 16
     attn_bits = 4
@@ -98,6 +100,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
         "h2d_gbps": ("float", True),
         "disk_gbps": ("float", True),
         "cpu_threads": ("int", True),
+        "mem_gbps": ("gbps", False),
     },
     "plan": {
         "expert_bits": ("bits", True),
@@ -131,6 +134,7 @@ class Profile:
     plan_vram: str | None = None
     plan_ram: str | None = None
     experts_per_layer: int | None = None
+    mem_gbps: float | None = None  # the device's memory bandwidth, GB/s (None: not stated)
     comment: str = ""
     source: str = ""  # the file it was read from ("" when built in memory)
 
@@ -162,11 +166,15 @@ class Profile:
     def tables(self) -> dict[str, dict[str, Any]]:
         """The file's two tables, optional fields left out when unset."""
         machine = dict(gpu=self.gpu, vram=self.vram, ram=self.ram, h2d_gbps=float(self.h2d_gbps),
-                       disk_gbps=float(self.disk_gbps), cpu_threads=self.cpu_threads)
+                       disk_gbps=float(self.disk_gbps), cpu_threads=self.cpu_threads,
+                       mem_gbps=None if self.mem_gbps is None else float(self.mem_gbps))
         plan = dict(expert_bits=self.expert_bits, attn_bits=self.attn_bits, vram=self.plan_vram,
                     ram=self.plan_ram, experts_per_layer=self.experts_per_layer, context=self.context,
                     policy=self.policy, prefetch_depth=self.prefetch_depth)
-        return {"machine": machine, "plan": {k: v for k, v in plan.items() if v is not None}}
+        return {
+            "machine": {k: v for k, v in machine.items() if v is not None},
+            "plan": {k: v for k, v in plan.items() if v is not None},
+        }
 
 
 # ---- reading and checking ----------------------------------------------------------------------
@@ -204,6 +212,10 @@ def _check_value(where: str, kind: str, value: Any) -> Any:
     elif kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise SettingError(f"{where}: expected a number >= 0, got {value!r}")
+        value = float(value)
+    elif kind == "gbps":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise SettingError(f"{where}: expected a bandwidth in GB/s > 0, got {value!r}")
         value = float(value)
     elif kind == "int":
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -243,7 +255,7 @@ def profile_from_dict(data: dict[str, Any], source: str = "<profile>", name: str
         disk_gbps=m["disk_gbps"], cpu_threads=m["cpu_threads"], expert_bits=p["expert_bits"],
         attn_bits=p["attn_bits"], context=p["context"], policy=p["policy"],
         prefetch_depth=p["prefetch_depth"], plan_vram=p.get("vram"), plan_ram=p.get("ram"),
-        experts_per_layer=p.get("experts_per_layer"), comment=comment, source=source,
+        experts_per_layer=p.get("experts_per_layer"), mem_gbps=m.get("mem_gbps"), comment=comment, source=source,
     )
     if profile.plan_vram is not None and profile.experts_per_layer is not None:
         raise SettingError(f"{source}: plan.experts_per_layer: give plan.vram or plan.experts_per_layer, not both")
@@ -451,7 +463,10 @@ def does_it_fit(profile: Profile, machine: dict[str, Any]) -> None:
 
 
 def machine_profile(machine: dict[str, Any], plan: Profile, name: str = "this-machine", comment: str = "") -> Profile:
-    """``plan``'s [plan] with ``machine``'s (probe_machine) figures as the [machine] table."""
+    """``plan``'s [plan] with ``machine``'s (probe_machine) figures as the [machine] table; the
+    memory bandwidth, which the probe does not measure, is the machine's ``mem_gbps`` when it
+    has one, else ``plan``'s when its GPU is this machine's, else unstated."""
+    mem_gbps = machine.get("mem_gbps") or (plan.mem_gbps if plan.gpu == machine["gpu"] else None)
     return replace(
         plan,
         name=name,
@@ -461,6 +476,7 @@ def machine_profile(machine: dict[str, Any], plan: Profile, name: str = "this-ma
         h2d_gbps=round(machine["h2d_gbps"] or 0.0, 2),
         disk_gbps=round(machine["disk_gbps"] or 0.0, 2),
         cpu_threads=int(machine["cpu_threads"]),
+        mem_gbps=mem_gbps,
         comment=comment or plan.comment,
         source="",
     )

@@ -10,13 +10,19 @@ not: the profile file format or the machine probe (profile.py), nor a benchmark.
 The fit rule (``fit_profile``), for a profile picked automatically: try the widest weights first,
 16 bits, then 8, then the profile's own ``expert_bits`` (attention at the same width, never
 narrower than the profile's ``attn_bits``); the first width at which the model fits the profile's
-budgets wins. The device holds ``plan.vram`` (default ``machine.vram``; on a machine without a GPU,
+budgets wins. On a GPU a width wider than the profile's wins only when it makes every expert
+resident: with a cache the narrow experts move fewer bytes per miss and fit more slots, and
+int8 experts are slow there besides (the int8 path casts each whole matrix to bf16 on every
+call), so nf4 with a cache beats 8 or 16 bits with one. Without a GPU the first width that fits
+wins, cache or not. The device holds ``plan.vram`` (default ``machine.vram``; on a machine without a GPU,
 ``machine.ram``), the RAM tier ``plan.ram`` (default ``machine.ram``), each scaled from the
 profile's machine to this one (the same share of its memory), or replaced by ``--vram``,
 ``--ram``, ``--experts-per-layer`` when given; "fits" means the dense
-weights, the KV cache at the profile's context and top-k experts per layer fit on the device, and
-every other expert has a place on the device or in RAM (no disk reads; without a GPU, device and
-RAM tier share ``machine.ram``). When every expert fits on the device at that width, the plan
+weights, the KV cache at the profile's context, top-k experts per layer and, on a GPU, the
+runtime reserve (``offload.plan.runtime_reserve``) fit on the device, and
+every other expert has a place on the device or in RAM (no disk reads; on a GPU the RAM tier is
+counted in pinned blocks as the host allocator rounds them; without a GPU, device and RAM tier
+share ``machine.ram``). When every expert fits on the device at that width, the plan
 has no budget at all (every expert resident, no cache), policy ``auto`` and a plain run's
 context, as a run without a profile. A profile given by name keeps its plan exactly as written.
 """
@@ -107,23 +113,30 @@ def fit_profile(
         ram_budget, ram_field = ram, "--ram"
     I, D = config.intermediate_size, config.hidden_size
     expert_shapes, attn_shapes = ((I, D), (D, I)), tuple(attention_shapes(config).values())
-    E = config.num_local_experts
+    fixed_width = expert_bits is not None or expert_format is not None
+    widths = _widths(profile, expert_bits, attn_bits)
+    if expert_format is not None:  # a pack's format: the bits the profile says must be its own
+        fixed = quant.get_format(expert_format)
+        own = 16 if fixed.kind == "plain" else fixed.bits
+        widths = list(dict.fromkeys((own, attn) for _, attn in widths))
     why = ""
-    for bits, attn in _widths(profile, expert_bits, attn_bits):
+    for bits, attn in widths:
         if expert_format is not None:
             expert_fmt = quant.get_format(expert_format)
         else:
             expert_fmt = quant.format_for_bits(bits, dtype, device_type, expert_shapes, "--expert-bits")
         attn_fmt = quant.format_for_bits(attn, dtype, device_type, attn_shapes, "--attn-bits")
-        plan = plan_model(model_name, config, dtype, context, expert_fmt, attn_fmt)
+        plan = plan_model(model_name, config, dtype, context, expert_fmt, attn_fmt, device_type=device_type)
         what = _bits_text(expert_fmt, bits, attn, expert_format is not None)
         fitted = replace(profile, expert_bits=bits, attn_bits=attn)
-        resident = plan_model(model_name, config, dtype, plain_context, expert_fmt, attn_fmt)
+        resident = plan_model(model_name, config, dtype, plain_context, expert_fmt, attn_fmt, device_type=device_type)
         if resident.all_resident_vram <= device_budget and slots is None:  # as a run without a profile
             none = replace(
                 fitted, plan_vram=None, plan_ram=None, experts_per_layer=None, policy="auto", context=plain_context
             )
             return none, f"{what}, every expert resident, no budget"
+        if profile.has_gpu and not fixed_width and bits > profile.expert_bits:
+            continue  # on a GPU a wider width is taken only when it makes every expert resident
         if plan.min_vram > device_budget:
             why = (f"{device_field}: {model_name} needs at least {format_bytes(plan.min_vram)} on the device "
                    f"at {what}; the budget is {format_bytes(device_budget)}")
@@ -133,7 +146,8 @@ def fit_profile(
         else:
             budget = dict(vram=device_budget)
         memory = plan_memory(
-            config, plan.expert_bytes, dtype, context, ram=ram_budget, dense=plan.dense_bytes, **budget
+            config, plan.expert_bytes, dtype, context, ram=ram_budget, dense=plan.dense_bytes,
+            device_type=device_type, expert_format=expert_fmt, attn_format=attn_fmt, **budget,
         )
         if memory.device_bytes > device_budget:
             why = (f"{device_field}: {model_name} needs {format_bytes(memory.device_bytes)} on the device for "
@@ -152,26 +166,30 @@ def fit_profile(
             experts_per_layer=slots,
             plan_ram=None if profile.plan_ram is None and ram is None else _size_text(ram_budget),
         )
-        return budgeted, f"{what}, {memory.slots_per_layer}/{E} experts per layer on the device, the rest in RAM"
+        return budgeted, f"{what}, {memory.slots_phrase()}, the rest in RAM"
     raise BudgetError(f"{where}: {why}")
 
 
-def model_shape(model: str | Path) -> tuple[ModelConfig, quant.WeightFormat | None, torch.dtype | None]:
-    """(config, a pack's expert format, a plain pack's dtype) of a checkpoint, pack or hub id
-    in the local cache; only config.json and a pack's manifest are read."""
+def model_shape(
+    model: str | Path,
+) -> tuple[ModelConfig, quant.WeightFormat | None, torch.dtype | None, int | None]:
+    """(config, a pack's expert format, a plain pack's dtype, the width of a pack's quantized
+    attention or None) of a checkpoint, pack or hub id in the local cache; only config.json and
+    a pack's manifest are read."""
     from offload.hub import resolve_model
     from offload.pack import Pack, is_pack
 
     path = resolve_model(model)
     config = ModelConfig.from_dir(path)
     if not is_pack(path):
-        return config, None, None
+        return config, None, None, None
     pack = Pack(path)
     try:
-        layout = pack.layout
+        layout, attention = pack.layout, pack.attn_format
     finally:
         pack.close()
-    return config, layout.fmt, layout.dtype if layout.plain else None
+    attn_bits = None if attention is None or attention.kind == "plain" else (8 if attention.kind == "int8" else 4)
+    return config, layout.fmt, layout.dtype if layout.plain else None, attn_bits
 
 
 def auto_profile(
@@ -201,11 +219,12 @@ def auto_profile(
         profile = best_shipped_profile(torch_device)
         if machine is None:
             machine = probe_machine(device=str(torch_device), copy_bytes=0)
-        config, pack_format, pack_dtype = model_shape(model)
+        config, pack_format, pack_dtype, pack_attn_bits = model_shape(model)
         torch_dtype = parse_dtype(dtype) if dtype is not None else pack_dtype or parse_dtype(DEFAULT_DTYPE)
         fitted, how = fit_profile(
             profile, config, dtype=torch_dtype, context=context,
-            expert_format=pack_format or expert_format, expert_bits=expert_bits, attn_bits=attn_bits,
+            expert_format=pack_format or expert_format, expert_bits=expert_bits,
+            attn_bits=attn_bits or pack_attn_bits,  # a pack's quantized attention is fixed, like its experts
             vram=None if vram is None else parse_bytes(vram, "--vram"),
             ram=None if ram is None else parse_bytes(ram, "--ram"),
             experts_per_layer=experts_per_layer, machine=machine, model_name=Path(str(model)).name or str(model),

@@ -235,14 +235,6 @@ def test_profiles_set_the_plan_and_flags_win(model_dirs, tmp_path):
     assert bad.exit_code == 2 and len(bad.stderr.strip().splitlines()) == 1 and "no-such-card" in bad.stderr
 
 
-@pytest.mark.parametrize("profile, slots", [("rtx-4060-8gb", 2), ("rtx-3060-12gb", 3), ("rtx-4090-24gb", 7)])
-def test_info_plans_mixtral_for_each_shipped_card(profile, slots):
-    result = run("info", "mixtral-8x7b", "--profile", profile, "--json")
-    assert result.exit_code == 0, result.output
-    plan = json.loads(result.stdout)
-    assert plan["slots_per_layer"] == slots and plan["expert_format"] == "nf4" and plan["disk_experts"] == 0
-
-
 def test_the_automatic_profile_is_named_and_changes_no_tokens(model_dirs):
     """No --profile: the best shipped profile for the device, fitted to this small model (16-bit,
     every expert resident), named on one stderr line; the tokens are a plain engine's."""

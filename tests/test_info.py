@@ -24,6 +24,7 @@ from offload.plan import (
 )
 from offload.quant import matrix_bytes
 from tests.model_builder import WIDE, WINDOWED
+from tests.test_plan import mixtral_reserve_by_hand
 
 GiB = 2**30
 # Mixtral-8x7B by hand: D 4096, I 14336, 32 layers, 32 query / 8 KV heads of 128, vocab 32000.
@@ -35,6 +36,9 @@ BF16_DENSE = 2 * (
     + 32 * 8 * 4096  # routers
 )  # 3,211,272,192
 KV_4096 = 2 * 32 * 8 * 4096 * 128 * 2  # K and V, bf16: 512 MiB
+# The runtime reserve on a card (offload.plan.runtime_reserve), its terms written out by hand.
+RESERVE_BF16 = sum(mixtral_reserve_by_hand(4096, 256, quantized=False).values())  # 1,201,451,520
+RESERVE_NF4 = sum(mixtral_reserve_by_hand(4096, 256, quantized=True).values())  # + 112 MiB dequantized
 
 
 def cli_app() -> typer.Typer:
@@ -57,6 +61,13 @@ def info_json(*args: str) -> dict:
     result = run(*args, "--json")
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
+
+
+def summary_line(result) -> str:
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1].startswith("estimate: ") or not any(line.startswith("estimate") for line in lines)
+    return next(line for line in reversed(lines) if not line.startswith("estimate: "))
 
 
 @pytest.fixture(scope="module")
@@ -105,32 +116,34 @@ def test_bf16_sizes_by_hand():
     assert out["experts_total_bytes"] == 256 * BF16_EXPERT
     assert out["dense_bytes"] == BF16_DENSE == sum(out["dense_bytes_by_class"].values())
     assert out["kv_cache_bytes"] == KV_4096
-    assert out["min_vram_bytes"] == BF16_DENSE + KV_4096 + 32 * 2 * BF16_EXPERT
-    assert out["all_resident_vram_bytes"] == BF16_DENSE + KV_4096 + 256 * BF16_EXPERT
+    assert RESERVE_BF16 == 1_201_451_520 and out["reserve_bytes"] == RESERVE_BF16
+    assert out["min_vram_bytes"] == BF16_DENSE + KV_4096 + 32 * 2 * BF16_EXPERT + RESERVE_BF16
+    assert out["all_resident_vram_bytes"] == BF16_DENSE + KV_4096 + 256 * BF16_EXPERT + RESERVE_BF16
     assert out["vram_bytes"] is None and out["slots_per_layer"] == 2  # no card: the plan at the minimum
+    assert out["estimate"] is None  # no budget, no profile: no speed to estimate
 
 
 def test_12gib_card_with_32gib_ram_holds_4bit_mixtral_without_disk():
     args = ("mixtral-8x7b", "--vram", "12GiB", "--ram", "32GiB", "--expert-bits", "4")
     out = info_json(*args)
     record = RecordLayout.for_config(builtin_model("mixtral-8x7b")[1], "nf4").nbytes
-    slots = (12 * GiB - BF16_DENSE - KV_4096) // (32 * record)  # 2.88 -> 2
-    assert out["slots_per_layer"] == slots == 2 and out["device_experts"] == 64
+    slots = (12 * GiB - BF16_DENSE - KV_4096 - RESERVE_NF4) // record  # 78.9 -> 78: 2 a layer, 14 spare
+    assert out["device_experts"] == slots == 78 and sum(out["layer_slots"]) == 78
+    assert out["slots_per_layer"] == 2 and sorted(set(out["layer_slots"])) == [2, 3]
     assert out["host_experts"] == 256 and out["disk_experts"] == 0
-    assert out["device_bytes"] == BF16_DENSE + KV_4096 + 64 * record <= 12 * GiB
-    text = run(*args)
-    assert text.exit_code == 0, text.output
-    line = text.stdout.strip().splitlines()[-1]
+    assert out["host_bytes"] == 24 * GiB and out["host_raw_bytes"] == 256 * record  # pinned blocks, not 32 GiB
+    assert out["device_bytes"] == BF16_DENSE + KV_4096 + 78 * record + RESERVE_NF4 <= 12 * GiB
+    line = summary_line(run(*args))
     assert line.startswith("A 12 GiB card with 32 GiB of RAM holds Mixtral-8x7B")
-    assert "2 of 8 experts per layer on the GPU" in line and "no disk reads" in line
+    assert "2-3 of 8 experts per layer on the GPU (2.44 on average)" in line and "no disk reads" in line
 
 
 def test_small_ram_needs_the_disk_tier():
     out = info_json("mixtral-8x7b", "--vram", "12GiB", "--ram", "8GiB", "--expert-bits", "4")
     record = out["expert_bytes"]
-    assert out["host_experts"] == 8 * GiB // record
+    assert out["host_experts"] == 8 * GiB // record  # one pinned block of exactly 8 GiB holds them
     assert out["disk_experts"] == 256 - out["host_experts"] > 0
-    line = run("mixtral-8x7b", "--vram", "12GiB", "--ram", "8GiB", "--expert-bits", "4").stdout.strip().splitlines()[-1]
+    line = summary_line(run("mixtral-8x7b", "--vram", "12GiB", "--ram", "8GiB", "--expert-bits", "4"))
     assert f"{out['disk_experts']} are read from disk" in line
 
 
@@ -163,7 +176,7 @@ def test_mixtral_8x22b_is_built_in():
 
 @pytest.mark.parametrize(
     "args",
-    [["--vram", "1GiB"], ["--vram", "9GiB", "--expert-bits", "4"]],
+    [["--vram", "1GiB"], ["--vram", "10.6GiB", "--expert-bits", "4"]],
     ids=["bf16 on 1 GiB", "nf4 just under the minimum"],
 )
 def test_too_small_a_card_exits_2_naming_the_minimum(args):
@@ -185,7 +198,7 @@ def test_user_errors_are_one_line_and_exit_2(bad):
 def test_checkpoint_directory(model_dirs):
     d = model_dirs[WINDOWED.name]
     config = ModelConfig.from_dir(d)
-    out = info_json(str(d), "--ram", "0", "--vram", "64MiB")
+    out = info_json(str(d), "--ram", "0", "--vram", "1GiB")  # a tiny model, and the card's runtime reserve
     assert out["model"] == d.name and out["context"] == 512  # the model's maximum, below 4096
     assert out["expert_format"] == "bf16"
     assert out["expert_bytes"] == RecordLayout.for_config(config, torch.bfloat16).nbytes
@@ -225,3 +238,39 @@ def test_plan_memory_dense_override_keeps_the_default():
     smaller = plan_memory(config, BF16_EXPERT, torch.bfloat16, 4096, vram=40 * GiB, dense=BF16_DENSE - 2 * GiB)
     assert plain == same and plain.dense_bytes == BF16_DENSE
     assert smaller.dense_bytes == BF16_DENSE - 2 * GiB and smaller.slots_per_layer >= plain.slots_per_layer
+
+
+@pytest.mark.parametrize("profile", ["rtx-3060-12gb", "rtx-4090-24gb", "t4-16gb"])
+def test_info_plans_mixtral_for_each_shipped_card(profile):
+    """A shipped card's plan by hand: its plan.vram less dense weights (nf4 attention), KV cache
+    and the runtime reserve (its dequantized-weight term is the nf4 expert's 112 MiB, larger than
+    any attention matrix), in nf4 expert records; RAM holds all 256 in 24 GiB of pinned blocks."""
+    from offload.profile import load_profile
+
+    p = load_profile(profile)
+    config = builtin_model("mixtral-8x7b")[1]
+    record = RecordLayout.for_config(config, "nf4").nbytes
+    dense = sum(dense_bytes_by_class(config, torch.bfloat16, "nf4").values())
+    kv = kv_cache_bytes(config, p.context, torch.bfloat16)
+    reserve = sum(mixtral_reserve_by_hand(p.context, 256, quantized=True).values())
+    slots = (p.plan_vram_bytes - dense - kv - reserve) // record
+    out = info_json("mixtral-8x7b", "--profile", profile)
+    assert (out["expert_format"], out["attn_format"], out["device_type"]) == ("nf4", "nf4", "cuda")
+    assert out["device_experts"] == slots and out["slots_per_layer"] == slots // 32
+    assert max(out["layer_slots"]) == slots // 32 + (slots % 32 > 0)
+    assert out["disk_experts"] == 0 and out["host_bytes"] == 24 * GiB
+    assert out["estimate"]["tokens_per_s"] > 0 and out["estimate"]["summary"].startswith("estimate: ")
+
+
+def test_the_8_gb_card_no_longer_holds_mixtral():
+    """The 4060's 7.4 GiB plan: top-2 nf4 experts per layer, dense weights and KV cache at
+    context 1024 take 7.23 GiB, and the runtime reserve does not fit beside them."""
+    result = run("mixtral-8x7b", "--profile", "rtx-4060-8gb")
+    assert result.exit_code == 2 and "below the minimum" in result.output and "runtime reserve" in result.output
+
+
+def test_info_plans_the_cpu_profile_resident_on_the_cpu():
+    out = info_json("mixtral-8x7b", "--profile", "cpu-only")
+    assert out["device_type"] == "cpu" and out["reserve_bytes"] == 0
+    assert out["slots_per_layer"] == 8 and out["host_experts"] == 0 and out["experts_per_layer"] == 8
+    assert out["estimate"]["hit_source"] == "every expert resident" and out["estimate"]["load_s"] == 0

@@ -127,16 +127,38 @@ def test_chat_runs_with_the_profile_that_offload_profile_wrote(tmp_path, monkeyp
 
 
 def test_fit_mixtral_on_a_3060_keeps_the_4_bit_plan_with_a_cache_budget():
+    import torch
+
+    from offload.experts.record import RecordLayout
+    from offload.plan import builtin_model, dense_bytes_by_class, kv_cache_bytes
+    from offload.profile_fit import fit_profile
+    from tests.test_plan import mixtral_reserve_by_hand
+
+    name, config = builtin_model("mixtral-8x7b")
+    fitted, reason = fit_profile(load_profile("rtx-3060-12gb"), config, model_name=name)
+    assert (fitted.expert_bits, fitted.attn_bits) == (4, 4)  # 8 and 16 bits would not be resident
+    assert (fitted.plan_vram, fitted.plan_ram, fitted.context) == ("11GiB", "24GiB", 4096)
+    # by hand: 11 GiB less dense weights (nf4 attention), the KV cache and the runtime reserve
+    dense = sum(dense_bytes_by_class(config, torch.bfloat16, "nf4").values())
+    spare = 11 * 2**30 - dense - kv_cache_bytes(config, 4096, torch.bfloat16)
+    record = RecordLayout.for_config(config, "nf4").nbytes
+    slots = (spare - sum(mixtral_reserve_by_hand(4096, 256, True).values())) // record
+    assert slots == 87  # 2 a layer and 23 spare (3 a layer before the reserve was counted)
+    assert reason == f"4-bit weights, 2-3/8 experts per layer on the device ({87 / 32:.2f} on average), the rest in RAM"
+    fitted, reason = fit_profile(load_profile("cpu-only"), config, model_name=name)
+    assert fitted.expert_bits == 4 and fitted.plan_vram is None and "every expert resident" in reason
+
+
+def test_fit_mixtral_on_the_8_gb_card_fails_naming_the_budget():
+    """Top-2 nf4 experts a layer, dense weights and the KV cache take 7.23 GiB at context 1024;
+    with the runtime reserve (922 MiB) the 4060's 7.4 GiB plan holds no plan at any width."""
+    from offload.errors import BudgetError
     from offload.plan import builtin_model
     from offload.profile_fit import fit_profile
 
     name, config = builtin_model("mixtral-8x7b")
-    fitted, reason = fit_profile(load_profile("rtx-3060-12gb"), config, model_name=name)
-    assert (fitted.expert_bits, fitted.attn_bits) == (4, 4)  # 8 and 16 bits do not fit 11 GiB + 24 GiB
-    assert (fitted.plan_vram, fitted.plan_ram, fitted.context) == ("11GiB", "24GiB", 4096)
-    assert "3/8 experts per layer" in reason and "\n" not in reason
-    fitted, reason = fit_profile(load_profile("cpu-only"), config, model_name=name)
-    assert fitted.expert_bits == 4 and fitted.plan_vram is None and "every expert resident" in reason
+    with pytest.raises(BudgetError, match=r"plan.vram: Mixtral-8x7B needs at least 8.13 GiB .* 7.40 GiB"):
+        fit_profile(load_profile("rtx-4060-8gb"), config, model_name=name)
 
 
 @pytest.mark.parametrize("profile", ["cpu-only", "rtx-4060-8gb", "rtx-4090-24gb"])
@@ -216,19 +238,19 @@ def test_an_installed_wheel_finds_its_profiles(tmp_path):
 
 def test_fit_scales_the_profile_to_a_bigger_machine_and_keeps_a_plain_context():
     """An 80 GiB card picks the 24 GB profile, whose budgets scale to the card (22.5 of 24 GiB
-    -> 75 GiB): with 256 GiB of RAM Mixtral-8x7B runs at 16 bits, 6 of 8 experts per layer on
-    the card; with 64 GiB the 16-bit experts have no room in RAM, and at 8 bits every expert
-    fits on the card: no budget, and a plain run's context."""
+    -> 75 GiB). 16-bit experts would need a cache there (every one needs 84 GiB), and on a GPU
+    a width wider than the profile's wins only when it makes every expert resident; at 8 bits
+    every expert fits on the card: no budget and a plain run's context, with 256 GiB of RAM or
+    64. The 3060's own size keeps its plan as written."""
     from offload.plan import builtin_model
     from offload.profile_fit import fit_profile
 
     name, config = builtin_model("mixtral-8x7b")
     profile = load_profile("rtx-4090-24gb")
-    fitted, reason = fit_profile(profile, config, model_name=name, machine={"vram": 80 * 2**30, "ram": 256 * 2**30})
-    assert (fitted.expert_bits, fitted.plan_vram) == (16, "75GiB") and "6/8 experts per layer" in reason
-    fitted, reason = fit_profile(profile, config, model_name=name, machine={"vram": 80 * 2**30, "ram": 64 * 2**30})
-    assert (fitted.expert_bits, fitted.plan_vram, fitted.context) == (8, None, 4096), reason
-    assert "every expert resident" in reason
+    for ram in (256, 64):
+        fitted, reason = fit_profile(profile, config, model_name=name, machine={"vram": 80 * 2**30, "ram": ram * 2**30})
+        assert (fitted.expert_bits, fitted.plan_vram, fitted.context) == (8, None, 4096), reason
+        assert "every expert resident" in reason
     small = {"vram": 12 * 2**30, "ram": 32 * 2**30}  # the 3060's own size: its plan as written
     fitted, _ = fit_profile(load_profile("rtx-3060-12gb"), config, model_name=name, machine=small)
     assert (fitted.expert_bits, fitted.plan_vram, fitted.plan_ram) == (4, "11GiB", "24GiB")
@@ -243,5 +265,60 @@ def test_fit_uses_the_budgets_given_by_flags():
     profile = load_profile("rtx-4090-24gb")
     with pytest.raises(BudgetError, match="--vram: .* needs at least"):
         fit_profile(profile, config, vram=2**20)
-    fitted, reason = fit_profile(profile, config, experts_per_layer=4)  # a cache asked for: 16 bits still fit
-    assert (fitted.expert_bits, fitted.experts_per_layer) == (16, 4) and "4/8 experts per layer" in reason
+    fitted, reason = fit_profile(profile, config, experts_per_layer=4)  # a cache asked for, on a GPU: nf4
+    assert (fitted.expert_bits, fitted.experts_per_layer) == (4, 4) and "4/8 experts per layer" in reason
+
+
+def test_a_cpu_profile_keeps_the_widest_width_that_fits_with_a_cache():
+    """The GPU rule (nf4 unless wider weights make every expert resident) is not the CPU's:
+    with a cache asked for, the cpu-only profile on a 256 GiB machine still takes 16 bits, while
+    the 24 GB card's profile on a card as large takes 4."""
+    from offload.plan import builtin_model
+    from offload.profile_fit import fit_profile
+
+    name, config = builtin_model("mixtral-8x7b")
+    big = {"vram": 0, "ram": 256 * 2**30}
+    fitted, reason = fit_profile(load_profile("cpu-only"), config, model_name=name, experts_per_layer=4, machine=big)
+    assert fitted.expert_bits == 16 and "4/8 experts per layer" in reason
+    card = {"vram": 256 * 2**30, "ram": 256 * 2**30}
+    fitted, _ = fit_profile(load_profile("rtx-4090-24gb"), config, model_name=name, experts_per_layer=4, machine=card)
+    assert fitted.expert_bits == 4
+
+
+# ---- the memory bandwidth field ------------------------------------------------------------------
+
+
+def test_shipped_profiles_state_the_published_memory_bandwidth():
+    published = {"rtx-4060-8gb": 272.0, "rtx-3060-12gb": 360.0, "t4-16gb": 320.0, "rtx-4090-24gb": 1008.0,
+                 "cpu-only": 2 * 8 * 5600 / 1000}  # dual-channel DDR5-5600: 89.6 GB/s
+    for name, gbps in published.items():
+        assert load_profile(name).mem_gbps == pytest.approx(gbps)
+
+
+def test_a_profile_without_memory_bandwidth_still_loads(tmp_path):
+    old = tmp_path / "old.toml"
+    lines = [line for line in GOOD.splitlines() if not line.startswith("mem_gbps")]
+    old.write_text("\n".join(lines) + "\n")
+    profile = load_profile(old)
+    assert profile.mem_gbps is None and "mem_gbps" not in profile.tables()["machine"]
+    again = load_profile(save_profile(profile, tmp_path / "again.toml"))
+    assert again.mem_gbps is None
+    bad = tmp_path / "bad.toml"
+    bad.write_text(GOOD.replace("mem_gbps = 360.0", "mem_gbps = 0", 1))
+    with pytest.raises(SettingError, match="machine.mem_gbps") as info:
+        load_profile(bad)
+    assert str(bad) in str(info.value)
+
+
+def test_fit_a_packs_format_says_the_packs_own_bits():
+    """A pack fixes its experts' format: the fitted profile's expert_bits must be that format's
+    width, or the engine refuses the profile's --expert-bits against the pack."""
+    from offload.config import ModelConfig
+    from offload.loader import _bits_agree
+    from offload.profile_fit import fit_profile
+    from offload.quant import get_format
+
+    config = ModelConfig.from_dir(DEMO_MODEL_DIR)
+    for fmt, bits in (("nf4", 4), ("int8", 8), ("bf16", 16)):
+        fitted, reason = fit_profile(load_profile("cpu-only"), config, expert_format=fmt)
+        assert fitted.expert_bits == bits and _bits_agree(fitted.expert_bits, get_format(fmt)), reason

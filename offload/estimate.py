@@ -1,0 +1,357 @@
+"""Decode speed estimate: tokens/s for a memory plan on a machine, from bytes and bandwidths.
+
+What it is: arithmetic that turns a plan (``offload.plan.MemoryPlan``: device slots per layer,
+RAM tier, disk) and a machine (``Machine``: the device's memory bandwidth, the host-to-device
+link, the disk) into an estimated decode speed, with the per-layer hit rate of an LRU cache of
+that many slots replayed over recorded routing (``offload.trace.simulate`` on the shared
+Mixtral-8x7B traces). What it is not: a measurement (``offload bench`` measures; see
+``benchmarks/check_estimate.py`` for the comparison), a model of prefill, or of prefetching:
+the hit rates are demand-loading LRU's, and nothing overlaps.
+
+The model, per decoded token (serial: loads and compute never overlap):
+
+    t_token      = t_head + sum over layers l of ( t_compute(l) + t_load(l) )
+    t_compute(l) = sum over matrices m read by layer l of t(m) + overhead          [device]
+    t(m)         = touched(m) / (mem_gbps * efficiency)  (+ numel(m) / CPU_CONVERT_WEIGHTS_PER_S
+                   where a CPU converts the matrix before the matmul: int8, portable 4-bit)
+                   matrices: q, k, v, o, the router, two norms, the KV cache at ``position``
+                   tokens, and the top-k experts' w1, w3, w2; ``touched_bytes`` says how much of
+                   a matrix a batch-1 matmul moves in each format
+    t_load(l)    = misses(l) * record * ( (1 - d) / link + d * (1 / disk + 1 / link on CUDA) )
+    misses(l)    = top_k * (1 - hit_rate(l, slots(l)))
+    d            = 1 - host_experts / experts_total   (the share of misses the RAM tier lacks:
+                   it holds a fixed set, and misses spread over the experts)
+    t_head       = (final norm + lm_head) / (mem_gbps * efficiency)
+
+``hit_rate(l, s)`` is layer l's LRU hit rate with s slots on the shared Mixtral-8x7B decode
+traces (each layer its own count when the plan is uneven). A model of another shape with 8
+experts and top-2 borrows them (the mean over Mixtral's layers at that count, said so in
+``Estimate.hit_source``); any other shape, or no traces, takes a uniform router's s / E. A plan
+with every expert on the device has no misses.
+
+What overlap would change: with copies on their own stream and every load started a layer
+ahead (prefetch in time), a layer costs max(t_compute, t_load) instead of the sum;
+``Estimate.overlap_tokens_per_s`` is that bound (it keeps LRU's load count; a prefetching
+policy loads more, and wrong guesses cost link time too).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from offload import quant
+from offload.config import ModelConfig
+from offload.errors import OffloadError, SettingError
+from offload.plan import MemoryPlan, ModelPlan, attention_shapes, format_bytes, is_mixtral_8x7b_shape, trace_hit_rates
+
+# Share of the stated memory bandwidth that batch-1 weight reads reach (cuBLAS's gemv and
+# bitsandbytes' 4-bit gemv reach roughly half to three quarters of peak on recent cards, a
+# stated figure, not a measurement).
+MEMORY_EFFICIENCY = 0.6
+# Fixed host cost per layer: on CUDA ~25 kernel launches (~8 us each), the one device-to-host
+# copy of the routing per layer and the cache's bookkeeping (~0.05 ms, README); on a CPU the
+# Python dispatch of the same ops and the bookkeeping. Stated figures.
+LAYER_OVERHEAD_S = {"cuda": 0.3e-3, "cpu": 0.1e-3}
+# A CPU converting a matrix before its matmul (int8 cast, nf4/fp4 dequantize in the portable
+# layout): weights per second, from FACTS.md on the AVX-512 Xeon (one 14336 x 4096 nf4 matrix
+# dequantized to bf16 in 35 ms: 1.7e9 weights/s; int8's cast costs about the same).
+CPU_CONVERT_WEIGHTS_PER_S = 1.7e9
+# Defaults for a machine given by flags (``offload info --vram``): PCIe 4.0 x16 from pinned
+# memory measures ~25 GB/s; the RTX 3060 12 GB's published 360 GB/s; a PCIe 4.0 NVMe's ~3.5 GB/s.
+DEFAULT_LINK_GBPS = 25.0
+DEFAULT_MEM_GBPS = 360.0
+DEFAULT_DISK_GBPS = 3.5
+# Tokens already in the KV cache when a token is decoded (its keys and values are read).
+DEFAULT_POSITION = 512
+
+UNIFORM = "a uniform router's slots/experts (no trace for this shape)"
+RESIDENT = "every expert resident"
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the estimate needs to know of a machine. ``expert_seconds``, when measured, replaces
+    the bandwidth model for one expert's FFN at batch 1 (``benchmarks/check_estimate.py``)."""
+
+    device_type: str = "cuda"  # "cuda": slots on a card, loads cross the link; "cpu": slots are RAM
+    mem_gbps: float = DEFAULT_MEM_GBPS  # the device's memory bandwidth (a CPU: its RAM's)
+    link_gbps: float = DEFAULT_LINK_GBPS  # host-to-device copy (a CPU: memcpy)
+    disk_gbps: float = DEFAULT_DISK_GBPS  # sequential read of the pack
+    efficiency: float = MEMORY_EFFICIENCY
+    layer_overhead_s: float | None = None  # None: LAYER_OVERHEAD_S[device_type]
+    expert_seconds: float | None = None
+    source: str = ""  # where the numbers come from, for the output
+
+    def __post_init__(self) -> None:
+        if self.device_type not in LAYER_OVERHEAD_S:
+            raise SettingError(f"device type {self.device_type!r}: expected one of {', '.join(LAYER_OVERHEAD_S)}")
+        for name in ("mem_gbps", "link_gbps", "disk_gbps", "efficiency"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise SettingError(f"--{name.replace('_', '-')} {value!r}: must be above 0")
+        if self.layer_overhead_s is None:
+            object.__setattr__(self, "layer_overhead_s", LAYER_OVERHEAD_S[self.device_type])
+
+    @classmethod
+    def from_profile(cls, profile, **overrides: Any) -> Machine:
+        """A shipped or written profile's machine (``offload.profile.Profile``); ``overrides``
+        (None values ignored) replace its figures. Raises SettingError when neither gives the
+        memory bandwidth."""
+        values = dict(
+            device_type="cuda" if profile.has_gpu else "cpu",
+            mem_gbps=profile.mem_gbps,
+            link_gbps=profile.h2d_gbps,
+            disk_gbps=profile.disk_gbps,
+            source=f"profile {profile.name or profile.source}",
+        )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if values["mem_gbps"] is None:
+            where = profile.source or profile.name or "profile"
+            raise SettingError(f"{where}: machine.mem_gbps: not given, and the estimate needs it (or --mem-gbps)")
+        return cls(**values)
+
+    def describe(self) -> str:
+        memory = (f"experts {self.expert_seconds * 1e3:.2f} ms each (measured), " if self.expert_seconds else "")
+        return (
+            f"{memory}memory {self.mem_gbps:g} GB/s x {self.efficiency:g}, link {self.link_gbps:g} GB/s, "
+            f"disk {self.disk_gbps:g} GB/s, {self.layer_overhead_s * 1e3:.2f} ms/layer overhead"
+        )
+
+
+def touched_bytes(shape: tuple[int, int], fmt: quant.WeightFormat | str, dtype: torch.dtype, device_type: str) -> int:
+    """Bytes a batch-1 matmul on one [out, in] matrix moves through memory: its stored bytes,
+    plus, where the kernel first makes the whole matrix in the compute dtype (int8's cast;
+    4-bit dequantized on a CPU, or the CPU layout on CUDA; a plain matrix in another dtype), the
+    write and the read of that copy. bitsandbytes' CUDA 4-bit kernel and the fused CPU kernel
+    read the packed codes directly."""
+    fmt = quant.get_format(fmt)
+    stored = quant.matrix_bytes(shape, fmt)
+    copy = 2 * shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
+    if fmt.kind == "plain":
+        return stored if fmt.dtype == dtype else stored + copy
+    if fmt.kind == "int8":
+        return stored + copy
+    if fmt.kind == "4bit":
+        return stored if device_type == "cuda" else stored + copy
+    return stored if device_type == "cpu" else stored + copy + shape[0] * shape[1]  # "4bit-cpu": unpacked codes
+
+
+def _converts_on_cpu(fmt: quant.WeightFormat, dtype: torch.dtype) -> bool:
+    return fmt.kind in ("int8", "4bit") or (fmt.kind == "plain" and fmt.dtype != dtype)
+
+
+def matrix_seconds(
+    shape: tuple[int, int], fmt: quant.WeightFormat | str, dtype: torch.dtype, machine: Machine
+) -> float:
+    """One batch-1 matmul on a [out, in] matrix: ``touched_bytes`` at the machine's effective
+    bandwidth, plus, on a CPU that converts the matrix first, its weights at
+    ``CPU_CONVERT_WEIGHTS_PER_S``."""
+    fmt = quant.get_format(fmt)
+    seconds = touched_bytes(shape, fmt, dtype, machine.device_type) / (machine.mem_gbps * 1e9 * machine.efficiency)
+    if machine.device_type == "cpu" and _converts_on_cpu(fmt, dtype):
+        seconds += shape[0] * shape[1] / CPU_CONVERT_WEIGHTS_PER_S
+    return seconds
+
+
+@dataclass(frozen=True)
+class LayerEstimate:
+    slots: int
+    hit_rate: float
+    misses: float  # expert loads per token
+    compute_s: float
+    load_s: float
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The estimate's parts; ``tokens_per_s`` is the serial figure (the module's formula)."""
+
+    layers: tuple[LayerEstimate, ...]
+    head_s: float
+    record_bytes: int
+    disk_share: float
+    hit_source: str
+    machine: Machine
+    position: int
+
+    @property
+    def compute_s(self) -> float:
+        return self.head_s + sum(layer.compute_s for layer in self.layers)
+
+    @property
+    def load_s(self) -> float:
+        return sum(layer.load_s for layer in self.layers)
+
+    @property
+    def seconds_per_token(self) -> float:
+        return self.compute_s + self.load_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1.0 / self.seconds_per_token
+
+    @property
+    def overlap_tokens_per_s(self) -> float:
+        """The bound with every load hidden behind its layer's compute (or the reverse)."""
+        return 1.0 / (self.head_s + sum(max(layer.compute_s, layer.load_s) for layer in self.layers))
+
+    @property
+    def misses_per_token(self) -> float:
+        return sum(layer.misses for layer in self.layers)
+
+    @property
+    def hit_rate(self) -> float:
+        return sum(layer.hit_rate for layer in self.layers) / len(self.layers)
+
+    @property
+    def bytes_moved_per_token(self) -> float:
+        return self.misses_per_token * self.record_bytes
+
+    def describe(self) -> str:
+        """One line, labelled an estimate."""
+        loads = (
+            f" + loads {self.load_s * 1e3:.1f} ms ({self.misses_per_token:.1f} experts, "
+            f"{format_bytes(int(self.bytes_moved_per_token))}"
+            f"{f', {self.disk_share:.0%} from disk' if self.disk_share else ''})"
+            if self.misses_per_token else ""
+        )
+        overlap = (f"; {self.overlap_tokens_per_s:.1f} tok/s if loads overlapped compute"
+                   if self.misses_per_token else "")
+        hits = f"hit rate {self.hit_rate:.3f}, {self.hit_source}" if self.misses_per_token else self.hit_source
+        return (
+            f"estimate: {self.tokens_per_s:.1f} tok/s decode (per token: compute {self.compute_s * 1e3:.1f} ms"
+            f"{loads}{overlap}); {hits}; {self.machine.describe()}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tokens_per_s": self.tokens_per_s,
+            "overlap_tokens_per_s": self.overlap_tokens_per_s,
+            "seconds_per_token": self.seconds_per_token,
+            "compute_s": self.compute_s,
+            "load_s": self.load_s,
+            "head_s": self.head_s,
+            "hit_rate": self.hit_rate,
+            "hit_source": self.hit_source,
+            "misses_per_token": self.misses_per_token,
+            "bytes_moved_per_token": self.bytes_moved_per_token,
+            "disk_share": self.disk_share,
+            "position": self.position,
+            "machine": {
+                "device_type": self.machine.device_type, "mem_gbps": self.machine.mem_gbps,
+                "link_gbps": self.machine.link_gbps, "disk_gbps": self.machine.disk_gbps,
+                "efficiency": self.machine.efficiency, "layer_overhead_s": self.machine.layer_overhead_s,
+                "expert_seconds": self.machine.expert_seconds, "source": self.machine.source,
+            },
+            "layers": [asdict(layer) for layer in self.layers],
+        }
+
+
+# ---- hit rates ---------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _trace_rates(path: str) -> dict[int, tuple[float, ...]]:
+    from offload.trace import load_trace, simulate
+
+    trace = load_trace(path)
+    return {k: tuple(simulate(trace, k, "lru").layer_hit_rates()) for k in range(trace.top_k, trace.num_experts + 1)}
+
+
+def layer_hit_rates(
+    config: ModelConfig, layer_slots: Sequence[int], trace: str | Path | None = None
+) -> tuple[tuple[float, ...], str]:
+    """(hit rate of each layer with its slot count, where the rates come from). ``trace``: a
+    router trace to replay instead of the shared Mixtral-8x7B traces (its experts and top-k
+    the model's; its first layers the model's layers, as ``--replay`` takes them)."""
+    L, E, K = config.num_hidden_layers, config.num_local_experts, config.num_experts_per_tok
+    if len(layer_slots) != L:
+        raise SettingError(f"{len(layer_slots)} slot counts for a model of {L} layers")
+    if trace is not None:  # as --replay reads it: the trace's first L layers are the model's
+        rates = _trace_rates(str(trace))
+        if len(next(iter(rates.values()))) < L or min(rates) != K or max(rates) != E:
+            raise OffloadError(
+                f"{trace}: fewer layers than the model's {L}, or not its {E} experts and top-{K}"
+            )
+        return tuple(rates[s][layer] for layer, s in enumerate(layer_slots)), f"LRU replayed on {Path(trace).name}"
+    shared = trace_hit_rates()
+    if shared is not None and is_mixtral_8x7b_shape(config):
+        return tuple(shared[s][layer] for layer, s in enumerate(layer_slots)), "LRU on the Mixtral-8x7B traces"
+    if shared is not None and min(shared) == K and max(shared) == E:
+        means = {s: sum(r) / len(r) for s, r in shared.items()}
+        return tuple(means[s] for s in layer_slots), "LRU borrowed from Mixtral-8x7B's traces (mean over its layers)"
+    return tuple(s / E for s in layer_slots), UNIFORM
+
+
+# ---- the estimate ------------------------------------------------------------------------------
+
+
+def estimate_decode(
+    config: ModelConfig,
+    memory: MemoryPlan,
+    machine: Machine,
+    *,
+    dtype: torch.dtype,
+    expert_format: quant.WeightFormat | str,
+    attn_format: quant.WeightFormat | str,
+    position: int = DEFAULT_POSITION,
+    trace: str | Path | None = None,
+) -> Estimate:
+    """Estimated decode speed of ``memory`` on ``machine`` (the module's formula). ``dtype`` is
+    the compute dtype, ``expert_format`` / ``attn_format`` the weights' formats, ``position``
+    the tokens already in the KV cache, ``trace`` a trace to take hit rates from instead of the
+    shared Mixtral-8x7B traces."""
+    c = config
+    L, E, K = c.num_hidden_layers, c.num_local_experts, c.num_experts_per_tok
+    D, I, V = c.hidden_size, c.intermediate_size, c.vocab_size
+    if memory.num_layers != L:
+        raise SettingError(f"a plan of {memory.num_layers} layers for a model of {L}")
+    if position < 0:
+        raise SettingError(f"position {position}: must not be negative")
+    size = torch.empty((), dtype=dtype).element_size()
+    bandwidth = machine.mem_gbps * 1e9 * machine.efficiency
+    expert_fmt, attn_fmt = quant.get_format(expert_format), quant.get_format(attn_format)
+    plain = quant.get_format(str(dtype).removeprefix("torch."))
+    if machine.expert_seconds is not None:
+        expert_s = machine.expert_seconds
+    else:
+        expert_s = sum(matrix_seconds(shape, expert_fmt, dtype, machine) for shape in ((I, D), (I, D), (D, I)))
+    attention_s = sum(matrix_seconds(shape, attn_fmt, dtype, machine) for shape in attention_shapes(c).values())
+    small_s = (E * D + 2 * D) * size / bandwidth  # router and two norms
+    kv_s = 2 * c.num_key_value_heads * c.head_dim * position * size / bandwidth
+    compute_s = attention_s + small_s + kv_s + K * expert_s + machine.layer_overhead_s
+    head_s = matrix_seconds((V, D), plain, dtype, machine) + D * size / bandwidth
+    resident = memory.slots_per_layer == E
+    if resident:
+        rates, source = (1.0,) * L, RESIDENT
+    else:
+        rates, source = layer_hit_rates(c, memory.layer_slots, trace)
+    disk_share = 0.0 if resident else 1.0 - memory.host_experts / memory.experts_total
+    record = memory.expert_bytes
+    link, disk = machine.link_gbps * 1e9, machine.disk_gbps * 1e9
+    then_link = 1 / link if machine.device_type == "cuda" else 0.0  # a CPU reads straight into the slot
+    per_miss = record * ((1 - disk_share) / link + disk_share * (1 / disk + then_link))
+    layers = tuple(
+        LayerEstimate(s, h, K * (1 - h), compute_s, K * (1 - h) * per_miss) for s, h in zip(memory.layer_slots, rates)
+    )
+    return Estimate(layers, head_s, record, disk_share, source, machine, position)
+
+
+def estimate_plan(plan: ModelPlan, machine: Machine, **kwargs: Any) -> Estimate:
+    """``estimate_decode`` for a ``ModelPlan`` (``offload info``'s): its memory plan, formats, dtype."""
+    return estimate_decode(
+        plan.config, plan.memory, machine, dtype=plan.dtype, expert_format=plan.expert_format,
+        attn_format=plan.attn_format, **kwargs,
+    )
+
+
+__all__ = [
+    "CPU_CONVERT_WEIGHTS_PER_S", "DEFAULT_DISK_GBPS", "DEFAULT_LINK_GBPS", "DEFAULT_MEM_GBPS", "DEFAULT_POSITION",
+    "Estimate", "LAYER_OVERHEAD_S", "LayerEstimate", "MEMORY_EFFICIENCY", "Machine", "estimate_decode",
+    "estimate_plan", "layer_hit_rates", "matrix_seconds", "touched_bytes",
+]

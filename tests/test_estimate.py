@@ -1,0 +1,200 @@
+"""The decode estimate: its formula on hand-computed cases, hit rates replayed independently on
+the shared traces, and `offload info` printing it for each shipped profile."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from offload import quant
+from offload.config import ModelConfig
+from offload.errors import SettingError
+from offload.estimate import (
+    CPU_CONVERT_WEIGHTS_PER_S,
+    LAYER_OVERHEAD_S,
+    Machine,
+    estimate_decode,
+    estimate_plan,
+    matrix_seconds,
+    touched_bytes,
+)
+from offload.experts.record import RecordLayout
+from offload.plan import builtin_model, plan_memory, plan_model
+from offload.profile import load_profile, shipped_profiles
+from offload.trace import MIXTRAL_DECODE
+
+needs_traces = pytest.mark.skipif(not MIXTRAL_DECODE.is_file(), reason="the shared Mixtral traces are not here")
+
+# 2 layers, D 64, I 128, 4 heads / 2 KV heads of 16, 4 experts, top-1, vocabulary 100: not
+# Mixtral's shape, and not 8 experts top-2, so its hit rates are a uniform router's slots / E.
+TINY = ModelConfig.from_dict({
+    "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 100, "hidden_size": 64,
+    "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "num_local_experts": 4, "num_experts_per_tok": 1, "max_position_embeddings": 256, "rope_theta": 1e4,
+    "rms_norm_eps": 1e-5, "sliding_window": None, "tie_word_embeddings": False,
+}, source="test")
+MACHINE = Machine("cuda", mem_gbps=1.0, link_gbps=0.25, disk_gbps=0.1, efficiency=0.5, layer_overhead_s=1e-3)
+
+
+def tiny_plan(**budget):
+    record = RecordLayout.for_config(TINY, "fp32").nbytes
+    return plan_memory(TINY, record, torch.float32, 64, **budget)
+
+
+def test_the_formula_by_hand():
+    plan = tiny_plan(experts_per_layer=2, ram=6 * 98_304)
+    assert plan.expert_bytes == 98_304 and plan.host_experts == 6  # 3 fp32 [128, 64] matrices; 6 of 8 in RAM
+    got = estimate_decode(TINY, plan, MACHINE, dtype=torch.float32, expert_format="fp32", attn_format="fp32",
+                          position=10)
+    bandwidth = 1e9 * 0.5
+    attention = (64 * 64 + 32 * 64 + 32 * 64 + 64 * 64) * 4  # q, k, v, o in fp32: 49,152 B
+    small = (4 * 64 + 2 * 64) * 4  # router and two norms
+    kv = 2 * 2 * 16 * 10 * 4  # K and V of 2 heads of 16 at 10 positions
+    expert = 3 * 128 * 64 * 4  # top-1
+    compute = (attention + small + kv + expert) / bandwidth + 1e-3  # 1.303104 ms
+    head = (100 * 64 * 4 + 64 * 4) / bandwidth
+    hit = 2 / 4  # a uniform router: slots / experts
+    disk = 1 - 6 / 8
+    per_miss = 98_304 * ((1 - disk) / 0.25e9 + disk * (1 / 0.1e9 + 1 / 0.25e9))  # from RAM, or disk then link
+    load = 1 * (1 - hit) * per_miss
+    assert compute == pytest.approx(1.303104e-3) and load == pytest.approx(319.488e-6)
+    assert got.seconds_per_token == pytest.approx(head + 2 * (compute + load))
+    assert got.tokens_per_s == pytest.approx(1 / 3.296896e-3)
+    assert got.overlap_tokens_per_s == pytest.approx(1 / (head + 2 * compute))  # loads shorter than compute
+    assert got.misses_per_token == pytest.approx(1.0) and got.disk_share == pytest.approx(0.25)
+    assert got.hit_source.startswith("a uniform router")
+    line = got.describe()
+    assert line.startswith("estimate: 303.3 tok/s decode") and "\n" not in line
+
+
+def test_a_cpu_machine_reads_disk_straight_into_its_slots_and_resident_plans_load_nothing():
+    plan = tiny_plan(experts_per_layer=2, ram=0)  # every miss reads the pack
+    cpu = Machine("cpu", mem_gbps=1.0, link_gbps=0.25, disk_gbps=0.1, efficiency=0.5, layer_overhead_s=1e-3)
+    got = estimate_decode(TINY, plan, cpu, dtype=torch.float32, expert_format="fp32", attn_format="fp32")
+    assert got.disk_share == 1.0
+    assert got.load_s == pytest.approx(2 * 0.5 * 98_304 / 0.1e9)  # no link after the read on a CPU
+    resident = tiny_plan()  # no budget: every expert has a slot
+    got = estimate_decode(TINY, resident, cpu, dtype=torch.float32, expert_format="fp32", attn_format="fp32")
+    assert got.load_s == 0 and got.misses_per_token == 0 and got.hit_source == "every expert resident"
+    assert got.tokens_per_s == pytest.approx(1 / got.compute_s)
+
+
+def test_touched_bytes_and_conversion_per_format():
+    shape = (128, 64)
+    n = 128 * 64
+    for fmt in ("nf4", "fp4", "nf4-dq"):  # bitsandbytes' CUDA kernel reads the packed codes
+        assert touched_bytes(shape, fmt, torch.bfloat16, "cuda") == quant.matrix_bytes(shape, fmt)
+    # int8 casts the whole matrix to the compute dtype on every call: written once, read once
+    assert touched_bytes(shape, "int8", torch.bfloat16, "cuda") == quant.matrix_bytes(shape, "int8") + 2 * n * 2
+    assert touched_bytes(shape, "nf4", torch.bfloat16, "cpu") == quant.matrix_bytes(shape, "nf4") + 2 * n * 2
+    assert touched_bytes(shape, "bf16", torch.bfloat16, "cpu") == n * 2
+    cpu = Machine("cpu", mem_gbps=2.0, efficiency=1.0)
+    converted = (quant.matrix_bytes(shape, "int8") + 4 * n) / 2e9 + n / CPU_CONVERT_WEIGHTS_PER_S
+    assert matrix_seconds(shape, "int8", torch.bfloat16, cpu) == pytest.approx(converted)
+    assert matrix_seconds(shape, "bf16", torch.bfloat16, cpu) == pytest.approx(2 * n / 2e9)
+
+
+def test_a_measured_expert_time_replaces_the_bandwidth_model():
+    plan = tiny_plan(experts_per_layer=4)
+    measured = Machine("cpu", mem_gbps=1.0, efficiency=0.5, layer_overhead_s=0.0, expert_seconds=0.01)
+    plain = Machine("cpu", mem_gbps=1.0, efficiency=0.5, layer_overhead_s=0.0)
+    a = estimate_decode(TINY, plan, measured, dtype=torch.float32, expert_format="fp32", attn_format="fp32")
+    b = estimate_decode(TINY, plan, plain, dtype=torch.float32, expert_format="fp32", attn_format="fp32")
+    assert a.compute_s - b.compute_s == pytest.approx(2 * (0.01 - 3 * 128 * 64 * 4 / 0.5e9))
+
+
+@needs_traces
+def test_mixtral_hit_rates_are_each_layers_own_lru_replay():
+    from offload.trace import load_trace, simulate
+
+    name, config = builtin_model("mixtral-8x7b")
+    plan = plan_model(name, config, torch.bfloat16, 4096, "nf4", "bf16", vram=12 * 2**30, ram=32 * 2**30)
+    m = plan.memory
+    assert set(m.layer_slots) == {2, 3}
+    machine = Machine("cuda", mem_gbps=360, link_gbps=25, disk_gbps=3.5)
+    got = estimate_plan(plan, machine)
+    trace = load_trace(MIXTRAL_DECODE)
+    rates = {k: simulate(trace, k, "lru").layer_hit_rates() for k in (2, 3)}
+    want = [rates[s][layer] for layer, s in enumerate(m.layer_slots)]
+    assert [layer.hit_rate for layer in got.layers] == pytest.approx(want)
+    assert got.load_s == pytest.approx(sum(2 * (1 - h) for h in want) * m.expert_bytes / 25e9)  # all in RAM
+    assert got.hit_source == "LRU on the Mixtral-8x7B traces"
+    assert LAYER_OVERHEAD_S["cuda"] == machine.layer_overhead_s
+
+
+@needs_traces
+def test_another_shape_with_8_experts_top_2_borrows_mixtrals_mean():
+    from offload.trace import load_trace, simulate
+
+    name, config = builtin_model("mixtral-8x22b")  # 56 layers
+    plan = plan_model(name, config, torch.bfloat16, 4096, "nf4", "nf4", experts_per_layer=4)
+    got = estimate_plan(plan, Machine())
+    rates = simulate(load_trace(MIXTRAL_DECODE), 4, "lru").layer_hit_rates()
+    assert all(layer.hit_rate == pytest.approx(sum(rates) / len(rates)) for layer in got.layers)
+    assert "borrowed from Mixtral-8x7B" in got.hit_source
+
+
+def test_machine_settings_are_checked():
+    with pytest.raises(SettingError, match="--mem-gbps"):
+        Machine(mem_gbps=0)
+    with pytest.raises(SettingError, match="device type"):
+        Machine("tpu")
+    profile = load_profile("rtx-3060-12gb")
+    machine = Machine.from_profile(profile, link_gbps=None, disk_gbps=7.0)
+    assert (machine.device_type, machine.mem_gbps, machine.link_gbps, machine.disk_gbps) == ("cuda", 360.0, 25.0, 7.0)
+    from dataclasses import replace
+
+    with pytest.raises(SettingError, match="machine.mem_gbps"):
+        Machine.from_profile(replace(profile, mem_gbps=None))
+
+
+# ---- offload info -------------------------------------------------------------------------------
+
+
+def info(*args: str):
+    from cli.main import app
+
+    return CliRunner().invoke(app, ["info", *args])
+
+
+@pytest.mark.parametrize("profile", shipped_profiles())
+def test_info_prints_an_estimate_for_each_shipped_profile(profile):
+    from offload.demo import DEMO_MODEL_DIR
+
+    result = info(str(DEMO_MODEL_DIR), "--profile", profile)
+    assert result.exit_code == 0, result.output
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("estimate: ") and " tok/s decode" in last
+    assert f"memory {load_profile(profile).mem_gbps:g} GB/s" in last
+
+
+def test_info_estimate_follows_the_flags():
+    def estimate(*flags: str) -> dict:
+        result = info("mixtral-8x7b", "--vram", "12GiB", "--expert-bits", "4", *flags, "--json")
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["estimate"]
+
+    base = estimate()
+    assert base["machine"]["mem_gbps"] == 360 and base["machine"]["link_gbps"] == 25  # the stated defaults
+    fast = estimate("--mem-gbps", "720", "--link-gbps", "50")
+    overhead = 32 * LAYER_OVERHEAD_S["cuda"]
+    assert fast["compute_s"] - overhead == pytest.approx((base["compute_s"] - overhead) / 2)
+    assert fast["load_s"] == pytest.approx(base["load_s"] / 2)
+    assert base["tokens_per_s"] == pytest.approx(1 / (base["compute_s"] + base["load_s"]))
+    assert base["summary"].startswith("estimate: ")
+
+
+def test_a_profile_without_bandwidth_gets_a_note_not_an_estimate(tmp_path):
+    from offload.demo import DEMO_MODEL_DIR
+
+    path = tmp_path / "old.toml"
+    text = (load_profile("rtx-3060-12gb").source and open(load_profile("rtx-3060-12gb").source).read())
+    path.write_text("\n".join(line for line in text.splitlines() if not line.startswith("mem_gbps")) + "\n")
+    result = info(str(DEMO_MODEL_DIR), "--profile", str(path))
+    assert result.exit_code == 0, result.output
+    assert "estimate" not in result.stdout and "machine.mem_gbps" in result.stderr
+    given = info(str(DEMO_MODEL_DIR), "--profile", str(path), "--mem-gbps", "100")
+    assert given.stdout.strip().splitlines()[-1].startswith("estimate: ")
