@@ -44,7 +44,7 @@ from offload.loader import (
 )
 from offload.model import DenseWeights, KVCache, MixtralModel, RotaryTable, fuse_qkv
 from offload.pack import Pack, is_pack
-from offload.plan import MemoryPlan, dense_bytes_by_class, fit_to_free, parse_bytes, plan_memory
+from offload.plan import PREFILL_CHUNK_TOKENS, MemoryPlan, dense_bytes_by_class, fit_to_free, parse_bytes, plan_memory
 from offload.quant import get_format
 from offload.tokenizer import Tokenizer
 
@@ -90,6 +90,7 @@ class Engine:
         self.cache = experts if isinstance(experts, ExpertCache) else None
         self._source = source  # kept open while the cache reads from it
         self.notes: list[str] = []  # what load changed from the plan asked for, one line each
+        self.prefill_chunk = PREFILL_CHUNK_TOKENS  # prompt tokens per forward pass
         cache = kv_cache if kv_cache is not None else KVCache(config, context_length, device, dtype)
         rope = RotaryTable(config, context_length, device, dtype)
         for layer in dense.layers:
@@ -264,7 +265,9 @@ class Engine:
             self.model.prefetcher.reset()
 
     def prefill(self, ids: Sequence[int]) -> torch.Tensor:
-        """Start a new sequence with ``ids``; logits [V] for the token after them."""
+        """Start a new sequence with ``ids``; logits [V] for the token after them. A long prompt
+        runs in chunks of ``prefill_chunk`` tokens (``offload.plan.PREFILL_CHUNK_TOKENS``), the
+        size the plan's device reserve is made for; each chunk stays expert-major."""
         if not ids:
             raise SettingError("the prompt is empty")
         if len(ids) > self.context_length:
@@ -272,8 +275,11 @@ class Engine:
                 f"prompt of {len(ids)} tokens exceeds the context length {self.context_length}"
             )
         self.reset()
-        tokens = torch.tensor(ids, dtype=torch.int64, device=self.device)
-        return self.model.forward(tokens, last_only=True)[0]
+        chunk = self.prefill_chunk
+        for first in range(0, len(ids), chunk):
+            tokens = torch.tensor(ids[first : first + chunk], dtype=torch.int64, device=self.device)
+            logits = self.model.forward(tokens, last_only=True)  # [1, V]
+        return logits[0]
 
     def decode(self, token: int) -> torch.Tensor:
         """Append one token to the sequence; logits [V] for the next one."""

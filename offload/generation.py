@@ -121,7 +121,8 @@ class TraceRecorder:
         )
         self.writer = TraceWriter(path, header)
         self.t = 0
-        self._routes: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # per layer, the routing of each forward pass since the last flush (a prompt runs in chunks)
+        self._routes: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(c.num_hidden_layers)]
         self._outcomes: list[list[str]] = []
         self._inner = model.routing_observer
         model.routing_observer = self._observe
@@ -131,22 +132,27 @@ class TraceRecorder:
             self._inner(layer, experts, weights)
         if layer > 0:  # the cache's outcomes for the previous layer are final now
             self._take_outcomes()
-        self._routes.append((experts.cpu(), weights.cpu()))
+        self._routes[layer].append((experts.cpu(), weights.cpu()))
 
     def _take_outcomes(self) -> None:
         cache = self.engine.cache
         self._outcomes.append(list(cache.last_outcomes) if cache is not None else [])
 
     def flush(self, phase: str) -> None:
-        """After a forward pass: write one line per token it ran."""
+        """After the forward passes of a phase (a prompt's chunks, or one decode step): write one
+        line per token they ran."""
         self._take_outcomes()
         prefetcher = self.engine.model.prefetcher
         layers = range(self.engine.config.num_hidden_layers)
         predicted = [list(prefetcher.predicted.get(layer, [])) if prefetcher else [] for layer in layers]
-        tokens = self._routes[0][0].shape[0] if self._routes else 0
+        routes = [
+            (torch.cat([e for e, _ in runs]), torch.cat([w for _, w in runs])) if runs else None
+            for runs in self._routes
+        ]  # per layer: experts [T, K], weights [T, K]
+        tokens = routes[0][0].shape[0] if routes and routes[0] is not None else 0
         for i in range(tokens):
-            experts = [self._routes[layer][0][i].tolist() for layer in layers]
-            weights = [self._routes[layer][1][i].tolist() for layer in layers]
+            experts = [routes[layer][0][i].tolist() for layer in layers]
+            weights = [routes[layer][1][i].tolist() for layer in layers]
             decode = phase == "decode" and self.engine.cache is not None
             self.writer.write_token(
                 self.t, phase, experts, weights,
@@ -154,7 +160,7 @@ class TraceRecorder:
                 outcome=self._outcomes if decode else None,
             )
             self.t += 1
-        self._routes, self._outcomes = [], []
+        self._routes, self._outcomes = [[] for _ in layers], []
 
     def close(self, keep: bool = True) -> None:
         self.engine.model.routing_observer = self._inner

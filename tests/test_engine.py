@@ -121,3 +121,27 @@ def test_bad_requests_are_refused(engine):
         if torch.cuda.is_available():
             pytest.skip("this machine has CUDA")
         Engine.load(".", device="cuda")
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16])
+def test_a_prompt_in_chunks_gives_the_unchunked_logits(chunk, model_dirs, tmp_path):
+    """Prefill runs in chunks of ``prefill_chunk`` tokens (the size the device reserve is planned
+    for): the next-token logits equal a whole-prompt forward within fp32 rounding, the greedy
+    continuation is the same, every cache budget stays bit-identical to the all-resident run at
+    that chunk size, and a trace records one line per prompt token."""
+    from offload.trace import load_trace
+
+    path = model_dirs[WINDOWED.name]
+    whole = Engine.load(path, device="cpu", dtype="float32")
+    ids = [1] + list(range(7, 47))  # 41 tokens: longer than the window (24) and than the chunks
+    want = whole.logits(ids)[-1]
+    want_tokens = whole.generate(ids, greedy(8)).run().tokens
+    chunked = Engine.load(path, device="cpu", dtype="float32")
+    cached = Engine.load(path, device="cpu", dtype="float32", experts_per_layer=2, ram=0, policy="lru")
+    chunked.prefill_chunk = cached.prefill_chunk = chunk
+    assert torch.allclose(chunked.prefill(ids), want, atol=1e-5, rtol=0)
+    gen = chunked.generate(ids, greedy(8, trace=tmp_path / "run.jsonl")).run()
+    assert gen.tokens == want_tokens
+    assert [s.phase for s in load_trace(tmp_path / "run.jsonl").sequences[0].steps] == ["prefill"] * 41 + ["decode"] * 7
+    assert torch.equal(cached.prefill(ids), chunked.prefill(ids))
+    assert cached.generate(ids, greedy(8)).run().tokens == want_tokens
