@@ -30,6 +30,7 @@ on the pack's, as ``--replay`` does, and the hit rates are simulated on those sa
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
 import subprocess
@@ -50,39 +51,65 @@ from offload.pack import EXPERTS_FILE, Pack  # noqa: E402
 from offload.plan import format_bytes, plan_memory  # noqa: E402
 
 
-def best_seconds(fn, repeats: int) -> float:
-    fn()  # warm
+def median_seconds(fns, repeats: int) -> float:
+    """The median time of one call, cycling through ``fns`` (each on its own buffers, so that
+    no call finds the last one's bytes in the CPU's caches, as the engine's next expert doesn't)."""
+    for fn in fns:
+        fn()  # warm: pages touched, code paths loaded
     times = []
-    for _ in range(repeats):
+    for i in range(repeats * len(fns)):
         start = time.perf_counter()
-        fn()
+        fns[i % len(fns)]()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return statistics.median(times)
 
 
 def measure_machine(pack: Pack, dtype: torch.dtype, repeats: int) -> dict[str, float]:
-    """memcpy, warm read, one expert FFN and a dense matmul, on this machine."""
+    """What this machine does with what the engine does, the way the engine does it: a slot load
+    (``ctypes.memmove`` of one record between two buffers already touched, as the cache's CPU
+    loads are), a read of the pack's experts file, one expert's FFN at batch 1 over real records
+    of the pack (several, in turn), batch-1 bf16 matmuls of the dense weights' sizes (several,
+    in turn), and the host work of a decode step per layer, from the bundled demo model (10M
+    parameters: its step is nearly all host work)."""
     c, layout = pack.config, pack.layout
-    src = torch.empty(layout.nbytes, dtype=torch.uint8).fill_(1)
-    dst = torch.empty_like(src)
-    memcpy = layout.nbytes / best_seconds(lambda: dst.copy_(src), repeats) / 1e9
+    n = layout.nbytes
+    sources = [torch.empty(n, dtype=torch.uint8).fill_(i) for i in range(3)]
+    slots = [torch.empty(n, dtype=torch.uint8).fill_(9) for _ in range(3)]
+    copies = [lambda s=s, d=d: ctypes.memmove(d.data_ptr(), s.data_ptr(), n) for s, d in zip(sources, slots)]
+    memcpy = n / median_seconds(copies, repeats) / 1e9
+    del sources, slots
     experts_file = pack.path / EXPERTS_FILE
-    chunk = min(experts_file.stat().st_size, 64 * layout.nbytes, 2**30)
+    chunk = min(experts_file.stat().st_size, 64 * n, 2**30)
+
+    into = memoryview(bytearray(chunk))  # touched once, as a slot is
 
     def read() -> None:
         with open(experts_file, "rb", buffering=0) as f:
-            f.readinto(memoryview(bytearray(chunk)))
+            f.readinto(into)
 
-    disk = chunk / best_seconds(read, max(2, repeats // 4)) / 1e9
-    record = torch.empty(layout.nbytes, dtype=torch.uint8)
-    pack.read_record(0, 0, record)
-    weights = layout.views(record)
+    disk = chunk / median_seconds([read], max(2, repeats // 4)) / 1e9
+    records = []
+    for expert in range(min(4, c.num_local_experts)):
+        record = torch.empty(n, dtype=torch.uint8)
+        pack.read_record(0, expert, record)
+        records.append(layout.views(record))
     x = torch.randn(1, c.hidden_size).to(dtype)
     with torch.inference_mode():
-        expert = best_seconds(lambda: expert_ffn(x, weights), repeats)
-        w = torch.randn(4 * c.hidden_size, c.hidden_size).to(dtype)
-        dense = w.numel() * w.element_size() / best_seconds(lambda: F.linear(x, w), repeats) / 1e9
-    return {"memcpy_gbps": memcpy, "read_gbps": disk, "expert_s": expert, "dense_gbps": dense}
+        expert = median_seconds([lambda w=w: expert_ffn(x, w) for w in records], repeats)
+        weights = [torch.randn(4 * c.hidden_size, c.hidden_size).to(dtype) for _ in range(4)]
+        per_matrix = median_seconds([lambda w=w: F.linear(x, w) for w in weights], repeats)
+        dense = weights[0].numel() * weights[0].element_size() / per_matrix / 1e9
+    del records, weights
+    from offload.demo import DEMO_MODEL_DIR
+    from offload.engine import Engine
+
+    demo = Engine.load(DEMO_MODEL_DIR, device="cpu")
+    demo.prefill([demo.tokenizer.bos_id])
+    step = median_seconds([lambda: demo.decode(5)], repeats)
+    layer_overhead = step / demo.config.num_hidden_layers
+    demo.close()
+    return {"memcpy_gbps": memcpy, "read_gbps": disk, "expert_s": expert, "dense_gbps": dense,
+            "layer_overhead_s": layer_overhead}
 
 
 def run_bench(args, slots: list[int]) -> list[dict]:
@@ -123,16 +150,17 @@ def main() -> None:
     finally:
         pack.close()
     attn = attn_format or str(dtype).removeprefix("torch.")
-    m = {k: (min if k == "expert_s" else max)(before[k], after[k]) for k in before}
+    m = {k: (min if k.endswith("_s") else max)(before[k], after[k]) for k in before}
     print(
         f"this machine: memcpy {m['memcpy_gbps']:.1f} GB/s (the link), warm read {m['read_gbps']:.1f} GB/s (the disk), "
-        f"one {layout.fmt.name} expert FFN {m['expert_s'] * 1e3:.2f} ms, dense matmul {m['dense_gbps']:.1f} GB/s; "
+        f"one {layout.fmt.name} expert FFN {m['expert_s'] * 1e3:.2f} ms, dense matmul {m['dense_gbps']:.1f} GB/s, "
+        f"host work {m['layer_overhead_s'] * 1e3:.2f} ms per layer; "
         f"{torch.get_num_threads()} threads",
         flush=True,
     )
     machine = Machine(
         "cpu", mem_gbps=m["dense_gbps"], link_gbps=m["memcpy_gbps"], disk_gbps=m["read_gbps"], efficiency=1.0,
-        expert_seconds=m["expert_s"], source="measured on this machine",
+        expert_seconds=m["expert_s"], layer_overhead_s=m["layer_overhead_s"], source="measured on this machine",
     )
     position = args.prompt + args.gen // 2
     print()

@@ -15,7 +15,9 @@ steps of the trace, per policy:
   share of copy time hidden behind compute), and the transfer-bound limit (plain GB/s / bytes
   per token) with the measured tok/s as a share of it;
 - peak device memory (``max_memory_allocated``) against the plan's device bytes;
-- the tokens, checked equal to the all-resident run's (the cache never changes numbers).
+- the tokens, checked equal to the all-resident run's (the cache never changes numbers);
+- the timing model's estimate (``offload.estimate``) for the same plan, with the link measured
+  here and the device's memory bandwidth as stated (``--mem-gbps``), beside the measurement.
 
 It also runs on a CPU (``--device cpu``, no cap) so it can be tried without a GPU. Prints a
 table, and with ``--json PATH`` writes every number there.
@@ -26,6 +28,7 @@ table, and with ``--json PATH`` writes every number there.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -38,6 +41,7 @@ from benchmarks.benchlib import say
 from offload.device import device_name, empty_host_buffer, resolve_device, synchronize
 from offload.engine import Engine, GenerationSettings
 from offload.errors import OffloadError
+from offload.estimate import Machine, estimate_decode
 from offload.pack import Pack
 from offload.plan import builtin_model, format_bytes, plan_memory, plan_model
 from offload.trace import load_trace
@@ -55,6 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=0, help="decode steps (default: all the trace holds)")
     parser.add_argument("--reps", type=int, default=2, help="measured repetitions after one warm-up")
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
+    parser.add_argument("--mem-gbps", type=float, default=4800.0,
+                        help="device memory bandwidth for the timing model (default: the H200's published 4.8 TB/s)")
     return parser.parse_args(argv)
 
 
@@ -79,19 +85,20 @@ def plain_copy_gbps(nbytes: int, device: torch.device, reps: int = 8) -> float:
     return statistics.median(nbytes / timed(copy, device) / 1e9 for _ in range(reps))
 
 
-def card_vram(pack: Pack, card: int, context: int) -> tuple[int, tuple[int, ...]]:
-    """The VRAM budget for the pack's N layers that gives them the slots ``card`` bytes give the
-    first N layers of the full 32-layer Mixtral-8x7B (same formats), and those slot counts."""
+def card_vram(pack: Pack, card: int, context: int, device_type: str) -> tuple[int, tuple[int, ...]]:
+    """The budget for the pack's N layers on ``device_type`` that gives them the slots ``card``
+    bytes give the first N layers of the full 32-layer Mixtral-8x7B on a GPU (same formats), and
+    those slot counts."""
     _, full = builtin_model("mixtral-8x7b")
     c = pack.config
     dtype = pack.dense_dtype
     fmt = pack.layout.fmt
-    attn = getattr(pack, "attention_format", None) or str(dtype).removeprefix("torch.")
+    attn = pack.attn_format
     whole = plan_model("mixtral-8x7b", full, dtype, context, fmt, attn, vram=card).memory
     slots = whole.layer_slots[: c.num_hidden_layers]
     base = plan_memory(
         c, pack.layout.nbytes, dtype, context, experts_per_layer=c.num_experts_per_tok,
-        device_type="cuda", expert_format=fmt, attn_format=attn,
+        device_type=device_type, expert_format=fmt, attn_format=attn,
     )
     vram = base.dense_bytes + base.kv_cache_bytes + base.reserve_bytes + sum(slots) * pack.layout.nbytes
     return vram, slots
@@ -130,8 +137,10 @@ def measure(args: argparse.Namespace) -> dict:
     rows = []
     total = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else None
     for card_gib in [float(c) for c in args.cards.split(",")]:
-        vram, slots = card_vram(Pack(args.pack), int(card_gib * GiB), context)
+        with Pack(args.pack) as pack:
+            vram, slots = card_vram(pack, int(card_gib * GiB), context, device.type)
         for policy in args.policies.split(","):
+            gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
@@ -152,6 +161,8 @@ def measure(args: argparse.Namespace) -> dict:
                 peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
                 plan = engine.plan
                 engine.close()
+                del engine, gen  # its slots go before the next load, under the next cap
+                gc.collect()
             except (OffloadError, torch.OutOfMemoryError) as exc:
                 rows.append({"card_gib": card_gib, "policy": policy, "error": str(exc).splitlines()[0]})
                 say(f"  failed: {rows[-1]['error']}")
@@ -162,7 +173,13 @@ def measure(args: argparse.Namespace) -> dict:
             tps = steps_run / seconds
             limit = gbps * 1e9 / per_token if per_token else float("inf")
             copy_seconds = moved / (gbps * 1e9)
+            with Pack(args.pack) as pack:  # the timing model for the same plan, link as measured here
+                machine = Machine(device.type, mem_gbps=args.mem_gbps, link_gbps=gbps, disk_gbps=3.5,
+                                  source="gpu_bench: stated memory bandwidth, measured link")
+                est = estimate_decode(config, plan, machine, dtype=pack.dense_dtype, expert_format=pack.layout.fmt,
+                                      attn_format=pack.attn_format, position=tokens // 2, trace=args.trace)
             rows.append({
+                "estimated_tok_s": est.tokens_per_s, "estimated_overlap_tok_s": est.overlap_tokens_per_s,
                 "card_gib": card_gib, "policy": policy, "layers": L, "slots": list(plan.layer_slots),
                 "host_experts": plan.host_experts, "vram_budget": vram,
                 "tok_s": tps, "tok_s_32_layers": tps * L / 32, "hit_rate": hit,
@@ -190,9 +207,9 @@ def print_report(result: dict) -> None:
     print(f"machine: {result['machine']}, torch {result['torch']}; {result['layers']} layers of synthetic "
           f"Mixtral-8x7B ({result['format']}), {result['decode_steps']} decode steps of replayed routing; "
           f"plain pinned copy {result['plain_copy_gbps']:.1f} GB/s; all resident {result['resident_tok_s']:.2f} tok/s")
-    print("| card | policy | slots/layer | tok/s (N layers) | tok/s x N/32 | hit rate | stall % | MiB/token (32 layers) "
-          "| link GB/s used | overlap | x transfer bound | peak / plan | exact |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| card | policy | slots/layer | tok/s (N layers) | tok/s x N/32 | estimate | hit rate | stall % "
+          "| MiB/token (32 layers) | link GB/s used | overlap | x transfer bound | peak / plan | exact |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in result["rows"]:
         if "error" in r:
             print(f"| {r['card_gib']:g} GiB | {r['policy']} | error: {r['error']} |")
@@ -201,7 +218,7 @@ def print_report(result: dict) -> None:
         overlap = "-" if r["overlap"] is None else f"{r['overlap']:.2f}"
         share = "-" if r["share_of_transfer_bound"] is None else f"{r['share_of_transfer_bound']:.2f}"
         print(f"| {r['card_gib']:g} GiB | {r['policy']} | {min(r['slots'])}-{max(r['slots'])} | {r['tok_s']:.2f} | "
-              f"{r['tok_s_32_layers']:.2f} | {r['hit_rate']:.3f} | {100 * r['stall_share']:.1f} | "
+              f"{r['tok_s_32_layers']:.2f} | {r['estimated_tok_s']:.2f} | {r['hit_rate']:.3f} | {100 * r['stall_share']:.1f} | "
               f"{r['mib_per_token_32_layers']:.0f} | {r['link_gbps_used']:.1f} | {overlap} | {share} | {peak} | "
               f"{r['tokens_equal_resident']} |")
 

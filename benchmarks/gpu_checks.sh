@@ -1,21 +1,47 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA GPU, as one script for a lent GPU machine (see the device tool):
-# the GPU-marked tests, then transfer bandwidth and engine speed on cuda. Everything it prints
-# goes to $OUT (or ./gpu-checks) as well as the terminal.
+# The checks that need a CUDA GPU, as one script for a lent GPU machine (the device tool), in
+# under 8 minutes, every step under `timeout`, all output in two files under $OUT:
+#   gpu_checks.log    every step's output, each headed "== step (limit s)" and ended "-> rc N, S s"
+#   gpu_results.json  the true-size numbers (benchmarks/gpu_bench.py --json)
+#
+# Before: `bash benchmarks/gpu_prepare.sh` here (bitsandbytes trimmed to CUDA 13 + CPU, and the
+# HumanEval trace in the engine's format, under .gpu/). Then, with the device tool:
+#   run(command="bash benchmarks/gpu_checks.sh", carry=[".gpu"], timeout_s=540)
+#
+# Steps: the environment; the gpu-marked tests; a plain pinned copy of one 4-bit Mixtral expert
+# against the cache's load path; a synthetic 4-bit Mixtral-8x7B pack of $LAYERS layers (nf4, for
+# CUDA); and gpu_bench.py on it with the real routing replayed, under memory caps emulating 12
+# and 24 GiB cards (decode tok/s, stall, MiB/token, link GB/s, overlap, peak vs plan, exactness).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-checks}"
 mkdir -p "$out"
-export PYTHONPATH="$PWD:${PYTHONPATH:-}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python -m pytest -q -m gpu 2>&1 | tail -20 | tee "$out/gpu-tests.txt"
-python benchmarks/bench_transfer.py --device cuda --mib 336 --reps 10 2>&1 | tee "$out/transfer-bf16-expert.txt"
-python benchmarks/bench_transfer.py --device cuda --mib 94.5 --reps 10 2>&1 | tee "$out/transfer-nf4-expert.txt"
-python benchmarks/bench_engine.py --device cuda --dtype bfloat16 --shape medium 2>&1 | tail -15 | tee "$out/engine-cuda.txt"
-python benchmarks/bench_quant.py --device cuda --formats bf16,int8,nf4,nf4-dq 2>&1 | tail -15 | tee "$out/quant-cuda.txt"
-python benchmarks/bench_cache.py --part speed --device cuda 2>&1 | tail -20 | tee "$out/cache-cuda.txt"
-python -m cli bench offload/demo/model -p 256 -n 64 -r 3 --experts-per-layer 4 --policy lru,combined --device cuda 2>&1 | tee "$out/policy-cuda.md"
-python benchmarks/bench_policies.py --device cuda --ram 0 --depths 1,2 2>&1 | tail -12 | tee "$out/policies-cuda-disk.md"
-python benchmarks/bench_policies.py --device cuda --depths 1,2 2>&1 | tail -12 | tee "$out/policies-cuda-ram.md"
-python -m cli profile --device cuda --out "$out/this-gpu.toml" 2>&1 | tail -12 | tee "$out/profile-cuda.txt"
-python -m cli bench offload/demo/model -p 256 -n 64 -r 3 --profile "$out/this-gpu.toml" --device cuda 2>&1 | tee "$out/bench-profile-cuda.md"
+log="$out/gpu_checks.log"
+: >"$log"
+export PYTHONPATH="$PWD/.gpu/site:$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+LAYERS="${LAYERS:-16}"   # of 32; the trace has 25 aligned layers
+PACK="${PACK:-/tmp/offload-synth-$LAYERS}"
+TRACE="${TRACE:-.gpu/trace-p0.jsonl}"
+PY="${PYTHON:-python3}"
+
+step() {  # step NAME LIMIT_SECONDS COMMAND...
+    local name="$1" limit="$2"
+    shift 2
+    echo "== $name ($limit s)" >>"$log"
+    local start=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
+    local rc=$?
+    echo "-> rc $rc, $((SECONDS - start)) s" >>"$log"
+    return 0
+}
+
+step environment 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
+    $PY -c 'import sys, torch, bitsandbytes; print(sys.version.split()[0], torch.__version__, torch.version.cuda, \
+    torch.cuda.get_device_name(), \"bitsandbytes\", bitsandbytes.__version__)'; nproc; free -g; df -h /tmp"
+step gpu-tests 120 "$PY" -m pytest -q -x -m gpu -p no:cacheprovider tests
+step transfer 30 "$PY" benchmarks/bench_transfer.py --device cuda --mib 94.5 --reps 10
+step synth 90 "$PY" -m cli synth mixtral-8x7b "$PACK" --layers "$LAYERS" --expert-format nf4 --force
+step true-size 200 "$PY" -m benchmarks.gpu_bench --pack "$PACK" --trace "$TRACE" --cards 12,24 \
+    --policies lru,history --reps 2 --json "$out/gpu_results.json"
+rm -rf "$PACK"
+echo "== done" >>"$log"

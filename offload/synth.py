@@ -23,7 +23,8 @@ layer; embeddings have 1, norm weights 1 +- 0.1. Every tensor has its own random
 thread checksums and writes one record while the next is made, and records are handed to the
 kernel's writeback as they are written (``offload.pack.start_writeback``), so the disk works
 while the CPU does. The tokenizer is the bundled demo model's (4096
-pieces, fewer than a preset's vocabulary, which the engine accepts).
+pieces), grown to the preset's vocabulary with user-defined pieces ``<synth N>``, so every id
+the random model samples decodes.
 
 What it is not: a model. Its text is noise and its routing is random-uniform-ish; it is for
 sizes, memory and speed. It never prints.
@@ -35,6 +36,7 @@ import functools
 import json
 import math
 import os
+import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping
@@ -279,12 +281,15 @@ def synthesize(
         raise SettingError(
             f"vocab_size {config.vocab_size}: the bundled tokenizer has {pieces} pieces; a synthetic model needs at least as many"
         )
+    if config.vocab_size > MAX_SYNTH_VOCAB:
+        raise SettingError(f"vocab_size {config.vocab_size}: a synthetic model takes at most {MAX_SYNTH_VOCAB}")
     out_dir = Path(out_dir)
     check_target(out_dir, force)
     with atomic_pack_dir(out_dir) as temp:
         entries = _write(temp, raw, config, dtype, experts, attention, seed, progress)
         write_manifest(
-            temp, raw, dtype, RecordLayout.for_config(config, experts), attention, _copy_tokenizer(temp),
+            temp, raw, dtype, RecordLayout.for_config(config, experts), attention,
+            _copy_tokenizer(temp, config.vocab_size),
             entries, synthetic={"preset": preset, "seed": seed, "layers": layers},
         )
     return out_dir
@@ -297,11 +302,45 @@ def _tokenizer_pieces() -> int:
     return Tokenizer.from_dir(DEMO_MODEL_DIR).vocab_size
 
 
-def _copy_tokenizer(out: Path) -> list[str]:
+MAX_SYNTH_VOCAB = 1 << 20
+
+
+def _copy_tokenizer(out: Path, vocab_size: int) -> list[str]:
+    """The demo model's tokenizer files, its sentencepiece model grown to ``vocab_size`` pieces
+    (``synthetic_pieces``), so that every id the random model can sample decodes."""
     names = [TOKENIZER_MODEL] + [n for n in OPTIONAL_TOKENIZER_FILES if (DEMO_MODEL_DIR / n).is_file()]
     for name in names:
         copy_synced(DEMO_MODEL_DIR / name, out / name)
+    model = (DEMO_MODEL_DIR / TOKENIZER_MODEL).read_bytes()
+    grown = model + synthetic_pieces(_tokenizer_pieces(), vocab_size)
+    with open(out / TOKENIZER_MODEL, "wb") as f:
+        f.write(grown)
+        f.flush()
+        os.fsync(f.fileno())
     return names
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def synthetic_pieces(first: int, end: int) -> bytes:
+    """Serialized sentencepiece ``ModelProto.pieces`` entries for ids ``first .. end-1``: user-
+    defined pieces named ``<synth N>`` (score 0), which decode to that text. Appended to a
+    model file they extend its vocabulary (protobuf merges a repeated field's entries wherever
+    they appear); written by hand, so no protobuf package is needed."""
+    user_defined = 4  # ModelProto.SentencePiece.Type.USER_DEFINED
+    out = bytearray()
+    for i in range(first, end):
+        name = f"<synth {i}>".encode()
+        piece = b"\x0a" + _varint(len(name)) + name + b"\x15" + struct.pack("<f", 0.0) + b"\x18" + _varint(user_defined)
+        out += b"\x0a" + _varint(len(piece)) + piece  # field 1 (pieces), length-delimited
+    return bytes(out)
 
 
 def _write(

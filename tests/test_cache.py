@@ -423,3 +423,46 @@ def test_staged_disk_reads_run_off_the_calling_thread_and_demand_loads_never_wai
         want = cache.layout.views(real(layer, expert, record))
         assert torch.equal(w.w1, want.w1) and torch.equal(w.w3, want.w3) and torch.equal(w.w2, want.w2)
     engine.close()
+
+
+def test_the_ram_tier_is_allocated_in_the_plans_blocks(model_dirs, resident):
+    """The RAM tier takes one buffer per block of the plan (pinned on CUDA, where one block of
+    every record would be rounded up to a power of two), and serves each record from its row."""
+    from offload.experts.tiers import HostTier
+
+    layout = RecordLayout.for_config(resident[WIDE.name]["float32"].config, "float32")
+    tier = HostTier(layout, 7, torch.device("cpu"), chunk_rows=[4, 2, 1])
+    assert [tuple(b.shape) for b in tier.buffers] == [(4, layout.nbytes), (2, layout.nbytes), (1, layout.nbytes)]
+    rows = [tier.add((0, e)) for e in range(7)]
+    for e, row in enumerate(rows):
+        row.fill_(e)
+    assert [int(tier.get((0, e))[0]) for e in range(7)] == list(range(7))  # no two records share a row
+    assert tier.nbytes == 7 * layout.nbytes
+    with pytest.raises(ValueError, match="do not hold"):
+        HostTier(layout, 7, torch.device("cpu"), chunk_rows=[4, 2])
+
+
+def test_slots_are_fitted_to_the_free_device_memory_at_load(model_dirs, resident):
+    """Where the device reports its free memory (CUDA), a plan that does not fit what is free
+    once the dense weights and the KV cache are in place gets fewer slots, with a note naming
+    the numbers, and still gives the all-resident tokens. (On a CPU the engine asks nothing;
+    the device layer's answer is replaced here.)"""
+    import offload.engine as engine_module
+
+    shape, dtype = WIDE.name, "float32"
+    ref = resident[shape][dtype]
+    c = ref.config
+    record = RecordLayout.for_config(c, dtype).nbytes
+    L = c.num_hidden_layers
+    free = L * 3 * record + record // 2  # room for 3 slots per layer, not the 5 asked for
+    with mock.patch.object(engine_module, "memory_info", return_value=(free, 10 * free)):
+        engine = Engine.load(model_dirs[shape], device="cpu", dtype=dtype, experts_per_layer=5, ram=0, policy="lru")
+    assert engine.cache.capacity == [3] * L and sum(engine.plan.layer_slots) == 3 * L
+    assert len(engine.notes) == 1 and "not the planned" in engine.notes[0] and str(3 * L) in engine.notes[0]
+    ids = ref.tokenizer.encode(PROMPT, bos=True)
+    gen, logits = run(engine, ids)
+    want_gen, want_logits = run(ref, ids)
+    assert gen.tokens == want_gen.tokens and torch.equal(logits, want_logits)
+    with mock.patch.object(engine_module, "memory_info", return_value=(record, 10 * record)):
+        with pytest.raises(BudgetError, match=f"holds 1 expert slots .* top-{c.num_experts_per_tok} for each"):
+            Engine.load(model_dirs[shape], device="cpu", dtype=dtype, experts_per_layer=5, ram=0)
