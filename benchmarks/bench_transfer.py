@@ -16,19 +16,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
+from pathlib import Path
 
 import torch
 
-from offload.device import Transfers, device_name, empty_host_buffer, resolve_device, synchronize
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-
-def timed(fn, device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
+from benchmarks.benchlib import timed  # noqa: E402
+from offload.device import Transfers, device_name, empty_host_buffer, resolve_device
 
 
 def main() -> int:

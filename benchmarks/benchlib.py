@@ -9,6 +9,19 @@ from typing import Any, Callable
 from offload.errors import OffloadError
 
 
+def timed(fn: Callable[[], object], device) -> float:
+    """Seconds of one ``fn()`` on ``device`` (a torch.device), queued work finished before and after."""
+    import time
+
+    from offload.device import synchronize
+
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def say(message: str) -> None:
     """A progress or error line on stderr (stdout carries only the report)."""
     print(message, file=sys.stderr, flush=True)

@@ -32,13 +32,14 @@ import gc
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.benchlib import say
-from offload.device import device_name, empty_host_buffer, resolve_device, synchronize
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from benchmarks.benchlib import say, timed  # noqa: E402
+from offload.device import device_name, empty_host_buffer, resolve_device
 from offload.engine import Engine, GenerationSettings
 from offload.errors import OffloadError
 from offload.estimate import Machine, estimate_decode
@@ -62,14 +63,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mem-gbps", type=float, default=4800.0,
                         help="device memory bandwidth for the timing model (default: the H200's published 4.8 TB/s)")
     return parser.parse_args(argv)
-
-
-def timed(fn, device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 def plain_copy_gbps(nbytes: int, device: torch.device, reps: int = 8) -> float:

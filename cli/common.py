@@ -7,6 +7,7 @@ No engine or planning logic here: the fitting is ``offload.profile``, the loadin
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,42 @@ def progress_bar(verb: str, name: str) -> Iterator[Optional[ProgressFn]]:
             bar.update(task, completed=done, total=total, description=f"{name}: {what}")
 
         yield progress
+
+
+@dataclass(frozen=True)
+class WrittenPack:
+    """What ``write_pack`` wrote, read back from the pack itself."""
+
+    seconds: float
+    total_bytes: int  # every file of the pack
+    summary: str  # "16 experts (nf4, 1.39 GiB), attention int8, 2.04 GiB in all"
+    synthetic: dict  # the manifest's "synthetic" entry ({} for a converted pack)
+
+
+def write_pack(out: Path, verb: str, name: str, write: Callable[[Optional[ProgressFn]], object]) -> WrittenPack:
+    """Run ``write(progress)`` (a pack writer: convert, synth) under a progress bar; Ctrl+C leaves
+    OUT as it was (exit 130); then open what was written, so the summary describes a valid pack."""
+    from offload.pack import EXPERTS_FILE, Pack
+    from offload.plan import format_bytes
+
+    start = time.perf_counter()
+    try:
+        with progress_bar(verb, name) as progress:
+            write(progress)
+    except KeyboardInterrupt:
+        stderr.print(f"interrupted: {out} left as it was", style="bold red", markup=False)
+        raise typer.Exit(130) from None
+    seconds = time.perf_counter() - start
+    with Pack(out) as pack:
+        experts = len(pack.manifest["experts"])
+        fmt, attention, synthetic = pack.layout.fmt.name, pack.attn_format, pack.synthetic or {}
+    total = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    attn = f", attention {attention.name}" if attention.kind != "plain" else ""
+    summary = (
+        f"{experts} experts ({fmt}, {format_bytes((out / EXPERTS_FILE).stat().st_size)}){attn}, "
+        f"{format_bytes(total)} in all"
+    )
+    return WrittenPack(seconds, total, summary, synthetic)
 
 
 # Options every engine command takes (generate, chat; bench takes comma lists of most), declared once.

@@ -6,17 +6,15 @@ Argument parsing and rich output only; the conversion itself is ``offload.pack.c
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from cli.common import progress_bar, stderr, user_errors
+from cli.common import user_errors, write_pack
 from cli.synth import BITS, FOR_OPTION_HELP
 from offload.engine import DTYPES, parse_dtype
-from offload.pack import EXPERTS_FILE, TARGETS, Pack, convert
-from offload.plan import format_bytes
+from offload.pack import TARGETS, convert
 from offload.quant import FORMATS
 
 
@@ -45,23 +43,8 @@ def convert_command(
     """Convert a checkpoint into an offload pack: each expert one aligned record, read in one go."""
     with user_errors():
         pack_dtype = parse_dtype(dtype) if dtype is not None else None
-        start = time.perf_counter()
-        try:
-            with progress_bar("converting", src.name) as progress:
-                convert(
-                    src, out, dtype=pack_dtype, expert_format=expert_format, expert_bits=expert_bits,
-                    attn_bits=attn_bits, target=target, force=force, progress=progress,
-                )
-        except KeyboardInterrupt:
-            stderr.print(f"interrupted: {out} left as it was", style="bold red")
-            raise typer.Exit(130) from None
-        seconds = time.perf_counter() - start
-        with Pack(out) as pack:  # opens what was written: the summary describes a valid pack
-            experts = len(pack.manifest["experts"])
-            fmt, attention = pack.layout.fmt.name, pack.attn_format
-        total = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-        attn = f", attention {attention.name}" if attention.kind != "plain" else ""
-        print(
-            f"wrote {out}: {experts} experts ({fmt}, {format_bytes((out / EXPERTS_FILE).stat().st_size)}){attn}, "
-            f"{format_bytes(total)} in all, {seconds:.1f} s"
-        )
+        written = write_pack(out, "converting", src.name, lambda progress: convert(
+            src, out, dtype=pack_dtype, expert_format=expert_format, expert_bits=expert_bits,
+            attn_bits=attn_bits, target=target, force=force, progress=progress,
+        ))
+        print(f"wrote {out}: {written.summary}, {written.seconds:.1f} s")

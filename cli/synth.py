@@ -6,15 +6,14 @@ takes only the built-in presets (``offload.plan.BUILTIN_MODELS``).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from cli.common import progress_bar, stderr, user_errors
-from offload.pack import EXPERTS_FILE, TARGETS, Pack
-from offload.plan import BUILTIN_MODELS, format_bytes
+from cli.common import user_errors, write_pack
+from offload.pack import TARGETS
+from offload.plan import BUILTIN_MODELS
 from offload.quant import BITS_CHOICES, FORMATS
 from offload.synth import synthesize
 
@@ -46,26 +45,13 @@ def synth_command(
     """Write a pack with a built-in model's true shapes and seeded random weights, at disk speed:
     for sizes, memory and speed without downloading the model (its text is noise)."""
     with user_errors():
-        start = time.perf_counter()
-        try:
-            with progress_bar("writing", f"synthetic {preset}") as progress:
-                synthesize(
-                    preset, out, layers=layers, expert_format=expert_format, expert_bits=expert_bits,
-                    attn_bits=attn_bits, target=target, seed=seed, force=force, progress=progress,
-                )
-        except KeyboardInterrupt:
-            stderr.print(f"interrupted: {out} left as it was", style="bold red")
-            raise typer.Exit(130) from None
-        seconds = time.perf_counter() - start
-        with Pack(out) as pack:  # opens what was written: the summary describes a valid pack
-            experts = len(pack.manifest["experts"])
-            fmt, attention = pack.layout.fmt.name, pack.attn_format
-            synthetic = pack.synthetic or {}
-            total_layers = BUILTIN_MODELS[synthetic["preset"]][1]["num_hidden_layers"]
-        total = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-        attn = f", attention {attention.name}" if attention.kind != "plain" else ""
+        written = write_pack(out, "writing", f"synthetic {preset}", lambda progress: synthesize(
+            preset, out, layers=layers, expert_format=expert_format, expert_bits=expert_bits,
+            attn_bits=attn_bits, target=target, seed=seed, force=force, progress=progress,
+        ))
+        synthetic = written.synthetic
+        total_layers = BUILTIN_MODELS[synthetic["preset"]][1]["num_hidden_layers"]
         print(
             f"wrote {out}: synthetic {synthetic['preset']}, {synthetic['layers']} of {total_layers} layers, "
-            f"{experts} experts ({fmt}, {format_bytes((out / EXPERTS_FILE).stat().st_size)}){attn}, "
-            f"{format_bytes(total)} in all, {seconds:.1f} s ({total / seconds / 1e9:.2f} GB/s)"
+            f"{written.summary}, {written.seconds:.1f} s ({written.total_bytes / written.seconds / 1e9:.2f} GB/s)"
         )

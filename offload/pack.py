@@ -452,6 +452,19 @@ def convert(
     return out_dir
 
 
+def progress_steps(total: int, progress: ProgressFn | None) -> Callable[[str], None]:
+    """A ``step(what)`` that reports one more of ``total`` pieces written to ``progress``."""
+    done = 0
+
+    def step(what: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total, what)
+
+    return step
+
+
 def _write_pack(
     checkpoint: Checkpoint,
     out: Path,
@@ -464,13 +477,7 @@ def _write_pack(
     config = checkpoint.config
     layers, experts_per_layer = config.num_hidden_layers, config.num_local_experts
     specs = list(dense_specs(config))
-    total, done = len(specs) + layers * experts_per_layer, 0
-
-    def step(what: str) -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, total, what)
+    step = progress_steps(len(specs) + layers * experts_per_layer, progress)
 
     writer = SafetensorsStreamWriter(
         out / DENSE_FILE, [t for spec in specs for t in file_tensors(spec, dtype, attn_format)]

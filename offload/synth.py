@@ -63,6 +63,7 @@ from offload.pack import (
     check_target,
     copy_synced,
     dense_specs,
+    progress_steps,
     file_tensors,
     pack_formats,
     quantized_attention,
@@ -362,13 +363,7 @@ def _write(
 
     layers, per_layer = config.num_hidden_layers, config.num_local_experts
     specs = list(dense_specs(config))
-    total, done = len(specs) + layers * per_layer, 0
-
-    def step(what: str) -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, total, what)
+    step = progress_steps(len(specs) + layers * per_layer, progress)
 
     writer = SafetensorsStreamWriter(out / DENSE_FILE, [t for s in specs for t in file_tensors(s, dtype, attention)])
     try:
