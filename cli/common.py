@@ -147,7 +147,10 @@ def load_engine(model: Path, **settings) -> Engine:
     the local Hugging Face cache is downloaded first (``local_model``)."""
     model_dir = local_model(model)
     with progress_bar("loading", model_label(model)) as progress:
-        return Engine.load(model_dir, progress=progress, **settings)
+        engine = Engine.load(model_dir, progress=progress, **settings)
+    for note in engine.notes:  # what the load changed from the plan (e.g. slots fitted to free memory)
+        stderr.print(note, style="dim", markup=False)
+    return engine
 
 
 PROFILE_OPTION = typer.Option(
@@ -293,6 +296,4 @@ def load_with_profile(profile: Optional[str], model: Union[str, Path], **flags) 
     engine = load_engine(model, **engine_options(chosen, **flags))
     if chosen.note:
         stderr.print(chosen.note, style="dim", markup=False)
-    for note in engine.notes:  # what the load changed from the plan (e.g. slots fitted to free memory)
-        stderr.print(note, style="dim", markup=False)
     return engine, chosen

@@ -293,3 +293,24 @@ def test_engine_options_merge_a_profile_and_the_flags(tmp_path):
     assert merged["experts_per_layer"] == 4 and "vram" not in merged and merged["prefetch_depth"] == 3
     assert merged["expert_format"] == "int8" and "expert_bits" not in merged  # a format replaces the bits
     assert "prefetch_depth" not in engine_options(None, prefetch_depth=None)  # the engine's default
+
+
+def test_a_plan_fitted_to_free_device_memory_is_said_on_stderr(model_dirs):
+    """When the load fits fewer slots than planned (CUDA's free memory, replaced here), the
+    command says so in one line with the numbers, and runs."""
+    from unittest import mock
+
+    import offload.engine as engine_module
+    from offload.experts.record import RecordLayout
+    from offload.config import ModelConfig
+
+    d = model_dirs[WINDOWED.name]
+    c = ModelConfig.from_dir(d)
+    record = RecordLayout.for_config(c, "float32").nbytes
+    free = c.num_hidden_layers * c.num_experts_per_tok * record + record // 2
+    with mock.patch.object(engine_module, "memory_info", return_value=(free, 4 * free)):
+        result = run("generate", str(d), "-p", PROMPT, "-n", "3", "--dtype", "float32", "--experts-per-layer", "4",
+                     "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if "not the planned" in line]
+    assert len(notes) == 1 and f"holds {c.num_hidden_layers * c.num_experts_per_tok} expert slots" in notes[0]
