@@ -97,10 +97,12 @@ def card_vram(pack: Pack, card: int, context: int, device_type: str) -> tuple[in
     return vram, slots
 
 
-def run_once(engine: Engine, tokens: int) -> tuple[list[int], float, object]:
+def run_once(engine: Engine, tokens: int):
+    """(tokens, decode seconds, the cache's statistics of the request or None): never the
+    Generation itself, which would keep the engine alive."""
     settings = GenerationSettings(max_new_tokens=tokens + 1, ignore_eos=True)
     gen = engine.generate([engine.tokenizer.bos_id], settings).run()
-    return gen.tokens, gen.stats.decode_seconds, gen
+    return gen.tokens, gen.stats.decode_seconds, gen.cache_stats
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -118,12 +120,16 @@ def measure(args: argparse.Namespace) -> dict:
         f"plain pinned copy {gbps:.1f} GB/s; {tokens} decode steps replayed from {args.trace}")
 
     say("all resident (the reference tokens)")
+    ram = L * config.num_local_experts * record  # every record in RAM, whatever the VM says is free
     ref = Engine.load(args.pack, device=str(device), replay=args.trace, context_length=context)
-    want, ref_seconds, _ = run_once(ref, tokens)
-    _, ref_seconds, _ = run_once(ref, tokens)
+    try:
+        want, _, _ = run_once(ref, tokens)
+        _, ref_seconds, _ = run_once(ref, tokens)
+    finally:
+        ref.close()
     resident_tps = tokens / ref_seconds
-    ref.close()
-    del ref
+    del ref  # nothing else may hold it (run_once returns no Generation): its slots go before the caps
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -139,27 +145,31 @@ def measure(args: argparse.Namespace) -> dict:
                 torch.cuda.reset_peak_memory_stats(device)
                 torch.cuda.set_per_process_memory_fraction(min(1.0, vram / total), device)
             say(f"card {card_gib:g} GiB: {L} layers in {format_bytes(vram)}, slots {slots}, policy {policy}")
+            engine = None
             try:
-                engine = Engine.load(args.pack, device=str(device), vram=vram, policy=policy, replay=args.trace,
-                                     context_length=context)
+                engine = Engine.load(args.pack, device=str(device), vram=vram, ram=ram, policy=policy,
+                                     replay=args.trace, context_length=context)
                 got, _, _ = run_once(engine, tokens)  # warm-up: the cache fills
                 times, moved, stall = [], 0, 0.0
                 for _ in range(args.reps):
-                    got, seconds, gen = run_once(engine, tokens)
-                    total_stats = gen.cache_stats.total()
+                    got, seconds, stats = run_once(engine, tokens)
+                    total_stats = stats.total()
                     times.append(seconds)
                     moved += total_stats.bytes_moved
                     stall += total_stats.stall_seconds
                     hit = total_stats.hit_rate
                 peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
                 plan = engine.plan
-                engine.close()
-                del engine, gen  # its slots go before the next load, under the next cap
-                gc.collect()
-            except (OffloadError, torch.OutOfMemoryError) as exc:
-                rows.append({"card_gib": card_gib, "policy": policy, "error": str(exc).splitlines()[0]})
+            except Exception as exc:  # one configuration's failure (OOM, a kernel) keeps the other rows
+                rows.append({"card_gib": card_gib, "policy": policy, "error": f"{type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}"})
                 say(f"  failed: {rows[-1]['error']}")
                 continue
+            finally:
+                if engine is not None:
+                    engine.close()
+                del engine  # its slots go before the next load, under the next cap
+                gc.collect()
             seconds = sum(times)
             steps_run = tokens * args.reps
             per_token = moved / steps_run

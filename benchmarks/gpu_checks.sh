@@ -19,7 +19,7 @@ mkdir -p "$out"
 log="$out/gpu_checks.log"
 : >"$log"
 export PYTHONPATH="$PWD/.gpu/site:$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
-LAYERS="${LAYERS:-16}"   # of 32; the trace has 25 aligned layers
+LAYERS="${LAYERS:-12}"   # of 32; the trace has 25 aligned layers
 PACK="${PACK:-/tmp/offload-synth-$LAYERS}"
 TRACE="${TRACE:-.gpu/trace-p0.jsonl}"
 PY="${PYTHON:-python3}"
@@ -29,19 +29,19 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
     shift 2
     echo "== $name ($limit s)" >>"$log"
     local start=$SECONDS
-    timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
+    timeout --kill-after=5 "$limit" "$@" >>"$log" 2>&1
     local rc=$?
     echo "-> rc $rc, $((SECONDS - start)) s" >>"$log"
     return 0
 }
 
-step environment 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
+step environment 20 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
     $PY -c 'import sys, torch, bitsandbytes; print(sys.version.split()[0], torch.__version__, torch.version.cuda, \
     torch.cuda.get_device_name(), \"bitsandbytes\", bitsandbytes.__version__)'; nproc; free -g; df -h /tmp"
-step gpu-tests 120 "$PY" -m pytest -q -x -m gpu -p no:cacheprovider tests
-step transfer 30 "$PY" benchmarks/bench_transfer.py --device cuda --mib 94.5 --reps 10
+step gpu-tests 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider --timeout 60 tests
+step transfer 25 "$PY" benchmarks/bench_transfer.py --device cuda --mib 94.5 --reps 10
 step synth 90 "$PY" -m cli synth mixtral-8x7b "$PACK" --layers "$LAYERS" --expert-format nf4 --force
-step true-size 200 "$PY" -m benchmarks.gpu_bench --pack "$PACK" --trace "$TRACE" --cards 12,24 \
+step true-size 190 "$PY" -m benchmarks.gpu_bench --pack "$PACK" --trace "$TRACE" --cards 12,24 \
     --policies lru,history --reps 2 --json "$out/gpu_results.json"
 rm -rf "$PACK"
 echo "== done" >>"$log"

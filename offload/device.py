@@ -65,10 +65,19 @@ def to_host(tensor: torch.Tensor) -> list:
 
 
 def memory_info(device: torch.device) -> tuple[int, int] | None:
-    """(free, total) bytes of a CUDA device; None on CPU (use psutil for RAM there)."""
-    if is_cuda(device):
-        return torch.cuda.mem_get_info(device)
-    return None
+    """(free, total) bytes of a CUDA device for this process; None on CPU (use psutil for RAM
+    there). Blocks torch's allocator holds but does not use count as free (they are released
+    first), and a cap set with ``torch.cuda.set_per_process_memory_fraction`` is honoured: free
+    is then at most the cap less what the allocator has reserved."""
+    if not is_cuda(device):
+        return None
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if fraction is not None:
+        cap = int(fraction(device) * total)
+        free = min(free, max(0, cap - torch.cuda.memory_reserved(device)))
+    return free, total
 
 
 def peak_memory_bytes(device: torch.device) -> int | None:
@@ -218,6 +227,8 @@ class Transfers:
         lane = "demand" if needed_now else "prefetch"
         if self.cuda:
             self._settle(previous)
+            if after is None:  # the caller's compute so far: the loader thread's current stream is another
+                after = self.mark()
 
         def staged_read():
             buffer, i = self._staging_buffer(lane, nbytes)
@@ -288,6 +299,12 @@ class Transfers:
         return handle.query()
 
     @staticmethod
+    def cancel(handle) -> bool:
+        """Cancel a load that is still queued (a future the loader has not started); True when it
+        was, so it will write nothing."""
+        return isinstance(handle, Future) and handle.cancel()
+
+    @staticmethod
     def check(handle) -> None:
         """Raise the error of a finished load that failed (a future; a CUDA copy cannot fail later)."""
         if isinstance(handle, Future) and handle.done() and not handle.cancelled():
@@ -300,6 +317,8 @@ class Transfers:
         if handle is None:
             return
         if isinstance(handle, Future):
+            if handle.cancelled():  # replaced by a later load into its slot: nothing to wait for
+                return
             handle = handle.result()  # raises the load's error
             if not self.cuda or handle is None:
                 return
@@ -333,6 +352,7 @@ class StallClock:
         self.cuda = is_cuda(device)
         self.device = device
         self._pending: list[tuple[object, object, int]] = []
+        self._done: list[tuple[int, float]] = []  # folded intervals, not yet handed out
 
     def start(self):
         if self.cuda:
@@ -341,18 +361,34 @@ class StallClock:
             return event
         return time.perf_counter()
 
+    # CUDA: pending intervals above this are folded into ``_done`` where already finished (a
+    # query, no sync), so a long generation does not hold one event pair per load
+    FOLD_AT = 512
+
     def stop(self, started, key: int) -> float | None:
         """Returns seconds on CPU; on CUDA the time is added to ``key`` later (``resolve``)."""
         if self.cuda:
             end = torch.cuda.Event(enable_timing=True)
             end.record(torch.cuda.current_stream(self.device))
             self._pending.append((started, end, key))
+            if len(self._pending) >= self.FOLD_AT:
+                self._fold()
             return None
         return time.perf_counter() - started
 
+    def _fold(self) -> None:
+        """Resolve the pending intervals whose end has passed, keeping the others."""
+        waiting = []
+        for start, end, key in self._pending:
+            if end.query():
+                self._done.append((key, start.elapsed_time(end) / 1000.0))
+            else:
+                waiting.append((start, end, key))
+        self._pending = waiting
+
     def resolve(self) -> list[tuple[int, float]]:
         """(key, seconds) for every CUDA interval recorded since the last call."""
-        out = []
+        out, self._done = self._done, []
         for start, end, key in self._pending:
             end.synchronize()
             out.append((key, start.elapsed_time(end) / 1000.0))

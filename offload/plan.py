@@ -180,6 +180,7 @@ def runtime_reserve(
     *,
     context: int,
     prefill_tokens: int = PREFILL_CHUNK_TOKENS,
+    quantize_experts: bool = False,
 ) -> RuntimeReserve:
     """Device bytes the runtime needs beyond dense weights, KV cache and expert slots, term by
     term with its reason (``RuntimeReserve.terms``). On "cpu" there are none (the slots are RAM,
@@ -201,7 +202,9 @@ def runtime_reserve(
     - logits and sampling: generation asks for the last position only, [1, V] in fp32 with the
       sampler's copies (``SAMPLING_BYTES_PER_VOCAB``); ``Engine.logits`` (evaluation, every
       position) needs more and is not planned for;
-    - an allocator margin (``ALLOCATOR_MARGIN_BYTES``).
+    - an allocator margin (``ALLOCATOR_MARGIN_BYTES``);
+    - with ``quantize_experts`` (the cache reads a checkpoint and quantizes each record on the
+      device), one matrix being quantized: its bf16 copy, an fp32 temporary and the codes.
 
     The engine must prefill in chunks of at most ``prefill_tokens`` for this to hold."""
     kind = _device_type(device_type)
@@ -244,6 +247,10 @@ def runtime_reserve(
         ReserveTerm("logits", sampling, "the last position's fp32 logits and the sampler's copies"),
         ReserveTerm("allocator margin", ALLOCATOR_MARGIN_BYTES, "caching allocator rounding and fragments"),
     )
+    if quantize_experts and expert_fmt.kind != "plain":
+        terms += (ReserveTerm("quantizing a record", I * D * (s + 4 + 1),
+                              "an expert matrix read from the checkpoint, quantized on the device: "
+                              "its copy, an fp32 temporary, the codes"),)
     return RuntimeReserve(kind, T, terms)
 
 
@@ -550,6 +557,7 @@ def plan_memory(
     attn_format: quant.WeightFormat | str | None = None,
     prefill_tokens: int = PREFILL_CHUNK_TOKENS,
     spread: str = "auto",
+    quantize_experts: bool = False,
 ) -> MemoryPlan:
     """Slots per layer from ``experts_per_layer`` or the ``vram`` budget; RAM records from ``ram``.
 
@@ -583,7 +591,8 @@ def plan_memory(
         if attn_format is None:
             attn_format = "nf4" if dense < dense_bytes(c, dtype) else plain
         reserve = runtime_reserve(
-            c, dtype, expert_format, attn_format, kind, context=context, prefill_tokens=prefill_tokens
+            c, dtype, expert_format, attn_format, kind, context=context, prefill_tokens=prefill_tokens,
+            quantize_experts=quantize_experts,
         )
     else:
         reserve = RuntimeReserve(kind, 0, ())

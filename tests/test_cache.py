@@ -466,3 +466,36 @@ def test_slots_are_fitted_to_the_free_device_memory_at_load(model_dirs, resident
     with mock.patch.object(engine_module, "memory_info", return_value=(record, 10 * record)):
         with pytest.raises(BudgetError, match=f"holds 1 expert slots .* top-{c.num_experts_per_tok} for each"):
             Engine.load(model_dirs[shape], device="cpu", dtype=dtype, experts_per_layer=5, ram=0)
+
+
+def test_a_prefetch_still_queued_when_asked_for_is_loaded_at_once(packs, resident):
+    """A predicted expert whose prefetch still waits on the loader behind another is not waited
+    for: it is cancelled and loaded on the calling thread (counted once, as a late prefetch), so
+    compute never waits behind a speculative load it did not ask for."""
+    import threading
+
+    shape, dtype = WIDE.name, "float32"
+    engine = Engine.load(packs[(shape, dtype)], device="cpu", dtype=dtype, experts_per_layer=3, ram=0, policy="lru")
+    cache = engine.cache
+    real = cache.source.read_record
+    gate = threading.Event()
+
+    def slow_first(layer, expert, out):
+        if (layer, expert) == (1, 0):
+            assert gate.wait(10), "the blocked prefetch was never released"
+        return real(layer, expert, out)
+
+    cache.source.read_record = slow_first
+    with mock.patch.object(device_layer, "ASYNC_MIN_BYTES", 0):
+        assert cache.prefetch(1, [0, 1]) == 2  # expert 1 queued behind the blocked expert 0
+        (w,) = cache.get(1, [1])  # returns while expert 0's read is still stuck
+        assert not gate.is_set()
+        gate.set()
+        cache.close()  # expert 0's read has landed before it is asked for
+        cache.get(1, [0])
+    stats = cache.stats.layers[1]
+    assert (stats.hits, stats.misses, stats.late, stats.disk_loads) == (2, 0, 1, 2)  # expert 1 read once
+    record = torch.empty(cache.layout.nbytes, dtype=torch.uint8)
+    want = cache.layout.views(real(1, 1, record))
+    assert torch.equal(w.w1, want.w1) and torch.equal(w.w2, want.w2)
+    engine.close()

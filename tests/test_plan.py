@@ -269,3 +269,16 @@ def test_fit_to_free_sizes_a_ram_tier_for_a_plan_that_had_none():
     assert plan.host_experts == 0
     fitted, _ = fit_to_free(plan, plan.reserve.working + 200 * NF4_EXPERT)
     assert fitted.device_slots == 200 and fitted.host_experts == 256 and fitted.host_bytes == 24 * GiB
+
+
+def test_quantizing_checkpoint_records_on_the_device_is_reserved():
+    """When the cache reads a checkpoint and quantizes each record on the GPU, one matrix's copy,
+    fp32 temporary and codes are reserved (bf16: 7 bytes a weight); not for a pack or plain experts."""
+    from offload.plan import builtin_model, runtime_reserve
+
+    _, c = builtin_model("mixtral-8x7b")
+    plain = runtime_reserve(c, torch.bfloat16, "nf4", "bf16", "cuda", context=4096)
+    reading = runtime_reserve(c, torch.bfloat16, "nf4", "bf16", "cuda", context=4096, quantize_experts=True)
+    assert reading.total - plain.total == 14336 * 4096 * (2 + 4 + 1)
+    unquantized = runtime_reserve(c, torch.bfloat16, "bf16", "bf16", "cuda", context=4096, quantize_experts=True)
+    assert unquantized.total == runtime_reserve(c, torch.bfloat16, "bf16", "bf16", "cuda", context=4096).total

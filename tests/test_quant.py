@@ -378,7 +378,14 @@ def test_4bit_quantized_on_cuda_matches_the_cpu(name):
     cpu = quant.quantize(w, name)
     assert gpu.device.type == "cuda"
     for key, t in cpu.tensors.items():
-        if key != "data":
+        if key == "data":
+            continue
+        if key == "absmax" and name == "nf4-dq":  # 8-bit codes of the scales: a code on a bin's edge may differ
+            assert (gpu.tensors[key].cpu().int() - t.int()).abs().max() <= 1, key
+            assert (gpu.tensors[key].cpu() == t).float().mean().item() >= 0.99, key
+        elif key == "nested_offset":  # a mean of the scales, summed in another order
+            assert torch.allclose(gpu.tensors[key].cpu(), t, rtol=1e-5, atol=0), key
+        else:
             assert torch.allclose(gpu.tensors[key].cpu().float(), t.float(), rtol=1e-6, atol=0), key
     same = (gpu.tensors["data"].cpu() == cpu.tensors["data"]).float().mean().item()
     assert same >= 0.999

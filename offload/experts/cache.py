@@ -141,6 +141,7 @@ class ExpertCache:
         # per slot (DeviceSlots index): the handle of the last load into it, until compute has
         # waited for it; a slot is never read while its load may be running or has failed
         self.loads: list[object] = [None] * sum(capacity)
+        self._tier: list[str] = [""] * sum(capacity)  # per slot: where its last load came from
         self.prefetched: set[tuple[int, int]] = set()  # (layer, expert) prefetched, not yet asked for
         self._inflight: list[object] = []  # handles of prefetches that may still be running
         self.max_inflight = 2 * top_k  # prefetch loads not yet finished, at most
@@ -197,7 +198,12 @@ class ExpertCache:
                             if outcome == "prefetched":
                                 stats.late += 1
                                 outcome = "late"
-                            waits.append((expert, index, handle))
+                            if self.transfers.cancel(handle):  # queued behind other prefetches: load it now
+                                self._uncount(index, stats)  # the cancelled load moved nothing
+                                self.loads[index] = None
+                                handle = self._load(layer, expert, index, stats, needed_now=True)
+                            if handle is not None:
+                                waits.append((expert, index, handle))
                 else:
                     outcome = "miss"
                     stats.misses += 1
@@ -291,6 +297,7 @@ class ExpertCache:
         previous = self.loads[slot_index]  # a load into this slot that may not have landed
         started = self.stall.start()
         record = self.host.get(key)
+        self._tier[slot_index] = "host" if record is not None else "disk"
         if record is not None:
             stats.host_loads += 1
             stats.host_bytes += nbytes
@@ -308,6 +315,15 @@ class ExpertCache:
             stats.stall_seconds += seconds
         self.loads[slot_index] = handle
         return handle
+
+    def _uncount(self, slot_index: int, stats: LayerStats) -> None:
+        """Take back the load and bytes counted for a load into ``slot_index`` that was cancelled."""
+        if self._tier[slot_index] == "host":
+            stats.host_loads -= 1
+            stats.host_bytes -= self.layout.nbytes
+        else:
+            stats.disk_loads -= 1
+            stats.disk_bytes -= self.layout.nbytes
 
     def close(self) -> None:
         """Finish the loads in flight and stop the loader (the cache still serves after, with

@@ -41,6 +41,7 @@ class CheckpointRecords:
         self.checkpoint = checkpoint
         self.layout = layout
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._stream = None  # CUDA: a side stream, so a read's quantization never queues behind compute
 
     def read_record(self, layer: int, expert: int, out: torch.Tensor) -> torch.Tensor:
         record = out[: self.layout.nbytes]  # [nbytes] uint8, host
@@ -49,11 +50,21 @@ class CheckpointRecords:
             return self.layout.pack(weights, record)
         from offload import quant
 
+        if self.device.type != "cuda":
+            self._quantize_into(record, weights, quant)
+            return record
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+            self._quantize_into(record, weights, quant)
+        self._stream.synchronize()
+        return record
+
+    def _quantize_into(self, record: torch.Tensor, weights: ExpertWeights, quant) -> None:
         for target, weight in zip(self.layout.views(record), weights):  # QuantizedMatrix views into record
             quantized = quant.quantize(weight.to(self.device), self.layout.fmt)  # on the device
             for name, tensor in quantized.tensors.items():
                 target.tensors[name].copy_(tensor)  # device -> host record
-        return record
 
 
 class DeviceSlots:
