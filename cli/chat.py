@@ -39,7 +39,10 @@ from cli.common import (
     PROFILE_OPTION,
     RAM_OPTION,
     VRAM_OPTION,
+    checked_text,
     load_with_profile,
+    print_error,
+    read_stdin_text,
     stderr,
     user_errors,
 )
@@ -47,6 +50,7 @@ from offload.demo import DEMO_MODEL_DIR
 from offload.device import peak_memory_bytes
 from offload.engine import Engine, GenerationSettings
 from offload.errors import OffloadError
+from offload.files import check_file
 from offload.sampling import SamplingSettings
 from offload.tokenizer import Message
 
@@ -67,18 +71,24 @@ HELP = """\
 Ctrl+C stops a reply and keeps the conversation."""
 
 
+def reply_trace_path(trace: Path, n: int) -> Path:
+    """Where reply ``n``'s router trace goes: STEM-n.SUFFIX beside ``trace`` (.jsonl without one)."""
+    return trace.with_name(f"{trace.stem}-{n}{trace.suffix or '.jsonl'}")
+
+
 class ChatSession:
     """The conversation state and one turn's streaming; no terminal reading here."""
 
     def __init__(
         self, engine: Engine, sampling: SamplingSettings, max_tokens: int, system: Optional[str],
-        trace: Optional[Path] = None,
+        trace: Optional[Path] = None, trace_force: bool = False,
     ):
         self.engine = engine
         self.sampling = sampling
         self.max_tokens = max_tokens
         self.system = system
         self.trace = trace  # each reply's router trace goes to STEM-N.SUFFIX beside it (N from 1)
+        self.trace_force = trace_force  # replace an existing STEM-N.SUFFIX (a regular file only)
         self.history: list[Message] = []  # user and assistant turns, no system message
         self.turns = 0  # replies so far: the seed of turn n is seed + n (repeatable, not repeated)
 
@@ -89,15 +99,15 @@ class ChatSession:
     def settings(self) -> GenerationSettings:
         sampling = self.sampling
         if sampling.seed is not None:
-            sampling = replace(sampling, seed=sampling.seed + self.turns)
-        return GenerationSettings(max_new_tokens=self.max_tokens, sampling=sampling, trace=self.trace_path())
+            # torch takes a seed modulo 2**64: wrap, so a seed near the top stays in range every turn
+            sampling = replace(sampling, seed=(sampling.seed + self.turns) % 2**64)
+        return GenerationSettings(max_new_tokens=self.max_tokens, sampling=sampling, trace=self.trace_path(),
+                                  trace_force=self.trace_force)
 
     def trace_path(self) -> Optional[Path]:
         """Where the next reply's trace goes: one file per reply, since each reply is one token
         sequence (the conversation so far, then the reply)."""
-        if self.trace is None:
-            return None
-        return self.trace.with_name(f"{self.trace.stem}-{self.turns + 1}{self.trace.suffix or '.jsonl'}")
+        return reply_trace_path(self.trace, self.turns + 1) if self.trace is not None else None
 
     def reply(self, user: str, write: Callable[[str], None], stop_requested: Callable[[], bool] = lambda: False,
               spinner: bool = False):
@@ -242,6 +252,7 @@ def interactive(session: ChatSession, read: Callable[[str], str] = input, profil
             stderr.print("Use Ctrl+D or /bye to leave.", style="dim")
             continue
         try:
+            text = checked_text(text, "chat input")  # undecodable bytes: one line, the session goes on
             if text.strip().startswith("/"):
                 if command(session, text.strip()):
                     return
@@ -263,7 +274,7 @@ def interactive(session: ChatSession, read: Callable[[str], str] = input, profil
             sys.stdout.write("\n")
             stderr.print("(interrupted)", style="dim")
         except OffloadError as exc:
-            stderr.print(f"[bold red]error:[/] {exc}", markup=True)
+            print_error(exc)
 
 
 def command(session: ChatSession, line: str) -> bool:
@@ -293,7 +304,7 @@ def command(session: ChatSession, line: str) -> bool:
             try:
                 stderr.print(session.set(*parts), style="dim")
             except (OffloadError, ValueError) as exc:
-                stderr.print(f"[bold red]error:[/] /set {arg}: {exc}", markup=True)
+                print_error(f"/set {arg}: {exc}")
     elif name == "/stats":
         stderr.print(cache_report(session.engine), markup=False)
     else:
@@ -328,24 +339,30 @@ def chat_command(
         None, "--trace", help="Write each reply's router trace (experts, gates, predictions, cache outcomes) "
         "to STEM-N.jsonl beside this path, N = 1, 2, ...",
     ),
+    force: bool = typer.Option(
+        False, "--force", help="Replace the --trace files STEM-N.jsonl that exist (regular files only)."
+    ),
 ) -> None:
     """Chat with a model: interactive in a terminal; with a pipe, stdin is one message and the reply goes to stdout."""
     with user_errors():
+        system = checked_text(system, "--system") if system is not None else None
         sampling = SamplingSettings(temperature=temperature, top_p=top_p, seed=seed)
         GenerationSettings(max_new_tokens=max_tokens)
         tty = sys.stdin.isatty() and sys.stdout.isatty()
         message = None
         if not tty:
-            message = sys.stdin.read().strip()
+            message = read_stdin_text("the message on stdin").strip()
             if not message:
                 raise OffloadError("no message: pipe the message on stdin, or run in a terminal to chat")
+        if trace is not None:  # reply 1's trace is refused now, not after loading (later ones: at their turn)
+            check_file(reply_trace_path(trace, 1), force, "trace")
         model = model or DEMO_MODEL_DIR
         engine, chosen = load_with_profile(
             profile, model, device=device, dtype=dtype, context_length=context, vram=vram, ram=ram,
             experts_per_layer=experts_per_layer, policy=policy, prefetch_depth=prefetch_depth,
             expert_format=expert_format, expert_bits=expert_bits, attn_bits=attn_bits,
         )
-        session = ChatSession(engine, sampling, max_tokens, system, trace)
+        session = ChatSession(engine, sampling, max_tokens, system, trace, force)
         if message is not None:
             def write(chunk: str) -> None:
                 sys.stdout.write(chunk)
@@ -359,4 +376,6 @@ def chat_command(
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
+        if hasattr(sys.stdin, "reconfigure"):  # undecodable input reaches checked_text, not a traceback
+            sys.stdin.reconfigure(errors="surrogateescape")
         interactive(session, profile=chosen.label)

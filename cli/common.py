@@ -2,11 +2,20 @@
 options declared once, and the profile choice (a named profile, checked against this machine, or
 the automatic one: ``offload.profile_fit.auto_profile``) merged with the flags given.
 
+Input and output rules kept here: error messages are printed as plain text (a path or tensor name
+holding ``[/x]`` prints as it is), only the ``error:`` prefix styled; text from arguments, stdin
+and chat input must be valid UTF-8, else one line names where and the first bad byte
+(``checked_text``, ``read_stdin_text``); a write to standard output that fails (a full disk:
+one line, exit 2; a closed pipe: a quiet exit 1) never ends in a traceback (``OffloadApp``).
+
 No engine or planning logic here: the fitting is ``offload.profile``, the loading ``offload.engine``.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,6 +25,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional, Union
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from offload.engine import DEFAULT_DTYPE, DTYPES, Engine
 from offload.errors import OffloadError, SettingError
@@ -24,11 +34,16 @@ from offload.quant import FORMATS
 if TYPE_CHECKING:
     from offload.profile import Profile
 
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)  # text as given, never markup
 
 USER_ERROR_EXIT = 2
 
 ProgressFn = Callable[[int, int, str], None]
+
+
+def print_error(message: object, prefix: str = "error: ") -> None:
+    """One error line on stderr: ``prefix`` in bold red, the message as plain text (never markup)."""
+    stderr.print(Text.assemble((prefix, "bold red"), str(message)))
 
 
 @contextmanager
@@ -37,8 +52,112 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except OffloadError as exc:
-        stderr.print(f"[bold red]error:[/] {exc}", markup=True)
+        print_error(exc)
         raise typer.Exit(USER_ERROR_EXIT) from None
+
+
+def checked_text(text: str, where: str) -> str:
+    """``text`` when it is valid Unicode; an OffloadError naming ``where`` and the first byte that
+    is not UTF-8 when it holds undecodable bytes (Python keeps those of an argument, or of input
+    read with ``errors="surrogateescape"``, as lone surrogates)."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogatepass")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise OffloadError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start}); "
+                           "give the text in UTF-8") from None
+    raise OffloadError(f"{where}: not valid UTF-8; give the text in UTF-8")
+
+
+def read_stdin_text(where: str = "stdin") -> str:
+    """All of stdin as text: its bytes decoded as UTF-8 (newlines made \\n, as text mode does), or
+    an OffloadError naming ``where`` and the first byte that is not UTF-8."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:
+        return checked_text(sys.stdin.read(), where)
+    data = buffer.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise OffloadError(f"{where}: not valid UTF-8 (byte 0x{data[e.start]:02x} at byte {e.start}); "
+                           "give the text in UTF-8") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+class _MarkedStdout:
+    """Standard output as it is, except that an OSError out of ``write`` or ``flush`` is marked as
+    standard output's own (``offload_stdout``), so that ``OffloadApp`` tells it from others."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except OSError as exc:
+            exc.offload_stdout = True
+            raise
+
+    def flush(self):
+        try:
+            return self._stream.flush()
+        except OSError as exc:
+            exc.offload_stdout = True
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def stdout_failed(exc: BaseException) -> bool:
+    """Is ``exc`` a failed write to standard output (while ``OffloadApp`` runs a command)?"""
+    return isinstance(exc, OSError) and getattr(exc, "offload_stdout", False)
+
+
+def _quiet_stdout() -> None:
+    """Point standard output at /dev/null, so that the flush at exit finds nothing to complain of."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(fd, sys.stdout.fileno())
+        finally:
+            os.close(fd)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+class OffloadApp(typer.Typer):
+    """The command-line app: a ``typer.Typer`` whose entry point (``offload ...``) ends a command
+    whose standard output fails in one line: a full disk or another error is ``error: cannot
+    write to standard output (...)`` and exit 2; a closed pipe (``offload generate ... | head``)
+    a quiet exit 1, as typer does."""
+
+    def __call__(self, *args, **kwargs):
+        original = sys.stdout
+        marked = sys.stdout = _MarkedStdout(original)
+        try:
+            return super().__call__(*args, **kwargs)
+        except OSError as exc:
+            if not stdout_failed(exc):
+                raise
+            _quiet_stdout()
+            if exc.errno == errno.EPIPE:
+                raise SystemExit(1) from None
+            print_error(f"cannot write to standard output ({exc.strerror or exc})")
+            raise SystemExit(USER_ERROR_EXIT) from None
+        finally:
+            if sys.stdout is marked:
+                sys.stdout = original
 
 
 @contextmanager
@@ -76,7 +195,7 @@ class WrittenPack:
 def write_pack(out: Path, verb: str, name: str, write: Callable[[Optional[ProgressFn]], object]) -> WrittenPack:
     """Run ``write(progress)`` (a pack writer: convert, synth) under a progress bar; Ctrl+C leaves
     OUT as it was (exit 130); then open what was written, so the summary describes a valid pack."""
-    from offload.pack import EXPERTS_FILE, Pack
+    from offload.pack import EXPERTS_FILE, Pack, pack_files
     from offload.plan import format_bytes
 
     start = time.perf_counter()
@@ -90,7 +209,8 @@ def write_pack(out: Path, verb: str, name: str, write: Callable[[Optional[Progre
     with Pack(out) as pack:
         experts = len(pack.manifest["experts"])
         fmt, attention, synthetic = pack.layout.fmt.name, pack.attn_format, pack.synthetic or {}
-    total = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    own = [out / name for name in pack_files(out) or ()]  # the pack's files, not the user's others beside them
+    total = sum(f.stat().st_size for f in own if f.is_file())
     attn = f", attention {attention.name}" if attention.kind != "plain" else ""
     summary = (
         f"{experts} experts ({fmt}, {format_bytes((out / EXPERTS_FILE).stat().st_size)}){attn}, "

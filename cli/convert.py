@@ -38,7 +38,9 @@ def convert_command(
         None, "--attn-bits", help=f"Attention projections in {BITS} bits, stored quantized (default 16)."
     ),
     target: str = typer.Option("auto", "--for", help=f"{'|'.join(TARGETS)}. {FOR_OPTION_HELP}"),
-    force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it is already a pack."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace OUT_DIR if it is a pack (or empty): only the pack's own files; other files stay."
+    ),
 ) -> None:
     """Convert a checkpoint into an offload pack: each expert one aligned record, read in one go."""
     with user_errors():

@@ -165,7 +165,7 @@ def info_command(
                 estimate=None if estimate is None else dict(estimate.to_dict(), summary=estimate.describe()),
             )))
             return
-        out = Console(highlight=False, soft_wrap=True)
+        out = Console(highlight=False, soft_wrap=True, markup=False)
         out.print(_table(plan, expert_bits))
         out.print(summary(plan))
         if estimate is not None:

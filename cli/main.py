@@ -27,7 +27,10 @@ from cli.common import (
     PROFILE_OPTION,
     RAM_OPTION,
     VRAM_OPTION,
+    OffloadApp,
+    checked_text,
     load_with_profile,
+    read_stdin_text,
     stderr,
     user_errors,
 )
@@ -42,10 +45,11 @@ from cli.trace import trace_app
 from offload.demo import DEMO_MODEL_DIR
 from offload.engine import Engine, GenerationSettings
 from offload.errors import OffloadError
+from offload.files import check_file
 from offload.sampling import SamplingSettings
 from offload.tokenizer import Message
 
-app = typer.Typer(
+app = OffloadApp(  # typer.Typer, with standard output's failures in one line (cli.common)
     name="offload",
     help="Run Mixture-of-Experts models (Mixtral) on a GPU smaller than the model.",
     no_args_is_help=True,
@@ -104,6 +108,9 @@ def generate(
     trace: Optional[Path] = typer.Option(
         None, "--trace", help="Write a router trace (experts, gates, predictions, cache outcomes) to this file."
     ),
+    force: bool = typer.Option(
+        False, "--force", help="Replace the --trace file if it exists (a regular file only; never a link or device)."
+    ),
     replay: Optional[Path] = typer.Option(
         None, "--replay", help="Take each layer's experts and gate weights from this router trace (offload-trace "
         "format, e.g. from --trace or `offload trace convert`) instead of the routers, position by position.",
@@ -117,13 +124,19 @@ def generate(
         if prompt is None:
             if sys.stdin.isatty():
                 raise OffloadError("no prompt: give -p TEXT or pipe text on stdin")
-            prompt = sys.stdin.read()
+            prompt = read_stdin_text("the prompt on stdin")
+        prompt = checked_text(prompt, "-p/--prompt")
+        system = checked_text(system, "--system") if system is not None else None
+        stop = [checked_text(s, "--stop") for s in stop]
         sampling = SamplingSettings(
             temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repeat_penalty, seed=seed
         )
         settings = GenerationSettings(
-            max_new_tokens=max_tokens, stop=tuple(stop), sampling=sampling, ignore_eos=ignore_eos, trace=trace
+            max_new_tokens=max_tokens, stop=tuple(stop), sampling=sampling, ignore_eos=ignore_eos, trace=trace,
+            trace_force=force,
         )
+        if trace is not None:
+            check_file(trace, force, "trace")  # refused now, not after loading and generating
         model = model or DEMO_MODEL_DIR
         engine, chosen = load_with_profile(
             profile, model, device=device, dtype=dtype, context_length=context, vram=vram, ram=ram,

@@ -23,6 +23,7 @@ from offload.bench import BenchConfig, context_needed, load, measure
 from offload.config import ModelConfig
 from offload.demo import DEMO_MODEL_DIR
 from offload.errors import SettingError
+from offload.files import check_file
 from offload.plan import format_bytes, kv_cache_bytes, parse_bytes
 from offload.profile import (
     _size_text,
@@ -47,9 +48,11 @@ def profile_command(
     gen_tokens: int = typer.Option(8, "-n", "--n-gen", min=1, help="Generated tokens per timed request."),
     reps: int = typer.Option(1, "-r", "--reps", min=1, help="Timed repetitions per candidate."),
     headroom: str = typer.Option("10%", "--headroom", help="Memory left free: a size (1GiB) or a share (10%)."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists (a regular file only)."),
 ) -> None:
     """Probe this machine, time candidate plans briefly, and write the fastest that fits."""
     with user_errors():
+        check_file(out, force, "profile")  # refused now, not after probing and timing
         model = local_model(model) if model else DEMO_MODEL_DIR  # a hub id: from the cache, or downloaded
         machine = probe_machine(model, device)
         start = load_profile(base) if base else best_shipped_profile(machine["device"], machine["vram"] or None)
@@ -88,7 +91,7 @@ def profile_command(
             f"fastest candidate on {model_label(model)}: {_label(config)}, {tg:.1f} t/s"
         )
         profile = machine_profile(machine, plan, name, comment)
-        save_profile(profile, out)
+        save_profile(profile, out, force=force)
         disk = f"{machine['disk_gbps']:.2f} GB/s" if machine["disk_gbps"] else "not measured"
         print(
             f"{out}: {_label(config)} ({tg:.1f} t/s on {model_label(model)}); machine: {profile.gpu}, "

@@ -29,7 +29,7 @@ from offload.trace import (
     simulate,
 )
 
-stdout = Console(highlight=False, soft_wrap=True)
+stdout = Console(highlight=False, soft_wrap=True, markup=False)
 
 DEFAULT_STATS_SLOTS = 4
 

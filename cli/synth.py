@@ -40,7 +40,9 @@ def synth_command(
     ),
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed writes the same bytes."),
     target: str = typer.Option("auto", "--for", help=f"{'|'.join(TARGETS)}. {FOR_OPTION_HELP}"),
-    force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it is already a pack."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace OUT_DIR if it is a pack (or empty): only the pack's own files; other files stay."
+    ),
 ) -> None:
     """Write a pack with a built-in model's true shapes and seeded random weights, at disk speed:
     for sizes, memory and speed without downloading the model (its text is noise)."""

@@ -49,7 +49,7 @@ def convert_command(
     problem: Optional[int] = typer.Option(
         None, "--problem", help="Convert this problem alone. Default: every problem, concatenated in order."
     ),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (a regular file only)."),
 ) -> None:
     """Write SRC as one engine trace, keeping only the layers that have a record at every step
     (in every problem, when problems are concatenated); the header names the layers kept."""

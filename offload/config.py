@@ -8,6 +8,7 @@ dtype, budgets), which belong to the engine and the plan.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,27 @@ from offload.errors import ConfigError, UnsupportedModelError
 
 SUPPORTED_ARCHITECTURES = ("MixtralForCausalLM",)
 SUPPORTED_ACTIVATIONS = ("silu",)
+MAX_SIZE = 2**31 - 1  # the largest size (vocabulary, width, layers, experts, positions) accepted
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a finite float, or None (a bool, a non-number, NaN, Inf, an int too big)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for messages about arbitrary JSON values."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # deeply nested, or an int too long to print
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -51,60 +73,79 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        """Validate an HF config dictionary; ``source`` names it in error messages."""
+        """Validate an HF config dictionary; ``source`` names it in error messages.
+
+        Every field the engine uses is checked for type and range: sizes are ints (not bools)
+        from 1 to ``MAX_SIZE``; ``rms_norm_eps`` and ``rope_theta`` are finite numbers (eps in
+        (0, 1), theta > 0); head_dim even; num_key_value_heads divides num_attention_heads;
+        num_experts_per_tok <= num_local_experts; sliding_window null or a positive int;
+        tie_word_embeddings a bool; torch_dtype a string or null. Anything else is a
+        ``ConfigError`` naming ``source`` and the field."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {_shown(raw)}")
         architectures = raw.get("architectures") or []
         model_type = raw.get("model_type")
+        if not isinstance(architectures, list):
+            raise ConfigError(f"{source}: architectures must be a list of names, got {_shown(architectures)}")
         # An old config may carry only model_type; a present architectures list must name Mixtral.
         supported = (
-            any(a in SUPPORTED_ARCHITECTURES for a in architectures)
+            any(isinstance(a, str) and a in SUPPORTED_ARCHITECTURES for a in architectures)
             if architectures
             else model_type == "mixtral"
         )
         if not supported:
-            named = ", ".join(map(str, architectures)) or f"model_type={model_type!r}"
+            named = ", ".join(_shown(a) for a in architectures) or f"model_type={_shown(model_type)}"
             raise UnsupportedModelError(
                 f"{source}: architecture {named} is not supported "
                 f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
             )
 
-        def need_int(key: str, minimum: int = 1) -> int:
-            value = raw.get(key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ConfigError(f"{source}: {key} must be an integer >= {minimum}, got {value!r}")
+        def need_int(key: str, value: Any = None, minimum: int = 1) -> int:
+            value = raw.get(key) if value is None else value
+            if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_SIZE:
+                raise ConfigError(
+                    f"{source}: {key} must be an integer from {minimum} to {MAX_SIZE}, got {_shown(value)}"
+                )
             return value
 
-        def need_float(key: str, default: float | None = None) -> float:
-            value = raw.get(key, default)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigError(f"{source}: {key} must be a positive number, got {value!r}")
-            return float(value)
+        def need_float(key: str, value: Any, upper: float | None = None) -> float:
+            number = _finite(value)
+            if number is None or number <= 0 or (upper is not None and number >= upper):
+                bound = f"in (0, {upper:g})" if upper is not None else "a positive finite number"
+                raise ConfigError(f"{source}: {key} must be {bound}, got {_shown(value)}")
+            return number
 
         hidden_act = raw.get("hidden_act", "silu")
-        if hidden_act not in SUPPORTED_ACTIVATIONS:
-            raise ConfigError(f"{source}: hidden_act {hidden_act!r} is not supported (only silu)")
+        if not isinstance(hidden_act, str) or hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ConfigError(f"{source}: hidden_act {_shown(hidden_act)} is not supported (only silu)")
 
         heads = need_int("num_attention_heads")
         hidden = need_int("hidden_size")
-        kv_heads = raw.get("num_key_value_heads") or heads
-        if not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
+        kv_raw = raw.get("num_key_value_heads")
+        kv_heads = heads if kv_raw is None else need_int("num_key_value_heads", kv_raw)
+        if heads % kv_heads:
             raise ConfigError(
-                f"{source}: num_key_value_heads {kv_heads!r} must divide num_attention_heads {heads}"
+                f"{source}: num_key_value_heads {kv_heads} must divide num_attention_heads {heads}"
             )
         head_dim = raw.get("head_dim")
         if head_dim is None:
             if hidden % heads:
                 raise ConfigError(f"{source}: hidden_size {hidden} is not divisible by {heads} heads")
             head_dim = hidden // heads
-        if not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
-            raise ConfigError(f"{source}: head_dim must be an even integer, got {head_dim!r}")
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
+            raise ConfigError(f"{source}: head_dim must be an even integer >= 2, got {_shown(head_dim)}")
+        if heads * head_dim > MAX_SIZE:
+            raise ConfigError(
+                f"{source}: head_dim {head_dim} x num_attention_heads {heads} exceeds {MAX_SIZE}"
+            )
 
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"{source}: rope_parameters/rope_scaling must be an object, got {_shown(rope)}")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
-            raise ConfigError(f"{source}: rope type {rope_type!r} is not supported (only default)")
-        rope_theta = rope.get("rope_theta", raw.get("rope_theta", 1e6))
-        if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)) or rope_theta <= 0:
-            raise ConfigError(f"{source}: rope_theta must be a positive number, got {rope_theta!r}")
+            raise ConfigError(f"{source}: rope type {_shown(rope_type)} is not supported (only default)")
+        rope_theta = need_float("rope_theta", rope.get("rope_theta", raw.get("rope_theta", 1e6)))
 
         experts = need_int("num_local_experts")
         top_k = need_int("num_experts_per_tok")
@@ -113,8 +154,17 @@ class ModelConfig:
                 f"{source}: num_experts_per_tok {top_k} exceeds num_local_experts {experts}"
             )
         window = raw.get("sliding_window")
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-            raise ConfigError(f"{source}: sliding_window must be null or a positive integer, got {window!r}")
+        if window is not None:
+            if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= MAX_SIZE:
+                raise ConfigError(
+                    f"{source}: sliding_window must be null or an integer from 1 to {MAX_SIZE}, got {_shown(window)}"
+                )
+        tied = raw.get("tie_word_embeddings", False)
+        if not isinstance(tied, bool):
+            raise ConfigError(f"{source}: tie_word_embeddings must be true or false, got {_shown(tied)}")
+        torch_dtype = raw.get("torch_dtype") or raw.get("dtype")
+        if torch_dtype is not None and not isinstance(torch_dtype, str):
+            raise ConfigError(f"{source}: torch_dtype must be a dtype name, got {_shown(torch_dtype)}")
 
         return cls(
             vocab_size=need_int("vocab_size"),
@@ -126,12 +176,12 @@ class ModelConfig:
             head_dim=head_dim,
             num_local_experts=experts,
             num_experts_per_tok=top_k,
-            rms_norm_eps=need_float("rms_norm_eps", 1e-5),
-            rope_theta=float(rope_theta),
+            rms_norm_eps=need_float("rms_norm_eps", raw.get("rms_norm_eps", 1e-5), upper=1.0),
+            rope_theta=rope_theta,
             max_position_embeddings=need_int("max_position_embeddings"),
             sliding_window=window,
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
+            tie_word_embeddings=tied,
+            torch_dtype=torch_dtype,
         )
 
     @classmethod
@@ -147,8 +197,10 @@ class ModelConfig:
             raise ConfigError(f"{path}: no config.json (is {model_dir} a model directory?)")
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
             raise ConfigError(f"{path}: unreadable: {exc}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: unreadable: nested too deeply") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object")
         return cls.from_dict(raw, source=str(path))

@@ -16,7 +16,7 @@ import torch
 from offload.checkpoint import Checkpoint
 from offload.config import ModelConfig
 from offload.device import is_cuda, memory_info, resolve_device
-from offload.errors import SettingError, TokenizerError
+from offload.errors import BudgetError, SettingError, TokenizerError
 from offload.experts.cache import ExpertCache
 from offload.experts.policy import DEFAULT_POLICY, REPLAY_POLICY, cache_policy
 from offload.experts.predict import PREFETCH_POLICIES, ScoreEviction
@@ -44,7 +44,16 @@ from offload.loader import (
 )
 from offload.model import DenseWeights, KVCache, MixtralModel, RotaryTable, fuse_qkv
 from offload.pack import Pack, is_pack
-from offload.plan import PREFILL_CHUNK_TOKENS, MemoryPlan, dense_bytes_by_class, fit_to_free, parse_bytes, plan_memory
+from offload.plan import (
+    PREFILL_CHUNK_TOKENS,
+    MemoryPlan,
+    dense_bytes_by_class,
+    fit_to_free,
+    format_bytes,
+    kv_cache_bytes,
+    parse_bytes,
+    plan_memory,
+)
 from offload.quant import get_format
 from offload.tokenizer import Tokenizer
 
@@ -91,6 +100,8 @@ class Engine:
         self._source = source  # kept open while the cache reads from it
         self.notes: list[str] = []  # what load changed from the plan asked for, one line each
         self.prefill_chunk = PREFILL_CHUNK_TOKENS  # prompt tokens per forward pass
+        if kv_cache is None:
+            check_context_memory(config, context_length, device, dtype)
         cache = kv_cache if kv_cache is not None else KVCache(config, context_length, device, dtype)
         rope = RotaryTable(config, context_length, device, dtype)
         for layer in dense.layers:
@@ -173,6 +184,7 @@ class Engine:
             torch_dtype, layout, attn_format = weight_formats(
                 source, torch_device, requested, requested_format, expert_bits, attn_bits
             )
+            check_context_memory(config, context_length, torch_device, torch_dtype)  # before any weight loads
             budgeted = vram is not None or ram is not None or experts_per_layer is not None
             dense = load_dense(source, torch_device, torch_dtype, attn_format, progress)
             if not budgeted:
@@ -195,9 +207,11 @@ class Engine:
                 device_type=torch_device.type,
                 expert_format=layout.fmt,
                 attn_format=attn_format,
+                quantize_experts=not isinstance(source, Pack),  # records from a checkpoint: quantized on the device
             )
             # the KV cache before the slots, so that on CUDA the slots are checked against what is
             # really free once the dense weights and the KV cache are in place
+            check_context_memory(config, context_length, torch_device, torch_dtype)
             kv_cache = KVCache(config, context_length, torch_device, torch_dtype)
             notes = []
             free = memory_info(torch_device)
@@ -297,3 +311,34 @@ class Engine:
         return Generation(self, prompt_ids, settings or GenerationSettings())
 
 
+def check_context_memory(config: ModelConfig, context_length: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse, before anything is allocated, a context whose KV cache and rotary tables do not fit
+    in the memory free now: RAM (psutil's available) on a CPU, the device's free memory on CUDA
+    (the rotary tables are computed in fp32 in RAM first). A BudgetError states both figures and
+    the longest context that fits. The rotary figure is the peak of ``RotaryTable``'s fp32
+    temporaries (about 14 bytes per position and head dimension) plus its two tables."""
+    import psutil
+
+    from offload import device as devices  # the module's own memory_info: tests replace the one here
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    kv_per_token = kv_cache_bytes(config, 1, dtype)
+    tables_per_token = 2 * config.head_dim * itemsize  # cos and sin_signed, on the device
+    temp_per_token = 14 * config.head_dim + 8  # fp32 positions, freqs, angles, cos and sin
+    kv = (f"the KV cache ({format_bytes(kv_per_token * context_length)}, {format_bytes(kv_per_token)} per "
+          "position) and rotary tables need")
+    ram = psutil.virtual_memory().available
+    free = devices.memory_info(device)
+    if free is None:  # everything in RAM
+        checks = [(kv, "RAM", ram, kv_per_token + tables_per_token + temp_per_token)]
+    else:
+        checks = [(kv, "device memory", free[0], kv_per_token + tables_per_token),
+                  ("the rotary tables' fp32 temporaries need", "RAM", ram, temp_per_token)]
+    for what, where, available, per_token in checks:
+        need = per_token * context_length
+        if need > available:
+            fits = available // per_token
+            raise BudgetError(
+                f"context length {context_length}: {what} {format_bytes(need)} of {where}, and "
+                f"{format_bytes(available)} is free; at most {fits} positions fit (--context {fits})"
+            )

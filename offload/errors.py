@@ -27,7 +27,12 @@ class MissingShardError(CheckpointError):
 
 
 class CorruptCheckpointError(CheckpointError):
-    """A safetensors file is truncated, has a malformed header, or data outside its bounds."""
+    """A safetensors file is truncated, has a malformed header, data outside its bounds or
+    overlapping, a tensor in two shards, or a NaN or Inf weight."""
+
+
+class ConfigMismatchError(CheckpointError):
+    """config.json does not describe the tensors on disk (a layer or expert it does not count)."""
 
 
 class MissingTensorError(CheckpointError):
@@ -51,8 +56,15 @@ class PackError(OffloadError):
 
 
 class CorruptPackError(PackError):
-    """An expert record fails its checksum, or the experts file is truncated."""
+    """A pack's file fails its checksum (an expert record, a dense tensor, the dense header, the
+    manifest), holds a NaN or Inf weight, is truncated, or disagrees with the manifest."""
 
 
 class BudgetError(SettingError):
     """A memory budget cannot hold what the model needs (the message states the minimum)."""
+
+
+class OutputError(OffloadError):
+    """A file or pack the tool writes: the target exists (and --force was not given), is not
+    the tool's to replace (a link, directory, device node, or a directory holding other files),
+    is being written by another run, or the write failed (a full disk, no permission)."""

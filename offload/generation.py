@@ -31,6 +31,7 @@ class GenerationSettings:
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     ignore_eos: bool = False  # keep going past EOS (benchmarks, exact-length comparisons)
     trace: Path | None = None  # write a router trace here (offload.trace format)
+    trace_force: bool = False  # replace an existing trace file (a regular file only: offload.files)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -106,7 +107,7 @@ class TraceRecorder:
     It wraps the model's routing observer (keeping any other one) and reads the prefetcher's
     predictions and the cache's last outcomes; it changes nothing the model computes."""
 
-    def __init__(self, engine: Engine, path: Path):
+    def __init__(self, engine: Engine, path: Path, force: bool = False):
         self.engine = engine
         model = engine.model
         c = engine.config
@@ -119,7 +120,7 @@ class TraceRecorder:
             experts_per_layer=plan.slots_per_layer if plan is not None else None,
             policy=engine.policy if cache is not None else None,
         )
-        self.writer = TraceWriter(path, header)
+        self.writer = TraceWriter(path, header, force=force)
         self.t = 0
         # per layer, the routing of each forward pass since the last flush (a prompt runs in chunks)
         self._routes: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(c.num_hidden_layers)]
@@ -220,7 +221,7 @@ class Generation:
 
         cache = engine.cache
         before = cache.stats.copy() if cache is not None else None
-        recorder = TraceRecorder(engine, settings.trace) if settings.trace is not None else None
+        recorder = TraceRecorder(engine, settings.trace, settings.trace_force) if settings.trace is not None else None
         start = time.perf_counter()
         try:
             logits = engine.prefill(self.prompt_ids)

@@ -2,7 +2,7 @@
 
 What it is: ``Profile`` (the ``[machine]`` and ``[plan]`` tables of a profile file),
 ``load_profile`` (a shipped name, or a path), checked field by field with one-line errors naming
-the file and the field, ``save_profile`` (hand-written TOML, atomic), ``engine_kwargs`` (the plan
+the file and the field, ``save_profile`` (hand-written TOML, atomic: ``offload.files``), ``engine_kwargs`` (the plan
 as ``Engine.load`` keyword arguments), ``probe_machine`` (RAM, CPU threads, GPU, a timed
 host-to-device copy and a timed disk read), ``best_shipped_profile`` and ``does_it_fit``. What
 it is not: the automatic choice of a profile fitted to a model (profile_fit.py), a benchmark (``offload profile``, in cli/profile.py, measures candidate
@@ -33,6 +33,12 @@ File layout (sizes as strings: "8GiB", "512MiB", "0"):
     context = 4096
     policy = "combined"               # auto, or an expert cache policy
     prefetch_depth = 1                # layers ahead that gate look-ahead prefetches (>= 1)
+
+Reading a profile (``load_profile``, ``profile_from_dict``) turns every malformed input into a
+SettingError naming the file and the field: not a regular file, over ``PROFILE_MAX_BYTES``, not
+UTF-8, not TOML (nested too deep or a number too long included), a table or field missing,
+unknown or of the wrong type, a number that is not finite, and values outside sane ranges
+(sizes up to ``MAX_SIZE_BYTES``, the integer fields up to their ``_INT_MAX``).
 """
 
 from __future__ import annotations
@@ -40,7 +46,6 @@ from __future__ import annotations
 import importlib.metadata
 import math
 import os
-import tempfile
 import time
 import tomllib
 from dataclasses import dataclass, replace
@@ -54,6 +59,7 @@ import offload
 from offload.device import device_name, empty_host_buffer, is_cuda, memory_info, resolve_device, synchronize
 from offload.errors import SettingError
 from offload.experts.policy import POLICY_CHOICES
+from offload.files import write_file
 from offload.plan import format_bytes, parse_bytes
 from offload.quant import BITS_CHOICES
 
@@ -90,6 +96,11 @@ NO_GPU = "none"
 NOMINAL_SLACK = 0.95
 PROBE_COPY_BYTES = 256 * 2**20
 PROBE_READ_BYTES = 256 * 2**20
+
+PROFILE_MAX_BYTES = 2**20  # a profile is a few hundred bytes
+MAX_SIZE_BYTES = 2**60  # 1 EiB: no machine's memory is larger
+# The largest value each integer field takes (far above any machine or model).
+_INT_MAX = {"cpu_threads": 2**16, "experts_per_layer": 2**16, "context": 2**24, "prefetch_depth": 1024}
 
 # (table, key) -> (type, required). float fields take ints too; size fields are strings.
 _SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
@@ -186,9 +197,13 @@ def shipped_profiles() -> list[str]:
 
 
 def _resolve(name_or_path: str | Path) -> Path:
+    if "\0" in str(name_or_path):
+        raise SettingError(f"profile {str(name_or_path)!r}: a name or path cannot hold a NUL character")
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists() or len(path.parts) > 1:
         if not path.is_file():
+            if path.exists():
+                raise SettingError(f"{path}: not a regular file, expected a profile (TOML)")
             raise SettingError(f"{path}: no such profile file")
         return path
     shipped = PROFILES_DIR / f"{name_or_path}.toml"
@@ -201,47 +216,70 @@ def _resolve(name_or_path: str | Path) -> Path:
 def _check_value(where: str, kind: str, value: Any) -> Any:
     if kind == "str":
         if not isinstance(value, str) or not value.strip():
-            raise SettingError(f"{where}: expected a non-empty string, got {value!r}")
+            raise SettingError(f"{where}: expected a non-empty string, got {_short(value)}")
     elif kind == "size":
-        if not isinstance(value, str):
-            raise SettingError(f"{where}: expected a size string like \"8GiB\", got {value!r}")
+        if not isinstance(value, str) or len(value) > 64:
+            raise SettingError(f"{where}: expected a size string like \"8GiB\", got {_short(value)}")
         try:
-            parse_bytes(value, where)
-        except SettingError:
+            size = parse_bytes(value, where)
+        except (SettingError, ValueError, OverflowError):
             raise SettingError(f"{where}: {value!r} is not a size like \"8GiB\", \"512MiB\" or \"0\"") from None
+        if size > MAX_SIZE_BYTES:
+            raise SettingError(f"{where}: {value!r} is more than {format_bytes(MAX_SIZE_BYTES)}")
     elif kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise SettingError(f"{where}: expected a number >= 0, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise SettingError(f"{where}: expected a finite number >= 0, got {_short(value)}")
         value = float(value)
     elif kind == "gbps":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise SettingError(f"{where}: expected a bandwidth in GB/s > 0, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise SettingError(f"{where}: expected a finite bandwidth in GB/s > 0, got {_short(value)}")
         value = float(value)
     elif kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SettingError(f"{where}: expected an integer >= 1, got {value!r}")
+        field = where.rsplit(".", 1)[-1]
+        most = _INT_MAX.get(field, 2**31)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+            raise SettingError(f"{where}: expected an integer in [1, {most}], got {_short(value)}")
     elif kind == "bits":
-        if isinstance(value, bool) or value not in BITS_CHOICES:
-            raise SettingError(f"{where}: {value!r} bits; choose one of {', '.join(map(str, BITS_CHOICES))}")
+        if isinstance(value, bool) or not isinstance(value, int) or value not in BITS_CHOICES:
+            raise SettingError(f"{where}: {_short(value)} bits; choose one of {', '.join(map(str, BITS_CHOICES))}")
     elif kind == "policy":
-        if value not in POLICY_CHOICES:
-            raise SettingError(f"{where}: policy {value!r}; choose one of {', '.join(POLICY_CHOICES)}")
+        if not isinstance(value, str) or value not in POLICY_CHOICES:
+            raise SettingError(f"{where}: policy {_short(value)}; choose one of {', '.join(POLICY_CHOICES)}")
     return value
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """A value for an error message: its repr on one line, at most ``limit`` characters."""
+    try:
+        text = repr(value)
+    except Exception:  # too deep, or an integer too long to print
+        text = f"<{type(value).__name__}>"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def profile_from_dict(data: dict[str, Any], source: str = "<profile>", name: str = "", comment: str = "") -> Profile:
     """A checked Profile from the parsed tables; errors name ``source`` and the field."""
-    unknown = set(data) - set(_SCHEMA)
+    if not isinstance(data, dict):
+        raise SettingError(f"{source}: expected tables [machine] and [plan], got {_short(data)}")
+    unknown = set(map(str, data)) - set(_SCHEMA)
     if unknown:
-        raise SettingError(f"{source}: unknown table or field {sorted(unknown)[0]!r} (expected [machine] and [plan])")
+        raise SettingError(f"{source}: unknown table or field {_one_line(sorted(unknown)[0])!r} (expected [machine] and [plan])")
     values: dict[str, dict[str, Any]] = {}
     for table, schema in _SCHEMA.items():
         given = data.get(table)
-        if not isinstance(given, dict):
+        if given is None:
             raise SettingError(f"{source}: missing table [{table}]")
-        extra = sorted(set(given) - set(schema))
+        if not isinstance(given, dict):
+            raise SettingError(f"{source}: [{table}] must be a table, got {_short(given)}")
+        extra = sorted(set(map(str, given)) - set(schema))
         if extra:
-            raise SettingError(f"{source}: {table}.{extra[0]}: unknown field (known: {', '.join(schema)})")
+            raise SettingError(f"{source}: {table}.{_one_line(extra[0])}: unknown field (known: {', '.join(schema)})")
         values[table] = {}
         for key, (kind, required) in schema.items():
             if key not in given:
@@ -273,12 +311,24 @@ def load_profile(name_or_path: str | Path) -> Profile:
     """A shipped profile by name ("rtx-3060-12gb") or a profile file by path, checked."""
     path = _resolve(name_or_path)
     try:
-        text = path.read_text(encoding="utf-8")
-        data = tomllib.loads(text)
+        with open(path, "rb") as f:
+            raw = f.read(PROFILE_MAX_BYTES + 1)
     except OSError as exc:
         raise SettingError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    if len(raw) > PROFILE_MAX_BYTES:
+        raise SettingError(f"{path}: larger than {PROFILE_MAX_BYTES} bytes; not a profile")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SettingError(f"{path}: not valid TOML (byte {exc.start} is not UTF-8)") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
         raise SettingError(f"{path}: not valid TOML ({exc})") from None
+    except RecursionError:
+        raise SettingError(f"{path}: not valid TOML (nested too deeply)") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise SettingError(f"{path}: not valid TOML ({_one_line(str(exc))})") from None
     first = text.lstrip().splitlines()[0] if text.strip() else ""
     comment = first.lstrip("#").strip() if first.startswith("#") else ""
     return profile_from_dict(data, str(path), path.stem, comment)
@@ -307,24 +357,14 @@ def profile_toml(profile: Profile) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_profile(profile: Profile, path: str | Path) -> Path:
-    """Check, then write ``path`` atomically (a temporary file in the same folder, renamed)."""
+def save_profile(profile: Profile, path: str | Path, *, force: bool = False) -> Path:
+    """Check, then write ``path`` under the rule of ``offload.files`` (an ``AtomicFile``: a
+    temporary sibling, fsynced, renamed into place; missing folders made): an existing ``path``
+    is refused unless ``force``, and then only a regular file is replaced."""
     path = Path(path)
     text = profile_toml(profile)
     profile_from_dict(tomllib.loads(text), str(path), path.stem)  # refuse to write what load refuses
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError as exc:
-        raise SettingError(f"{path}: cannot write the profile ({exc.strerror or exc})") from None
-    return path
+    return write_file(path, text, force=force, what="profile", make_parents=True)
 
 
 # ---- using a profile ---------------------------------------------------------------------------

@@ -3,6 +3,13 @@
 What it is: a pure function of logits, the token history and a seeded generator, so that the
 same seed gives the same tokens on any device (sampling runs on CPU in fp32). What it is not:
 the decode loop, which lives in the engine.
+
+Settings are checked when made: a temperature and repetition penalty must be finite, a seed an
+integer a torch generator takes ([-2^63, 2^64 - 1]). Scores that the penalty or the temperature
+push out of float range (a temperature of 1e-320, say) never reach the softmax as inf or NaN:
+they are redone in float64 relative to the best score, which is the limit the distribution
+tends to (the best tokens share the mass, as greedy picks among them). Logits that hold NaN are
+an OffloadError.
 """
 
 from __future__ import annotations
@@ -11,7 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from offload.errors import SettingError
+from offload.errors import OffloadError, SettingError
+
+# What torch.Generator.manual_seed takes.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -29,8 +39,12 @@ class SamplingSettings:
             raise SettingError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise SettingError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not self.repetition_penalty > 0:
-            raise SettingError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 < self.repetition_penalty < float("inf"):
+            raise SettingError(f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not SEED_MIN <= self.seed <= SEED_MAX):
+            raise SettingError(f"seed {self.seed} is outside the range a random generator takes, "
+                               f"[{SEED_MIN}, {SEED_MAX}] (-2^63 to 2^64 - 1)")
 
     @property
     def greedy(self) -> bool:
@@ -55,12 +69,17 @@ class Sampler:
             return int(torch.argmax(logits))  # the first of equal maxima, as on the CPU copy below
         scores = logits.detach().float().cpu()  # [V]
         if s.repetition_penalty != 1.0 and history.numel():
+            if not 0 < float(torch.tensor(s.repetition_penalty, dtype=torch.float32)) < float("inf"):
+                scores = scores.double()  # a penalty out of fp32's range: 0 / 0 and 0 * inf would be NaN
             seen = history.cpu().unique()
             picked = scores[seen]
             scores[seen] = torch.where(picked < 0, picked * s.repetition_penalty, picked / s.repetition_penalty)
         if s.greedy:
             return int(torch.argmax(scores))
-        scores = scores / s.temperature
+        scaled = scores / s.temperature
+        if not bool(torch.isfinite(scaled.max())):  # NaN, +inf, or every score -inf
+            scaled = _scaled_safely(scores, s.temperature)
+        scores = scaled
         if s.top_k and s.top_k < scores.numel():
             kth = torch.topk(scores, s.top_k).values[-1]
             scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -73,3 +92,21 @@ class Sampler:
             scores[sorted_ids[drop]] = float("-inf")
         probs = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def _scaled_safely(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``scores / temperature`` where that leaves float range: in float64, relative to the best
+    score, so that the best tokens get 0 and the rest a finite or -inf score (never NaN or +inf).
+    Scores already +inf (a penalty that divided by a tiny number) are the best, scores all -inf
+    (a penalty that overflowed them all) tie; NaN is refused."""
+    wide = scores.double()
+    if bool(torch.isnan(wide).any()):
+        raise OffloadError("sampling: the logits hold NaN (damaged weights, or a value out of range)")
+    top = wide.max()
+    if top == float("inf"):
+        wide = torch.where(wide == top, 0.0, float("-inf"))
+    elif top == float("-inf"):  # a penalty overflowed every score: they all tie
+        wide = torch.zeros_like(wide)
+    else:
+        wide = (wide - top) / temperature
+    return wide.float()

@@ -1,7 +1,7 @@
 """Synthetic packs: a built-in model's true shapes with seeded random weights, at disk speed.
 
 What it is: ``synthesize`` writes an ordinary offload pack (``offload.pack``'s format, version
-2: ``Pack`` reads it, so generate, bench and info take it) for a preset of
+3, with its checksums: ``Pack`` reads it, so generate, bench and info take it) for a preset of
 ``offload.plan.BUILTIN_MODELS`` (Mixtral-8x7B, Mixtral-8x22B; tests may pass a config.json
 dict instead), with only its first N layers and random weights drawn from a seed, so the real
 sizes, record layout and I/O of a model can be measured without its weights. It is atomic as
@@ -286,12 +286,12 @@ def synthesize(
         raise SettingError(f"vocab_size {config.vocab_size}: a synthetic model takes at most {MAX_SYNTH_VOCAB}")
     out_dir = Path(out_dir)
     check_target(out_dir, force)
-    with atomic_pack_dir(out_dir) as temp:
-        entries = _write(temp, raw, config, dtype, experts, attention, seed, progress)
+    with atomic_pack_dir(out_dir, force) as temp:
+        entries, dense_checksums = _write(temp, raw, config, dtype, experts, attention, seed, progress)
         write_manifest(
             temp, raw, dtype, RecordLayout.for_config(config, experts), attention,
             _copy_tokenizer(temp, config.vocab_size),
-            entries, synthetic={"preset": preset, "seed": seed, "layers": layers},
+            entries, dense_checksums=dense_checksums, synthetic={"preset": preset, "seed": seed, "layers": layers},
         )
     return out_dir
 
@@ -353,9 +353,9 @@ def _write(
     attention: WeightFormat,
     seed: int,
     progress: ProgressFn | None,
-) -> list[dict[str, int]]:
+) -> tuple[list[dict[str, int]], dict[str, Any]]:
     """config.json, dense.safetensors and experts.bin of the pack, into ``out``; returns the
-    manifest's record entries."""
+    manifest's record entries and the dense file's checksums."""
     with open(out / CONFIG_FILE, "w", encoding="utf-8") as f:
         json.dump(raw, f, indent=2)
         f.flush()
@@ -383,6 +383,7 @@ def _write(
         writer.finish()
     finally:
         writer.close()
+    dense_checksums = writer.checksums()
 
     # Two record buffers: one is made here while a writer thread checksums and writes the other
     # (zlib and pwrite release the GIL), in order, so the manifest's entries stay layer-major.
@@ -411,4 +412,4 @@ def _write(
     finally:
         writer_thread.shutdown(wait=True)  # no write may outlive the file
         records.close()
-    return records.entries
+    return records.entries, dense_checksums

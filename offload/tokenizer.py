@@ -8,6 +8,13 @@ generated ids into text as soon as that text is final (no half characters, right
 What it is not: it knows nothing about models, sampling or generation, and does not use
 transformers. A checkpoint's own Jinja chat template is rendered by offload.chat_template
 (``encode_messages`` picks it when there is one, else Mixtral's format).
+
+What it reads, and what it guarantees: tokenizer.model (at most ``MODEL_MAX_BYTES``),
+tokenizer_config.json, special_tokens_map.json, generation_config.json and config.json (each at
+most ``JSON_MAX_BYTES``). Each must be a regular file (a folder, FIFO or device is refused, never
+read); anything malformed (not UTF-8, not JSON, nested too deep, a number too long, a field of
+the wrong type or an id outside the vocabulary) is a TokenizerError naming the file and the
+field. Text to encode must be valid Unicode (no lone surrogates, which sentencepiece cannot take).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import sentencepiece as spm
 
 from offload.errors import TokenizerError
 
-__all__ = ["Message", "StreamDecoder", "Tokenizer"]
+__all__ = ["Message", "StreamDecoder", "Tokenizer", "check_text"]
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -50,6 +57,11 @@ TRAINER_OPTIONS = dict(
 # leading space it has after the prompt ("▁Paris" -> " Paris"). A few are enough: decoding is
 # piece concatenation, only the first piece of a decode loses its "▁".
 _CONTEXT_IDS = 6
+
+# Size limits of the files read here, far above real ones (Mixtral's tokenizer.model is 482 KiB,
+# a 256k-piece one ~4 MiB; tokenizer_config.json of models with many added tokens ~1 MiB).
+MODEL_MAX_BYTES = 64 * 2**20
+JSON_MAX_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -107,7 +119,10 @@ class Tokenizer:
         elif isinstance(eos_ids, int):
             eos_list = [eos_ids]
         else:
-            eos_list = [int(e) for e in eos_ids]
+            eos_list = list(eos_ids)
+        for tid in [bos_id, *eos_list]:
+            if not (isinstance(tid, int) and not isinstance(tid, bool)):
+                raise TokenizerError(f"{path}: token ids must be integers, got {tid!r}")
         return cls(processor, int(bos_id), eos_list, source=str(path))
 
     @classmethod
@@ -116,10 +131,11 @@ class Tokenizer:
 
         Each of bos and eos comes from the first of these that names it: tokenizer_config.json
         (``bos_token``/``eos_token``, a string or ``{"content": ...}``, looked up in
-        ``added_tokens_decoder`` then in the sentencepiece vocabulary), generation_config.json,
-        config.json (``bos_token_id``/``eos_token_id``, an int or a list), and last the
-        sentencepiece model itself. ``eos_id`` is the first eos id of the first file that names
-        one; ``eos_ids`` holds every eos id any of the JSON files names.
+        ``added_tokens_decoder`` then in the sentencepiece vocabulary), special_tokens_map.json
+        (the same keys, for those tokenizer_config.json does not name, as transformers reads it),
+        generation_config.json, config.json (``bos_token_id``/``eos_token_id``, an int or a
+        list), and last the sentencepiece model itself. ``eos_id`` is the first eos id of the
+        first file that names one; ``eos_ids`` holds every eos id any of the JSON files names.
         """
         model_dir = Path(model_dir)
         model_path = model_dir / "tokenizer.model"
@@ -129,22 +145,27 @@ class Tokenizer:
         eos: list[tuple[int, str]] = []
         tok_cfg_path = model_dir / "tokenizer_config.json"
         tok_cfg = read_json_object(tok_cfg_path)
-        if tok_cfg is not None:
-            added = _added_tokens(tok_cfg, tok_cfg_path)
-            for key in ("bos_token", "eos_token"):
+        added = added_tokens(tok_cfg, tok_cfg_path) if tok_cfg is not None else {}
+        map_path = model_dir / "special_tokens_map.json"
+        token_map = read_json_object(map_path)
+        for key in ("bos_token", "eos_token"):
+            content, where = None, tok_cfg_path
+            if tok_cfg is not None:
                 content = _token_content(tok_cfg.get(key), key, tok_cfg_path)
-                if content is None:
-                    continue
-                tid = added.get(content)
-                if tid is None:
-                    tid = processor.piece_to_id(content)
-                    if tid == processor.unk_id() and content != processor.id_to_piece(tid):
-                        raise TokenizerError(f"{tok_cfg_path}: {key} {content!r} is not in "
-                                             f"{model_path.name} nor in added_tokens_decoder")
-                if key == "bos_token":
-                    bos = (tid, str(tok_cfg_path))
-                else:
-                    eos.append((tid, str(tok_cfg_path)))
+            if content is None and token_map is not None:
+                content, where = _token_content(token_map.get(key), key, map_path), map_path
+            if content is None:
+                continue
+            tid = added.get(content)
+            if tid is None:
+                tid = processor.piece_to_id(content)
+                if tid == processor.unk_id() and content != processor.id_to_piece(tid):
+                    raise TokenizerError(f"{where}: {key} {content[:60]!r} is not in "
+                                         f"{model_path.name} nor in added_tokens_decoder")
+            if key == "bos_token":
+                bos = (tid, str(where))
+            else:
+                eos.append((tid, str(where)))
         for name in ("generation_config.json", "config.json"):
             cfg_path = model_dir / name
             cfg = read_json_object(cfg_path)
@@ -201,7 +222,9 @@ class Tokenizer:
     # ---- text ----------------------------------------------------------------------------
 
     def encode(self, text: str, *, bos: bool = False) -> list[int]:
-        """Ids of ``text`` as sentencepiece encodes it (a "▁" is prefixed to the first word)."""
+        """Ids of ``text`` as sentencepiece encodes it (a "▁" is prefixed to the first word).
+        Text with a lone surrogate (undecodable bytes kept by Python) is a TokenizerError."""
+        check_text(text, "encode")
         ids = self._sp.encode(text)
         return [self._bos_id, *ids] if bos else ids
 
@@ -270,6 +293,8 @@ class Tokenizer:
         if add_generation_prompt and turns[-1].role != "user":
             raise TokenizerError("encode_chat: with add_generation_prompt the conversation must "
                                  "end with a user message")
+        for m in turns:
+            check_text(m.content, f"encode_chat: a {m.role} message")
         ids = [self._bos_id]
         for i, m in enumerate(turns):
             if m.role == "user":
@@ -370,16 +395,61 @@ class StreamDecoder:
         return False  # only continuation bytes (or none): nothing left to complete
 
 
-def _load_processor(path: Path) -> spm.SentencePieceProcessor:
+def check_text(text: str, where: str) -> None:
+    """TokenizerError unless ``text`` is a str sentencepiece can take: no lone surrogates (what
+    Python makes of undecodable bytes in arguments and streams with ``surrogateescape``)."""
+    if not isinstance(text, str):
+        raise TokenizerError(f"{where}: expected text (str), got {type(text).__name__}")
+    if text.isascii():
+        return
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise TokenizerError(f"{path}: no such file") from None
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TokenizerError(f"{where}: the text is not valid Unicode: a lone surrogate "
+                             f"{text[e.start]!r} at character {e.start}") from None
+
+
+def read_file_bytes(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of ``path``, a regular file of at most ``limit`` bytes; FileNotFoundError when
+    it does not exist, a TokenizerError naming it for anything else that is wrong."""
+    try:
+        if not path.is_file():
+            if not path.exists() and not path.is_symlink():
+                raise FileNotFoundError(path)
+            raise TokenizerError(f"{path}: not a regular file (expected the {what})")
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except (FileNotFoundError, TokenizerError):
+        raise
     except OSError as e:
         raise TokenizerError(f"{path}: cannot read ({e.strerror or e})") from None
+    except ValueError as e:  # an embedded NUL in the path
+        raise TokenizerError(f"{path}: cannot read ({e})") from None
+    if len(data) > limit:
+        raise TokenizerError(f"{path}: larger than {limit} bytes; not a {what}")
+    return data
+
+
+def read_text_file(path: Path, limit: int, what: str) -> str:
+    """``read_file_bytes`` decoded as UTF-8; a missing file is a TokenizerError too."""
+    try:
+        data = read_file_bytes(path, limit, what)
+    except FileNotFoundError:
+        raise TokenizerError(f"{path}: no such file") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
+def _load_processor(path: Path) -> spm.SentencePieceProcessor:
+    try:
+        data = read_file_bytes(path, MODEL_MAX_BYTES, "sentencepiece model")
+    except FileNotFoundError:
+        raise TokenizerError(f"{path}: no such file") from None
     try:
         processor = spm.SentencePieceProcessor(model_proto=data)
-    except RuntimeError:
+    except (RuntimeError, ValueError, TypeError, OSError):
         raise TokenizerError(f"{path}: not a sentencepiece model") from None
     if processor.get_piece_size() == 0:
         raise TokenizerError(f"{path}: not a sentencepiece model (empty vocabulary)")
@@ -387,20 +457,34 @@ def _load_processor(path: Path) -> spm.SentencePieceProcessor:
 
 
 def read_json_object(path: Path) -> dict | None:
-    """The JSON object in ``path``, or None when the file does not exist."""
+    """The JSON object in ``path``, or None when the file does not exist. Anything else wrong
+    (not a regular file, over ``JSON_MAX_BYTES``, not UTF-8, not JSON, nested too deep for the
+    parser, a number too long, not an object) is a TokenizerError naming the file."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = read_file_bytes(path, JSON_MAX_BYTES, "JSON file")
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path}: cannot read ({e})") from None
     try:
-        data = json.loads(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    try:
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
+        raise TokenizerError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise TokenizerError(f"{path}: invalid JSON (nested too deeply)") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
         raise TokenizerError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path}: expected a JSON object")
-    return data
+    if not isinstance(obj, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, got {_json_type(obj)}")
+    return obj
+
+
+def _json_type(value) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
+             int: "a number", float: "a number"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _token_content(value, key: str, path: Path) -> str | None:
@@ -409,18 +493,30 @@ def _token_content(value, key: str, path: Path) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     if not isinstance(value, str):
-        raise TokenizerError(f"{path}: {key} must be a string or {{\"content\": ...}}")
+        raise TokenizerError(f"{path}: {key} must be a string or {{\"content\": \"...\"}}, "
+                             f"got {_json_type(value)}")
+    check_text(value, f"{path}: {key}")
     return value
 
 
-def _added_tokens(cfg: dict, path: Path) -> dict[str, int]:
-    """content -> id from tokenizer_config.json's added_tokens_decoder."""
+def added_tokens(cfg: dict, path: Path) -> dict[str, int]:
+    """content -> id from tokenizer_config.json's ``added_tokens_decoder`` (an object whose keys
+    are ids, each value ``{"content": str, ...}``); a malformed entry is a TokenizerError."""
+    table = cfg.get("added_tokens_decoder")
+    if table is None:
+        return {}
+    if not isinstance(table, dict):
+        raise TokenizerError(f"{path}: added_tokens_decoder must be an object of id -> "
+                             f"{{\"content\": ...}}, got {_json_type(table)}")
     out: dict[str, int] = {}
-    for key, entry in (cfg.get("added_tokens_decoder") or {}).items():
-        try:
-            out.setdefault(entry["content"], int(key))
-        except (KeyError, TypeError, ValueError):
-            raise TokenizerError(f"{path}: malformed added_tokens_decoder entry {key!r}") from None
+    for key, entry in table.items():
+        content = entry.get("content") if isinstance(entry, dict) else None
+        if not (key.isascii() and key.isdigit() and len(key) <= 18) or not isinstance(content, str):
+            raise TokenizerError(f"{path}: added_tokens_decoder[{key[:40]!r}]: expected a token id "
+                                 "(digits) mapping to {\"content\": a string}")
+        check_text(content, f"{path}: added_tokens_decoder[{key!r}]")
+        if content:
+            out.setdefault(content, int(key))
     return out
 
 

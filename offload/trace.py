@@ -42,6 +42,17 @@ experts are served in ascending id, as the engine's MoE block asks its cache for
 
 Replay (``ReplayRouting``): sequence position p takes the trace's token p, in file order,
 whatever phase it was recorded in, so a prompt of P tokens consumes tokens 0..P-1.
+
+What the readers guarantee (``load_trace`` and the three formats): the file must be a regular
+file of at most ``TRACE_MAX_BYTES``, UTF-8; every malformed input (not JSON, nested too deep, a
+number too long, a field missing or of the wrong type or range) is an OffloadError naming the
+file, the line where there is one, and the field. The sizes a trace claims are checked before
+anything is built from them: at most ``MAX_TRACE_LAYERS`` layers and ``MAX_TRACE_EXPERTS``
+experts, layers x experts^2 at most ``MAX_TRACE_CELLS`` (the router-history table the simulator
+keeps; DeepSeek-V3's 61 x 256^2 is 4M), and, in the shared decode JSONL, whose layers and expert
+count come from the largest ids seen, at most ``SPARSE_FACTOR`` step slots per record (a few
+records cannot claim a huge, empty layers x steps table). So ``stats`` and ``simulate`` do work
+bounded by the file's size, whatever its header says.
 """
 
 from __future__ import annotations
@@ -49,12 +60,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from offload.errors import OffloadError, SettingError
+from offload.files import AtomicFile, check_file
 
 if TYPE_CHECKING:
     import torch
@@ -74,6 +85,13 @@ MIXTRAL_DECODE = SHARED_TRACES / "mixtral-8x7b-instruct" / "humaneval_p0_p1_deco
 MIXTRAL_ALIGNED = SHARED_TRACES / "mixtral-8x7b-instruct" / "humaneval_p0_aligned_prefill_decode.json"
 
 Experts = tuple[int, ...]
+
+# What a trace may claim (see the module docstring): far above any released MoE model.
+TRACE_MAX_BYTES = 2**30
+MAX_TRACE_LAYERS = 1024
+MAX_TRACE_EXPERTS = 1024
+MAX_TRACE_CELLS = 2**24
+SPARSE_FACTOR = 64
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -159,12 +177,15 @@ class Trace:
 
 
 class TraceWriter:
-    """Writes the engine's trace to ``path`` through a temporary file in the same folder, renamed
-    on ``close()``: a crash leaves no half-written trace (at worst a stray ``.tmp``).
+    """Writes the engine's trace to ``path`` under the rule of ``offload.files`` (an
+    ``AtomicFile``): an existing ``path`` is refused unless ``force`` (and then only a regular
+    file is replaced), the lines go to a temporary sibling, and ``close()`` renames it into place:
+    a crash or a failed write (a full disk) leaves no half-written trace, and a failure is one
+    ``OutputError`` line naming the path.
 
     Use as a context manager; an exception inside the block discards the file."""
 
-    def __init__(self, path: str | os.PathLike, header: TraceHeader | Mapping[str, Any]):
+    def __init__(self, path: str | os.PathLike, header: TraceHeader | Mapping[str, Any], *, force: bool = False):
         self.path = Path(path)
         if not isinstance(header, TraceHeader):
             fields = {k: v for k, v in header.items() if k not in ("format", "version")}
@@ -173,17 +194,12 @@ class TraceWriter:
                     fields[key] = tuple(fields[key])
             header = TraceHeader(**fields)
         self.header = header
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        except OSError as exc:
-            raise OffloadError(f"{self.path}: cannot write a trace there ({exc.strerror})") from None
-        self._tmp = Path(tmp)
-        self._file = os.fdopen(fd, "w", encoding="utf-8")
+        self._file = AtomicFile(self.path, force=force, what="trace")
         self._line(header.to_dict())
         self.tokens = 0
 
     def _line(self, obj: dict) -> None:
-        self._file.write(json.dumps(obj, separators=(",", ":")) + "\n")
+        self._file.write(json.dumps(obj, separators=(",", ":")) + "\n")  # an OutputError discards the file
 
     def write_token(
         self,
@@ -221,15 +237,13 @@ class TraceWriter:
         self.tokens += 1
 
     def close(self) -> Path:
+        """Make the trace appear under its name (once; after a discard, nothing happens)."""
         if not self._file.closed:
-            self._file.close()
-            os.replace(self._tmp, self.path)
+            self._file.commit()
         return self.path
 
     def discard(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-            self._tmp.unlink(missing_ok=True)
+        self._file.discard()
 
     def __enter__(self) -> TraceWriter:
         return self
@@ -259,6 +273,17 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _is_text(x: Any) -> bool:
+    """A str that is valid Unicode (JSON's "\\ud800" escapes make lone surrogates, which cannot be printed)."""
+    if not isinstance(x, str):
+        return False
+    try:
+        x.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _is_number(x: Any) -> bool:
     return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
 
@@ -280,37 +305,63 @@ def _weight_row(row: Any, top_k: int) -> tuple[float, ...] | str:
     return tuple(float(w) for w in row)
 
 
+def _read_text(path: Path) -> str:
+    """The trace file's text: a regular file of at most TRACE_MAX_BYTES, UTF-8."""
+    try:
+        if path.is_dir():
+            raise OffloadError(f"{path}: is a folder, expected a trace file")
+        if not path.is_file():
+            if path.exists() or path.is_symlink():
+                raise OffloadError(f"{path}: not a regular file, expected a trace file")
+            raise OffloadError(f"{path}: no such trace file")
+        with open(path, "rb") as f:
+            data = f.read(TRACE_MAX_BYTES + 1)
+    except OSError as exc:
+        raise OffloadError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except ValueError as exc:  # an embedded NUL in the path
+        raise OffloadError(f"{path}: cannot read ({exc})") from None
+    if len(data) > TRACE_MAX_BYTES:
+        raise OffloadError(f"{path}: larger than {TRACE_MAX_BYTES} bytes, more than a trace is read")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise OffloadError(f"{path}: not a text file (byte {exc.start} is not UTF-8; expected JSON Lines or JSON)") from None
+
+
+def _json(text: str) -> Any:
+    """json.loads; ValueError (with a short reason) for anything it refuses, RecursionError included."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(exc.msg) from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise ValueError(str(exc)) from None
+
+
 def load_trace(path: str | os.PathLike) -> Trace:
     """Read a trace: the engine's JSONL, the shared decode JSONL, or the shared aligned JSON."""
     path = Path(path)
     where = _Where(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise OffloadError(f"{path}: no such trace file") from None
-    except IsADirectoryError:
-        raise OffloadError(f"{path}: is a folder, expected a trace file") from None
-    except UnicodeDecodeError:
-        raise OffloadError(f"{path}: not a text file (expected JSON Lines or JSON)") from None
-    except OSError as exc:
-        raise OffloadError(f"{path}: cannot read ({exc.strerror})") from None
-    lines = text.splitlines()
+    text = _read_text(path)
+    lines = [line.rstrip("\r") for line in text.split("\n")]
     first = next((i for i, line in enumerate(lines) if line.strip()), None)
     if first is None:
         raise where.error(None, "empty file, expected a trace")
     try:
-        head = json.loads(lines[first])
-    except json.JSONDecodeError:
+        head = _json(lines[first])
+    except ValueError:
         head = None
     if isinstance(head, dict) and head.get("format") == FORMAT:
         return _load_offload(where, lines)
     if isinstance(head, dict) and "problem_id" in head and "layer" in head:
         return _load_decode_jsonl(where, lines)
     try:
-        whole = json.loads(text)
-    except json.JSONDecodeError as exc:
+        whole = _json(text)
+    except ValueError as exc:
         if head is None:  # neither JSON Lines nor one JSON document
-            raise where.error(first + 1, f"not JSON ({exc.msg})") from None
+            raise where.error(first + 1, f"not JSON ({exc})") from None
         whole = None  # JSON Lines, but not of a kind read here
     if isinstance(whole, dict) and "decode" in whole and "num_layers" in whole:
         return _load_aligned_json(where, whole)
@@ -321,27 +372,41 @@ def load_trace(path: str | os.PathLike) -> Trace:
     )
 
 
+def _check_shape(where: _Where, line: int | None, what: str, layers: Any, experts: Any, top_k: Any) -> None:
+    """The sizes a trace claims: positive integers within the limits of the module docstring."""
+    for key, value in (("num_layers", layers), ("num_experts", experts), ("top_k", top_k)):
+        if not _is_int(value) or value < 1:
+            raise where.error(line, f"{what}{key!r} must be a positive integer")
+    if layers > MAX_TRACE_LAYERS:
+        raise where.error(line, f"{what}'num_layers' {layers}: more than the {MAX_TRACE_LAYERS} layers a trace may have")
+    if experts > MAX_TRACE_EXPERTS:
+        raise where.error(line, f"{what}'num_experts' {experts}: more than the {MAX_TRACE_EXPERTS} experts a trace may have")
+    if top_k > experts:
+        raise where.error(line, f"{what}top_k {top_k} exceeds num_experts {experts}")
+    if layers * experts * experts > MAX_TRACE_CELLS:
+        raise where.error(
+            line, f"{what}{layers} layers x {experts} experts: layers x experts^2 is more than the {MAX_TRACE_CELLS} "
+            "a trace may have (the simulator's router-history table)"
+        )
+
+
 def _parse_header(where: _Where, obj: dict) -> TraceHeader:
     version = obj.get("version")
-    if not _is_int(version):
-        raise where.error(1, "header: \"version\" must be an integer")
+    if not _is_int(version) or version < 1:
+        raise where.error(1, "header: \"version\" must be a positive integer")
     if version > VERSION:
         raise where.error(1, f"trace format version {version} is newer than this reader's ({VERSION})")
-    for key in ("num_layers", "num_experts", "top_k"):
-        if not _is_int(obj.get(key)) or obj[key] < 1:
-            raise where.error(1, f"header: {key!r} must be a positive integer")
-    if not isinstance(obj.get("model"), str):
+    _check_shape(where, 1, "header: ", obj.get("num_layers"), obj.get("num_experts"), obj.get("top_k"))
+    if not _is_text(obj.get("model")):
         raise where.error(1, "header: \"model\" must be a string")
-    if obj["top_k"] > obj["num_experts"]:
-        raise where.error(1, f"header: top_k {obj['top_k']} exceeds num_experts {obj['num_experts']}")
     slots = obj.get("experts_per_layer")
-    if slots is not None and not _is_int(slots):
-        raise where.error(1, "header: \"experts_per_layer\" must be an integer or null")
+    if slots is not None and (not _is_int(slots) or not 1 <= slots <= obj["num_experts"]):
+        raise where.error(1, f"header: \"experts_per_layer\" must be an integer in [1, {obj['num_experts']}] or null")
     policy = obj.get("policy")
-    if policy is not None and not isinstance(policy, str):
+    if policy is not None and not _is_text(policy):
         raise where.error(1, "header: \"policy\" must be a string or null")
     source = obj.get("source")  # the optional fields of a converted trace
-    if source is not None and not isinstance(source, str):
+    if source is not None and not _is_text(source):
         raise where.error(1, "header: \"source\" must be a string or null")
     layers = obj.get("source_layers")
     if layers is not None:
@@ -356,7 +421,7 @@ def _parse_header(where: _Where, obj: dict) -> TraceHeader:
         layers = tuple(layers)
     names = obj.get("source_sequences")
     if names is not None:
-        if not isinstance(names, list) or not all(isinstance(x, str) for x in names):
+        if not isinstance(names, list) or not all(_is_text(x) for x in names):
             raise where.error(1, "header: \"source_sequences\" must be a list of names or null")
         names = tuple(names)
     return TraceHeader(
@@ -370,9 +435,9 @@ def _json_lines(where: _Where, lines: list[str]):
         if not raw.strip():
             continue
         try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise where.error(n, f"not JSON ({exc.msg}); a truncated or damaged trace") from None
+            obj = _json(raw)
+        except ValueError as exc:
+            raise where.error(n, f"not JSON ({exc}); a truncated or damaged trace") from None
         if not isinstance(obj, dict):
             raise where.error(n, "expected a JSON object")
         yield n, obj
@@ -443,18 +508,22 @@ def _load_decode_jsonl(where: _Where, lines: list[str]) -> Trace:
     problems: dict[int, dict[int, list[tuple[int, Experts, tuple[float, ...], int]]]] = {}
     top_k: int | None = None
     max_expert = 0
+    records = 0
     for n, obj in _json_lines(where, lines):
         for key in ("problem_id", "layer", "token_idx"):
             if not _is_int(obj.get(key)) or obj[key] < 0:
                 raise where.error(n, f"{key!r} must be a non-negative integer")
+        if obj["layer"] >= MAX_TRACE_LAYERS:
+            raise where.error(n, f"'layer' {obj['layer']}: a trace may have at most {MAX_TRACE_LAYERS} layers")
         row = obj.get("experts")
         if top_k is None:
-            if not isinstance(row, list) or not row:
+            if not isinstance(row, list) or not row or len(row) > MAX_TRACE_EXPERTS:
                 raise where.error(n, "\"experts\": expected a non-empty list of expert ids")
             top_k = len(row)  # the first record sets top-k
-        e = _expert_row(row, top_k, 1 << 30)  # the number of experts: the largest id seen, plus one
+        e = _expert_row(row, top_k, MAX_TRACE_EXPERTS)  # the number of experts: the largest id seen, plus one
         if isinstance(e, str):
             raise where.error(n, f"\"experts\": {e}")
+        records += 1
         w = _weight_row(obj.get("gating_probs"), len(e))
         if isinstance(w, str):
             raise where.error(n, f"\"gating_probs\": {w}")
@@ -463,7 +532,14 @@ def _load_decode_jsonl(where: _Where, lines: list[str]) -> Trace:
     if not problems:
         raise where.error(None, "no records")
     num_layers = 1 + max(layer for layers in problems.values() for layer in layers)
-    num_experts = max_expert + 1
+    num_experts = max(max_expert + 1, top_k)
+    _check_shape(where, None, "records: ", num_layers, num_experts, top_k)
+    cells = num_layers * sum(max(len(r) for r in layers.values()) for layers in problems.values())
+    if cells > SPARSE_FACTOR * records + 4096:
+        raise where.error(
+            None, f"{records} records claim {num_layers} layers x {cells // num_layers} steps; a trace this sparse "
+            f"(more than {SPARSE_FACTOR} empty slots per record) is refused"
+        )
     sequences = []
     for pid in sorted(problems):
         layers = problems[pid]
@@ -492,10 +568,11 @@ def _load_decode_jsonl(where: _Where, lines: list[str]) -> Trace:
 
 
 def _load_aligned_json(where: _Where, obj: dict) -> Trace:
-    for key in ("num_layers", "num_experts", "top_k"):
-        if not _is_int(obj.get(key)) or obj[key] < 1:
-            raise where.error(None, f"{key!r} must be a positive integer")
-    header = TraceHeader(str(obj.get("model", where.path.name)), obj["num_layers"], obj["num_experts"], obj["top_k"])
+    _check_shape(where, None, "", obj.get("num_layers"), obj.get("num_experts"), obj.get("top_k"))
+    model = obj.get("model", where.path.name)
+    if not _is_text(model):
+        raise where.error(None, "\"model\" must be a string")
+    header = TraceHeader(model, obj["num_layers"], obj["num_experts"], obj["top_k"])
     steps: list[Step] = []
     for phase in PHASES:
         rows = obj.get(phase, [])
@@ -564,7 +641,8 @@ def convert_trace(
     of ``src`` concatenated in order. Only layers that line up at every kept step are written
     (``complete_layers``; with several problems, those complete in all of them): output layer j
     is the j-th such source layer, and the header names them (``source_layers``). An existing
-    ``out`` is refused unless ``force``; the file appears whole or not at all (``TraceWriter``)."""
+    ``out`` is refused unless ``force`` (and then only a regular file is replaced); the file
+    appears whole or not at all (``TraceWriter``, ``offload.files``)."""
     src, out = Path(src), Path(out)
     trace = load_trace(src)
     if trace.source == "offload":
@@ -586,10 +664,7 @@ def convert_trace(
         names = ", ".join(s.name for s in sequences)
         hint = "; convert one problem at a time with --problem ID" if len(sequences) > 1 else ""
         raise OffloadError(f"{src}: no layer has a record at every step of {names}{hint}")
-    if out.is_dir():
-        raise OffloadError(f"{out}: is a folder, expected a trace file name")
-    if out.exists() and not force:
-        raise OffloadError(f"{out}: already exists; give --force to replace it")
+    check_file(out, force, "trace")  # refused before anything is written; TraceWriter checks again
     if out.resolve() == src.resolve():
         raise OffloadError(f"{out}: is the source trace itself; write the conversion elsewhere")
     header = TraceHeader(
@@ -597,7 +672,7 @@ def convert_trace(
         source=str(src), source_layers=tuple(layers), source_sequences=tuple(s.name for s in sequences),
     )
     t = 0
-    with TraceWriter(out, header) as writer:
+    with TraceWriter(out, header, force=force) as writer:
         for seq in sequences:
             for step in seq.steps:
                 writer.write_token(

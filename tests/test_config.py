@@ -80,6 +80,58 @@ def test_bad_fields_name_the_field(change, culprit):
         ModelConfig.from_dict(dict(MIXTRAL_8X7B, **change))
 
 
+@pytest.mark.parametrize(
+    "change, culprit",
+    [
+        ({"rope_theta": float("nan")}, "rope_theta must be a positive finite number, got nan"),
+        ({"rope_theta": float("inf")}, "rope_theta must be a positive finite number, got inf"),
+        ({"rope_theta": -1e6}, "rope_theta must be a positive finite number"),
+        ({"rope_theta": 10**400}, "rope_theta must be a positive finite number"),
+        ({"rope_theta": "1e6"}, "rope_theta must be a positive finite number, got '1e6'"),
+        ({"rope_theta": True}, "rope_theta must be a positive finite number, got True"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": float("nan")}}, "rope_theta"),
+        ({"rope_parameters": "default"}, "rope_parameters/rope_scaling must be an object"),
+        ({"rms_norm_eps": float("nan")}, r"rms_norm_eps must be in \(0, 1\), got nan"),
+        ({"rms_norm_eps": float("-inf")}, "rms_norm_eps must be in"),
+        ({"rms_norm_eps": 0}, "rms_norm_eps must be in"),
+        ({"rms_norm_eps": 1.5}, "rms_norm_eps must be in"),
+        ({"rms_norm_eps": None}, "rms_norm_eps must be in"),
+        ({"vocab_size": True}, "vocab_size must be an integer from 1 to 2147483647, got True"),
+        ({"vocab_size": 32000.0}, "vocab_size must be an integer"),
+        ({"hidden_size": 0}, "hidden_size must be an integer"),
+        ({"intermediate_size": -14336}, "intermediate_size must be an integer"),
+        ({"num_hidden_layers": 2**40}, "num_hidden_layers must be an integer from 1 to 2147483647"),
+        ({"max_position_embeddings": [32768]}, "max_position_embeddings must be an integer"),
+        ({"num_key_value_heads": 0}, "num_key_value_heads must be an integer"),
+        ({"num_key_value_heads": True}, "num_key_value_heads must be an integer"),
+        ({"num_local_experts": False}, "num_local_experts must be an integer"),
+        ({"num_experts_per_tok": 2.0}, "num_experts_per_tok must be an integer"),
+        ({"head_dim": 127}, "head_dim must be an even integer"),
+        ({"head_dim": True}, "head_dim must be an even integer"),
+        ({"head_dim": 2**31 - 2}, "head_dim 2147483646 x num_attention_heads 32 exceeds"),
+        ({"sliding_window": True}, "sliding_window must be null or an integer"),
+        ({"sliding_window": 4096.5}, "sliding_window must be null or an integer"),
+        ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, got 'false'"),
+        ({"tie_word_embeddings": 0}, "tie_word_embeddings must be true or false"),
+        ({"torch_dtype": 16}, "torch_dtype must be a dtype name"),
+        ({"architectures": "MixtralForCausalLM"}, "architectures must be a list"),
+        ({"hidden_act": ["silu"]}, "hidden_act"),
+    ],
+)
+def test_values_out_of_range_or_of_the_wrong_type_name_the_field(change, culprit):
+    with pytest.raises(ConfigError, match=rf"^built-in: {culprit}"):
+        ModelConfig.from_dict(dict(MIXTRAL_8X7B, **change), source="built-in")
+
+
+def test_deeply_nested_or_huge_config_json_is_a_config_error(tmp_path):
+    (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match="config.json: unreadable: nested too deeply"):
+        ModelConfig.from_dir(tmp_path)
+    (tmp_path / "config.json").write_text('{"vocab_size": ' + "9" * 5000 + "}")  # past int's digit limit
+    with pytest.raises(ConfigError, match="config.json: unreadable"):
+        ModelConfig.from_dir(tmp_path)
+
+
 def test_missing_and_unreadable_config(tmp_path):
     with pytest.raises(ConfigError, match="no such file or directory"):
         ModelConfig.from_dir(tmp_path / "absent")

@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 from cli.convert import convert_command
 from offload.checkpoint import DENSE_TABLE, LAYER_TABLE, Checkpoint
 from offload.config import ModelConfig
-from offload.errors import CorruptCheckpointError, CorruptPackError, PackError, SettingError
+from offload.errors import CorruptCheckpointError, CorruptPackError, OutputError, PackError, SettingError
 from offload.experts.record import RECORD_ALIGNMENT, RecordLayout
-from offload.pack import MANIFEST, PACK_FORMAT, Pack, convert, is_pack
+from offload.pack import MANIFEST, PACK_FORMAT, PACK_VERSION, Pack, convert, is_pack, manifest_checksum
 from offload.quant import get_format
 from offload.tokenizer import Tokenizer
 from tests.model_builder import SHAPES, WINDOWED
@@ -34,6 +34,14 @@ def pack_copy(packs, tmp_path):
 
 def manifest_of(pack_dir) -> dict:
     return json.loads((pack_dir / MANIFEST).read_text())
+
+
+def rewrite_manifest(pack_dir, manifest: dict, **dumps) -> None:
+    """Write ``manifest`` as the pack's, with its own checksum recomputed (as if a writer had
+    written that content), so that what is tested is the field, not the checksum."""
+    if "manifest_crc32" in manifest:
+        manifest["manifest_crc32"] = manifest_checksum(manifest)
+    (pack_dir / MANIFEST).write_text(json.dumps(manifest, **dumps))
 
 
 def dense_items(config: ModelConfig):
@@ -58,7 +66,7 @@ def test_pack_reads_back_the_checkpoint(model_dirs, packs, shape, dtype_name):
     assert manifest["format"] == PACK_FORMAT and is_pack(pack_dir)
     plain = get_format(dtype_name).name
     assert manifest["weight_format"] == {"dense": dtype_name, "experts": plain, "attention": plain}
-    assert manifest["format_version"] == 2
+    assert manifest["format_version"] == PACK_VERSION == 3
     with Checkpoint(model_dirs[shape.name]) as ck, Pack(pack_dir) as pack:
         c = pack.config
         assert c == ck.config
@@ -190,7 +198,7 @@ def test_newer_format_version_is_refused(pack_copy):
     manifest = manifest_of(pack_copy)
     manifest["format_version"] = 99
     (pack_copy / MANIFEST).write_text(json.dumps(manifest))
-    newer = r"manifest\.json: pack format version 99 is newer than this offload reads \(2\); upgrade offload"
+    newer = r"manifest\.json: pack format version 99 is newer than this offload reads \(3\); upgrade offload"
     with pytest.raises(PackError, match=newer):
         Pack(pack_copy)
 
@@ -201,11 +209,14 @@ def test_missing_dense_file_is_named(pack_copy):
         Pack(pack_copy)
 
 
-def test_corrupt_dense_header_is_a_corrupt_checkpoint_error(pack_copy):
+def test_corrupt_dense_header_fails_its_checksum(pack_copy):
     dense = pack_copy / "dense.safetensors"
     data = bytearray(dense.read_bytes())
     data[8:12] = b"\xff\xfe{{"
     dense.write_bytes(bytes(data))
+    with pytest.raises(CorruptPackError, match=r"dense\.safetensors: header fails its checksum"):
+        Pack(pack_copy)
+    v2_manifest(pack_copy)  # no checksum: the header is parsed, and refused as what it is
     with pytest.raises(CorruptCheckpointError, match=r"dense\.safetensors: header is not valid JSON"):
         Pack(pack_copy)
 
@@ -229,14 +240,14 @@ def test_existing_directory_needs_force(model_dirs, tmp_path):
     out = convert(src, tmp_path / "pack", dtype=torch.float32)
     (out / "marker").write_text("old")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    with pytest.raises(PackError, match=r"pack: already exists; use --force"):
+    with pytest.raises(OutputError, match=r"pack: already exists; give --force"):
         convert(src, out, dtype=torch.bfloat16)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
     convert(src, out, dtype=torch.bfloat16, force=True)
     assert manifest_of(out)["weight_format"]["experts"] == "bf16"
-    assert not (out / "marker").exists()
-    assert siblings(out) == ["pack"]  # no temporary or old directory left beside it
+    assert (out / "marker").read_text() == "old"  # --force replaces the pack's files, not the user's
+    assert siblings(out) == ["pack"]  # no temporary, old directory or lock left beside it
     with Pack(out) as pack:
         pack.verify_all()
 
@@ -245,7 +256,7 @@ def test_force_does_not_delete_a_directory_that_is_not_a_pack(model_dirs, tmp_pa
     out = tmp_path / "documents"
     out.mkdir()
     (out / "thesis.txt").write_text("precious")
-    with pytest.raises(PackError, match="not an offload pack"):
+    with pytest.raises(OutputError, match="not an offload pack"):
         convert(model_dirs[WINDOWED.name], out, force=True)
     assert (out / "thesis.txt").read_text() == "precious"
     with pytest.raises(PackError, match="its own source"):
@@ -366,7 +377,7 @@ def test_quantized_attention_is_stored_as_bitsandbytes_quantizes_it(model_dirs, 
     nf4 = convert(src, tmp_path / "nf4", attn_bits=4, target="cuda")  # portable nf4: the CUDA layout
     assert manifest_of(int8)["weight_format"] == {"dense": "float32", "experts": "nf4", "attention": "int8"}
     assert manifest_of(nf4)["weight_format"]["attention"] == "nf4"
-    assert manifest_of(int8)["format_version"] == 2
+    assert manifest_of(int8)["format_version"] == 3
     with Checkpoint(src) as ck, safe_open(int8 / "dense.safetensors", "pt") as a, safe_open(nf4 / "dense.safetensors", "pt") as b:
         name = "model.layers.2.self_attn.k_proj.weight"
         assert name not in set(a.keys()) and name not in set(b.keys())
@@ -387,12 +398,21 @@ def test_quantized_attention_is_stored_as_bitsandbytes_quantizes_it(model_dirs, 
         assert pack.attn_format.name == "int8" and pack.dense("router", 1).dtype == torch.float32
 
 
+def v2_manifest(pack_dir) -> None:
+    """Turn a version 3 pack into what format version 2 wrote: the same files, the manifest
+    without the checksums of version 3."""
+    manifest = manifest_of(pack_dir)
+    manifest["format_version"] = 2
+    del manifest["dense_crc32"], manifest["manifest_crc32"]
+    (pack_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
 def v1_manifest(pack_dir) -> None:
     """Turn a pack with 16-bit attention into what format version 1 wrote: the same files, the
-    manifest without the attention format (version 1 had none)."""
+    manifest without the attention format and the checksums of versions 3 (it had neither)."""
     manifest = manifest_of(pack_dir)
     manifest["format_version"] = 1
-    del manifest["weight_format"]["attention"]
+    del manifest["weight_format"]["attention"], manifest["dense_crc32"], manifest["manifest_crc32"]
     (pack_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
@@ -402,6 +422,7 @@ def test_version_1_packs_still_open(packs, pack_copy):
     v1_manifest(pack_copy)
     with Pack(pack_copy) as pack, Pack(packs[(WINDOWED.name, "float32")]) as v2:
         assert pack.version == 1 and pack.attn_format == get_format("fp32") and pack.synthetic is None
+        assert pack.without_checksums == ("dense.safetensors", "manifest.json") and v2.without_checksums == ()
         for key, layer in (("q_proj", 1), ("embed_tokens", None), ("router", 0)):
             assert torch.equal(pack.dense(key, layer), v2.dense(key, layer))
         pack.verify_all()
@@ -417,11 +438,11 @@ def test_bad_attention_formats_are_refused(pack_copy):
     manifest = manifest_of(pack_copy)
     for attention, complaint in ((None, "attention None"), ("fp16", "attention 'fp16'"), ("int3", "attention 'int3'")):
         manifest["weight_format"]["attention"] = attention
-        (pack_copy / MANIFEST).write_text(json.dumps(manifest))
+        rewrite_manifest(pack_copy, manifest)
         with pytest.raises(PackError, match=rf"manifest\.json: weight_format {complaint} must be the dense dtype \(fp32\)"):
             Pack(pack_copy)
     manifest["weight_format"]["attention"] = "int8"  # says quantized; the file holds fp32 weights
-    (pack_copy / MANIFEST).write_text(json.dumps(manifest))
+    rewrite_manifest(pack_copy, manifest)
     with pytest.raises(MissingTensorError, match=r"dense\.safetensors: tensor 'model\.layers\.0\.self_attn\.q_proj\.weight\.row_absmax'"):
         Pack(pack_copy)
 

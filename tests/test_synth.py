@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from cli.synth import synth_command
 from offload import quant
 from offload.engine import Engine, GenerationSettings
-from offload.errors import ConfigError, PackError, SettingError
+from offload.errors import ConfigError, OutputError, SettingError
 from offload.experts.record import MATRIX_ALIGNMENT, RecordLayout, align_up
 from offload.loader import weight_formats
 from offload.pack import MANIFEST, Pack
@@ -214,7 +214,7 @@ def test_every_format_is_valid_and_has_the_intended_spread(fmt, tmp_path):
 def test_quantized_attention_is_taken_as_stored(tmp_path, monkeypatch):
     out = synthesize(TINY, tmp_path / "pack", expert_format="int8", attn_bits=8, layers=2)
     with Pack(out) as pack:
-        assert pack.attn_format.name == "int8" and pack.version == 2
+        assert pack.attn_format.name == "int8" and pack.version == 3
         q = pack.dense("q_proj", 1)
         assert isinstance(q, quant.QuantizedMatrix) and q.fmt.name == "int8"
         assert abs(dequantized(q).std().item() * math.sqrt(256) - 1) < 0.1
@@ -303,16 +303,16 @@ def test_existing_directory_needs_force_and_force_replaces_a_pack(tmp_path):
     out = synthesize(TINY, tmp_path / "pack", layers=1, seed=1)
     (out / "marker").write_text("old")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    with pytest.raises(PackError, match=r"pack: already exists; use --force"):
+    with pytest.raises(OutputError, match=r"pack: already exists; give --force"):
         synthesize(TINY, out, layers=1, seed=2)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     synthesize(TINY, out, layers=2, seed=2, force=True)
     assert manifest_of(out)["synthetic"] == {"preset": None, "seed": 2, "layers": 2}
-    assert not (out / "marker").exists() and siblings(out) == ["pack"]
+    assert (out / "marker").read_text() == "old" and siblings(out) == ["pack"]  # the user's file stays
     documents = tmp_path / "documents"
     documents.mkdir()
     (documents / "thesis.txt").write_text("precious")
-    with pytest.raises(PackError, match="not an offload pack"):
+    with pytest.raises(OutputError, match="not an offload pack"):
         synthesize(TINY, documents, layers=1, force=True)
     assert (documents / "thesis.txt").read_text() == "precious"
 
@@ -362,7 +362,7 @@ def test_cli_synth_writes_a_pack_and_refuses_a_second_without_force(tmp_path):
         assert pack.synthetic == {"preset": "mixtral-8x7b", "seed": 2, "layers": 1}
         assert pack.config.num_hidden_layers == 1 and pack.config.vocab_size == 32000
     again = run("mixtral-8x7b", out, "--layers", "1")
-    assert again.exit_code == 2 and "use --force" in again.stderr
+    assert again.exit_code == 2 and "give --force" in again.stderr
 
 
 @pytest.mark.parametrize(

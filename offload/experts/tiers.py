@@ -14,9 +14,9 @@ from typing import Protocol, Sequence
 
 import torch
 
-from offload.checkpoint import Checkpoint
+from offload.checkpoint import Checkpoint, check_cast
 from offload.device import empty_host_buffer
-from offload.experts.record import RecordLayout
+from offload.experts.record import MATRICES, RecordLayout
 from offload.model import ExpertWeights
 
 ExpertKey = tuple[int, int]  # (layer, expert)
@@ -47,7 +47,10 @@ class CheckpointRecords:
         record = out[: self.layout.nbytes]  # [nbytes] uint8, host
         weights = ExpertWeights(*self.checkpoint.expert(layer, expert))  # w1, w3 [I, D], w2 [D, I], CPU
         if self.layout.plain or self.device.type == "cpu":
-            return self.layout.pack(weights, record)
+            self.layout.pack(weights, record)
+            if self.layout.plain:
+                self._check_cast(layer, expert, weights, record)
+            return record
         from offload import quant
 
         if self.device.type != "cuda":
@@ -59,6 +62,19 @@ class CheckpointRecords:
             self._quantize_into(record, weights, quant)
         self._stream.synchronize()
         return record
+
+    def _check_cast(self, layer: int, expert: int, weights: ExpertWeights, record: torch.Tensor) -> None:
+        """A plain record cast from the checkpoint's dtype must stay finite (float16 holds at most
+        65504): refuse, naming the checkpoint tensor and its largest magnitude (``check_cast``).
+        One finite pass over the record (~40 ms for a bf16 Mixtral expert), only when the dtypes
+        differ."""
+        ranges = self.checkpoint.expert_ranges(layer, expert)
+        if all(r.entry.dtype == self.layout.dtype for r in ranges.values()):
+            return
+        for matrix, source, cast in zip(MATRICES, weights, self.layout.views(record)):
+            entry = ranges[matrix].entry
+            part = f" (expert {expert}, {matrix})" if entry.shape != ranges[matrix].shape else ""
+            check_cast(f"{entry.file}: tensor '{entry.name}'{part}", source, cast)
 
     def _quantize_into(self, record: torch.Tensor, weights: ExpertWeights, quant) -> None:
         for target, weight in zip(self.layout.views(record), weights):  # QuantizedMatrix views into record
