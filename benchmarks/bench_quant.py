@@ -1,10 +1,17 @@
-"""Expert weight formats side by side: bytes, load time and FFN time of one Mixtral-8x7B expert.
+"""Expert weight formats side by side: bytes, load time and FFN time of one Mixtral-8x7B expert,
+against the machine's measured read bandwidth.
 
 What it measures: ONE expert of Mixtral-8x7B's shape (w1, w3 [14336, 4096], w2 [4096, 14336];
 random N(0, 0.02) weights from a fixed seed, bf16 source), stored in each weight format of
-``--formats`` (default bf16, int8, nf4, nf4-dq, fp4, nf4-cpu; see ``offload.quant``), all in one
-process:
+``--formats`` (see ``offload.quant``; default on a CPU: bf16, int8, nf4 on each path of
+offload's 4-bit CPU kernel this CPU runs and on the torch path, nf4-dq, fp4, and nf4-cpu where
+bitsandbytes' fused CPU kernel works), all in one process:
 
+0. read bandwidth: a streaming read of a buffer much larger than the caches (``--bandwidth-mib``,
+   default 1024 MiB) with the threads torch uses: on a CPU the sum of its 64-bit words by
+   ``offload.kernels.cpu4.stream_read`` (OpenMP, one contiguous share a thread; torch's own
+   int64 sum where the kernel cannot be built), on CUDA torch's int32 sum on the device; timed
+   in every repetition, interleaved with the formats;
 1. bytes: the expert record as ``RecordLayout.for_config`` lays it out for Mixtral-8x7B's
    published config.json (w1, w3, w2 with their quantization state, tensors 64-byte aligned);
 2. load: the record is written at offset 0 of its own temporary file (fsync'd, under ``--dir``)
@@ -17,13 +24,20 @@ process:
 3. compute: ``offload.model.expert_ffn`` (silu(x @ w1.T) * (x @ w3.T) @ w2.T, each product
    through ``quant.linear`` on the path ``quant.select_kernels`` picks for the device) on views
    of the record on the compute device, x bf16, under ``torch.inference_mode``: N=1 (one decode
-   token) and N=16 (a prefill-ish batch); and the relative error ||y - y_bf16|| / ||y_bf16|| of
-   each format's N=16 output against the bf16 record's.
+   token) and N=16 (a prefill-ish batch). A format written ``NAME@PATH`` (``nf4@avx2``,
+   ``fp4@torch``...; CPU only) runs the same FFN with the portable 4-bit matmul forced onto one
+   path: ``avx512``, ``avx2`` or ``generic`` of offload's CPU kernel, or ``torch`` (bitsandbytes'
+   dequantize, then torch's matmul); plain ``nf4`` is the path the engine takes, and its row is
+   named by it. Each FFN time is also given as GB/s of the record's bytes (the weights with
+   their quantization state; temporaries a path makes are not counted) and as a share of the
+   read bandwidth of step 0; and the relative error ||y - y_bf16|| / ||y_bf16|| of each
+   format's N=16 output against the bf16 record's.
 
 Every time is the median over ``--reps`` repetitions after one untimed warm-up; the repetitions
 interleave the formats (forwards, then reversed, ...) so that a slow spell of a shared machine
-lands on all of them, and a cell whose spread ((max - min) / median) is large is marked. Ratios
-are this format's median over bf16's, which is always measured (it is the baseline).
+lands on all of them, and a cell whose spread ((max - min) / median) is large is marked.
+Ratios (JSON only) are this format's median over bf16's, which is always measured (it is the
+baseline).
 
 What it does not measure: a whole pack (no manifest, and not the crc32 check ``Pack.read_record``
 makes on an expert's first read), quantization time, the expert cache, a physical disk when the
@@ -33,13 +47,15 @@ outliers, so real relative errors differ), batches above 16 tokens, or memory. N
 asserts a speed: benchmarks are not tests.
 
     python benchmarks/bench_quant.py
-    python benchmarks/bench_quant.py --formats bf16,nf4-cpu --reps 15 --json
+    python benchmarks/bench_quant.py --formats bf16,nf4@avx2,nf4@avx512,nf4@torch --reps 15 --json
+    OFFLOAD_CPU_KERNEL=avx2 python benchmarks/bench_quant.py --formats bf16,nf4
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import functools
 import gc
 import mmap
@@ -53,12 +69,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.benchlib import run, say  # noqa: E402
+from benchmarks.benchlib import Bandwidth, run, say  # noqa: E402
 from offload import quant  # noqa: E402
 from offload.checkpoint import read_into  # noqa: E402
 from offload.config import ModelConfig  # noqa: E402
@@ -71,12 +88,16 @@ from offload.device import (  # noqa: E402
     resolve_device,
     synchronize,
 )
+from offload.errors import SettingError  # noqa: E402
 from offload.experts.record import RecordLayout  # noqa: E402
+from offload.kernels import cpu4  # noqa: E402
 from offload.model import ExpertWeights, expert_ffn  # noqa: E402
 from offload.plan import builtin_model  # noqa: E402
 
-DEFAULT_FORMATS = ("bf16", "int8", "nf4", "nf4-dq", "fp4", "nf4-cpu")
+DEFAULT_FORMATS = ("bf16", "int8", "nf4", "nf4-dq", "fp4", "nf4-cpu")  # on CUDA; see default_formats
 BASELINE = "bf16"
+PATH_CHOICES = (*cpu4.PATHS, "torch")  # NAME@PATH: the portable 4-bit matmul forced onto one path
+BANDWIDTH_MIB = 1024
 WEIGHT_SEED = 0
 INPUT_SEED = 1
 WEIGHT_STD = 0.02  # Mixtral's initializer_range
@@ -148,7 +169,7 @@ class Subject:
     """One format's expert: its record on the host (pinned on CUDA) and on the compute device,
     the views the FFN runs on, its file, and what was measured."""
 
-    fmt: str
+    fmt: str  # the row's name: a format, or FORMAT@PATH
     layout: RecordLayout
     host: torch.Tensor  # uint8 [nbytes], the packed record
     record: torch.Tensor  # uint8 [nbytes] on the compute device (``host`` itself on a CPU)
@@ -158,6 +179,46 @@ class Subject:
     times: dict[str, list[float]] = field(default_factory=dict)  # step -> seconds per repetition
     cached_after_drop: list[float | None] = field(default_factory=list)
     y: torch.Tensor | None = None  # [N, D] FFN output at the largest N, from the warm-up
+    kernels: quant.Kernels | None = None  # the forced 4-bit path of a FORMAT@PATH row; None: the engine's
+
+
+def split_name(name: str) -> tuple[str, str | None]:
+    """'nf4@avx2' -> ('nf4', 'avx2'); 'int8' -> ('int8', None)."""
+    fmt, _, path = name.partition("@")
+    return fmt, path or None
+
+
+def forced_kernels(path: str, device: torch.device) -> quant.Kernels:
+    """The device's kernels with the portable 4-bit matmul on ``path`` (up to cpu4.MAX_ROWS rows
+    of x, as the engine's own choice; dequantize + matmul above)."""
+    base = quant.select_kernels(device)
+    if path == "torch":
+        return dataclasses.replace(base, four_bit=quant._linear_4bit_dequantize)
+
+    def four_bit(x: torch.Tensor, qm: quant.QuantizedMatrix) -> torch.Tensor:
+        if x.shape[0] > cpu4.MAX_ROWS:
+            return quant._linear_4bit_dequantize(x, qm)
+        return cpu4.run(x, qm.tensors, qm.shape, path)[0].to(x.dtype)  # [N, Out]
+
+    return dataclasses.replace(base, four_bit=four_bit)
+
+
+def ffn(x: torch.Tensor, s: Subject) -> torch.Tensor:
+    """The engine's expert FFN, or the same products on a forced 4-bit path: x [N, D] -> [N, D]."""
+    if s.kernels is None:
+        return expert_ffn(x, s.weights)
+    w = s.weights
+
+    def mm(a: torch.Tensor, m) -> torch.Tensor:
+        return F.linear(a, m) if isinstance(m, torch.Tensor) else quant.linear(a, m, s.kernels)
+
+    return mm(F.silu(mm(x, w.w1)) * mm(x, w.w3), w.w2)
+
+
+def alias(s: Subject, name: str, kernels: quant.Kernels | None) -> Subject:
+    """Another row on the same record and file (its own descriptor and times)."""
+    return Subject(name, s.layout, s.host, s.record, s.weights, s.path, os.open(s.path, os.O_RDONLY),
+                   kernels=kernels)
 
 
 def build(fmt: str, config: ModelConfig, device: torch.device, directory: Path,
@@ -230,14 +291,16 @@ def one_pass(s: Subject, scratch: torch.Tensor, xs: dict[int, torch.Tensor], tra
         out["h2d"] = timed(lambda: transfers.wait(transfers.copy(s.record, s.host)), device)
     with torch.inference_mode():
         for n, x in xs.items():
-            out[f"ffn N={n}"] = timed(lambda x=x: expert_ffn(x, s.weights), device)
+            out[f"ffn N={n}"] = timed(lambda x=x: ffn(x, s), device)
     return out
 
 
 def measure(subjects: list[Subject], scratch: torch.Tensor, xs: dict[int, torch.Tensor], reps: int,
-            device: torch.device) -> None:
+            device: torch.device, bandwidth: Bandwidth) -> None:
     """One untimed warm-up pass per format (it also keeps the outputs for the error), then
-    ``reps`` passes over all formats, forwards then reversed."""
+    ``reps`` passes over all formats, forwards then reversed, each with a read of the bandwidth
+    buffer before it."""
+    bandwidth.read()  # warm-up
     transfers = Transfers(device)
     n_max = max(xs)
     for s in subjects:
@@ -246,9 +309,10 @@ def measure(subjects: list[Subject], scratch: torch.Tensor, xs: dict[int, torch.
             raise RuntimeError(f"{s.path}: the bytes read back differ from the record written")
         s.cached_after_drop.clear()
         with torch.inference_mode():
-            s.y = expert_ffn(xs[n_max], s.weights).float().cpu()  # [N, D]
+            s.y = ffn(xs[n_max], s).float().cpu()  # [N, D]
     for rep in range(reps):
         say(f"repetition {rep + 1}/{reps}")
+        bandwidth.measure()
         for s in subjects if rep % 2 == 0 else subjects[::-1]:
             for step, seconds in one_pass(s, scratch, xs, transfers, device).items():
                 s.times.setdefault(step, []).append(seconds)
@@ -271,17 +335,21 @@ def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
     return ((y - reference).norm() / reference.norm()).item()
 
 
-def results(subjects: list[Subject], args: argparse.Namespace, device: torch.device, config: ModelConfig) -> dict:
+def results(subjects: list[Subject], args: argparse.Namespace, device: torch.device, config: ModelConfig,
+            bandwidth: Bandwidth) -> dict:
     base = next(s for s in subjects if s.fmt == BASELINE)
     base_times = {step: statistics.median(runs) for step, runs in base.times.items()}
+    read = summary(bandwidth.times)
+    read_gbps = bandwidth.nbytes / read["median"] / 1e9
     formats = {}
     for s in subjects:
         times = {}
         for step, runs in s.times.items():
             t = summary(runs)
             t["ratio_to_bf16"] = t["median"] / base_times[step]
-            if step.startswith("read") or step == "h2d":
-                t["gb_per_s"] = s.layout.nbytes / t["median"] / 1e9
+            t["gb_per_s"] = s.layout.nbytes / t["median"] / 1e9
+            if step.startswith("ffn"):
+                t["share_of_read_bandwidth"] = t["gb_per_s"] / read_gbps
             times[step] = t
         cached = [c for c in s.cached_after_drop if c is not None]
         formats[s.fmt] = {
@@ -298,11 +366,15 @@ def results(subjects: list[Subject], args: argparse.Namespace, device: torch.dev
 
     return {
         "machine": device_name(device),
+        "cpu_model": cpu4._cpu_model(),
         "device": str(device),
         "torch": torch.__version__,
         "bitsandbytes": bitsandbytes.__version__,
         "threads": torch.get_num_threads(),
         "kernels": quant.select_kernels(device).description,
+        "cpu_4bit_kernel": dataclasses.asdict(cpu4.status()) if not is_cuda(device) else None,
+        "read_bandwidth": {"gb_per_s": read_gbps, "bytes": bandwidth.nbytes, "method": bandwidth.method,
+                           "times_s": read, "threads": torch.get_num_threads()},
         "expert": {
             **{m.name: list(m.shape) for m in base.layout.matrices},  # w1, w3 [I, D], w2 [D, I]
             "weight_std": WEIGHT_STD, "weight_seed": WEIGHT_SEED, "input_seed": INPUT_SEED, "source_dtype": "bfloat16",
@@ -336,9 +408,13 @@ def drop_line(drop: dict) -> str:
 
 
 def print_report(r: dict) -> None:
-    print(f"machine: {r['machine']}, torch {r['torch']}, bitsandbytes {r['bitsandbytes']}; "
+    print(f"machine: {r['machine']}, {r['cpu_model']}, torch {r['torch']}, bitsandbytes {r['bitsandbytes']}; "
           f"{r['reps']} reps, medians, interleaved")
     print(f"compute ({r['device']}): {r['kernels']}")
+    bw = r["read_bandwidth"]
+    t = bw["times_s"]
+    print(f"read bandwidth: {bw['gb_per_s']:.1f} GB/s ({bw['bytes'] / MIB:.0f} MiB, {bw['threads']} threads, "
+          f"{bw['method']}; min..max {bw['bytes'] / t['max'] / 1e9:.1f}..{bw['bytes'] / t['min'] / 1e9:.1f})")
     e = r["expert"]
     print(f"one Mixtral-8x7B expert: w1, w3 {e['w1']}, w2 {e['w2']}; random N(0, {e['weight_std']}) bf16 weights "
           f"(seed {e['weight_seed']}); x bf16; records read from files in {r['directory']}")
@@ -346,33 +422,33 @@ def print_report(r: dict) -> None:
     print()
 
     steps = list(next(iter(r["formats"].values()))["times_s"])
-    columns = [("format", 8), ("MiB", 7), ("xbf16", 6)]
+    columns = [("format", 14), ("MiB", 6)]
     for step in steps:
-        if step.startswith("read") or step == "h2d":
-            columns += [(f"{step} ms", 13), ("GB/s", 6), ("xbf16", 6)]
+        if step.startswith("ffn"):
+            columns += [(f"{step} ms", 12), ("GB/s", 6), ("share", 5)]
         else:
-            columns += [(f"{step} ms", 12), ("xbf16", 6)]
+            columns += [(f"{step} ms", 12), ("GB/s", 6)]
     err_key = f"relative_error_n{max(r['tokens'])}"
     columns.append((f"rel err N={max(r['tokens'])}", 14))
     print("  ".join(name.rjust(width) if i else name.ljust(width) for i, (name, width) in enumerate(columns)))
 
     noisy = []
     for fmt, f in r["formats"].items():
-        cells = [fmt, f"{f['record_bytes'] / MIB:.1f}", f"{f['bytes_ratio_to_bf16']:.2f}"]
+        cells = [fmt, f"{f['record_bytes'] / MIB:.1f}"]
         for step in steps:
             t = f["times_s"][step]
             mark = "*" if t["spread"] > NOISY else " "
             if mark == "*":
                 noisy.append(f"{fmt} {step} {t['spread']:.0%}")
-            cells.append(f"{t['median'] * 1e3:.1f}{mark}")
-            if "gb_per_s" in t:
-                cells.append(f"{t['gb_per_s']:.2f}")
-            cells.append(f"{t['ratio_to_bf16']:.2f}")
+            cells += [f"{t['median'] * 1e3:.1f}{mark}", f"{t['gb_per_s']:.2f}"]
+            if "share_of_read_bandwidth" in t:
+                cells.append(f"{t['share_of_read_bandwidth']:.2f}")
         cells.append(f"{f[err_key]:.4f}")
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, (_, w)) in enumerate(zip(cells, columns))))
     print()
-    print("xbf16: this format's median over bf16's (bytes, or seconds: above 1 is slower); "
-          f"rel err: ||y - y_bf16|| / ||y_bf16|| of the FFN output at N={max(r['tokens'])}")
+    print("GB/s: the record's bytes over the median time; share: that over the read bandwidth above; "
+          f"rel err: ||y - y_bf16|| / ||y_bf16|| of the FFN output at N={max(r['tokens'])}; "
+          "NAME@PATH: the 4-bit matmul on that path (offload's CPU kernel, or torch: dequantize + matmul)")
     if noisy:
         print(f"* large spread, (max - min) / median above {NOISY:.0%}: {', '.join(noisy)}; "
               "something else may share the machine (--json lists every repetition)")
@@ -380,10 +456,38 @@ def print_report(r: dict) -> None:
 
 # ---- main -----------------------------------------------------------------------------------------
 
-def parse_formats(text: str) -> list[str]:
+def default_formats(device: torch.device) -> str:
+    """On CUDA: DEFAULT_FORMATS. On a CPU: bf16, int8, nf4 on each path of the 4-bit CPU kernel
+    this CPU runs and on the torch path, nf4-dq, fp4 (the engine's path), and nf4-cpu where
+    bitsandbytes' fused CPU kernel works (elsewhere it dequantizes, the slowest of all)."""
+    if is_cuda(device):
+        return ",".join(DEFAULT_FORMATS)
+    names = ["bf16", "int8", *(f"nf4@{p}" for p in cpu4.runnable_paths() if p != "generic"), "nf4@torch",
+             "nf4-dq", "fp4"]
+    if quant.select_kernels(device).four_bit_cpu is quant._linear_4bit_cpu_fused:
+        names.append("nf4-cpu")
+    return ",".join(names)
+
+
+def parse_formats(text: str, device: torch.device) -> list[str]:
+    """Row names, the baseline first: a format, or FORMAT@PATH for a portable 4-bit format on a
+    CPU (plain portable 4-bit formats on a CPU are named by the engine's path)."""
     names = []
     for part in text.split(","):
-        name = quant.get_format(part).name  # SettingError names a bad one
+        fmt_name, path = split_name(part.strip())
+        fmt = quant.get_format(fmt_name)  # SettingError names a bad one
+        on_cpu_4bit = fmt.kind == "4bit" and not is_cuda(device)
+        if path is not None:
+            if not on_cpu_4bit:
+                raise SettingError(f"--formats {part}: @PATH is for the portable 4-bit formats on a CPU")
+            if path not in PATH_CHOICES:
+                raise SettingError(f"--formats {part}: the path is one of {', '.join(PATH_CHOICES)}")
+            if path != "torch" and path not in cpu4.runnable_paths():
+                raise SettingError(f"--formats {part}: this CPU or build runs {', '.join(cpu4.runnable_paths()) or 'none'}"
+                                   f" of the kernel's paths ({cpu4.status().reason or 'none built'})")
+        elif on_cpu_4bit:
+            path = cpu4.status().path
+        name = f"{fmt.name}@{path}" if path else fmt.name
         if name not in names:
             names.append(name)
     if BASELINE not in names:
@@ -393,8 +497,12 @@ def parse_formats(text: str) -> list[str]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
-                        help=f"comma list of weight formats ({', '.join(quant.FORMATS)}); bf16 is always measured")
+    parser.add_argument("--formats", default=None,
+                        help=f"comma list of weight formats ({', '.join(quant.FORMATS)}), a portable 4-bit one "
+                             f"optionally as NAME@PATH ({', '.join(PATH_CHOICES)}) on a CPU; bf16 is always "
+                             "measured (default: see the module's docstring)")
+    parser.add_argument("--bandwidth-mib", type=int, default=BANDWIDTH_MIB,
+                        help="size of the buffer whose streaming read is the read bandwidth")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None,
@@ -404,43 +512,56 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "on a tmpfs the page cache cannot be dropped)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
-    for flag in ("reps", "threads"):
+    for flag in ("reps", "threads", "bandwidth_mib"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            parser.error(f"--{flag} must be at least 1")
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     return args
 
 
 def bench(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
-    formats = parse_formats(args.formats)
+    rows = parse_formats(args.formats or default_formats(device), device)
     _, config = builtin_model("mixtral-8x7b")
     say(f"compute paths: {quant.select_kernels(device).description}")
     x = torch.randn(max(TOKENS), config.hidden_size, generator=torch.Generator().manual_seed(INPUT_SEED))
     x = x.to(torch.bfloat16).to(device)  # [N, D]
     xs = {n: x[:n] for n in TOKENS}  # [n, D] each
+    bandwidth = Bandwidth(args.bandwidth_mib * MIB, device)
 
+    records: dict[str, Subject] = {}  # format -> the subject that owns its record
     subjects: list[Subject] = []
     with tempfile.TemporaryDirectory(prefix="offload-bench-quant-", dir=args.dir) as tmp:
         try:
             # bitsandbytes' CPU 4-bit quantization holds fp32 temporaries of several times a matrix
             # (~1.5 GB for a 14336x4096 fp4 one): quantize those first, while few records exist.
+            formats = list(dict.fromkeys(split_name(name)[0] for name in rows))
             order = sorted(formats[1:], key=lambda name: quant.get_format(name).kind != "4bit")
             for fmt in (BASELINE, *order):
                 start = time.perf_counter()
-                fill = draw_expert if fmt == BASELINE else quantize_baseline(subjects[0])
-                subjects.append(build(fmt, config, device, Path(tmp), fill))
+                fill = draw_expert if fmt == BASELINE else quantize_baseline(records[BASELINE])
+                records[fmt] = build(fmt, config, device, Path(tmp), fill)
                 trim_heap()
-                say(f"{fmt}: record of {subjects[-1].layout.nbytes / MIB:.1f} MiB packed and written "
+                say(f"{fmt}: record of {records[fmt].layout.nbytes / MIB:.1f} MiB packed and written "
                     f"in {time.perf_counter() - start:.1f} s")
-            subjects.sort(key=lambda s: formats.index(s.fmt))
+            for name in rows:  # the first row on a record is its owner, later ones alias it
+                fmt, path = split_name(name)
+                owner, kernels = records[fmt], (forced_kernels(path, device) if path else None)
+                if any(s is owner for s in subjects):
+                    subjects.append(alias(owner, name, kernels))
+                else:
+                    owner.fmt, owner.kernels = name, kernels
+                    subjects.append(owner)
             largest = max(s.layout.nbytes for s in subjects)
             scratch = empty_host_buffer(largest, 1, device)[0]  # [largest] (pinned on CUDA), the read target
             say(f"warm-up, then {args.reps} interleaved repetitions ...")
-            measure(subjects, scratch, xs, args.reps, device)
-            return results(subjects, args, device, config)
+            measure(subjects, scratch, xs, args.reps, device, bandwidth)
+            return results(subjects, args, device, config, bandwidth)
         finally:
             for s in subjects:
                 os.close(s.fd)
+            for s in records.values():
+                if not any(s is t for t in subjects):
+                    os.close(s.fd)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,8 +6,8 @@ What it measures, in one process, in the folder given (``--dir``, default the cu
    64 MiB pieces (one random buffer, made before the clock starts, written again and again),
    then ``fsync``: bytes / seconds, the fsync included;
 2. synth: ``offload.synth.synthesize`` of ``--preset`` (default mixtral-8x7b) with its first
-   ``--layers`` layers (default 2) and ``--expert-bits`` (default 4: nf4-cpu on a CPU whose
-   bitsandbytes fused kernel works, else nf4; ``--for`` as the command's) into a fresh pack
+   ``--layers`` layers (default 2) and ``--expert-bits`` (default 4: the portable nf4;
+   ``--for`` as the command's) into a fresh pack
    there: the pack's bytes on disk / seconds, every fsync and the rename included. The one-time
    import of bitsandbytes is made before the clock starts; the per-format samples synth
    quantizes are made again on every repetition (they are part of its work).

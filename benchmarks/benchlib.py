@@ -55,3 +55,41 @@ def run(
         say(f"error: {e}")
         return 2
     return finish(result, args.json, print_report)
+
+
+class Bandwidth:
+    """The machine's read bandwidth: a streaming read of ``nbytes`` with torch's threads (on a
+    CPU ``offload.kernels.cpu4.stream_read``, one contiguous share a thread; torch's own sum where
+    the kernel cannot be built, or on CUDA). ``measure`` appends one timed read to ``times``."""
+
+    def __init__(self, nbytes: int, device):
+        import torch
+
+        from offload.device import is_cuda
+        from offload.kernels import cpu4
+
+        self.device = device
+        if is_cuda(device):
+            self.buffer = torch.ones(nbytes // 4, dtype=torch.int32, device=device)  # [nbytes / 4]
+            self.method = "torch's int32 sum on the device"
+            self.read = lambda: self.buffer.sum()
+        else:
+            self.buffer = torch.ones(nbytes // 8, dtype=torch.int64)  # [nbytes / 8], pages touched
+            try:
+                cpu4.stream_read(self.buffer[:1])
+                self.method = "offload.kernels.cpu4.stream_read (a streaming sum of 64-bit words, OpenMP)"
+                self.read = lambda: cpu4.stream_read(self.buffer)
+            except cpu4.KernelBuildError as e:
+                self.method = f"torch's int64 sum (the kernel's reader is unavailable: {e})"
+                self.read = lambda: self.buffer.sum()
+        self.nbytes = self.buffer.numel() * self.buffer.element_size()
+        self.times: list[float] = []
+
+    def measure(self) -> None:
+        self.times.append(timed(self.read, self.device))
+
+    def gb_per_s(self) -> float:
+        """The median of the reads so far, as GB/s."""
+        import statistics
+
+        return self.nbytes / statistics.median(self.times) / 1e9

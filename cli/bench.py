@@ -61,14 +61,15 @@ OUTPUTS = ("md", "json", "csv")
 SETTING_COLUMNS = (
     ("vram", "vram"), ("ram", "ram"), ("experts_per_layer", "experts/layer"), ("policy", "policy"),
     ("prefetch_depth", "prefetch depth"), ("expert_bits", "expert bits"), ("attn_bits", "attn bits"),
-    ("dtype", "dtype"), ("device", "device"), ("replay", "replay"),
+    ("dtype", "dtype"), ("device", "device"), ("replay", "replay"), ("cpu_experts", "cpu experts"),
 )
 # columns of JSON rows and CSV, in order
 FIELDS = (
     "model", "machine", "profile", "vram", "ram", "experts_per_layer", "policy", "prefetch_depth", "expert_bits",
-    "attn_bits", "dtype", "device", "replay", "policy_used", "dtype_used", "device_used", "slots_per_layer",
+    "attn_bits", "dtype", "device", "replay", "cpu_experts", "policy_used", "dtype_used", "device_used", "slots_per_layer",
     "host_experts",
-    "n_prompt", "n_gen", "reps", "test", "t_s_mean", "t_s_std", "hit_rate", "stall_share", "bytes_per_token",
+    "n_prompt", "n_gen", "reps", "test", "t_s_mean", "t_s_std", "hit_rate", "cpu_share", "stall_share",
+    "bytes_per_token",
 )
 
 
@@ -125,9 +126,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         return len(values) > 1 or values - {None, "auto"} != set()
 
     varying = [(key, title) for key, title in SETTING_COLUMNS if shown(key)]
-    header = ["model", "machine", "profile", *(t for _, t in varying), "test", "t/s", "hit rate", "stall %",
-              "MiB/token"]
-    align = ["---", "---", "---", *("---:" for _ in varying), "---:", "---:", "---:", "---:", "---:"]
+    header = ["model", "machine", "profile", *(t for _, t in varying), "test", "t/s", "hit rate", "on CPU %",
+              "stall %", "MiB/token"]
+    align = ["---", "---", "---", *("---:" for _ in varying), "---:", "---:", "---:", "---:", "---:", "---:"]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
     for row in rows:
         mib = row["bytes_per_token"]
@@ -139,6 +140,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             row["test"],
             f"{row['t_s_mean']:.2f} ± {row['t_s_std']:.2f}",
             "-" if row["hit_rate"] is None else f"{row['hit_rate']:.3f}",
+            _pct(row["cpu_share"]),
             _pct(row["stall_share"]),
             "-" if mib is None else f"{mib / 2**20:.2f}",
         ]
@@ -190,6 +192,9 @@ def bench_command(
     replay: Optional[str] = typer.Option(
         None, "--replay", help="Router traces (offload-trace format; comma list) whose routing replaces the routers'.",
     ),
+    cpu_experts: Optional[str] = typer.Option(
+        None, "--cpu-experts", help="Where misses in RAM run: auto, off, all (comma list)."
+    ),
     profile: Optional[str] = typer.Option(
         None, "--profile", help="Machine profiles: shipped names or TOML paths (comma list); flags given win. "
         "Default: the best shipped profile for each device, fitted to the model.",
@@ -208,7 +213,7 @@ def bench_command(
         configs = sweep({
             "vram": vram, "ram": ram, "experts_per_layer": experts_per_layer, "policy": policy,
             "expert_bits": expert_bits, "attn_bits": attn_bits, "dtype": dtype, "device": device,
-            "replay": replay,
+            "replay": replay, "cpu_experts": cpu_experts,
         })
         model = model or DEMO_MODEL_DIR
         prompts, gens, note = fit_lengths(prompts, gens, _limits(model, configs))

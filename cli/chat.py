@@ -35,6 +35,7 @@ from cli.common import (
     EXPERT_FORMAT_OPTION,
     EXPERTS_PER_LAYER_OPTION,
     POLICY_OPTION,
+    CPU_EXPERTS_OPTION,
     PREFETCH_DEPTH_OPTION,
     PROFILE_OPTION,
     RAM_OPTION,
@@ -331,6 +332,7 @@ def chat_command(
     experts_per_layer: Optional[int] = EXPERTS_PER_LAYER_OPTION,
     policy: str = POLICY_OPTION,
     prefetch_depth: Optional[int] = PREFETCH_DEPTH_OPTION,
+    cpu_experts: Optional[str] = CPU_EXPERTS_OPTION,
     expert_format: Optional[str] = EXPERT_FORMAT_OPTION,
     expert_bits: Optional[int] = EXPERT_BITS_OPTION,
     attn_bits: Optional[int] = ATTN_BITS_OPTION,
@@ -359,7 +361,7 @@ def chat_command(
         model = model or DEMO_MODEL_DIR
         engine, chosen = load_with_profile(
             profile, model, device=device, dtype=dtype, context_length=context, vram=vram, ram=ram,
-            experts_per_layer=experts_per_layer, policy=policy, prefetch_depth=prefetch_depth,
+            experts_per_layer=experts_per_layer, policy=policy, prefetch_depth=prefetch_depth, cpu_experts=cpu_experts,
             expert_format=expert_format, expert_bits=expert_bits, attn_bits=attn_bits,
         )
         session = ChatSession(engine, sampling, max_tokens, system, trace, force)

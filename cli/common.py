@@ -279,6 +279,13 @@ PROFILE_OPTION = typer.Option(
     help="A machine profile: a shipped name (see profiles/) or a TOML path, its plan as written; flags "
     "given explicitly win. Default: the best shipped profile for the device, fitted to the model.",
 )
+CPU_EXPERTS_OPTION = typer.Option(
+    None,
+    "--cpu-experts",
+    help="Where a miss whose record is in RAM runs: auto (on a CPU, on its RAM copy; on a GPU, where "
+    "a cost model says is sooner), off (always copied into a device slot), all (always on the CPU, "
+    "like llama.cpp's --cpu-moe). Default: the profile's, else auto.",
+)
 PREFETCH_DEPTH_OPTION = typer.Option(
     None,
     "--prefetch-depth",
@@ -395,6 +402,8 @@ def engine_options(profile: Union[None, str, "Profile", ProfileChoice], **flags)
             settings.setdefault(key, value)
     if "replay" in given and "policy" not in given and settings.get("policy") in ("lookahead", "combined"):
         settings["policy"] = "auto"  # a profile's gate look-ahead cannot run on a trace: the replay default
+    if settings.get("cpu_experts", "") is None:  # not given, nor in the profile: the engine's default
+        settings.pop("cpu_experts")
     depth = settings.pop("prefetch_depth", None)
     if depth is not None:  # None: the engine's default
         if depth < 1:

@@ -5,8 +5,9 @@ speed estimate ``offload.estimate``. MODEL is a checkpoint directory or pack (it
 or a built-in name (``offload.plan.BUILTIN_MODELS``), so the plan for Mixtral-8x7B needs no
 download. Nothing is loaded: only shapes are read. With a budget (``--vram``,
 ``--experts-per-layer``) or a profile, the last line is the estimated decode speed, labelled
-an estimate, for the profile's machine or the one ``--mem-gbps``, ``--link-gbps`` and
-``--disk-gbps`` describe.
+an estimate, for the profile's machine or the one ``--mem-gbps``, ``--link-gbps``,
+``--disk-gbps`` and ``--ram-gbps`` describe, with misses placed as ``--cpu-experts`` says (the
+profile's ``plan.cpu_experts``, else the engine's default, auto), the transfer-only figure beside.
 """
 
 from __future__ import annotations
@@ -25,7 +26,16 @@ from offload import quant
 from offload.config import ModelConfig
 from offload.engine import DEFAULT_CONTEXT, DEFAULT_DTYPE, DTYPES, parse_dtype
 from offload.errors import ConfigError, SettingError
-from offload.estimate import DEFAULT_DISK_GBPS, DEFAULT_LINK_GBPS, DEFAULT_MEM_GBPS, Estimate, Machine, estimate_plan
+from offload.estimate import (
+    DEFAULT_DISK_GBPS,
+    DEFAULT_LINK_GBPS,
+    DEFAULT_MEM_GBPS,
+    DEFAULT_RAM_GBPS,
+    Estimate,
+    Machine,
+    estimate_plan,
+)
+from offload.experts.placement import CPU_EXPERTS
 from offload.plan import (
     BUILTIN_MODELS,
     ModelPlan,
@@ -88,11 +98,22 @@ def info_command(
         None, "--disk-gbps",
         help=f"Disk read for the estimate, GB/s (default: the profile's, else {DEFAULT_DISK_GBPS:g}).",
     ),
+    ram_gbps: Optional[float] = typer.Option(
+        None, "--ram-gbps", help=f"The CPU's RAM read bandwidth for CPU experts in the estimate, GB/s (default: "
+        f"the profile's, else {DEFAULT_RAM_GBPS:g}, dual-channel DDR5-5600 as read).",
+    ),
+    cpu_experts: Optional[str] = typer.Option(
+        None, "--cpu-experts", help=f"Where misses run in the estimate: {'|'.join(CPU_EXPERTS)} (auto: the "
+        "placement cost model, GPU after a copy or CPU per miss; off: every miss over the link; all: every "
+        "expert on the CPU). Default: the profile's, else auto, as the engine.",
+    ),
 ) -> None:
     """Show how a model splits between GPU, RAM and disk: sizes by class, one expert, KV cache,
     how many experts fit on the card and in RAM, and (with a budget or a profile) an estimate
     of the decode speed."""
     with user_errors():
+        if cpu_experts is not None and cpu_experts not in CPU_EXPERTS:
+            raise SettingError(f"--cpu-experts {cpu_experts!r}: choose one of {', '.join(CPU_EXPERTS)}")
         p = None
         ceiling = None  # a profile's context: a ceiling the model may lower, as for generate
         if profile:  # the profile's plan, where no flag says otherwise
@@ -156,9 +177,10 @@ def info_command(
         )
         estimate = None
         if p is not None or plan.vram is not None or experts_per_layer is not None or (
-            mem_gbps or link_gbps or disk_gbps
+            mem_gbps or link_gbps or disk_gbps or ram_gbps
         ):
-            estimate = _estimate(plan, p, mem_gbps, link_gbps, disk_gbps)
+            mode = cpu_experts or (p.cpu_experts if p is not None else None) or "auto"
+            estimate = _estimate(plan, p, mem_gbps, link_gbps, disk_gbps, ram_gbps, mode)
         if as_json:
             print(json.dumps(dict(
                 plan.to_dict(), summary=summary(plan),
@@ -172,10 +194,12 @@ def info_command(
             out.print(estimate.describe())
 
 
-def _estimate(plan: ModelPlan, profile, mem_gbps, link_gbps, disk_gbps) -> Optional[Estimate]:
+def _estimate(plan: ModelPlan, profile, mem_gbps, link_gbps, disk_gbps, ram_gbps, mode: str) -> Optional[Estimate]:
     """The decode estimate on the profile's machine, or on the one the flags (or their defaults)
-    describe; None, with a note, when a profile gives no memory bandwidth and no flag does."""
-    flags = dict(mem_gbps=mem_gbps, link_gbps=link_gbps, disk_gbps=disk_gbps)
+    describe, with misses placed as ``mode`` says; None, with a note, when a profile gives no
+    memory bandwidth and no flag does. A card's profile that states no RAM bandwidth (an older
+    one) is estimated transfer-only, with a note."""
+    flags = dict(mem_gbps=mem_gbps, link_gbps=link_gbps, disk_gbps=disk_gbps, ram_gbps=ram_gbps)
     if profile is not None:
         if profile.mem_gbps is None and mem_gbps is None:
             stderr.print(f"note: no estimate: {profile.name or profile.source} gives no machine.mem_gbps "
@@ -185,8 +209,13 @@ def _estimate(plan: ModelPlan, profile, mem_gbps, link_gbps, disk_gbps) -> Optio
     else:
         given = {k: v for k, v in flags.items() if v is not None}
         source = "flags" if given else "defaults"
+        given.setdefault("ram_gbps", DEFAULT_RAM_GBPS)
         machine = Machine(device_type=plan.device_type, **given, source=source)
-    return estimate_plan(plan, machine)
+    if mode != "off" and machine.device_type == "cuda" and not machine.prices_cpu_experts:
+        stderr.print(f"note: {profile.name or profile.source} gives no machine.ram_gbps: the estimate is "
+                     "transfer-only (--ram-gbps to price CPU experts)", style="dim")
+        mode = "off"
+    return estimate_plan(plan, machine, cpu_experts=mode)
 
 
 def _resolve_model(

@@ -23,6 +23,7 @@ from cli.common import (
     EXPERT_FORMAT_OPTION,
     EXPERTS_PER_LAYER_OPTION,
     POLICY_OPTION,
+    CPU_EXPERTS_OPTION,
     PREFETCH_DEPTH_OPTION,
     PROFILE_OPTION,
     RAM_OPTION,
@@ -101,6 +102,7 @@ def generate(
     experts_per_layer: Optional[int] = EXPERTS_PER_LAYER_OPTION,
     policy: str = POLICY_OPTION,
     prefetch_depth: Optional[int] = PREFETCH_DEPTH_OPTION,
+    cpu_experts: Optional[str] = CPU_EXPERTS_OPTION,
     expert_format: Optional[str] = EXPERT_FORMAT_OPTION,
     expert_bits: Optional[int] = EXPERT_BITS_OPTION,
     attn_bits: Optional[int] = ATTN_BITS_OPTION,
@@ -140,7 +142,7 @@ def generate(
         model = model or DEMO_MODEL_DIR
         engine, chosen = load_with_profile(
             profile, model, device=device, dtype=dtype, context_length=context, vram=vram, ram=ram,
-            experts_per_layer=experts_per_layer, policy=policy, prefetch_depth=prefetch_depth,
+            experts_per_layer=experts_per_layer, policy=policy, prefetch_depth=prefetch_depth, cpu_experts=cpu_experts,
             expert_format=expert_format, expert_bits=expert_bits, attn_bits=attn_bits, replay=replay,
         )
         tokenizer = engine.tokenizer
@@ -194,14 +196,19 @@ def print_cache_stats(engine: Engine, generation) -> None:
         stderr.print("expert cache: off (every expert resident; give --vram, --ram or --experts-per-layer)")
         return
     table = Table(title="expert cache", title_justify="left", show_edge=False, pad_edge=False)
-    for name in ("layer", "requests", "hit rate", "prefetch used", "from RAM", "from disk", "MiB moved", "stall ms"):
-        table.add_column(name, justify="right")
+    # (short headers: eleven columns fit an 80-column terminal unwrapped)
+    for name in ("layer", "uses", "hit rate", "prefetched", "RAM", "disk", "MiB", "stall ms", "CPU", "CPU ms"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.caption = ("RAM, disk: loads into slots from each; MiB: bytes moved; CPU: misses run on the CPU on "
+                     "their RAM copy")
+    table.caption_justify = "left"
     rows = [(str(i), s) for i, s in enumerate(stats.layers)] + [("all", stats.total())]
     for name, s in rows:
         table.add_row(
             name, str(s.requests), f"{s.hit_rate:.3f}", f"{s.prefetch_used}/{s.prefetches}",
             str(s.host_loads), str(s.disk_loads),
-            f"{s.bytes_moved / 2**20:.1f}", f"{s.stall_seconds * 1e3:.1f}",
+            f"{s.bytes_moved / 2**20:.1f}", f"{s.stall_seconds * 1e3:.1f}", str(s.cpu_runs),
+            f"{s.cpu_seconds * 1e3:.1f}",
         )
     stderr.print(table)
     tokens = max(1, generation.stats.generated_tokens)

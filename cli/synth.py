@@ -20,8 +20,8 @@ from offload.synth import synthesize
 BITS = "|".join(map(str, BITS_CHOICES))
 FOR_OPTION_HELP = (
     "The device the pack is for, which picks the 4-bit layout: auto (CUDA when this machine has it, "
-    "else this CPU), cpu (nf4-cpu where bitsandbytes' fused CPU kernel works) or cuda (portable nf4; "
-    "no GPU needed to write it)."
+    "else this CPU), cpu or cuda (no GPU needed to write it). 4-bit is "
+    "the portable nf4 for both; a CUDA pack refuses the CPU-only -cpu layouts."
 )
 
 

@@ -57,6 +57,7 @@ class BenchConfig:
     dtype: str | None = None
     device: str = "auto"
     replay: str | None = None  # a router trace whose routing replaces the routers'
+    cpu_experts: str = "auto"  # where misses in RAM run (offload.experts.cache.CPU_EXPERTS)
 
     def load_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``Engine.load``."""
@@ -106,6 +107,12 @@ def _check(name: str, text: str) -> Any:
         return text
     if name in ("device", "replay"):
         return text
+    if name == "cpu_experts":
+        from offload.experts.cache import CPU_EXPERTS
+
+        if text not in CPU_EXPERTS:
+            raise SettingError(f"{flag} {text!r}: choose one of {', '.join(CPU_EXPERTS)}")
+        return text
     raise SettingError(f"unknown benchmark setting {name!r}")
 
 
@@ -153,6 +160,7 @@ class CacheSummary:
     bytes_moved: int = 0  # from RAM and from disk into device slots
     stall_seconds: float = 0.0
     prefetches: int = 0
+    cpu_runs: int = 0  # misses run on the CPU on their RAM copy
     decode_seconds: float = 0.0
     decode_steps: int = 0
 
@@ -160,6 +168,7 @@ class CacheSummary:
         t = stats.total()
         self.hits += t.hits
         self.misses += t.misses
+        self.cpu_runs += t.cpu_runs
         self.bytes_moved += t.bytes_moved
         self.stall_seconds += t.stall_seconds
         self.prefetches += t.prefetches
@@ -170,6 +179,12 @@ class CacheSummary:
     def hit_rate(self) -> float:
         total = self.hits + self.misses
         return self.hits / total if total else 1.0
+
+    @property
+    def cpu_share(self) -> float:
+        """Expert uses run on the CPU, on their RAM copy."""
+        total = self.hits + self.misses
+        return self.cpu_runs / total if total else 0.0
 
     @property
     def stall_share(self) -> float:
@@ -208,6 +223,7 @@ class BenchResult:
         base.update(n_prompt=self.prompt_tokens, n_gen=self.gen_tokens, reps=self.reps)
         cache = {
             "hit_rate": self.cache.hit_rate if self.cache else None,
+            "cpu_share": self.cache.cpu_share if self.cache else None,
             "stall_share": self.cache.stall_share if self.cache else None,
             "bytes_per_token": self.cache.bytes_per_token if self.cache else None,
         }

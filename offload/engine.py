@@ -17,7 +17,7 @@ from offload.checkpoint import Checkpoint
 from offload.config import ModelConfig
 from offload.device import is_cuda, memory_info, resolve_device
 from offload.errors import BudgetError, SettingError, TokenizerError
-from offload.experts.cache import ExpertCache
+from offload.experts.cache import CPU_EXPERTS, ExpertCache
 from offload.experts.policy import DEFAULT_POLICY, REPLAY_POLICY, cache_policy
 from offload.experts.predict import PREFETCH_POLICIES, ScoreEviction
 from offload.experts.prefetch import Lookahead, Prefetcher
@@ -128,6 +128,7 @@ class Engine:
         expert_bits: int | None = None,
         attn_bits: int | None = None,
         replay: str | Path | None = None,
+        cpu_experts: str = "auto",
     ) -> Engine:
         """Load a Hugging Face Mixtral checkpoint directory, a hub id already in the local
         Hugging Face cache (``mistralai/Mixtral-8x7B-Instruct-v0.1``), or an offload pack.
@@ -144,6 +145,10 @@ class Engine:
         ``replay``: a router trace (``offload.trace``) whose experts and gate weights replace the
         routers' choices, position by position; gate look-ahead cannot be replayed (a trace
         holds no hidden states), so ``auto`` is ``REPLAY_POLICY`` then and look-ahead refused.
+        ``cpu_experts`` (``offload.experts.cache.CPU_EXPERTS``): where a miss whose record is in
+        the RAM tier runs: "auto" on its RAM copy on a CPU device (a copy into a "slot" in RAM
+        would only move bytes) and by the placement cost model on CUDA; "all" always on the CPU;
+        "off" always loaded into a device slot (the device computes every expert).
         """
         if expert_format is not None and expert_bits is not None:
             raise SettingError("give --expert-format or --expert-bits, not both")
@@ -153,6 +158,8 @@ class Engine:
         requested_format = get_format(expert_format) if expert_format is not None else None
         if prefetch_depth < 1:
             raise SettingError(f"--prefetch-depth {prefetch_depth}: must be at least 1")
+        if cpu_experts not in CPU_EXPERTS:
+            raise SettingError(f"--cpu-experts {cpu_experts!r}: choose one of {', '.join(CPU_EXPERTS)}")
         if policy == "auto":
             policy = DEFAULT_POLICY if replay is None else REPLAY_POLICY
         eviction, predictor = cache_policy(policy)
@@ -236,6 +243,8 @@ class Engine:
                 policy=eviction,
                 progress=progress,
                 host_chunks=plan.host_chunks,
+                cpu_experts=cpu_experts,
+                placer=make_placer(torch_device, layout, config) if cpu_experts == "auto" else None,
             )
         except BaseException:
             source.close()
@@ -309,6 +318,16 @@ class Engine:
     def generate(self, prompt_ids: Sequence[int], settings: GenerationSettings | None = None) -> Generation:
         """A lazy generation: iterate it to stream, or call ``.run()``."""
         return Generation(self, prompt_ids, settings or GenerationSettings())
+
+
+def make_placer(device: torch.device, layout, config: ModelConfig):
+    """The cost model's choice of which misses run on the CPU, for ``--cpu-experts auto`` on a
+    device that is not the host (None on a CPU device, where every miss in RAM runs in place)."""
+    if device.type == "cpu":
+        return None
+    from offload.experts.placement import engine_placer
+
+    return engine_placer(device, layout, config)
 
 
 def check_context_memory(config: ModelConfig, context_length: int, device: torch.device, dtype: torch.dtype) -> None:

@@ -2,11 +2,12 @@
 
 What it is: arithmetic that turns a plan (``offload.plan.MemoryPlan``: device slots per layer,
 RAM tier, disk) and a machine (``Machine``: the device's memory bandwidth, the host-to-device
-link, the disk) into an estimated decode speed, with the per-layer hit rate of an LRU cache of
+link, the disk, and for experts run on the CPU the host's RAM) into an estimated decode speed, with the per-layer hit rate of an LRU cache of
 that many slots replayed over recorded routing (``offload.trace.simulate`` on the shared
 Mixtral-8x7B traces). What it is not: a measurement (``offload bench`` measures; see
 ``benchmarks/check_estimate.py`` for the comparison), a model of prefill, or of prefetching:
-the hit rates are demand-loading LRU's, and nothing overlaps.
+the hit rates are demand-loading LRU's, and nothing overlaps across layers (with CPU experts,
+below, a layer's copies and CPU work overlap its own GPU work, as the placement model says).
 
 The model, per decoded token (serial: loads and compute never overlap):
 
@@ -33,11 +34,39 @@ What overlap would change: with copies on their own stream and every load starte
 ahead (prefetch in time), a layer costs max(t_compute, t_load) instead of the sum;
 ``Estimate.overlap_tokens_per_s`` is that bound (it keeps LRU's load count; a prefetching
 policy loads more, and wrong guesses cost link time too).
+
+CPU experts (``cpu_experts``, ``--cpu-experts``; issue 13). "off" is the formula above, every
+miss over the link (the transfer-only figures, ``Estimate.transfer_tokens_per_s`` whatever the
+mode). "auto" and "all" on a card price each layer's misses with the placement cost model
+(``offload.experts.placement``, "auto": the split that finishes the layer soonest; "all": every
+miss on the CPU):
+
+    t_layer(l)   = t_dense(l) + sum over m = 0..K, r = 0..m of
+                   P(m misses) * P(r of them in RAM) * placement_finish(m, r)
+    P(m misses)  = binomial(K, 1 - hit_rate(l, slots(l)))   (each use misses independently)
+    P(r in RAM)  = binomial(m, 1 - d)
+    placement_finish(m, r) = the layer's experts done, from its routing: the K - m resident
+                   experts on the GPU first (t_expert each), the misses placed, the link, the
+                   CPU and the disk idle when the layer starts (no prefetch traffic, nothing
+                   carried over from the layer before)
+    t_dense(l)   = t_compute(l) - K * t_expert (attention, router, norms, KV cache, overhead)
+    cpu expert   = record / (ram_gbps * cpu_efficiency), or record / cpu_expert_gbps measured
+
+Under "auto" the hit rates stay LRU's, as if every miss entered a slot; the engine's cache
+admits only the misses it copies (a miss run on the CPU takes no slot), which lowers them unless
+misses run on the CPU are also copied in the background. Under "all" nothing enters the slots
+(no CPU miss is admitted, nothing in RAM is prefetched): every use runs on the CPU.
+``offload.timeline`` replays the real traces with the engine's rules (placement per miss with
+the queues as they stand, the slots as the cache keeps them, the link a queue with prefetches
+behind demand copies) and is the better figure (README: the hybrid, simulated); this one
+is a quick figure for ``offload info``. On a CPU device "auto" and "all" compute a miss in RAM
+where it lies (nothing is copied), so only the misses the RAM tier lacks cost a read.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -47,6 +76,7 @@ import torch
 from offload import quant
 from offload.config import ModelConfig
 from offload.errors import OffloadError, SettingError
+from offload.experts.placement import CPU, CPU_EXPERTS, CPU_KERNEL_EFFICIENCY, ROUND_TRIP_S, Costs, Miss, Queues, place_layer
 from offload.plan import MemoryPlan, ModelPlan, attention_shapes, format_bytes, is_mixtral_8x7b_shape, trace_hit_rates
 
 # Share of the stated memory bandwidth that batch-1 weight reads reach (cuBLAS's gemv and
@@ -66,6 +96,10 @@ CPU_CONVERT_WEIGHTS_PER_S = 1.7e9
 DEFAULT_LINK_GBPS = 25.0
 DEFAULT_MEM_GBPS = 360.0
 DEFAULT_DISK_GBPS = 3.5
+# The CPU's RAM read bandwidth for a machine given by flags: dual-channel DDR5-5600 is 89.6 GB/s
+# peak (2 channels x 8 bytes x 5600 MT/s); desktop read benchmarks reach ~70-75% of it: ~65 GB/s
+# usable, a stated figure.
+DEFAULT_RAM_GBPS = 65.0
 # Tokens already in the KV cache when a token is decoded (its keys and values are read).
 DEFAULT_POSITION = 512
 
@@ -86,27 +120,59 @@ class Machine:
     layer_overhead_s: float | None = None  # None: LAYER_OVERHEAD_S[device_type]
     expert_seconds: float | None = None
     source: str = ""  # where the numbers come from, for the output
+    # the host side, for CPU experts (--cpu-experts auto|all on a card): the CPU's RAM read
+    # bandwidth (None: not stated, and then no CPU expert can be priced), the share of it the
+    # CPU kernel reaches, or that kernel's measured GB/s on expert records; the round trip per
+    # layer with CPU experts
+    ram_gbps: float | None = None
+    cpu_efficiency: float = CPU_KERNEL_EFFICIENCY
+    cpu_expert_gbps: float | None = None
+    round_trip_s: float = ROUND_TRIP_S
 
     def __post_init__(self) -> None:
         if self.device_type not in LAYER_OVERHEAD_S:
             raise SettingError(f"device type {self.device_type!r}: expected one of {', '.join(LAYER_OVERHEAD_S)}")
-        for name in ("mem_gbps", "link_gbps", "disk_gbps", "efficiency"):
+        for name in ("mem_gbps", "link_gbps", "disk_gbps", "efficiency", "cpu_efficiency"):
             value = getattr(self, name)
             if not value > 0:
                 raise SettingError(f"--{name.replace('_', '-')} {value!r}: must be above 0")
+        for name in ("ram_gbps", "cpu_expert_gbps"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < math.inf:
+                raise SettingError(f"--{name.replace('_', '-')} {value!r}: must be above 0")
+        if not 0 <= self.round_trip_s < math.inf:
+            raise SettingError(f"round trip {self.round_trip_s!r} s: must be a finite number >= 0")
         if self.layer_overhead_s is None:
             object.__setattr__(self, "layer_overhead_s", LAYER_OVERHEAD_S[self.device_type])
+
+    @property
+    def prices_cpu_experts(self) -> bool:
+        """Whether a CPU expert can be priced: the RAM's bandwidth or the kernel's is known."""
+        return self.ram_gbps is not None or self.cpu_expert_gbps is not None
+
+    def cpu_expert_seconds(self, record_bytes: int) -> float:
+        """One expert's FFN on the CPU from its RAM copy: a read of the record at the kernel's
+        measured GB/s, else at ``ram_gbps`` x ``cpu_efficiency``."""
+        if self.cpu_expert_gbps is not None:
+            return record_bytes / (self.cpu_expert_gbps * 1e9)
+        if self.ram_gbps is None:
+            raise SettingError("CPU experts need the CPU's memory bandwidth (machine.ram_gbps, --ram-gbps)")
+        return record_bytes / (self.ram_gbps * 1e9 * self.cpu_efficiency)
 
     @classmethod
     def from_profile(cls, profile, **overrides: Any) -> Machine:
         """A shipped or written profile's machine (``offload.profile.Profile``); ``overrides``
         (None values ignored) replace its figures. Raises SettingError when neither gives the
         memory bandwidth."""
+        round_trip_ms = getattr(profile, "round_trip_ms", None)
         values = dict(
             device_type="cuda" if profile.has_gpu else "cpu",
             mem_gbps=profile.mem_gbps,
             link_gbps=profile.h2d_gbps,
             disk_gbps=profile.disk_gbps,
+            ram_gbps=getattr(profile, "ram_gbps", None),
+            cpu_expert_gbps=getattr(profile, "cpu_expert_gbps", None),
+            round_trip_s=ROUND_TRIP_S if round_trip_ms is None else round_trip_ms * 1e-3,
             source=f"profile {profile.name or profile.source}",
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -115,11 +181,16 @@ class Machine:
             raise SettingError(f"{where}: machine.mem_gbps: not given, and the estimate needs it (or --mem-gbps)")
         return cls(**values)
 
-    def describe(self) -> str:
+    def describe(self, cpu_experts: bool = False) -> str:
         memory = (f"experts {self.expert_seconds * 1e3:.2f} ms each (measured), " if self.expert_seconds else "")
+        host = ""
+        if cpu_experts and self.device_type == "cuda":
+            kernel = (f"CPU experts at {self.cpu_expert_gbps:g} GB/s (measured)" if self.cpu_expert_gbps is not None
+                      else f"RAM {self.ram_gbps:g} GB/s x {self.cpu_efficiency:g}")
+            host = f", {kernel}, round trip {self.round_trip_s * 1e3:.2f} ms"
         return (
             f"{memory}memory {self.mem_gbps:g} GB/s x {self.efficiency:g}, link {self.link_gbps:g} GB/s, "
-            f"disk {self.disk_gbps:g} GB/s, {self.layer_overhead_s * 1e3:.2f} ms/layer overhead"
+            f"disk {self.disk_gbps:g} GB/s{host}, {self.layer_overhead_s * 1e3:.2f} ms/layer overhead"
         )
 
 
@@ -162,14 +233,18 @@ def matrix_seconds(
 class LayerEstimate:
     slots: int
     hit_rate: float
-    misses: float  # expert loads per token
-    compute_s: float
-    load_s: float
+    misses: float  # expert misses per token (loads, when every miss is loaded)
+    compute_s: float  # dense part + top-k experts on the device
+    load_s: float  # the misses' loads when every miss is loaded (transfer-only)
+    dense_s: float = 0.0  # of compute_s: attention, router, norms, KV cache, host overhead
+    hybrid_s: float | None = None  # --cpu-experts auto|all: the layer's time (None: "off")
+    cpu_runs: float = 0.0  # --cpu-experts auto|all: experts per token run on the CPU
 
 
 @dataclass(frozen=True)
 class Estimate:
-    """The estimate's parts; ``tokens_per_s`` is the serial figure (the module's formula)."""
+    """The estimate's parts; ``tokens_per_s`` is the figure of ``cpu_experts``: "off", the
+    serial transfer-only figure (the module's formula); "auto" / "all", the placement model's."""
 
     layers: tuple[LayerEstimate, ...]
     head_s: float
@@ -178,6 +253,9 @@ class Estimate:
     hit_source: str
     machine: Machine
     position: int
+    expert_s: float = 0.0  # one expert's FFN on the device
+    cpu_experts: str = "off"
+    cpu_expert_s: float | None = None  # one expert's FFN on the CPU ("auto" / "all" on a card)
 
     @property
     def compute_s(self) -> float:
@@ -188,12 +266,32 @@ class Estimate:
         return sum(layer.load_s for layer in self.layers)
 
     @property
-    def seconds_per_token(self) -> float:
+    def hybrid(self) -> bool:
+        """Whether misses are placed (``cpu_experts`` "auto" or "all" priced per layer)."""
+        return all(layer.hybrid_s is not None for layer in self.layers) and self.cpu_experts != "off"
+
+    @property
+    def transfer_seconds_per_token(self) -> float:
+        """Every miss over the link, serial (the module's first formula)."""
         return self.compute_s + self.load_s
+
+    @property
+    def transfer_tokens_per_s(self) -> float:
+        return 1.0 / self.transfer_seconds_per_token
+
+    @property
+    def seconds_per_token(self) -> float:
+        if not self.hybrid:
+            return self.transfer_seconds_per_token
+        return self.head_s + sum(layer.hybrid_s for layer in self.layers)
 
     @property
     def tokens_per_s(self) -> float:
         return 1.0 / self.seconds_per_token
+
+    @property
+    def cpu_runs_per_token(self) -> float:
+        return sum(layer.cpu_runs for layer in self.layers)
 
     @property
     def overlap_tokens_per_s(self) -> float:
@@ -223,14 +321,30 @@ class Estimate:
         overlap = (f"; {self.overlap_tokens_per_s:.1f} tok/s if loads overlapped compute"
                    if self.misses_per_token else "")
         hits = f"hit rate {self.hit_rate:.3f}, {self.hit_source}" if self.misses_per_token else self.hit_source
+        if not self.hybrid or not self.misses_per_token:
+            return (
+                f"estimate: {self.tokens_per_s:.1f} tok/s decode (per token: compute {self.compute_s * 1e3:.1f} ms"
+                f"{loads}{overlap}); {hits}; {self.machine.describe()}"
+            )
+        share = "every expert use" if self.cpu_experts == "all" else f"of {self.misses_per_token:.1f} misses"
+        on_cpu = (f", {self.cpu_runs_per_token:.1f} experts on the CPU ({share}) at {self.cpu_expert_s * 1e3:.2f} ms "
+                  "each" if self.cpu_expert_s is not None else
+                  f", {self.cpu_runs_per_token:.1f} experts computed where they lie in RAM")
         return (
-            f"estimate: {self.tokens_per_s:.1f} tok/s decode (per token: compute {self.compute_s * 1e3:.1f} ms"
-            f"{loads}{overlap}); {hits}; {self.machine.describe()}"
+            f"estimate: {self.tokens_per_s:.1f} tok/s decode with --cpu-experts {self.cpu_experts} "
+            f"({self.seconds_per_token * 1e3:.1f} ms per token{on_cpu}); transfer only: "
+            f"{self.transfer_tokens_per_s:.1f} tok/s (compute {self.compute_s * 1e3:.1f} ms{loads}{overlap}); "
+            f"{hits}; {self.machine.describe(cpu_experts=True)}"
         )
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "tokens_per_s": self.tokens_per_s,
+            "cpu_experts": self.cpu_experts,
+            "transfer_tokens_per_s": self.transfer_tokens_per_s,
+            "cpu_runs_per_token": self.cpu_runs_per_token,
+            "expert_s": self.expert_s,
+            "cpu_expert_s": self.cpu_expert_s,
             "overlap_tokens_per_s": self.overlap_tokens_per_s,
             "seconds_per_token": self.seconds_per_token,
             "compute_s": self.compute_s,
@@ -247,6 +361,8 @@ class Estimate:
                 "link_gbps": self.machine.link_gbps, "disk_gbps": self.machine.disk_gbps,
                 "efficiency": self.machine.efficiency, "layer_overhead_s": self.machine.layer_overhead_s,
                 "expert_seconds": self.machine.expert_seconds, "source": self.machine.source,
+                "ram_gbps": self.machine.ram_gbps, "cpu_efficiency": self.machine.cpu_efficiency,
+                "cpu_expert_gbps": self.machine.cpu_expert_gbps, "round_trip_s": self.machine.round_trip_s,
             },
             "layers": [asdict(layer) for layer in self.layers],
         }
@@ -301,11 +417,16 @@ def estimate_decode(
     attn_format: quant.WeightFormat | str,
     position: int = DEFAULT_POSITION,
     trace: str | Path | None = None,
+    cpu_experts: str = "off",
 ) -> Estimate:
     """Estimated decode speed of ``memory`` on ``machine`` (the module's formula). ``dtype`` is
     the compute dtype, ``expert_format`` / ``attn_format`` the weights' formats, ``position``
     the tokens already in the KV cache, ``trace`` a trace to take hit rates from instead of the
-    shared Mixtral-8x7B traces."""
+    shared Mixtral-8x7B traces, ``cpu_experts`` where misses run ("off": every one over the link;
+    "auto" / "all": placed, on a card, by ``offload.experts.placement``; a card's machine must
+    then say its RAM's bandwidth, ``Machine.ram_gbps``, or its CPU kernel's)."""
+    if cpu_experts not in CPU_EXPERTS:
+        raise SettingError(f"--cpu-experts {cpu_experts!r}: choose one of {', '.join(CPU_EXPERTS)}")
     c = config
     L, E, K = c.num_hidden_layers, c.num_local_experts, c.num_experts_per_tok
     D, I, V = c.hidden_size, c.intermediate_size, c.vocab_size
@@ -336,10 +457,60 @@ def estimate_decode(
     link, disk = machine.link_gbps * 1e9, machine.disk_gbps * 1e9
     then_link = 1 / link if machine.device_type == "cuda" else 0.0  # a CPU reads straight into the slot
     per_miss = record * ((1 - disk_share) / link + disk_share * (1 / disk + then_link))
-    layers = tuple(
-        LayerEstimate(s, h, K * (1 - h), compute_s, K * (1 - h) * per_miss) for s, h in zip(memory.layer_slots, rates)
-    )
-    return Estimate(layers, head_s, record, disk_share, source, machine, position)
+    dense_s = compute_s - K * expert_s
+    cpu_s = None
+    if cpu_experts == "off":
+        layers = tuple(
+            LayerEstimate(s, h, K * (1 - h), compute_s, K * (1 - h) * per_miss, dense_s)
+            for s, h in zip(memory.layer_slots, rates)
+        )
+    elif resident:  # no misses to place
+        layers = tuple(LayerEstimate(s, 1.0, 0.0, compute_s, 0.0, dense_s, compute_s) for s in memory.layer_slots)
+    elif machine.device_type == "cpu":  # a miss in RAM is computed where it lies: only disk misses cost a read
+        layers = tuple(
+            LayerEstimate(s, h, K * (1 - h), compute_s, K * (1 - h) * per_miss, dense_s,
+                          compute_s + K * (1 - h) * disk_share * record / disk, K * (1 - h) * (1 - disk_share))
+            for s, h in zip(memory.layer_slots, rates)
+        )
+    else:
+        if not machine.prices_cpu_experts:
+            raise SettingError(
+                f"--cpu-experts {cpu_experts}: the machine ({machine.source or 'given'}) states no RAM bandwidth "
+                "(machine.ram_gbps, --ram-gbps) to price CPU experts; --cpu-experts off estimates transfer only"
+            )
+        cpu_s = machine.cpu_expert_seconds(record)
+        costs = Costs(link_s=record / link, gpu_s=expert_s, cpu_s=cpu_s, round_trip_s=machine.round_trip_s,
+                      disk_s=record / disk)
+        # "all": the slots stay empty (no miss run on the CPU is admitted, nothing in RAM is
+        # prefetched), so every use runs on the CPU; "auto": LRU's misses, placed
+        layers = tuple(
+            LayerEstimate(s, h, K * (1 - h), compute_s, K * (1 - h) * per_miss, dense_s,
+                          *_placed_layer(dense_s, K, 1.0 if cpu_experts == "all" else 1 - h, disk_share, costs,
+                                         cpu_experts))
+            for s, h in zip(memory.layer_slots, rates)
+        )
+    return Estimate(layers, head_s, record, disk_share, source, machine, position, expert_s, cpu_experts, cpu_s)
+
+
+def _placed_layer(dense_s: float, top_k: int, miss_rate: float, disk_share: float, costs: Costs,
+                  mode: str) -> tuple[float, float]:
+    """(expected layer seconds, expected experts run on the CPU) under the placement model: m
+    of the top-k uses miss (binomial), r of those m have their record in RAM (binomial); each
+    case placed with the link, CPU and disk idle and the GPU computing the top-k - m hits first."""
+    seconds = on_cpu = 0.0
+    for m in range(top_k + 1):
+        p_m = math.comb(top_k, m) * miss_rate**m * (1 - miss_rate) ** (top_k - m)
+        if p_m == 0.0:
+            continue
+        for r in range(m + 1):
+            p = p_m * math.comb(m, r) * (1 - disk_share) ** r * disk_share ** (m - r)
+            if p == 0.0:
+                continue
+            misses = [Miss(i, i < r) for i in range(m)]
+            got = place_layer(misses, costs, Queues(gpu_s=(top_k - m) * costs.gpu_s), mode)
+            seconds += p * got.finish_s
+            on_cpu += p * got.sides.count(CPU)
+    return dense_s + seconds, on_cpu
 
 
 def estimate_plan(plan: ModelPlan, machine: Machine, **kwargs: Any) -> Estimate:
@@ -352,6 +523,7 @@ def estimate_plan(plan: ModelPlan, machine: Machine, **kwargs: Any) -> Estimate:
 
 __all__ = [
     "CPU_CONVERT_WEIGHTS_PER_S", "DEFAULT_DISK_GBPS", "DEFAULT_LINK_GBPS", "DEFAULT_MEM_GBPS", "DEFAULT_POSITION",
+    "DEFAULT_RAM_GBPS",
     "Estimate", "LAYER_OVERHEAD_S", "LayerEstimate", "MEMORY_EFFICIENCY", "Machine", "estimate_decode",
     "estimate_plan", "layer_hit_rates", "matrix_seconds", "touched_bytes",
 ]

@@ -66,7 +66,7 @@ class ResidentExperts:
         self.experts = experts  # [layer][expert]
         self.max_experts_per_call = max_experts_per_call
 
-    def get(self, layer: int, experts: Sequence[int]) -> list[ExpertWeights]:
+    def get(self, layer: int, experts: Sequence[int], tokens: int = 1) -> list[ExpertWeights]:
         return [self.experts[layer][e] for e in experts]
 
 

@@ -20,6 +20,7 @@ G = KV heads, Dh = head dim, E = experts, K = experts per token, I = expert FFN 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Protocol, Sequence, Union
 
@@ -51,13 +52,19 @@ def matmul(x: torch.Tensor, w: Matrix) -> torch.Tensor:
 class ExpertProvider(Protocol):
     """Where the MoE block gets expert weights from.
 
-    ``get`` receives at most ``max_experts_per_call`` distinct experts of one layer and returns
-    their weights in the same order; they stay valid until the next call to ``get``.
+    ``get`` receives at most ``max_experts_per_call`` distinct experts of one layer (for a
+    forward of ``tokens`` tokens) and returns their weights in the same order; they stay valid
+    until the next call to ``get``.
+
+    Optional: ``last_sides`` ("device" or "cpu" per expert of the last ``get``: "cpu" weights
+    are on the host, to be computed there), ``add_cpu_seconds(layer, seconds)`` (told how long
+    those took) and ``wants_host_input`` (True when a decode step should bring each layer's
+    normalised input to the host with its routing, for experts computed there).
     """
 
     max_experts_per_call: int
 
-    def get(self, layer: int, experts: Sequence[int]) -> Sequence[ExpertWeights]: ...
+    def get(self, layer: int, experts: Sequence[int], tokens: int = 1) -> Sequence[ExpertWeights]: ...
 
 
 @dataclass
@@ -281,7 +288,7 @@ def moe(
     step = max(1, provider.max_experts_per_call)
     for first in range(0, len(needed_ids), step):
         batch = needed_ids[first : first + step]
-        for i, w in enumerate(provider.get(layer, batch)):
+        for i, w in enumerate(provider.get(layer, batch, tokens=x.shape[0])):
             lo, hi = bounds[first + i], bounds[first + i + 1]
             tokens = token_of[lo:hi]  # [N]
             y = expert_ffn(x[tokens], w)  # [N, D]
@@ -296,15 +303,44 @@ def moe_decode(
     weights: torch.Tensor,  # [1, K] fp32
     provider: ExpertProvider,
     layer: int,
+    x_host: torch.Tensor | None = None,  # [1, D] x on the host, when the device is not (CUDA)
 ) -> torch.Tensor:
     """One token's MoE: the same numbers as ``moe`` with T = 1 (experts in ascending id, each
-    output scaled in fp32, cast, summed in the input dtype), without the grouping."""
+    output scaled in fp32, cast, summed in the input dtype), without the grouping.
+
+    An expert the provider hands over on the host (``provider.last_sides`` says "cpu": a miss
+    run on its RAM copy) is computed on the CPU from ``x_host`` after the device's experts are
+    queued, so the two sides overlap; its output goes to the device and is scaled there, and
+    the sum keeps ascending id order whichever side finished first. On a CPU device both sides
+    are the same computation."""
     order = sorted(range(len(ids)), key=ids.__getitem__)  # positions of the experts, ascending id
     gates = weights.unbind(1)  # K x [1] fp32
-    out = None
-    for j, w in zip(order, provider.get(layer, [ids[j] for j in order])):
-        y = (expert_ffn(x, w) * gates[j]).to(x.dtype)  # [1, D]: fp32 weights promote, as in moe
-        out = y if out is None else out + y
+    chosen = provider.get(layer, [ids[j] for j in order])
+    sides = getattr(provider, "last_sides", ())
+    on_cpu = [i for i, side in enumerate(sides) if side == "cpu"]
+    if not on_cpu:
+        out = None
+        for j, w in zip(order, chosen):
+            y = (expert_ffn(x, w) * gates[j]).to(x.dtype)  # [1, D]: fp32 weights promote, as in moe
+            out = y if out is None else out + y
+        return out
+    outs: list[torch.Tensor | None] = [None] * len(order)
+    for i, (j, w) in enumerate(zip(order, chosen)):  # the device's experts first: queued, they run meanwhile
+        if i not in on_cpu:
+            outs[i] = (expert_ffn(x, w) * gates[j]).to(x.dtype)
+    here = x if x_host is None else x_host
+    started = time.perf_counter()
+    for i in on_cpu:
+        y = expert_ffn(here, chosen[i])  # [1, D] on the CPU
+        if y.device != x.device:
+            y = y.to(x.device)
+        outs[i] = (y * gates[order[i]]).to(x.dtype)
+    report = getattr(provider, "add_cpu_seconds", None)
+    if report is not None:
+        report(layer, time.perf_counter() - started)
+    out = outs[0]
+    for y in outs[1:]:
+        out = out + y
     return out
 
 
@@ -330,6 +366,12 @@ class MixtralModel:
         # (device_picks, routed; prompt_routed for a prompt) and after_moe once they are queued
         self.prefetcher = None
         self._position = torch.zeros(1, dtype=torch.int64, device=dense.embed_tokens.device)  # decode
+        # a device that is not the host, with experts that may run on the host: each decode layer's
+        # normalised input goes to this pinned buffer, queued before the routing's read (no new sync)
+        device = dense.embed_tokens.device
+        self._x_host = None
+        if device.type != "cpu" and getattr(experts, "wants_host_input", False):
+            self._x_host = torch.empty((1, config.hidden_size), dtype=dense.embed_tokens.dtype, pin_memory=True)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
@@ -362,10 +404,12 @@ class MixtralModel:
                 self.routing_observer(layer, chosen, gate)
             if decode:
                 ahead = prefetcher.device_picks(layer, h) if prefetcher is not None else None
+                if self._x_host is not None:
+                    self._x_host.copy_(x, non_blocking=True)  # done by the time the routing is read
                 ids, picks = read_routing(chosen, ahead)  # the layer's one device -> host read
                 if prefetcher is not None:
                     prefetcher.routed(layer, ids, picks)
-                h = h + moe_decode(x, ids, gate, self.experts, layer)
+                h = h + moe_decode(x, ids, gate, self.experts, layer, self._x_host)
             else:
                 if prefetcher is not None:
                     prefetcher.prompt_routed(layer, chosen)

@@ -40,9 +40,10 @@ request, on the device the pack is for when that device is here (``quantize_devi
 atomic, under the rule of ``offload.files`` for everything the tool writes: it writes into a
 hidden sibling directory under a lock, writes the manifest last and renames the directory into
 place (or, with ``force``, swaps the old pack's own files for the new ones, keeping the
-directory's other files), so an interrupted run leaves nothing that looks like a pack. The 4-bit
-layout follows the device the pack is for (``pack_formats``: portable nf4 for CUDA, the fused
-CPU kernel's nf4-cpu for a CPU where that kernel works). ``Pack`` validates a pack on open and
+directory's other files), so an interrupted run leaves nothing that looks like a pack. 4-bit bits
+give the portable nf4 on every device (``pack_formats``): the bytes a GPU kernel reads are the
+ones offload's CPU kernel computes from; the "-cpu" layouts are written only when named, and
+refused for a CUDA pack. ``Pack`` validates a pack on open and
 reads one expert record with one read, checking its crc32 the first time that expert is read.
 
 What it is not: a cache or a tier (those decide when to read), nor a quantizer (offload.quant
@@ -196,7 +197,7 @@ def pack_formats(
 ) -> tuple[WeightFormat, WeightFormat]:
     """(expert format, attention format) of a pack with dense weights in ``dtype``, written for
     ``target`` (``pack_target``). Bits map as for a load (``quant.format_for_bits``): 4-bit is
-    the portable nf4 for CUDA and nf4-cpu for a CPU whose fused kernel works; neither given
+    the portable nf4 on every device; neither given
     means unquantized in ``dtype``. A CPU-layout format is refused for a CUDA pack."""
     device_type = pack_target(target)
     if expert_format is not None and expert_bits is not None:

@@ -24,6 +24,11 @@ File layout (sizes as strings: "8GiB", "512MiB", "0"):
     cpu_threads = 16
     mem_gbps = 360.0                  # optional: the device's memory bandwidth, GB/s (published;
                                       # the CPU's RAM without a GPU), for offload.estimate
+    ram_gbps = 65.0                   # optional, beside a GPU: the CPU's RAM read bandwidth, GB/s
+                                      # (usable, not peak), for CPU experts (placement, estimate)
+    cpu_expert_gbps = 40.0            # optional: the CPU 4-bit kernel's measured GB/s on expert
+                                      # records (replaces ram_gbps x its stated 0.6 share)
+    round_trip_ms = 0.1               # optional: one layer's CPU-expert round trip, ms
     [plan]
     expert_bits = 4                   # 4, 8 or 16
     attn_bits = 4
@@ -33,6 +38,10 @@ File layout (sizes as strings: "8GiB", "512MiB", "0"):
     context = 4096
     policy = "combined"               # auto, or an expert cache policy
     prefetch_depth = 1                # layers ahead that gate look-ahead prefetches (>= 1)
+    cpu_experts = "auto"              # optional: where misses run, auto | off | all (absent: the
+                                      # engine's default)
+
+Profiles written before a field existed still read: every optional field may be absent.
 
 Reading a profile (``load_profile``, ``profile_from_dict``) turns every malformed input into a
 SettingError naming the file and the field: not a regular file, over ``PROFILE_MAX_BYTES``, not
@@ -112,6 +121,9 @@ _SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
         "disk_gbps": ("float", True),
         "cpu_threads": ("int", True),
         "mem_gbps": ("gbps", False),
+        "ram_gbps": ("gbps", False),
+        "cpu_expert_gbps": ("gbps", False),
+        "round_trip_ms": ("float", False),
     },
     "plan": {
         "expert_bits": ("bits", True),
@@ -122,6 +134,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
         "context": ("int", True),
         "policy": ("policy", True),
         "prefetch_depth": ("int", True),
+        "cpu_experts": ("cpu_experts", False),
     },
 }
 
@@ -146,6 +159,10 @@ class Profile:
     plan_ram: str | None = None
     experts_per_layer: int | None = None
     mem_gbps: float | None = None  # the device's memory bandwidth, GB/s (None: not stated)
+    ram_gbps: float | None = None  # beside a GPU: the CPU's usable RAM read bandwidth, GB/s
+    cpu_expert_gbps: float | None = None  # the CPU 4-bit kernel's measured GB/s on expert records
+    round_trip_ms: float | None = None  # one layer's CPU-expert round trip (None: the stated default)
+    cpu_experts: str | None = None  # auto | off | all (None: the engine's default)
     comment: str = ""
     source: str = ""  # the file it was read from ("" when built in memory)
 
@@ -178,10 +195,13 @@ class Profile:
         """The file's two tables, optional fields left out when unset."""
         machine = dict(gpu=self.gpu, vram=self.vram, ram=self.ram, h2d_gbps=float(self.h2d_gbps),
                        disk_gbps=float(self.disk_gbps), cpu_threads=self.cpu_threads,
-                       mem_gbps=None if self.mem_gbps is None else float(self.mem_gbps))
+                       mem_gbps=None if self.mem_gbps is None else float(self.mem_gbps),
+                       ram_gbps=None if self.ram_gbps is None else float(self.ram_gbps),
+                       cpu_expert_gbps=None if self.cpu_expert_gbps is None else float(self.cpu_expert_gbps),
+                       round_trip_ms=None if self.round_trip_ms is None else float(self.round_trip_ms))
         plan = dict(expert_bits=self.expert_bits, attn_bits=self.attn_bits, vram=self.plan_vram,
                     ram=self.plan_ram, experts_per_layer=self.experts_per_layer, context=self.context,
-                    policy=self.policy, prefetch_depth=self.prefetch_depth)
+                    policy=self.policy, prefetch_depth=self.prefetch_depth, cpu_experts=self.cpu_experts)
         return {
             "machine": {k: v for k, v in machine.items() if v is not None},
             "plan": {k: v for k, v in plan.items() if v is not None},
@@ -242,6 +262,11 @@ def _check_value(where: str, kind: str, value: Any) -> Any:
     elif kind == "bits":
         if isinstance(value, bool) or not isinstance(value, int) or value not in BITS_CHOICES:
             raise SettingError(f"{where}: {_short(value)} bits; choose one of {', '.join(map(str, BITS_CHOICES))}")
+    elif kind == "cpu_experts":
+        from offload.experts.placement import CPU_EXPERTS
+
+        if not isinstance(value, str) or value not in CPU_EXPERTS:
+            raise SettingError(f"{where}: {_short(value)}; choose one of {', '.join(CPU_EXPERTS)}")
     elif kind == "policy":
         if not isinstance(value, str) or value not in POLICY_CHOICES:
             raise SettingError(f"{where}: policy {_short(value)}; choose one of {', '.join(POLICY_CHOICES)}")
@@ -293,7 +318,9 @@ def profile_from_dict(data: dict[str, Any], source: str = "<profile>", name: str
         disk_gbps=m["disk_gbps"], cpu_threads=m["cpu_threads"], expert_bits=p["expert_bits"],
         attn_bits=p["attn_bits"], context=p["context"], policy=p["policy"],
         prefetch_depth=p["prefetch_depth"], plan_vram=p.get("vram"), plan_ram=p.get("ram"),
-        experts_per_layer=p.get("experts_per_layer"), mem_gbps=m.get("mem_gbps"), comment=comment, source=source,
+        experts_per_layer=p.get("experts_per_layer"), mem_gbps=m.get("mem_gbps"), ram_gbps=m.get("ram_gbps"),
+        cpu_expert_gbps=m.get("cpu_expert_gbps"), round_trip_ms=m.get("round_trip_ms"),
+        cpu_experts=p.get("cpu_experts"), comment=comment, source=source,
     )
     if profile.plan_vram is not None and profile.experts_per_layer is not None:
         raise SettingError(f"{source}: plan.experts_per_layer: give plan.vram or plan.experts_per_layer, not both")
@@ -382,6 +409,7 @@ def engine_kwargs(profile: Profile) -> dict[str, Any]:
         "prefetch_depth": profile.prefetch_depth,
         "expert_bits": profile.expert_bits,
         "attn_bits": profile.attn_bits,
+        **({} if profile.cpu_experts is None else {"cpu_experts": profile.cpu_experts}),
     }
 
 
@@ -505,7 +533,9 @@ def does_it_fit(profile: Profile, machine: dict[str, Any]) -> None:
 def machine_profile(machine: dict[str, Any], plan: Profile, name: str = "this-machine", comment: str = "") -> Profile:
     """``plan``'s [plan] with ``machine``'s (probe_machine) figures as the [machine] table; the
     memory bandwidth, which the probe does not measure, is the machine's ``mem_gbps`` when it
-    has one, else ``plan``'s when its GPU is this machine's, else unstated."""
+    has one, else ``plan``'s when its GPU is this machine's, else unstated; the host's figures
+    for CPU experts (``ram_gbps``, ``cpu_expert_gbps``, ``round_trip_ms``) are the machine's
+    when it has them, else unstated (another machine's would mislead)."""
     mem_gbps = machine.get("mem_gbps") or (plan.mem_gbps if plan.gpu == machine["gpu"] else None)
     return replace(
         plan,
@@ -517,6 +547,9 @@ def machine_profile(machine: dict[str, Any], plan: Profile, name: str = "this-ma
         disk_gbps=round(machine["disk_gbps"] or 0.0, 2),
         cpu_threads=int(machine["cpu_threads"]),
         mem_gbps=mem_gbps,
+        ram_gbps=machine.get("ram_gbps"),
+        cpu_expert_gbps=machine.get("cpu_expert_gbps"),
+        round_trip_ms=machine.get("round_trip_ms"),
         comment=comment or plan.comment,
         source="",
     )

@@ -28,15 +28,20 @@ from (shape, format), so the small JSON tensor of ``as_dict(packed=True)``, whos
 with the printed digits of the offset, is not stored. The quant maps are stored although the
 4-bit kernels use built-in tables: 64 + 1024 bytes keep a ``QuantState`` complete.
 
-Compute paths. CUDA: bitsandbytes' ``matmul_4bit`` (fused kernel at small N). CPU: bitsandbytes'
-dequantize kernel, then torch's matmul. bitsandbytes' fused CPU kernel (~20x faster at N=1)
-cannot read the portable layout: ``Linear4bit`` reaches it by repacking the weight in place on
-its first call (~200 ms for a Mixtral matrix, and a second copy of the weight), which a view
-into a record must not do. The "-cpu" formats store the repacked layout itself, so the kernel
-reads record views directly; their scales are bf16 (what the kernel takes) and the kernel
-computes in bf16, so their numbers differ slightly from the portable formats'. int8 on both
-devices is weight-only (bitsandbytes' int8 matmul quantizes the activations too, and on CUDA
-takes and returns fp16 only).
+Compute paths. CUDA: bitsandbytes' ``matmul_4bit`` (fused kernel at small N). CPU: the portable
+4-bit formats run offload's own kernel (``offload.kernels.cpu4``: the record's bytes as they are,
+AVX-512 VNNI, AVX2 or portable C by what the CPU has, within 1e-3 of the float product) up to
+``cpu4.MAX_ROWS`` rows of x, and bitsandbytes' dequantize kernel then torch's matmul above that,
+or everywhere when the kernel cannot be built here (``cpu4.status()`` says why; the
+description of ``select_kernels("cpu")`` carries it). So one record format serves both devices:
+the bytes a GPU's kernel reads are the bytes the CPU computes from. The "-cpu" formats remain
+readable: they store the layout of bitsandbytes' fused CPU kernel (AVX-512 bf16 only), which
+reads record views directly; their scales are bf16 and that kernel computes in bf16, so their
+numbers differ slightly from the portable formats'; where the fused kernel is missing they are
+unpacked and dequantized on every call (slow). bitsandbytes' ``Linear4bit`` reaches its fused
+kernel by repacking the weight in place on its first call, which a view into a record must not
+do. int8 on both devices is weight-only (bitsandbytes' int8 matmul quantizes the activations
+too, and on CUDA takes and returns fp16 only).
 
 Shape legend: N = rows of x (tokens), In = in features, Out = out features, B = 4-bit blocks.
 """
@@ -54,6 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from offload.errors import SettingError, TensorShapeError
+from offload.kernels import cpu4
 
 BLOCKSIZE = 64  # 4-bit: weights per absmax
 NESTED_BLOCKSIZE = 256  # double quantization: absmax values per nested absmax (bitsandbytes' fixed choice)
@@ -393,7 +399,31 @@ def dequantize(qm: QuantizedMatrix, dtype: torch.dtype = torch.bfloat16) -> torc
         data = _from_cpu_layout(t["data"], qm.shape)  # [n/2, 1] portable layout
         absmax = t["absmax"].t().reshape(-1).float()  # [B], row-major blocks
         return torch.ops.bitsandbytes.dequantize_4bit(data, absmax, BLOCKSIZE, qm.fmt.quant_type, list(qm.shape), dtype)
+    if t["data"].device.type == "cpu" and qm.shape[1] % BLOCKSIZE:
+        return _dequantize_4bit_flat(qm, dtype)
     return functional.dequantize_4bit(t["data"], qm.quant_state(dtype))  # [Out, In]
+
+
+def _dequantize_4bit_flat(qm: QuantizedMatrix, dtype: torch.dtype) -> torch.Tensor:
+    """Portable 4-bit codes -> [Out, In] in plain torch, for matrices whose rows are not whole
+    blocks (In % 64 != 0): bitsandbytes 0.50's native CPU dequantize takes block i of row r to
+    be r * ceil(In/64) + i there, while its quantizer (and its CUDA and pure-torch dequantizers)
+    number blocks over the flattened matrix, so its numbers are wrong for such shapes. The
+    arithmetic is its pure-torch one (quant_map[code] * absmax in fp32, then cast to dtype):
+    bit-identical to that implementation, and to the native one wherever In % 64 == 0."""
+    t = qm.tensors
+    out_f, in_f = qm.shape
+    n = out_f * in_f
+    absmax = t["absmax"]
+    if qm.fmt.double_quant:  # bitsandbytes' dequantize_4bit: the 8-bit scales first, then + offset
+        absmax = _bnb().dequantize_blockwise(absmax, qm.quant_state(dtype).state2) + t["nested_offset"]
+    b = t["data"].reshape(-1)  # [n/2] (rounded up)
+    codes = torch.stack((b >> 4, b & 0xF), dim=-1).reshape(-1)  # [2 * ceil(n/2)], high nibble first
+    blocks = absmax.numel()
+    padded = torch.zeros(blocks * BLOCKSIZE, dtype=torch.float32)  # [B * 64]
+    padded[:n] = t["quant_map"][codes[:n].long()]
+    w = (padded.view(blocks, BLOCKSIZE) * absmax.float().view(-1, 1)).to(dtype)  # [B, 64]
+    return w.reshape(-1)[:n].reshape(out_f, in_f)
 
 
 def _to_cpu_layout(data: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -453,6 +483,16 @@ def _linear_4bit_cpu_fused(x: torch.Tensor, qm: QuantizedMatrix) -> torch.Tensor
     return torch.ops.bitsandbytes.gemv_4bit(x, t["data"], shape, t["absmax"], t["quant_map"], BLOCKSIZE)  # [N, Out]
 
 
+def _linear_4bit_kernel(x: torch.Tensor, qm: QuantizedMatrix) -> torch.Tensor:
+    """offload's CPU 4-bit kernel on the portable layout, up to ``cpu4.MAX_ROWS`` rows of x (and
+    without autograd); dequantize + matmul otherwise."""
+    rows = x.numel() // max(1, x.shape[-1])
+    if rows > cpu4.MAX_ROWS or x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+        return _linear_4bit_dequantize(x, qm)
+    y = cpu4.linear(x.reshape(rows, x.shape[-1]), qm.tensors, qm.shape)  # [rows, Out] in x's dtype
+    return y.reshape(*x.shape[:-1], qm.shape[0])  # [N, Out]
+
+
 @dataclass(frozen=True)
 class Kernels:
     """The functions ``linear`` uses on one device type, chosen once."""
@@ -495,13 +535,19 @@ def _kernels(device_type: str) -> Kernels:
             "CPU-layout 4-bit: unpack, dequantize, matmul (slow: that layout is for CPU compute)",
         )
     fused = _fused_cpu_kernel_works()
-    cpu_layout = "bitsandbytes' fused AVX-512 bf16 kernel" if fused else "dequantize, matmul"
+    cpu_layout = "bitsandbytes' fused AVX-512 bf16 kernel" if fused else "unpack, dequantize, matmul"
+    kernel = cpu4.status() if device_type == "cpu" else None  # SettingError for a bad OFFLOAD_CPU_KERNEL
+    on_kernel = kernel is not None and kernel.path != "torch"
+    if on_kernel:
+        four_bit = f"{kernel.describe()} up to {cpu4.MAX_ROWS} rows of x, dequantize + matmul above"
+    else:
+        four_bit = kernel.describe() if kernel is not None else "dequantize, then matmul"
     return Kernels(
         device_type,
         int8=_linear_int8_weight_only,
-        four_bit=_linear_4bit_dequantize,
+        four_bit=_linear_4bit_kernel if on_kernel else _linear_4bit_dequantize,
         four_bit_cpu=_linear_4bit_cpu_fused if fused else _linear_4bit_dequantize,
-        description=f"int8: weight-only (cast, matmul, scale rows); 4-bit: dequantize, then matmul; "
+        description=f"int8: weight-only (cast, matmul, scale rows); 4-bit: {four_bit}; "
         f"CPU-layout 4-bit: {cpu_layout}",
     )
 
@@ -533,20 +579,14 @@ def format_for_bits(
     setting: str = "bits",
 ) -> WeightFormat:
     """The format behind ``--expert-bits`` / ``--attn-bits``: 16 is unquantized in the compute
-    dtype, 8 is int8, 4 is nf4, stored in the fused CPU kernel's layout ("nf4-cpu") on a CPU
-    where that kernel works and every matrix shape allows it (it is ~50x faster there). A plan
-    for a GPU passes device_type "cuda" and gets the portable nf4 layout the CUDA kernels read."""
+    dtype, 8 is int8, 4 is the portable nf4 on every device: the layout the CUDA kernels read is
+    the one offload's CPU kernel reads (``offload.kernels.cpu4``), so one record format serves
+    both. ("nf4-cpu", the layout of bitsandbytes' fused CPU kernel, stays available by name.)
+    ``device_type`` and ``shapes`` are kept for callers; no choice depends on them now."""
     if bits == 16:
         return get_format(str(compute_dtype).removeprefix("torch."))
     if bits == 8:
         return FORMATS["int8"]
     if bits == 4:
-        if device_type == "cpu" and _kernels("cpu").four_bit_cpu is _linear_4bit_cpu_fused:
-            try:
-                for shape in shapes:
-                    tensor_specs(shape, "nf4-cpu")
-                return FORMATS["nf4-cpu"]
-            except SettingError:
-                pass
         return FORMATS["nf4"]
     raise SettingError(f"{setting} {bits}: choose one of {', '.join(map(str, BITS_CHOICES))}")

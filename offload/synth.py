@@ -243,6 +243,7 @@ def synthesize(
     expert_format: str | None = None,
     expert_bits: int | None = None,
     attn_bits: int | None = None,
+    attn_format: str | None = None,
     target: str = "auto",
     seed: int = 0,
     dtype: torch.dtype | None = None,
@@ -253,7 +254,7 @@ def synthesize(
     to ``out_dir``; returns ``out_dir``.
 
     ``layers``: its first N layers (default all; the pack's config says N). Experts are stored
-    in ``expert_format`` or the format of ``expert_bits``, the attention projections in that of
+    in ``expert_format`` or the format of ``expert_bits``, the attention projections in ``attn_format`` or that of
     ``attn_bits``, for the device ``target`` ("auto", "cpu", "cuda"; ``pack.pack_formats``),
     else unquantized in ``dtype`` (default the model's own, bf16). ``seed`` fixes every byte.
     An existing ``out_dir`` is an error unless ``force`` (a pack, or an empty directory, is then
@@ -275,7 +276,8 @@ def synthesize(
     if dtype not in DTYPE_NAMES:
         raise SettingError(f"pack dtype {dtype} is not supported (choose {', '.join(DTYPE_NAMES.values())})")
     experts, attention = pack_formats(
-        config, dtype, expert_format=expert_format, expert_bits=expert_bits, attn_bits=attn_bits, target=target
+        config, dtype, expert_format=expert_format, expert_bits=expert_bits, attn_format=attn_format,
+        attn_bits=attn_bits, target=target,
     )
     pieces = _tokenizer_pieces()
     if config.vocab_size < pieces:

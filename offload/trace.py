@@ -18,7 +18,7 @@ The engine's format, JSON Lines (one object per line; weights rounded to 4 decim
      "experts":   [[K expert ids] per layer],
      "weights":   [[K gate weights] per layer],
      "predicted": [[ids predicted for that layer before it ran] per layer],   (lists may be empty)
-     "outcome":   [["hit" | "prefetched" | "late" | "miss" per chosen expert] per layer]}
+     "outcome":   [["hit" | "prefetched" | "late" | "miss" | "cpu" per chosen expert] per layer]}
                                                                            (outcome may be absent)
 
 One file is one token sequence: the simulator starts it with empty caches. The ``source*``
@@ -75,7 +75,7 @@ if TYPE_CHECKING:
 FORMAT = "offload-trace"
 VERSION = 1
 PHASES = ("prefill", "decode")
-OUTCOMES = ("hit", "prefetched", "late", "miss")
+OUTCOMES = ("hit", "prefetched", "late", "miss", "cpu")  # cpu: a miss run on its RAM copy
 RESIDENT_OUTCOMES = ("hit", "prefetched")  # the expert was in its slot when the layer ran
 WEIGHT_DECIMALS = 4
 

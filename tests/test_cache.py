@@ -54,21 +54,27 @@ def test_every_device_budget_is_bit_identical(shape, source, ram, model_dirs, pa
     record = 3 * c.hidden_size * c.intermediate_size * 4
     ram_budget = {"none": 0, "some": 3 * record, "all": None}[ram]
     for slots in range(c.num_experts_per_tok, c.num_local_experts + 1):
-        policy = ("lru", "lfu", "lookahead", "history", "combined")[slots % 5]
-        engine = Engine.load(
-            path, device="cpu", dtype="float32", experts_per_layer=slots, ram=ram_budget, policy=policy
-        )
-        gen, logits = run(engine, ids)
-        assert gen.tokens == want_gen.tokens, f"{slots} slots, {policy}"
-        assert torch.equal(logits, want_logits), f"{slots} slots, {policy}"
-        total = gen.cache_stats.total()
-        if slots < c.num_local_experts:
-            assert total.misses > 0 and total.hits > 0
-        loads = total.misses + total.prefetches  # every miss and every prefetch is one load
-        if ram == "none":
-            assert total.host_loads == 0 and total.disk_loads == loads
-        if ram == "all" and slots < c.num_local_experts:
-            assert total.disk_loads == 0 and total.host_loads == loads
+        for cpu_experts in ("off", "auto"):  # misses copied into slots, or run where they lie in RAM
+            policy = ("lru", "lfu", "lookahead", "history", "combined")[slots % 5]
+            engine = Engine.load(
+                path, device="cpu", dtype="float32", experts_per_layer=slots, ram=ram_budget, policy=policy,
+                cpu_experts=cpu_experts,
+            )
+            what = f"{slots} slots, {policy}, cpu experts {cpu_experts}"
+            gen, logits = run(engine, ids)
+            assert gen.tokens == want_gen.tokens, what
+            assert torch.equal(logits, want_logits), what
+            total = gen.cache_stats.total()
+            if slots < c.num_local_experts:
+                assert total.misses > 0 and (total.hits > 0 or total.cpu_runs > 0), what
+            # every miss run in place moves nothing; every other miss and every prefetch is one load
+            loads = total.misses - total.cpu_runs + total.prefetches
+            if ram == "none":
+                assert total.cpu_runs == 0 and total.host_loads == 0 and total.disk_loads == loads, what
+            if ram == "all" and slots < c.num_local_experts:
+                assert total.disk_loads == 0 and total.host_loads == loads, what
+                if cpu_experts == "auto":  # every miss ran on its RAM copy: nothing was copied
+                    assert total.cpu_runs == total.misses and total.host_loads == 0, what
 
 
 QUANTIZED = ["int8", "nf4", "nf4-dq", "fp4"]
@@ -102,10 +108,11 @@ def test_random_budgets_policies_and_prompts_are_bit_identical(data, model_dirs,
         n = data.draw(st.integers(L * c.num_experts_per_tok, L * c.num_local_experts), label="device slots")
         context = min(c.max_position_embeddings, 4096)
         budget = {"vram": dense_bytes(c, ref.dtype) + kv_cache_bytes(c, context, ref.dtype) + n * record}
+    cpu_experts = data.draw(st.sampled_from(["off", "auto", "all"]), label="cpu experts")
     engine = Engine.load(
         packs[(shape, dtype)] if from_pack else model_dirs[shape], device="cpu", dtype=dtype, **budget,
         ram=None if ram_records is None else ram_records * record, policy=policy, expert_format=fmt,
-        prefetch_depth=depth,
+        prefetch_depth=depth, cpu_experts=cpu_experts,
     )
     if uneven:
         assert sum(engine.cache.capacity) == n
@@ -160,8 +167,9 @@ def test_hit_rates_equal_a_reference_lru_over_the_same_routing(shape, slots, mod
 
 
 def test_statistics_count_bytes_and_stall(model_dirs):
-    engine = Engine.load(
-        model_dirs[WIDE.name], device="cpu", dtype="float32", experts_per_layer=3, ram="1MiB", policy="lru"
+    engine = Engine.load(  # every miss copied into a slot (the link's path), from RAM or from disk
+        model_dirs[WIDE.name], device="cpu", dtype="float32", experts_per_layer=3, ram="1MiB", policy="lru",
+        cpu_experts="off",
     )
     record = engine.cache.layout.nbytes
     assert engine.plan.host_experts == parse_bytes("1MiB") // record
@@ -246,8 +254,9 @@ def test_ram_tier_is_a_fixed_set_that_keeps_serving(model_dirs):
     engine = Engine.load(model_dirs[WIDE.name], device="cpu", dtype="float32", experts_per_layer=3, ram=0)
     record = engine.cache.layout.nbytes
     experts = engine.config.num_local_experts
-    engine = Engine.load(
-        model_dirs[WIDE.name], device="cpu", dtype="float32", experts_per_layer=3, ram=experts * record, policy="lru"
+    engine = Engine.load(  # misses copied into slots, as over a link
+        model_dirs[WIDE.name], device="cpu", dtype="float32", experts_per_layer=3, ram=experts * record, policy="lru",
+        cpu_experts="off",
     )
     assert engine.plan.host_experts == experts  # exactly layer 0
     gen = engine.generate(engine.tokenizer.encode(PROMPT, bos=True), GenerationSettings(max_new_tokens=30)).run()
@@ -499,3 +508,76 @@ def test_a_prefetch_still_queued_when_asked_for_is_loaded_at_once(packs, residen
     want = cache.layout.views(real(1, 1, record))
     assert torch.equal(w.w1, want.w1) and torch.equal(w.w2, want.w2)
     engine.close()
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "pack"])
+def test_misses_split_between_the_cpu_side_and_the_link_are_bit_identical(source, model_dirs, packs, resident):
+    """A CPU device plays both sides: half the misses run on their RAM copy (the CPU side), half
+    are copied into a slot and run there (the link's path), alternately; tokens and logits are
+    the all-resident run's, and the counters say which went where."""
+    shape, dtype = WIDE.name, "float32"
+    ref = resident[shape][dtype]
+    path = model_dirs[shape] if source == "checkpoint" else packs[(shape, dtype)]
+    engine = Engine.load(path, device="cpu", dtype=dtype, experts_per_layer=3, policy="lru", cpu_experts="auto")
+    turn = {"n": 0}
+
+    def alternate(layer, misses, cache, tokens=1):
+        picked = [e for i, e in enumerate(misses) if (turn["n"] + i) % 2 == 0]
+        turn["n"] += len(misses)
+        return picked
+
+    engine.cache.placer = alternate
+    ids = ref.tokenizer.encode(PROMPT, bos=True)
+    gen, logits = run(engine, ids)
+    want_gen, want_logits = run(ref, ids)
+    assert gen.tokens == want_gen.tokens and torch.equal(logits, want_logits)
+    total = gen.cache_stats.total()
+    assert total.cpu_runs > 0 and total.host_loads > 0  # both sides ran
+    assert abs(total.cpu_runs - total.host_loads) <= total.misses // 4 + 2
+    assert total.cpu_runs + total.host_loads == total.misses  # every miss was in RAM: one side each
+    assert total.cpu_seconds > 0
+
+
+def test_a_miss_run_on_the_cpu_is_admitted_into_a_slot_when_the_link_is_idle(packs, resident):
+    """With admission (CUDA's "auto"; switched on here on a CPU device), a miss that ran on its
+    RAM copy is also copied into a slot in the background, never while another prefetch is on
+    the link, never evicting the current request's experts, so the next use is a hit; numbers
+    stay the all-resident run's."""
+    import threading
+
+    shape, dtype = WIDE.name, "float32"
+    engine = Engine.load(packs[(shape, dtype)], device="cpu", dtype=dtype, experts_per_layer=3, policy="lru",
+                         cpu_experts="auto")
+    cache = engine.cache
+    cache.placer = lambda layer, misses, cache, tokens=1: misses  # every miss in RAM to the CPU side
+    cache.admit = True
+    cache.get(1, [0, 1, 2])
+    assert cache.last_sides == ["cpu"] * 3 and len(cache.resident(1)) == 1  # one admitted at a time
+    admitted = cache.resident(1)[0]
+    cache.close()
+    cache.get(1, [admitted])
+    assert cache.last_outcomes == ["prefetched"]  # served from its slot
+    gate = threading.Event()
+    real = cache.source.read_record
+
+    def slow(layer, expert, out):
+        if (layer, expert) == (2, 5):
+            assert gate.wait(10)
+        return real(layer, expert, out)
+
+    cache.source.read_record = slow
+    with mock.patch.object(device_layer, "ASYNC_MIN_BYTES", 0), mock.patch.object(cache.host, "rows", {
+        k: v for k, v in cache.host.rows.items() if k != (2, 5)  # (2, 5) from disk: a slow prefetch
+    }):
+        cache.prefetch(2, [5])  # a prefetch on the link...
+        cache.get(0, [7])  # ...so this CPU-side miss is not admitted
+        assert cache.last_sides == ["cpu"] and cache.resident(0) == []
+        gate.set()
+        cache.close()
+    cache.source.read_record = real
+    ids = resident[shape][dtype].tokenizer.encode(PROMPT, bos=True)
+    cache.close()
+    gen, logits = run(engine, ids)
+    want_gen, want_logits = run(resident[shape][dtype], ids)
+    assert gen.tokens == want_gen.tokens and torch.equal(logits, want_logits)
+    assert gen.cache_stats.total().hits > 0  # admitted experts served later uses

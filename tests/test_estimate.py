@@ -30,12 +30,13 @@ needs_traces = pytest.mark.skipif(not MIXTRAL_DECODE.is_file(), reason="the shar
 
 # 2 layers, D 64, I 128, 4 heads / 2 KV heads of 16, 4 experts, top-1, vocabulary 100: not
 # Mixtral's shape, and not 8 experts top-2, so its hit rates are a uniform router's slots / E.
-TINY = ModelConfig.from_dict({
+TINY_CONFIG = {
     "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 100, "hidden_size": 64,
     "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
     "num_local_experts": 4, "num_experts_per_tok": 1, "max_position_embeddings": 256, "rope_theta": 1e4,
     "rms_norm_eps": 1e-5, "sliding_window": None, "tie_word_embeddings": False,
-}, source="test")
+}
+TINY = ModelConfig.from_dict(TINY_CONFIG, source="test")
 MACHINE = Machine("cuda", mem_gbps=1.0, link_gbps=0.25, disk_gbps=0.1, efficiency=0.5, layer_overhead_s=1e-3)
 
 
@@ -104,6 +105,87 @@ def test_a_measured_expert_time_replaces_the_bandwidth_model():
     a = estimate_decode(TINY, plan, measured, dtype=torch.float32, expert_format="fp32", attn_format="fp32")
     b = estimate_decode(TINY, plan, plain, dtype=torch.float32, expert_format="fp32", attn_format="fp32")
     assert a.compute_s - b.compute_s == pytest.approx(2 * (0.01 - 3 * 128 * 64 * 4 / 0.5e9))
+
+
+# ---- CPU experts: the placement cost model per layer ------------------------------------------
+
+# the machine above with a host: RAM 0.5 GB/s read by the CPU kernel at 0.5 of it (0.25 GB/s, a
+# record in 393.216 us, like the link), a 0.1 ms round trip
+HOST = Machine("cuda", mem_gbps=1.0, link_gbps=0.25, disk_gbps=0.1, efficiency=0.5, layer_overhead_s=1e-3,
+               ram_gbps=0.5, cpu_efficiency=0.5, round_trip_s=1e-4)
+US = 1e-6
+DENSE = 1.106496e-3  # one TINY layer without its experts: 53,248 bytes at 0.5 GB/s + 1 ms
+HEAD = 51.712 * US  # lm_head (100 x 64) and the final norm (64), fp32 at 0.5 GB/s
+
+
+def test_cpu_experts_auto_prices_each_miss_with_the_placement_model_by_hand():
+    plan = tiny_plan(experts_per_layer=2, ram=6 * 98_304)  # hit rate 1/2, a quarter of misses on disk
+    got = estimate_decode(TINY, plan, HOST, dtype=torch.float32, expert_format="fp32", attn_format="fp32",
+                          position=10, cpu_experts="auto")
+    # per record: GPU 196.608 us, link 393.216, CPU 393.216, disk 983.04; top-1, so a layer has
+    # 0 misses (1/2): the hit, 196.608; 1 miss in RAM (3/8): GPU 393.216 + 196.608 = 589.824
+    # against CPU 393.216 + 100 = 493.216 -> CPU; 1 miss on disk (1/8): 983.04 + 589.824 against
+    # 983.04 + 493.216 = 1476.256 -> CPU
+    experts = 0.5 * 196.608 + 0.375 * 493.216 + 0.125 * 1476.256  # 467.792 us
+    assert got.layers[0].dense_s == pytest.approx(DENSE)
+    assert got.layers[0].hybrid_s == pytest.approx(DENSE + experts * US)
+    assert got.seconds_per_token == pytest.approx(HEAD + 2 * (DENSE + experts * US))
+    assert got.cpu_runs_per_token == pytest.approx(1.0)  # every miss on the CPU
+    assert got.cpu_expert_s == pytest.approx(393.216 * US) and got.expert_s == pytest.approx(196.608 * US)
+    assert got.transfer_tokens_per_s == pytest.approx(1 / 3.296896e-3)  # the serial figure, unchanged
+    line = got.describe()
+    assert line.startswith(f"estimate: {got.tokens_per_s:.1f} tok/s decode with --cpu-experts auto")
+    assert "transfer only: 303.3 tok/s" in line and "\n" not in line
+    # "all": the slots never fill, every use runs on the CPU: 3/4 from RAM, 1/4 read first
+    every = estimate_decode(TINY, plan, HOST, dtype=torch.float32, expert_format="fp32", attn_format="fp32",
+                            position=10, cpu_experts="all")
+    assert every.seconds_per_token == pytest.approx(HEAD + 2 * (DENSE + (0.75 * 493.216 + 0.25 * 1476.256) * US))
+    # "off" is the serial formula whatever the host
+    off = estimate_decode(TINY, plan, HOST, dtype=torch.float32, expert_format="fp32", attn_format="fp32",
+                          position=10, cpu_experts="off")
+    assert off.tokens_per_s == pytest.approx(1 / 3.296896e-3) and off.cpu_runs_per_token == 0
+
+
+def test_cpu_experts_with_top_2_sum_over_the_binomial_cases_by_hand():
+    tiny2 = ModelConfig.from_dict(dict(TINY_CONFIG, num_experts_per_tok=2), source="test")
+    plan = plan_memory(tiny2, 98_304, torch.float32, 64, experts_per_layer=2)  # every record in RAM
+    got = estimate_decode(tiny2, plan, HOST, dtype=torch.float32, expert_format="fp32", attn_format="fp32",
+                          position=10, cpu_experts="auto")
+    # hit rate 1/2: 0 misses (1/4): two hits, 393.216 us; 1 miss (1/2): the hit on the GPU
+    # (196.608), the miss copied (393.216, then 196.608: 589.824) or on the CPU (493.216) -> CPU;
+    # 2 misses (1/4): copy both 983.04, one each max(589.824, 493.216) = 589.824, both on the CPU
+    # 886.432 -> one each
+    experts = 0.25 * 393.216 + 0.5 * 493.216 + 0.25 * 589.824  # 492.368 us
+    assert got.layers[0].hybrid_s == pytest.approx(DENSE + experts * US)
+    assert got.layers[0].cpu_runs == pytest.approx(0.5 + 0.25)
+
+
+def test_a_cpu_device_computes_misses_in_ram_where_they_lie():
+    plan = tiny_plan(experts_per_layer=2, ram=6 * 98_304)
+    cpu = Machine("cpu", mem_gbps=1.0, link_gbps=0.25, disk_gbps=0.1, efficiency=0.5, layer_overhead_s=1e-3)
+    got = estimate_decode(TINY, plan, cpu, dtype=torch.float32, expert_format="fp32", attn_format="fp32",
+                          cpu_experts="auto")
+    # no copy for a miss in RAM; a miss on disk (a quarter) is read: 1/2 x 1/4 x 983.04 us a layer
+    layer = got.layers[0]
+    assert layer.hybrid_s == pytest.approx(layer.compute_s + 0.125 * 983.04 * US)
+    assert layer.cpu_runs == pytest.approx(0.375)
+
+
+def test_cpu_experts_on_a_card_need_the_rams_bandwidth():
+    plan = tiny_plan(experts_per_layer=2)
+    with pytest.raises(SettingError, match="ram_gbps"):
+        estimate_decode(TINY, plan, MACHINE, dtype=torch.float32, expert_format="fp32", attn_format="fp32",
+                        cpu_experts="auto")
+    resident = estimate_decode(TINY, tiny_plan(), MACHINE, dtype=torch.float32, expert_format="fp32",
+                               attn_format="fp32", cpu_experts="auto")  # nothing to place: no need
+    assert resident.tokens_per_s == pytest.approx(1 / resident.compute_s)
+    with pytest.raises(SettingError, match="--cpu-experts"):
+        estimate_decode(TINY, plan, HOST, dtype=torch.float32, expert_format="fp32", attn_format="fp32",
+                        cpu_experts="some")
+    measured = Machine("cuda", ram_gbps=None, cpu_expert_gbps=40.0)  # the kernel's GB/s replaces the RAM's
+    assert measured.cpu_expert_seconds(99_090_624) == pytest.approx(99_090_624 / 40e9)
+    with pytest.raises(SettingError, match="--ram-gbps"):
+        Machine(ram_gbps=0.0)
 
 
 @needs_traces
@@ -177,14 +259,51 @@ def test_info_estimate_follows_the_flags():
         assert result.exit_code == 0, result.output
         return json.loads(result.stdout)["estimate"]
 
-    base = estimate()
+    base = estimate("--cpu-experts", "off")
     assert base["machine"]["mem_gbps"] == 360 and base["machine"]["link_gbps"] == 25  # the stated defaults
-    fast = estimate("--mem-gbps", "720", "--link-gbps", "50")
+    fast = estimate("--mem-gbps", "720", "--link-gbps", "50", "--cpu-experts", "off")
     overhead = 32 * LAYER_OVERHEAD_S["cuda"]
     assert fast["compute_s"] - overhead == pytest.approx((base["compute_s"] - overhead) / 2)
     assert fast["load_s"] == pytest.approx(base["load_s"] / 2)
     assert base["tokens_per_s"] == pytest.approx(1 / (base["compute_s"] + base["load_s"]))
     assert base["summary"].startswith("estimate: ")
+    # the default is the engine's, auto, on the stated RAM (65 GB/s x 0.6); transfer-only beside it
+    auto = estimate()
+    assert auto["cpu_experts"] == "auto" and auto["machine"]["ram_gbps"] == 65
+    assert auto["cpu_expert_s"] == pytest.approx(99_090_624 / (65e9 * 0.6))
+    assert auto["transfer_tokens_per_s"] == pytest.approx(base["tokens_per_s"])
+    assert auto["tokens_per_s"] == pytest.approx(1 / auto["seconds_per_token"]) and auto["tokens_per_s"] > base["tokens_per_s"]
+    faster = estimate("--ram-gbps", "130")
+    assert faster["cpu_expert_s"] == pytest.approx(auto["cpu_expert_s"] / 2)
+    assert faster["tokens_per_s"] > auto["tokens_per_s"]
+    assert estimate("--cpu-experts", "all")["cpu_runs_per_token"] == pytest.approx(64.0)  # 32 layers x top-2
+    bad = info("mixtral-8x7b", "--vram", "12GiB", "--cpu-experts", "sometimes")
+    assert bad.exit_code == 2 and "--cpu-experts" in bad.output
+
+
+def test_a_profile_says_where_misses_run(tmp_path):
+    shipped = info("mixtral-8x7b", "--profile", "rtx-3060-12gb", "--json")
+    assert json.loads(shipped.stdout)["estimate"]["cpu_experts"] == "auto"  # the profile's plan.cpu_experts
+    text = open(load_profile("rtx-3060-12gb").source).read()
+    off = tmp_path / "off.toml"
+    off.write_text(text.replace('cpu_experts = "auto"', 'cpu_experts = "off"'))
+    got = json.loads(info("mixtral-8x7b", "--profile", str(off), "--json").stdout)["estimate"]
+    assert got["cpu_experts"] == "off" and got["tokens_per_s"] == pytest.approx(got["transfer_tokens_per_s"])
+    flag = json.loads(info("mixtral-8x7b", "--profile", str(off), "--cpu-experts", "all", "--json").stdout)
+    assert flag["estimate"]["cpu_experts"] == "all"  # the flag wins
+
+
+def test_an_old_card_profile_without_ram_bandwidth_is_estimated_transfer_only(tmp_path):
+    text = open(load_profile("rtx-3060-12gb").source).read()
+    old = tmp_path / "old.toml"
+    old.write_text("\n".join(line for line in text.splitlines()
+                             if not line.startswith(("ram_gbps", "cpu_experts"))) + "\n")
+    result = info("mixtral-8x7b", "--profile", str(old), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["estimate"]["cpu_experts"] == "off"
+    assert "machine.ram_gbps" in result.stderr and "transfer-only" in result.stderr
+    given = json.loads(info("mixtral-8x7b", "--profile", str(old), "--ram-gbps", "65", "--json").stdout)
+    assert given["estimate"]["cpu_experts"] == "auto"
 
 
 def test_a_profile_without_bandwidth_gets_a_note_not_an_estimate(tmp_path):

@@ -274,3 +274,19 @@ def test_info_plans_the_cpu_profile_resident_on_the_cpu():
     assert out["device_type"] == "cpu" and out["reserve_bytes"] == 0
     assert out["slots_per_layer"] == 8 and out["host_experts"] == 0 and out["experts_per_layer"] == 8
     assert out["estimate"]["hit_source"] == "every expert resident" and out["estimate"]["load_s"] == 0
+
+
+def test_info_says_where_misses_run_and_keeps_the_transfer_only_figure():
+    def last(*flags: str) -> str:
+        result = run("mixtral-8x7b", "--vram", "12GiB", "--expert-bits", "4", *flags)
+        assert result.exit_code == 0, result.output
+        return result.stdout.strip().splitlines()[-1]
+
+    auto = last()  # the engine's default, auto, on the stated host (65 GB/s of RAM, the kernel at 0.6)
+    assert auto.startswith("estimate: ") and "with --cpu-experts auto" in auto and "transfer only: " in auto
+    assert "RAM 65 GB/s x 0.6, round trip 0.10 ms" in auto
+    off = last("--cpu-experts", "off")
+    assert "--cpu-experts" not in off and "RAM" not in off
+    transfer = off.split("estimate: ")[1].split(" tok/s")[0]
+    assert f"transfer only: {transfer} tok/s" in auto  # the same transfer-only figure beside the hybrid one
+    assert "every expert use" in last("--cpu-experts", "all")

@@ -322,3 +322,53 @@ def test_fit_a_packs_format_says_the_packs_own_bits():
     for fmt, bits in (("nf4", 4), ("int8", 8), ("bf16", 16)):
         fitted, reason = fit_profile(load_profile("cpu-only"), config, expert_format=fmt)
         assert fitted.expert_bits == bits and _bits_agree(fitted.expert_bits, get_format(fmt)), reason
+
+
+# ---- the host's fields for CPU experts ------------------------------------------------------------
+
+
+def test_shipped_card_profiles_state_the_hosts_ram_and_where_misses_run():
+    for name in ("rtx-3060-12gb", "rtx-4060-8gb", "rtx-4090-24gb"):  # desktops with dual-channel DDR5
+        profile = load_profile(name)
+        assert profile.ram_gbps == 65.0 and profile.cpu_experts == "auto"
+        assert engine_kwargs(profile)["cpu_experts"] == "auto"
+    for name in ("t4-16gb", "cpu-only"):  # a cloud VM's share is not stated; a CPU's RAM is mem_gbps
+        profile = load_profile(name)
+        assert profile.ram_gbps is None and profile.cpu_experts is None
+        assert "cpu_experts" not in engine_kwargs(profile)  # the engine's default
+
+
+def test_the_host_fields_round_trip_and_old_profiles_still_read(tmp_path):
+    text = GOOD.replace("mem_gbps = 360.0", "mem_gbps = 360.0\ncpu_expert_gbps = 41.5\nround_trip_ms = 0.25", 1)
+    text = text.replace('cpu_experts = "auto"', 'cpu_experts = "off"', 1)
+    path = tmp_path / "host.toml"
+    path.write_text(text)
+    profile = load_profile(path)
+    assert (profile.ram_gbps, profile.cpu_expert_gbps, profile.round_trip_ms, profile.cpu_experts) == (
+        65.0, 41.5, 0.25, "off")
+    again = load_profile(save_profile(profile, tmp_path / "again.toml"))
+    assert again.tables() == profile.tables()
+    assert again.tables()["machine"]["round_trip_ms"] == 0.25 and again.tables()["plan"]["cpu_experts"] == "off"
+    old = tmp_path / "old.toml"
+    old.write_text("\n".join(line for line in GOOD.splitlines()
+                             if not line.startswith(("ram_gbps", "cpu_experts"))) + "\n")
+    before = load_profile(old)
+    assert before.ram_gbps is None and before.cpu_experts is None
+    assert "ram_gbps" not in before.tables()["machine"] and "cpu_experts" not in before.tables()["plan"]
+
+
+@pytest.mark.parametrize("old, new, field", [
+    ('cpu_experts = "auto"', 'cpu_experts = "sometimes"', "plan.cpu_experts"),
+    ('cpu_experts = "auto"', "cpu_experts = 1", "plan.cpu_experts"),
+    ("ram_gbps = 65.0", "ram_gbps = 0", "machine.ram_gbps"),
+    ("ram_gbps = 65.0", "ram_gbps = inf", "machine.ram_gbps"),
+    ("ram_gbps = 65.0", 'ram_gbps = 65.0\ncpu_expert_gbps = "fast"', "machine.cpu_expert_gbps"),
+    ("ram_gbps = 65.0", "ram_gbps = 65.0\nround_trip_ms = -1", "machine.round_trip_ms"),
+])
+def test_bad_host_fields_name_file_and_field(tmp_path, old, new, field):
+    path = tmp_path / "bad.toml"
+    assert old in GOOD
+    path.write_text(GOOD.replace(old, new, 1))
+    with pytest.raises(SettingError) as info:
+        load_profile(path)
+    assert str(path) in str(info.value) and field in str(info.value)

@@ -160,8 +160,9 @@ def test_the_convert_command(tmp_path):
 @pytest.mark.parametrize("k", [2, 3, 5, 8])
 @pytest.mark.parametrize("ram", ["0", None])
 def test_engine_cache_counts_equal_the_simulator_on_the_source_trace(raw, p0_trace, policy, k, ram):
-    engine = Engine.load(
-        DEMO_MODEL_DIR, device="cpu", dtype="float32", experts_per_layer=k, ram=ram, policy=policy, replay=p0_trace
+    engine = Engine.load(  # every miss loaded into a slot, as the simulator's cache does
+        DEMO_MODEL_DIR, device="cpu", dtype="float32", experts_per_layer=k, ram=ram, policy=policy, replay=p0_trace,
+        cpu_experts="off",
     )
     gen = engine.generate([engine.tokenizer.bos_id], GenerationSettings(max_new_tokens=83, ignore_eos=True)).run()
     assert len(gen.tokens) == 83 and gen.stats.decode_steps == 82  # 83 positions: the whole trace

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from offload.device import StallClock, Transfers
-from offload.errors import BudgetError
+from offload.errors import BudgetError, SettingError
 from offload.experts.policy import EvictionPolicy, make_policy
 from offload.experts.record import RecordLayout
 from offload.experts.tiers import DeviceSlots, HostTier, RecordSource
@@ -39,6 +39,8 @@ class LayerStats:
     prefetches: int = 0  # loads started ahead of need (counted in host/disk loads too)
     prefetch_used: int = 0  # prefetched experts the layer then asked for (they count as hits)
     late: int = 0  # of those, still in flight when asked for (compute waited)
+    cpu_runs: int = 0  # misses computed on the CPU, on their RAM copy (counted in misses; nothing moved)
+    cpu_seconds: float = 0.0  # wall time of those CPU experts (reported by the model)
 
     @property
     def requests(self) -> int:
@@ -89,11 +91,21 @@ class CacheStats:
             "prefetches": total.prefetches,
             "prefetch_used": total.prefetch_used,
             "late": total.late,
+            "cpu_runs": total.cpu_runs,
+            "cpu_seconds": total.cpu_seconds,
             "layers": [dict(asdict(s), hit_rate=s.hit_rate) for s in self.layers],
         }
 
 
 ProgressFn = Callable[[int, int, str], None]
+
+# --cpu-experts: "off" every miss is loaded into a slot (the device computes every expert); "all"
+# every miss whose record is in the RAM tier runs on the CPU on that copy (llama.cpp's
+# --cpu-moe); "auto" the same on a CPU device, and on CUDA the placer's cost model per miss
+CPU_EXPERTS = ("auto", "off", "all")
+CPU_MAX_TOKENS = 16  # a forward of more tokens runs every expert on the device (CUDA)
+# placer(layer, misses in RAM, cache) -> the experts among them to run on the CPU
+Placer = Callable[[int, list, "ExpertCache"], Sequence[int]]
 
 
 class ExpertCache:
@@ -113,6 +125,8 @@ class ExpertCache:
         progress: ProgressFn | None = None,
         staged: bool | None = None,
         host_chunks: Sequence[int] | None = None,
+        cpu_experts: str = "off",
+        placer: Placer | None = None,
     ):
         capacity = [slots_per_layer] * num_layers if isinstance(slots_per_layer, int) else list(slots_per_layer)
         if len(capacity) != num_layers or not all(top_k <= n <= num_experts for n in capacity):
@@ -151,7 +165,21 @@ class ExpertCache:
         self._last_layer: int | None = None
         self.last_outcomes: list[str] = []  # per expert of the last get: hit, prefetched, late, miss
         self._stats = CacheStats([LayerStats() for _ in range(num_layers)])
+        if cpu_experts not in CPU_EXPERTS:
+            raise SettingError(f"--cpu-experts {cpu_experts!r}: choose one of {', '.join(CPU_EXPERTS)}")
+        self.cpu_experts = cpu_experts
+        # which of a layer's misses run on the CPU, on their RAM copy: on a CPU device every one
+        # there is (the "device" is RAM too: a copy would only move bytes); on CUDA the placer's
+        # cost model decides ("auto"), or every one ("all")
+        self.placer = placer
+        self.last_sides: list[str] = []  # per expert of the last get: "device" or "cpu"
+        # a CUDA model brings each decode layer's input to the host when misses may run there
+        self.wants_host_input = cpu_experts != "off" and device.type != "cpu"
+        # "auto" on a device that is not the host: a miss run on the CPU is also copied into a slot
+        # in the background when the link is idle (``_admit``); on a CPU device a copy gains nothing
+        self.admit = cpu_experts == "auto" and device.type != "cpu"
         self._fill_host(progress)
+        self.host_views = {key: layout.views(self.host.get(key)) for key in self.host.rows}  # made once
 
     # ---- set-up -------------------------------------------------------------------------------
 
@@ -166,7 +194,7 @@ class ExpertCache:
 
     # ---- the provider contract ----------------------------------------------------------------
 
-    def get(self, layer: int, experts: Sequence[int]) -> list[ExpertWeights]:
+    def get(self, layer: int, experts: Sequence[int], tokens: int = 1) -> list[ExpertWeights]:
         if len(experts) > self.capacity[layer]:
             raise ValueError(f"{len(experts)} experts requested, layer {layer} has {self.capacity[layer]} slots")
         if self._last_layer is not None and self._last_layer != layer:
@@ -175,12 +203,21 @@ class ExpertCache:
         stats = self._stats.layers[layer]
         resident = self.where[layer]
         protected = set(experts)
-        slots, waits, outcomes = [], [], []  # waits: (expert, slot index, load handle)
+        chosen, waits, outcomes, sides = [], [], [], []  # waits: (expert, slot index, load handle)
+        for expert in experts:  # (only the victims' recency matters to eviction: never these)
+            self.policy.use(layer, expert)
+        on_cpu = self._place(layer, [e for e in experts if e not in resident], tokens)
         expert = None
         try:
             for expert in experts:
-                self.policy.use(layer, expert)
                 slot = resident.get(expert)
+                if expert in on_cpu:  # computed where it lies in RAM: no slot taken, nothing moved
+                    stats.misses += 1
+                    stats.cpu_runs += 1
+                    outcomes.append("cpu")
+                    sides.append("cpu")
+                    chosen.append(self.host_views[(layer, expert)])
+                    continue
                 if slot is not None:
                     index = self.slots.index(layer, slot)
                     stats.hits += 1
@@ -214,7 +251,8 @@ class ExpertCache:
                     if handle is not None:
                         waits.append((expert, index, handle))
                 outcomes.append(outcome)
-                slots.append(index)
+                sides.append("device")
+                chosen.append(self.slots.weights[index])
             expert = None
             if waits:
                 started = self.stall.start()
@@ -234,8 +272,62 @@ class ExpertCache:
                 if other == expert or (slot is not None and self.loads[self.slots.index(layer, slot)] is not None):
                     self._forget(layer, other)
             raise
-        self.last_outcomes = outcomes
-        return [self.slots.weights[i] for i in slots]
+        self.last_outcomes, self.last_sides = outcomes, sides
+        if on_cpu and self.admit:
+            self._admit(layer, [e for e in experts if e in on_cpu], protected)
+        return chosen
+
+    def _place(self, layer: int, misses: list[int], tokens: int = 1) -> set[int]:
+        """The misses of ``layer`` that run on the CPU, on their RAM copy (only experts the RAM
+        tier holds can: the rest come from disk into a slot either way). A device that is not
+        the host takes every expert of a forward over more than ``CPU_MAX_TOKENS`` tokens (a
+        prompt chunk: the CPU's batch-1 kernel is no match for the device there)."""
+        if self.cpu_experts == "off" or not misses:
+            return set()
+        if self.device.type != "cpu" and tokens > CPU_MAX_TOKENS:
+            return set()
+        in_ram = [e for e in misses if (layer, e) in self.host]
+        if not in_ram:
+            return set()
+        if self.cpu_experts == "all" or self.placer is None:  # (a CPU device has no placer: all in place)
+            return set(in_ram)
+        return set(self.placer(layer, in_ram, self, tokens))
+
+    def prefetch_in_flight(self) -> bool:
+        """Whether a prefetch (or admission) copy may still be running."""
+        self._inflight = [h for h in self._inflight if not self.transfers.done(h)]
+        return bool(self._inflight)
+
+    def _admit(self, layer: int, experts: Sequence[int], protected: set[int]) -> None:
+        """Copy misses that ran on the CPU into slots of ``layer`` in the background, when no
+        other prefetch is on the link (so it never delays a copy that is waited for or predicted):
+        without it, misses run on the CPU never refill the slots, and the hit rate decays. Each
+        takes a free slot or the policy's victim among experts neither in this request nor
+        prefetched and unused; counted as a prefetch (a load ahead of need)."""
+        if self.prefetch_in_flight():
+            return
+        stats = self._stats.layers[layer]
+        resident = self.where[layer]
+        for expert in experts:
+            keep = protected | {e for (l, e) in self.prefetched if l == layer}
+            if expert in resident or (not self.free[layer] and not any(e not in keep for e in resident)):
+                continue
+            slot = self._take_slot(layer, keep)
+            resident[expert] = slot
+            try:
+                handle = self._load(layer, expert, self.slots.index(layer, slot), stats)  # after all queued compute
+            except BaseException:
+                self._forget(layer, expert)
+                raise
+            self.prefetched.add((layer, expert))
+            if handle is not None:
+                self._inflight.append(handle)
+            stats.prefetches += 1
+            return  # one at a time: the next layer's misses may need the link
+
+    def add_cpu_seconds(self, layer: int, seconds: float) -> None:
+        """The model's report of the time its CPU experts of ``layer`` took."""
+        self._stats.layers[layer].cpu_seconds += seconds
 
     def prefetch(self, layer: int, experts: Sequence[int]) -> int:
         """Start loading ``experts`` of an upcoming ``layer`` into its slots; returns how many
@@ -247,6 +339,8 @@ class ExpertCache:
         stats = self._stats.layers[layer]
         resident = self.where[layer]
         wanted = [e for e in dict.fromkeys(experts) if e not in resident]
+        if self.cpu_experts != "off" and (self.device.type == "cpu" or self.cpu_experts == "all"):
+            wanted = [e for e in wanted if (layer, e) not in self.host]  # they run where they lie
         self._inflight = [h for h in self._inflight if not self.transfers.done(h)]
         started = 0
         for expert in wanted:
