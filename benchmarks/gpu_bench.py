@@ -6,7 +6,9 @@ full 32-layer model (``offload.plan.plan_model`` at that VRAM: its per-layer cou
 N layers), caps the process's device memory at the card's share for those N layers
 (``torch.cuda.set_per_process_memory_fraction``), replays the recorded Mixtral-8x7B routing
 (``--replay`` of a trace converted by ``offload trace convert``), and measures, over the decode
-steps of the trace, per policy:
+steps of the trace, per policy and ``--cpu-experts`` setting (``off``: every miss copied over
+the link; ``auto``: the placement cost model, misses on the CPU kernel where it is sooner;
+``all``: every miss on the CPU):
 
 - decode tok/s of the N-layer model, and scaled to 32 layers (per-layer cost taken as uniform);
 - stall share (time compute waited for loads / decode time) and MiB moved per token;
@@ -15,7 +17,9 @@ steps of the trace, per policy:
   share of copy time hidden behind compute), and the transfer-bound limit (plain GB/s / bytes
   per token) with the measured tok/s as a share of it;
 - peak device memory (``max_memory_allocated``) against the plan's device bytes;
-- the tokens, checked equal to the all-resident run's (the cache never changes numbers);
+- the tokens, checked equal to the all-resident run's (the cache never changes numbers; with
+  CPU experts the CPU kernel rounds differently from the GPU's, so a greedy token may flip: the
+  row says where the first difference is) and the share of expert uses run on the CPU;
 - the timing model's estimate (``offload.estimate``) for the same plan, with the link measured
   here and the device's memory bandwidth as stated (``--mem-gbps``), beside the measurement.
 
@@ -56,6 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--trace", required=True, type=Path, help="an engine-format trace with >= the pack's layers")
     parser.add_argument("--cards", default="12,24", help="emulated cards, GiB (comma list)")
     parser.add_argument("--policies", default="lru,history", help="cache policies (comma list)")
+    parser.add_argument("--cpu-experts", default="off,auto,all", help="--cpu-experts settings (comma list)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tokens", type=int, default=0, help="decode steps (default: all the trace holds)")
     parser.add_argument("--reps", type=int, default=2, help="measured repetitions after one warm-up")
@@ -138,30 +143,33 @@ def measure(args: argparse.Namespace) -> dict:
     for card_gib in [float(c) for c in args.cards.split(",")]:
         with Pack(args.pack) as pack:
             vram, slots = card_vram(pack, int(card_gib * GiB), context, device.type)
-        for policy in args.policies.split(","):
+        for policy, cpu_experts in [(p, c) for p in args.policies.split(",") for c in args.cpu_experts.split(",")]:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
                 torch.cuda.set_per_process_memory_fraction(min(1.0, vram / total), device)
-            say(f"card {card_gib:g} GiB: {L} layers in {format_bytes(vram)}, slots {slots}, policy {policy}")
+            say(f"card {card_gib:g} GiB: {L} layers in {format_bytes(vram)}, slots {slots}, policy {policy}, "
+                f"--cpu-experts {cpu_experts}")
             engine = None
             try:
                 engine = Engine.load(args.pack, device=str(device), vram=vram, ram=ram, policy=policy,
-                                     replay=args.trace, context_length=context)
+                                     replay=args.trace, context_length=context, cpu_experts=cpu_experts)
                 got, _, _ = run_once(engine, tokens)  # warm-up: the cache fills
-                times, moved, stall = [], 0, 0.0
+                times, moved, stall, cpu_runs, uses = [], 0, 0.0, 0, 0
                 for _ in range(args.reps):
                     got, seconds, stats = run_once(engine, tokens)
                     total_stats = stats.total()
                     times.append(seconds)
                     moved += total_stats.bytes_moved
                     stall += total_stats.stall_seconds
+                    cpu_runs += total_stats.cpu_runs
+                    uses += total_stats.hits + total_stats.misses
                     hit = total_stats.hit_rate
                 peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
                 plan = engine.plan
             except Exception as exc:  # one configuration's failure (OOM, a kernel) keeps the other rows
-                rows.append({"card_gib": card_gib, "policy": policy, "error": f"{type(exc).__name__}: "
+                rows.append({"card_gib": card_gib, "policy": policy, "cpu_experts": cpu_experts, "error": f"{type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''}"})
                 say(f"  failed: {rows[-1]['error']}")
                 continue
@@ -183,7 +191,9 @@ def measure(args: argparse.Namespace) -> dict:
                                       attn_format=pack.attn_format, position=tokens // 2, trace=args.trace)
             rows.append({
                 "estimated_tok_s": est.tokens_per_s, "estimated_overlap_tok_s": est.overlap_tokens_per_s,
-                "card_gib": card_gib, "policy": policy, "layers": L, "slots": list(plan.layer_slots),
+                "card_gib": card_gib, "policy": policy, "cpu_experts": cpu_experts, "layers": L,
+                "cpu_share": cpu_runs / uses if uses else 0.0,
+                "first_difference": next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None), "slots": list(plan.layer_slots),
                 "host_experts": plan.host_experts, "vram_budget": vram,
                 "tok_s": tps, "tok_s_32_layers": tps * L / 32, "hit_rate": hit,
                 "stall_share": stall / seconds, "mib_per_token": per_token / 2**20,
@@ -196,7 +206,7 @@ def measure(args: argparse.Namespace) -> dict:
                 "tokens_equal_resident": got == want,
             })
             say(f"  {tps:.2f} tok/s ({L} layers), hit {hit:.3f}, stall {stall / seconds:.1%}, "
-                f"{per_token / 2**20:.1f} MiB/token, tokens equal: {got == want}")
+                f"{per_token / 2**20:.1f} MiB/token, on CPU {cpu_runs / max(1, uses):.1%}, tokens equal: {got == want}")
     if device.type == "cuda":
         torch.cuda.set_per_process_memory_fraction(1.0, device)
     return {
@@ -210,20 +220,22 @@ def print_report(result: dict) -> None:
     print(f"machine: {result['machine']}, torch {result['torch']}; {result['layers']} layers of synthetic "
           f"Mixtral-8x7B ({result['format']}), {result['decode_steps']} decode steps of replayed routing; "
           f"plain pinned copy {result['plain_copy_gbps']:.1f} GB/s; all resident {result['resident_tok_s']:.2f} tok/s")
-    print("| card | policy | slots/layer | tok/s (N layers) | tok/s x N/32 | estimate | hit rate | stall % "
+    print("| card | policy | CPU experts | on CPU | slots/layer | tok/s (N layers) | tok/s x N/32 | estimate | hit rate | stall % "
           "| MiB/token (32 layers) | link GB/s used | overlap | x transfer bound | peak / plan | exact |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in result["rows"]:
         if "error" in r:
-            print(f"| {r['card_gib']:g} GiB | {r['policy']} | error: {r['error']} |")
+            print(f"| {r['card_gib']:g} GiB | {r['policy']} | {r['cpu_experts']} | error: {r['error']} |")
             continue
         peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / r['plan_device_bytes']:.2f}"
         overlap = "-" if r["overlap"] is None else f"{r['overlap']:.2f}"
         share = "-" if r["share_of_transfer_bound"] is None else f"{r['share_of_transfer_bound']:.2f}"
-        print(f"| {r['card_gib']:g} GiB | {r['policy']} | {min(r['slots'])}-{max(r['slots'])} | {r['tok_s']:.2f} | "
+        exact = "yes" if r["tokens_equal_resident"] else f"from token {r['first_difference']}"
+        print(f"| {r['card_gib']:g} GiB | {r['policy']} | {r['cpu_experts']} | {100 * r['cpu_share']:.0f}% | "
+              f"{min(r['slots'])}-{max(r['slots'])} | {r['tok_s']:.2f} | "
               f"{r['tok_s_32_layers']:.2f} | {r['estimated_tok_s']:.2f} | {r['hit_rate']:.3f} | {100 * r['stall_share']:.1f} | "
               f"{r['mib_per_token_32_layers']:.0f} | {r['link_gbps_used']:.1f} | {overlap} | {share} | {peak} | "
-              f"{r['tokens_equal_resident']} |")
+              f"{exact} |")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,9 @@
 # Steps: the environment; the gpu-marked tests; a plain pinned copy of one 4-bit Mixtral expert
 # against the cache's load path; a synthetic 4-bit Mixtral-8x7B pack of $LAYERS layers (nf4, for
 # CUDA); and gpu_bench.py on it with the real routing replayed, under memory caps emulating 12
-# and 24 GiB cards (decode tok/s, stall, MiB/token, link GB/s, overlap, peak vs plan, exactness).
+# and 24 GiB cards with --cpu-experts off, auto and all (decode tok/s, share of expert uses on the
+# CPU, stall, MiB/token, link GB/s, overlap, peak vs plan, exactness), and the gpu-marked tests'
+# CPU-vs-GPU tolerance checks of experts and logits.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-checks}"
@@ -19,7 +21,7 @@ mkdir -p "$out"
 log="$out/gpu_checks.log"
 : >"$log"
 export PYTHONPATH="$PWD/.gpu/site:$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
-LAYERS="${LAYERS:-12}"   # of 32; the trace has 25 aligned layers
+LAYERS="${LAYERS:-8}"    # of 32; the trace has 25 aligned layers
 PACK="${PACK:-/tmp/offload-synth-$LAYERS}"
 TRACE="${TRACE:-.gpu/trace-p0.jsonl}"
 PY="${PYTHON:-python3}"
@@ -40,8 +42,8 @@ step environment 20 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_ver
     torch.cuda.get_device_name(), \"bitsandbytes\", bitsandbytes.__version__)'; nproc; free -g; df -h /tmp"
 step gpu-tests 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider --timeout 60 tests
 step transfer 25 "$PY" benchmarks/bench_transfer.py --device cuda --mib 94.5 --reps 10
-step synth 90 "$PY" -m cli synth mixtral-8x7b "$PACK" --layers "$LAYERS" --expert-format nf4 --force
-step true-size 190 "$PY" -m benchmarks.gpu_bench --pack "$PACK" --trace "$TRACE" --cards 12,24 \
-    --policies lru,history --reps 2 --json "$out/gpu_results.json"
+step synth 70 "$PY" -m cli synth mixtral-8x7b "$PACK" --layers "$LAYERS" --expert-format nf4 --force
+step true-size 230 "$PY" -m benchmarks.gpu_bench --pack "$PACK" --trace "$TRACE" --cards 12,24 \
+    --policies history --cpu-experts off,auto,all --reps 2 --json "$out/gpu_results.json"
 rm -rf "$PACK"
 echo "== done" >>"$log"

@@ -54,7 +54,7 @@ def profile_command(
     with user_errors():
         check_file(out, force, "profile")  # refused now, not after probing and timing
         model = local_model(model) if model else DEMO_MODEL_DIR  # a hub id: from the cache, or downloaded
-        machine = probe_machine(model, device)
+        machine = probe_machine(model, device, compute=True)
         start = load_profile(base) if base else best_shipped_profile(machine["device"], machine["vram"] or None)
         capacity = machine["vram"] if machine["gpu"] != "none" else machine["ram_available"]
         budget = capacity - _headroom(headroom, capacity)
@@ -96,8 +96,21 @@ def profile_command(
         print(
             f"{out}: {_label(config)} ({tg:.1f} t/s on {model_label(model)}); machine: {profile.gpu}, "
             f"VRAM {profile.vram}, RAM {profile.ram}, {profile.cpu_threads} threads, "
-            f"host-to-device {machine['h2d_gbps']:.1f} GB/s, disk {disk}"
+            f"host-to-device {machine['h2d_gbps']:.1f} GB/s, disk {disk}; {_compute_text(machine)}"
         )
+
+
+def _compute_text(machine: dict) -> str:
+    """The measured figures the CPU-expert cost model takes, in one clause."""
+    def gbps(key: str) -> str:
+        return f"{machine[key]:.1f} GB/s" if machine.get(key) else "not measured"
+
+    text = f"RAM read {gbps('ram_gbps')}, 4-bit CPU kernel {gbps('cpu_expert_gbps')}"
+    if machine.get("gpu_expert_gbps"):
+        text += f", 4-bit GPU kernel {gbps('gpu_expert_gbps')}"
+    if machine.get("round_trip_ms"):
+        text += f", CPU-expert round trip {machine['round_trip_ms']:.3f} ms"
+    return text
 
 
 def _headroom(text: str, capacity: int) -> int:

@@ -9,7 +9,7 @@ never prints) or a chat session (it takes token ids; formats live in the tokeniz
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -129,6 +129,7 @@ class Engine:
         attn_bits: int | None = None,
         replay: str | Path | None = None,
         cpu_experts: str = "auto",
+        machine: Any = None,
     ) -> Engine:
         """Load a Hugging Face Mixtral checkpoint directory, a hub id already in the local
         Hugging Face cache (``mistralai/Mixtral-8x7B-Instruct-v0.1``), or an offload pack.
@@ -149,6 +150,9 @@ class Engine:
         the RAM tier runs: "auto" on its RAM copy on a CPU device (a copy into a "slot" in RAM
         would only move bytes) and by the placement cost model on CUDA; "all" always on the CPU;
         "off" always loaded into a device slot (the device computes every expert).
+        ``machine``: a machine profile (``offload.profile.Profile``) whose measured link, GPU and
+        CPU costs that cost model takes (``Costs.from_profile``); None, or a profile lacking a
+        figure: the stated defaults of ``offload.experts.placement.default_costs``.
         """
         if expert_format is not None and expert_bits is not None:
             raise SettingError("give --expert-format or --expert-bits, not both")
@@ -244,7 +248,7 @@ class Engine:
                 progress=progress,
                 host_chunks=plan.host_chunks,
                 cpu_experts=cpu_experts,
-                placer=make_placer(torch_device, layout, config) if cpu_experts == "auto" else None,
+                placer=make_placer(torch_device, layout, config, machine, notes) if cpu_experts == "auto" else None,
             )
         except BaseException:
             source.close()
@@ -320,14 +324,30 @@ class Engine:
         return Generation(self, prompt_ids, settings or GenerationSettings())
 
 
-def make_placer(device: torch.device, layout, config: ModelConfig):
+def make_placer(device: torch.device, layout, config: ModelConfig, machine: Any = None, notes: list[str] | None = None):
     """The cost model's choice of which misses run on the CPU, for ``--cpu-experts auto`` on a
-    device that is not the host (None on a CPU device, where every miss in RAM runs in place)."""
+    device that is not the host (None on a CPU device, where every miss in RAM runs in place),
+    priced by ``machine``'s measured costs when it has them (else the stated defaults, and a line
+    in ``notes`` saying which figure was missing)."""
     if device.type == "cpu":
         return None
-    from offload.experts.placement import engine_placer
+    from offload.experts.placement import Costs, default_costs, engine_placer
+    from offload.kernels import cpu4
 
-    return engine_placer(device, layout, config)
+    kernel = cpu4.status()
+    if kernel.path == "torch":  # dequantize + matmul on the CPU: 20-50x the kernel's time; no miss is sooner there
+        if notes is not None:
+            notes.append(f"--cpu-experts auto: every miss runs on the GPU: {kernel.reason}")
+        return lambda layer, misses, cache, tokens=None: []
+    costs = None
+    if machine is not None:
+        try:
+            costs = Costs.from_profile(machine, int(layout.nbytes))
+        except SettingError as e:
+            costs = default_costs(int(layout.nbytes))
+            if notes is not None:
+                notes.append(f"--cpu-experts auto: {e}; the cost model takes the stated defaults ({costs.describe()})")
+    return engine_placer(device, layout, config, costs)
 
 
 def check_context_memory(config: ModelConfig, context_length: int, device: torch.device, dtype: torch.dtype) -> None:

@@ -87,8 +87,8 @@ MEMORY_EFFICIENCY = 0.6
 # copy of the routing per layer and the cache's bookkeeping (~0.05 ms, README); on a CPU the
 # Python dispatch of the same ops and the bookkeeping. Stated figures.
 LAYER_OVERHEAD_S = {"cuda": 0.3e-3, "cpu": 0.1e-3}
-# A CPU converting a matrix before its matmul (int8 cast, nf4/fp4 dequantize in the portable
-# layout): weights per second, from FACTS.md on the AVX-512 Xeon (one 14336 x 4096 nf4 matrix
+# A CPU converting a matrix before its matmul (int8 cast; 4-bit formats run offload's kernel on the
+# codes, unconverted): weights per second, from FACTS.md on the AVX-512 Xeon (one 14336 x 4096 nf4 matrix
 # dequantized to bf16 in 35 ms: 1.7e9 weights/s; int8's cast costs about the same).
 CPU_CONVERT_WEIGHTS_PER_S = 1.7e9
 # Defaults for a machine given by flags (``offload info --vram``): PCIe 4.0 x16 from pinned
@@ -198,8 +198,9 @@ def touched_bytes(shape: tuple[int, int], fmt: quant.WeightFormat | str, dtype: 
     """Bytes a batch-1 matmul on one [out, in] matrix moves through memory: its stored bytes,
     plus, where the kernel first makes the whole matrix in the compute dtype (int8's cast;
     4-bit dequantized on a CPU, or the CPU layout on CUDA; a plain matrix in another dtype), the
-    write and the read of that copy. bitsandbytes' CUDA 4-bit kernel and the fused CPU kernel
-    read the packed codes directly."""
+    write and the read of that copy. bitsandbytes' CUDA 4-bit kernel, offload's CPU 4-bit kernel
+    (``offload.kernels.cpu4``, built wherever a C compiler is; without one a CPU dequantizes,
+    which this does not price) and bitsandbytes' fused CPU kernel read the packed codes directly."""
     fmt = quant.get_format(fmt)
     stored = quant.matrix_bytes(shape, fmt)
     copy = 2 * shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
@@ -208,12 +209,12 @@ def touched_bytes(shape: tuple[int, int], fmt: quant.WeightFormat | str, dtype: 
     if fmt.kind == "int8":
         return stored + copy
     if fmt.kind == "4bit":
-        return stored if device_type == "cuda" else stored + copy
+        return stored
     return stored if device_type == "cpu" else stored + copy + shape[0] * shape[1]  # "4bit-cpu": unpacked codes
 
 
 def _converts_on_cpu(fmt: quant.WeightFormat, dtype: torch.dtype) -> bool:
-    return fmt.kind in ("int8", "4bit") or (fmt.kind == "plain" and fmt.dtype != dtype)
+    return fmt.kind == "int8" or (fmt.kind == "plain" and fmt.dtype != dtype)
 
 
 def matrix_seconds(

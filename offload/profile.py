@@ -4,7 +4,10 @@ What it is: ``Profile`` (the ``[machine]`` and ``[plan]`` tables of a profile fi
 ``load_profile`` (a shipped name, or a path), checked field by field with one-line errors naming
 the file and the field, ``save_profile`` (hand-written TOML, atomic: ``offload.files``), ``engine_kwargs`` (the plan
 as ``Engine.load`` keyword arguments), ``probe_machine`` (RAM, CPU threads, GPU, a timed
-host-to-device copy and a timed disk read), ``best_shipped_profile`` and ``does_it_fit``. What
+host-to-device copy and a timed disk read; with ``compute``, the RAM's read bandwidth, the
+4-bit CPU kernel's and, on CUDA, the 4-bit GPU kernel's GB/s on an expert matrix and a CPU
+expert's round trip: the numbers ``--cpu-experts auto``'s cost model takes, through
+``engine_kwargs``' ``machine``), ``best_shipped_profile`` and ``does_it_fit``. What
 it is not: the automatic choice of a profile fitted to a model (profile_fit.py), a benchmark (``offload profile``, in cli/profile.py, measures candidate
 plans through offload.bench), nor a printer: the CLI says which profile ran.
 
@@ -28,6 +31,8 @@ File layout (sizes as strings: "8GiB", "512MiB", "0"):
                                       # (usable, not peak), for CPU experts (placement, estimate)
     cpu_expert_gbps = 40.0            # optional: the CPU 4-bit kernel's measured GB/s on expert
                                       # records (replaces ram_gbps x its stated 0.6 share)
+    gpu_expert_gbps = 220.0           # optional: the GPU 4-bit kernel's measured GB/s on expert
+                                      # records (replaces mem_gbps x its stated 0.6 share)
     round_trip_ms = 0.1               # optional: one layer's CPU-expert round trip, ms
     [plan]
     expert_bits = 4                   # 4, 8 or 16
@@ -123,6 +128,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
         "mem_gbps": ("gbps", False),
         "ram_gbps": ("gbps", False),
         "cpu_expert_gbps": ("gbps", False),
+        "gpu_expert_gbps": ("gbps", False),
         "round_trip_ms": ("float", False),
     },
     "plan": {
@@ -161,6 +167,7 @@ class Profile:
     mem_gbps: float | None = None  # the device's memory bandwidth, GB/s (None: not stated)
     ram_gbps: float | None = None  # beside a GPU: the CPU's usable RAM read bandwidth, GB/s
     cpu_expert_gbps: float | None = None  # the CPU 4-bit kernel's measured GB/s on expert records
+    gpu_expert_gbps: float | None = None  # the GPU 4-bit kernel's measured GB/s on expert records
     round_trip_ms: float | None = None  # one layer's CPU-expert round trip (None: the stated default)
     cpu_experts: str | None = None  # auto | off | all (None: the engine's default)
     comment: str = ""
@@ -198,6 +205,7 @@ class Profile:
                        mem_gbps=None if self.mem_gbps is None else float(self.mem_gbps),
                        ram_gbps=None if self.ram_gbps is None else float(self.ram_gbps),
                        cpu_expert_gbps=None if self.cpu_expert_gbps is None else float(self.cpu_expert_gbps),
+                       gpu_expert_gbps=None if self.gpu_expert_gbps is None else float(self.gpu_expert_gbps),
                        round_trip_ms=None if self.round_trip_ms is None else float(self.round_trip_ms))
         plan = dict(expert_bits=self.expert_bits, attn_bits=self.attn_bits, vram=self.plan_vram,
                     ram=self.plan_ram, experts_per_layer=self.experts_per_layer, context=self.context,
@@ -319,7 +327,7 @@ def profile_from_dict(data: dict[str, Any], source: str = "<profile>", name: str
         attn_bits=p["attn_bits"], context=p["context"], policy=p["policy"],
         prefetch_depth=p["prefetch_depth"], plan_vram=p.get("vram"), plan_ram=p.get("ram"),
         experts_per_layer=p.get("experts_per_layer"), mem_gbps=m.get("mem_gbps"), ram_gbps=m.get("ram_gbps"),
-        cpu_expert_gbps=m.get("cpu_expert_gbps"), round_trip_ms=m.get("round_trip_ms"),
+        cpu_expert_gbps=m.get("cpu_expert_gbps"), gpu_expert_gbps=m.get("gpu_expert_gbps"), round_trip_ms=m.get("round_trip_ms"),
         cpu_experts=p.get("cpu_experts"), comment=comment, source=source,
     )
     if profile.plan_vram is not None and profile.experts_per_layer is not None:
@@ -398,7 +406,9 @@ def save_profile(profile: Profile, path: str | Path, *, force: bool = False) -> 
 
 
 def engine_kwargs(profile: Profile) -> dict[str, Any]:
-    """Keyword arguments for ``Engine.load``: the profile's plan, its device and context."""
+    """Keyword arguments for ``Engine.load``: the profile's plan, its device and context, and
+    (a GPU profile) the profile itself as ``machine``, whose measured costs the placement cost
+    model of ``--cpu-experts auto`` takes."""
     return {
         "device": "cuda" if profile.has_gpu else "cpu",
         "context_length": profile.context,
@@ -410,6 +420,7 @@ def engine_kwargs(profile: Profile) -> dict[str, Any]:
         "expert_bits": profile.expert_bits,
         "attn_bits": profile.attn_bits,
         **({} if profile.cpu_experts is None else {"cpu_experts": profile.cpu_experts}),
+        **({"machine": profile} if profile.has_gpu else {}),
     }
 
 
@@ -458,10 +469,13 @@ def probe_machine(
     device: str = "auto",
     copy_bytes: int = PROBE_COPY_BYTES,
     read_bytes: int = PROBE_READ_BYTES,
+    compute: bool = False,
 ) -> dict[str, Any]:
     """What this machine has: RAM and CPU threads (psutil), the GPU's name and memory, a timed
     host-to-device copy of ``copy_bytes`` and, given a model or pack, a timed read of its largest
-    file. Sizes in bytes, speeds in GB/s (None when not measured)."""
+    file; with ``compute``, ``offload.measure.compute_figures`` too (``ram_gbps``,
+    ``cpu_expert_gbps``, ``gpu_expert_gbps``, ``round_trip_ms``: about a second). Sizes in
+    bytes, speeds in GB/s (None when not measured)."""
     torch_device = resolve_device(device)
     memory = psutil.virtual_memory()
     machine: dict[str, Any] = {
@@ -486,6 +500,10 @@ def probe_machine(
         if path is None:
             raise SettingError(f"{pack_or_model}: no file to time a disk read on")
         machine.update(disk_gbps=_time_read(path, read_bytes), disk_file=str(path))
+    if compute:
+        from offload.measure import compute_figures
+
+        machine.update(compute_figures(torch_device))
     return machine
 
 
@@ -533,10 +551,13 @@ def does_it_fit(profile: Profile, machine: dict[str, Any]) -> None:
 def machine_profile(machine: dict[str, Any], plan: Profile, name: str = "this-machine", comment: str = "") -> Profile:
     """``plan``'s [plan] with ``machine``'s (probe_machine) figures as the [machine] table; the
     memory bandwidth, which the probe does not measure, is the machine's ``mem_gbps`` when it
-    has one, else ``plan``'s when its GPU is this machine's, else unstated; the host's figures
-    for CPU experts (``ram_gbps``, ``cpu_expert_gbps``, ``round_trip_ms``) are the machine's
+    has one, on a machine without a GPU the measured ``ram_gbps``, else ``plan``'s when its GPU
+    is this machine's, else unstated; the host's figures
+    for CPU experts (``ram_gbps``, ``cpu_expert_gbps``, ``gpu_expert_gbps``, ``round_trip_ms``) are the machine's
     when it has them, else unstated (another machine's would mislead)."""
     mem_gbps = machine.get("mem_gbps") or (plan.mem_gbps if plan.gpu == machine["gpu"] else None)
+    if machine["gpu"] == NO_GPU and machine.get("ram_gbps"):  # a CPU's device memory is its RAM, as measured
+        mem_gbps = machine["ram_gbps"]
     return replace(
         plan,
         name=name,
@@ -549,6 +570,7 @@ def machine_profile(machine: dict[str, Any], plan: Profile, name: str = "this-ma
         mem_gbps=mem_gbps,
         ram_gbps=machine.get("ram_gbps"),
         cpu_expert_gbps=machine.get("cpu_expert_gbps"),
+        gpu_expert_gbps=machine.get("gpu_expert_gbps"),
         round_trip_ms=machine.get("round_trip_ms"),
         comment=comment or plan.comment,
         source="",

@@ -373,3 +373,52 @@ def test_demo_model_with_4bit_experts_runs_portable_nf4_through_the_kernel_with_
         logits[path] = lp
     if "avx2" in logits and "avx512" in logits:
         assert torch.equal(logits["avx2"], logits["avx512"])
+
+
+# ---- against the GPU's arithmetic (the bound of --cpu-experts beside a GPU) -----------------------
+
+
+def gpu_like_ffn(x: torch.Tensor, weights: list[quant.QuantizedMatrix]) -> torch.Tensor:
+    """The GPU's arithmetic for one expert, emulated on the CPU: bitsandbytes' CUDA kernel
+    dequantizes to bf16 and rounds each product to bf16."""
+    w1, w3, w2 = (quant.dequantize(m, torch.bfloat16) for m in weights)
+    return torch.nn.functional.linear(torch.nn.functional.silu(x @ w1.T) * (x @ w3.T), w2)  # [N, D] bf16
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_an_expert_on_the_kernel_agrees_with_the_gpus_arithmetic_within_the_stated_bound(fmt):
+    from offload.model import ExpertWeights, expert_ffn
+
+    if not cpu4.runnable_paths():
+        pytest.skip("the kernel cannot be built here")
+    D, I = 1024, 3584
+    generator = torch.Generator().manual_seed(3)
+    weights = [quant.quantize((torch.randn(s, generator=generator) * 0.02).bfloat16(), fmt)
+               for s in ((I, D), (I, D), (D, I))]
+    for n in (1, 4, 16):
+        x = torch.randn(n, D, generator=generator).bfloat16()  # [N, D]
+        ours = expert_ffn(x, ExpertWeights(*weights))
+        theirs = gpu_like_ffn(x, weights)
+        error = row_errors(ours.float(), theirs.float())
+        assert 0 < error.max() <= cpu4.GPU_EXPERT_AGREEMENT, (n, error.max())
+
+
+def test_the_demo_models_logits_on_the_kernel_agree_with_the_gpus_arithmetic(forget_kernel, monkeypatch):
+    from offload.demo import DEMO_MODEL_DIR
+    from offload.engine import Engine
+
+    if not cpu4.runnable_paths():
+        pytest.skip("the kernel cannot be built here")
+    text = (Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "python-docs-valid.txt").read_text()
+    logits = {}
+    for path in ("torch", cpu4.runnable_paths()[0]):  # torch: dequantize to bf16, then a bf16 matmul
+        monkeypatch.setenv(cpu4.ENV_PATH, path)
+        cpu4.reset()
+        quant._kernels.cache_clear()
+        engine = Engine.load(DEMO_MODEL_DIR, device="cpu", dtype="bfloat16", expert_bits=4)
+        ids = engine.tokenizer.encode(text[5000:12000], bos=True)[:256]
+        logits[path] = engine.logits(ids).float()  # [T, vocab]
+    want, got = logits.pop("torch"), logits.popitem()[1]
+    error = (got - want).norm(dim=-1) / want.norm(dim=-1)
+    assert 0 < error.max() <= cpu4.GPU_LOGITS_AGREEMENT
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95

@@ -86,11 +86,13 @@ def test_a_cpu_machine_reads_disk_straight_into_its_slots_and_resident_plans_loa
 def test_touched_bytes_and_conversion_per_format():
     shape = (128, 64)
     n = 128 * 64
-    for fmt in ("nf4", "fp4", "nf4-dq"):  # bitsandbytes' CUDA kernel reads the packed codes
-        assert touched_bytes(shape, fmt, torch.bfloat16, "cuda") == quant.matrix_bytes(shape, fmt)
+    for fmt in ("nf4", "fp4", "nf4-dq"):  # bitsandbytes' CUDA kernel and offload's CPU kernel read the codes
+        for device_type in ("cuda", "cpu"):
+            assert touched_bytes(shape, fmt, torch.bfloat16, device_type) == quant.matrix_bytes(shape, fmt)
+    assert matrix_seconds(shape, "nf4", torch.bfloat16, Machine("cpu", mem_gbps=2.0, efficiency=1.0)) == (
+        pytest.approx(quant.matrix_bytes(shape, "nf4") / 2e9))  # no conversion priced
     # int8 casts the whole matrix to the compute dtype on every call: written once, read once
     assert touched_bytes(shape, "int8", torch.bfloat16, "cuda") == quant.matrix_bytes(shape, "int8") + 2 * n * 2
-    assert touched_bytes(shape, "nf4", torch.bfloat16, "cpu") == quant.matrix_bytes(shape, "nf4") + 2 * n * 2
     assert touched_bytes(shape, "bf16", torch.bfloat16, "cpu") == n * 2
     cpu = Machine("cpu", mem_gbps=2.0, efficiency=1.0)
     converted = (quant.matrix_bytes(shape, "int8") + 4 * n) / 2e9 + n / CPU_CONVERT_WEIGHTS_PER_S

@@ -57,7 +57,7 @@ def test_cuda_cache_with_half_the_experts_is_bit_identical(shape, ram, model_dir
         for policy, depth in (("lru", 1), ("combined", 1), ("combined", 3)):
             engine = Engine.load(
                 source, device="cuda", dtype="bfloat16", experts_per_layer=half, ram=ram, policy=policy,
-                prefetch_depth=depth,
+                prefetch_depth=depth, cpu_experts="off",  # every expert on the GPU: exact
             )
             gen = engine.generate(ids, settings).run()
             assert gen.tokens == want, (policy, depth)
@@ -95,3 +95,52 @@ def test_decode_steps_take_no_new_device_memory_segments(model_dirs):
     for _ in range(16):
         token = int(engine.decode(token).argmax())
     assert torch.cuda.memory_stats()["segment.all.allocated"] == before
+
+
+# ---- experts computed on the CPU beside the GPU (--cpu-experts) ----------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "nf4-dq"])
+def test_a_cpu_expert_agrees_with_the_same_expert_on_the_gpu_within_the_stated_bound(fmt):
+    """The CPU kernel and bitsandbytes' CUDA kernel on the same record bytes: per-row relative
+    error within ``cpu4.GPU_EXPERT_AGREEMENT`` (bf16), at decode and prefill-ish batches."""
+    from offload import quant
+    from offload.kernels import cpu4
+    from offload.model import ExpertWeights, expert_ffn
+
+    if cpu4.status().path == "torch":
+        pytest.skip("the CPU kernel cannot be built here")
+    D, I = 1024, 3584
+    generator = torch.Generator().manual_seed(3)
+    weights = [quant.quantize((torch.randn(s, generator=generator) * 0.02).bfloat16(), fmt)
+               for s in ((I, D), (I, D), (D, I))]
+    on_gpu = [quant.QuantizedMatrix(m.fmt, m.shape, {k: v.cuda() for k, v in m.tensors.items()}) for m in weights]
+    for n in (1, 4, 16):
+        x = torch.randn(n, D, generator=generator).bfloat16()  # [N, D]
+        cpu = expert_ffn(x, ExpertWeights(*weights)).float()
+        gpu = expert_ffn(x.cuda(), ExpertWeights(*on_gpu)).float().cpu()
+        error = ((cpu - gpu).norm(dim=1) / gpu.norm(dim=1)).max().item()
+        assert error <= cpu4.GPU_EXPERT_AGREEMENT, (fmt, n, error)
+
+
+@pytest.mark.parametrize("cpu_experts", ["auto", "all"])
+def test_cpu_experts_beside_the_gpu_keep_the_logits_within_the_stated_bound(cpu_experts, model_dirs):
+    """Half the experts on the GPU, the misses on the CPU (all of them, or where the cost model
+    says): the logits within ``cpu4.GPU_LOGITS_AGREEMENT`` of the all-resident GPU run, and the
+    CPU really ran experts."""
+    from offload.kernels import cpu4
+
+    name = SHAPES[0].name
+    ref = Engine.load(model_dirs[name], device="cuda", dtype="bfloat16", expert_bits=4)
+    ids = ref.tokenizer.encode(PROMPT, bos=True)
+    want = ref.logits(ids).float().cpu()
+    c = ref.config
+    half = max(c.num_experts_per_tok, c.num_local_experts // 2)
+    engine = Engine.load(model_dirs[name], device="cuda", dtype="bfloat16", expert_bits=4, experts_per_layer=half,
+                         cpu_experts=cpu_experts)
+    got = engine.logits(ids).float().cpu()
+    error = ((got - want).norm(dim=-1) / want.norm(dim=-1)).max().item()
+    assert error <= cpu4.GPU_LOGITS_AGREEMENT, error
+    gen = engine.generate(ids, GenerationSettings(max_new_tokens=16, ignore_eos=True)).run()
+    if cpu_experts == "all":
+        assert gen.cache_stats.total().cpu_runs > 0

@@ -144,14 +144,17 @@ def test_costs_from_bandwidths_and_a_profile():
         disk_gbps: float = 3.5
         mem_gbps: float | None = 360.0
         ram_gbps: float | None = 65.0
-        cpu_expert_ms: float | None = None
-        gpu_expert_ms: float | None = None
+        cpu_expert_gbps: float | None = None
+        gpu_expert_gbps: float | None = None
         round_trip_ms: float | None = None
         source: str = "fake.toml"
 
     assert Costs.from_profile(FakeProfile(), record) == got
-    timed = Costs.from_profile(FakeProfile(cpu_expert_ms=3.0, round_trip_ms=0.5), record)
-    assert timed.cpu_s == pytest.approx(3e-3) and timed.round_trip_s == pytest.approx(5e-4)
+    timed = Costs.from_profile(FakeProfile(cpu_expert_gbps=20.0, gpu_expert_gbps=250.0, round_trip_ms=0.5), record)
+    assert timed.cpu_s == pytest.approx(record / 20e9) and timed.gpu_s == pytest.approx(record / 250e9)
+    assert timed.round_trip_s == pytest.approx(5e-4)
+    measured_cpu_only = Costs.from_profile(FakeProfile(ram_gbps=None, cpu_expert_gbps=20.0), record)
+    assert measured_cpu_only.cpu_s == pytest.approx(record / 20e9)  # a measured kernel needs no RAM figure
     with pytest.raises(SettingError, match="fake.toml: machine.ram_gbps"):
         Costs.from_profile(FakeProfile(ram_gbps=None), record)
     with pytest.raises(SettingError, match="link_s"):

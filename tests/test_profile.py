@@ -1,6 +1,7 @@
 """Machine profiles: shipped files load, bad files are refused naming file and field, round trip,
 the cpu-only plan loads the demo model, and `offload profile` writes a profile that reads back."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -339,7 +340,8 @@ def test_shipped_card_profiles_state_the_hosts_ram_and_where_misses_run():
 
 
 def test_the_host_fields_round_trip_and_old_profiles_still_read(tmp_path):
-    text = GOOD.replace("mem_gbps = 360.0", "mem_gbps = 360.0\ncpu_expert_gbps = 41.5\nround_trip_ms = 0.25", 1)
+    text = GOOD.replace("mem_gbps = 360.0", "mem_gbps = 360.0\ncpu_expert_gbps = 41.5\ngpu_expert_gbps = 230.0\n"
+                        "round_trip_ms = 0.25", 1)
     text = text.replace('cpu_experts = "auto"', 'cpu_experts = "off"', 1)
     path = tmp_path / "host.toml"
     path.write_text(text)
@@ -349,6 +351,7 @@ def test_the_host_fields_round_trip_and_old_profiles_still_read(tmp_path):
     again = load_profile(save_profile(profile, tmp_path / "again.toml"))
     assert again.tables() == profile.tables()
     assert again.tables()["machine"]["round_trip_ms"] == 0.25 and again.tables()["plan"]["cpu_experts"] == "off"
+    assert again.gpu_expert_gbps == 230.0
     old = tmp_path / "old.toml"
     old.write_text("\n".join(line for line in GOOD.splitlines()
                              if not line.startswith(("ram_gbps", "cpu_experts"))) + "\n")
@@ -364,6 +367,7 @@ def test_the_host_fields_round_trip_and_old_profiles_still_read(tmp_path):
     ("ram_gbps = 65.0", "ram_gbps = inf", "machine.ram_gbps"),
     ("ram_gbps = 65.0", 'ram_gbps = 65.0\ncpu_expert_gbps = "fast"', "machine.cpu_expert_gbps"),
     ("ram_gbps = 65.0", "ram_gbps = 65.0\nround_trip_ms = -1", "machine.round_trip_ms"),
+    ("ram_gbps = 65.0", "ram_gbps = 65.0\ngpu_expert_gbps = -3", "machine.gpu_expert_gbps"),
 ])
 def test_bad_host_fields_name_file_and_field(tmp_path, old, new, field):
     path = tmp_path / "bad.toml"
@@ -372,3 +376,88 @@ def test_bad_host_fields_name_file_and_field(tmp_path, old, new, field):
     with pytest.raises(SettingError) as info:
         load_profile(path)
     assert str(path) in str(info.value) and field in str(info.value)
+
+
+# ---- the costs the placement model takes, measured -----------------------------------------------
+
+
+def test_the_probe_measures_the_cpu_side_costs_and_the_profile_keeps_them(tmp_path):
+    from offload.kernels import cpu4
+    from offload.profile import machine_profile
+
+    machine = probe_machine(device="cpu", copy_bytes=2**20, compute=True)
+    assert machine["ram_gbps"] > 0
+    if cpu4.status().path == "torch":
+        assert machine["cpu_expert_gbps"] is None
+    else:  # the kernel on one w1-sized matrix reads at a real speed, below a sane ceiling
+        assert 0.05 < machine["cpu_expert_gbps"] < 2000
+    assert machine["gpu_expert_gbps"] is None and machine["round_trip_ms"] is None  # no GPU, no trip
+    assert "ram_gbps" not in probe_machine(device="cpu", copy_bytes=0)  # not asked: not measured
+    profile = machine_profile(machine, load_profile("cpu-only"), "here")
+    again = load_profile(save_profile(profile, tmp_path / "here.toml"))
+    assert again.ram_gbps == machine["ram_gbps"] and again.cpu_expert_gbps == machine["cpu_expert_gbps"]
+    assert again.gpu_expert_gbps is None and "gpu_expert_gbps" not in again.tables()["machine"]
+    assert again.mem_gbps == machine["ram_gbps"]  # without a GPU the device memory is the RAM measured
+
+
+def test_a_gpu_profile_hands_its_measured_costs_to_the_engines_placer():
+    import torch
+
+    from offload.engine import make_placer
+    from offload.experts.placement import Costs, default_costs
+
+    card = load_profile("rtx-3060-12gb")
+    assert engine_kwargs(card)["machine"] is card and "machine" not in engine_kwargs(load_profile("cpu-only"))
+
+    class Layout:
+        nbytes = 99_090_432  # a 4-bit Mixtral expert record
+
+    class Config:
+        num_experts_per_tok = 2
+
+    class Cache:
+        def prefetch_in_flight(self):
+            return False
+
+    cuda = torch.device("cuda")  # a device object only: nothing here touches CUDA
+    assert make_placer(torch.device("cpu"), Layout(), Config(), card) is None  # a CPU runs misses in place
+    # a fast measured CPU kernel: a lone miss runs on the CPU; a slow one: over the link
+    fast = replace(card, cpu_expert_gbps=500.0, gpu_expert_gbps=300.0)
+    slow = replace(card, cpu_expert_gbps=0.5, gpu_expert_gbps=300.0)
+    assert Costs.from_profile(fast, Layout.nbytes).cpu_s < Costs.from_profile(fast, Layout.nbytes).link_s
+    assert make_placer(cuda, Layout(), Config(), fast)(0, [5], Cache()) == [5]
+    assert make_placer(cuda, Layout(), Config(), slow)(0, [5], Cache()) == []
+    # a profile missing a figure: the stated defaults, and a note naming the field
+    notes: list[str] = []
+    bare = replace(card, ram_gbps=None, cpu_expert_gbps=None)
+    placer = make_placer(cuda, Layout(), Config(), bare, notes)
+    assert len(notes) == 1 and "machine.ram_gbps or machine.cpu_expert_gbps" in notes[0]
+    want = engine_placer_choice(default_costs(Layout.nbytes), Layout, Config, Cache)
+    assert placer(0, [5], Cache()) == want
+
+
+def test_without_the_cpu_kernel_auto_keeps_every_miss_on_the_gpu_and_says_why(monkeypatch):
+    import torch
+
+    from offload.engine import make_placer
+    from offload.kernels import cpu4
+
+    monkeypatch.setattr(cpu4, "status", lambda: cpu4.KernelStatus("torch", (), "no C compiler found"))
+
+    class Layout:
+        nbytes = 99_090_432
+
+    class Config:
+        num_experts_per_tok = 2
+
+    notes: list[str] = []
+    fast = replace(load_profile("rtx-3060-12gb"), cpu_expert_gbps=500.0)  # even a profile that says it is fast
+    placer = make_placer(torch.device("cuda"), Layout(), Config(), fast, notes)
+    assert placer(0, [1, 5], None) == [] and placer(0, [3], None, tokens=1) == []
+    assert notes == ["--cpu-experts auto: every miss runs on the GPU: no C compiler found"]
+
+
+def engine_placer_choice(costs, layout, config, cache):
+    from offload.experts.placement import engine_placer
+
+    return engine_placer("cuda", layout(), config(), costs)(0, [5], cache())

@@ -62,7 +62,7 @@ GPU, CPU = "gpu", "cpu"
 
 # The 4-bit CPU kernel's target share of the machine's measured memory read bandwidth (issue 13:
 # ">= 60% of the machine's memory read bandwidth on AVX2 and AVX-512"): a stated target, not a
-# measurement; a profile's measured ``cpu_expert_ms`` replaces it.
+# measurement; a profile's measured ``cpu_expert_gbps`` replaces it.
 CPU_KERNEL_EFFICIENCY = 0.6
 # The share of the card's memory bandwidth a batch-1 4-bit expert reaches on the GPU: the same
 # stated figure as ``offload.estimate.MEMORY_EFFICIENCY`` (a test keeps them equal).
@@ -167,9 +167,11 @@ class Costs:
     @classmethod
     def from_profile(cls, profile: Any, record_bytes: int, **overrides: Any) -> Costs:
         """Costs from a machine profile (``offload.profile.Profile``): the link's ``h2d_gbps``,
-        the disk's ``disk_gbps``; the GPU expert from ``gpu_expert_ms`` when measured, else the
-        card's ``mem_gbps``; the CPU expert from ``cpu_expert_ms`` when measured, else the CPU's
-        ``ram_gbps``; the round trip from ``round_trip_ms``, else ``ROUND_TRIP_S``.
+        the disk's ``disk_gbps``; the GPU expert from the 4-bit GPU kernel's measured
+        ``gpu_expert_gbps`` when the profile has it, else the card's ``mem_gbps`` at
+        ``GPU_KERNEL_EFFICIENCY``; the CPU expert from the CPU kernel's measured ``cpu_expert_gbps``,
+        else the CPU's ``ram_gbps`` at ``CPU_KERNEL_EFFICIENCY``; the round trip from
+        ``round_trip_ms``, else ``ROUND_TRIP_S`` (``offload profile`` measures all of them).
         ``overrides`` (None values ignored) replace fields of the result. Raises SettingError
         naming the field when the profile gives neither a time nor a bandwidth for a side."""
         where = getattr(profile, "source", "") or getattr(profile, "name", "") or "profile"
@@ -178,6 +180,10 @@ class Costs:
             value = getattr(profile, name, None)
             return None if value is None else value * 1e-3
 
+        def measured(name: str) -> float | None:  # seconds per record at a measured GB/s
+            value = getattr(profile, name, None)
+            return record_bytes / (value * 1e9) if value else None
+
         try:
             costs = cls.from_bandwidths(
                 record_bytes,
@@ -185,13 +191,13 @@ class Costs:
                 gpu_gbps=getattr(profile, "mem_gbps", None),
                 cpu_gbps=getattr(profile, "ram_gbps", None),
                 disk_gbps=getattr(profile, "disk_gbps", None) or None,
-                gpu_s=ms("gpu_expert_ms"),
-                cpu_s=ms("cpu_expert_ms"),
+                gpu_s=measured("gpu_expert_gbps"),
+                cpu_s=measured("cpu_expert_gbps"),
                 round_trip_s=ms("round_trip_ms") if ms("round_trip_ms") is not None else ROUND_TRIP_S,
             )
         except SettingError as exc:
-            field = ("machine.ram_gbps or machine.cpu_expert_ms" if "CPU" in str(exc)
-                     else "machine.mem_gbps or machine.gpu_expert_ms" if "GPU" in str(exc) else "machine.h2d_gbps")
+            field = ("machine.ram_gbps or machine.cpu_expert_gbps" if "CPU" in str(exc)
+                     else "machine.mem_gbps or machine.gpu_expert_gbps" if "GPU" in str(exc) else "machine.h2d_gbps")
             raise SettingError(f"{where}: {field}: {exc}") from None
         given = {k: v for k, v in overrides.items() if v is not None}
         return replace(costs, **given) if given else costs
