@@ -5,6 +5,15 @@ Argument parsing and output only; the measuring is ``offload.bench``. Every engi
 Cartesian product, one load per combination, and prints one row per test (ppN, tgN) with tokens
 per second as mean ± std over -r repetitions: a markdown table (-o md, default), a JSON list of
 rows (-o json) or CSV (-o csv).
+``-pg PP,TG`` (repeatable) adds llama-bench's combined test, a prompt of PP then TG decode
+passes timed as one ((PP + TG) / seconds; given alone, without -p or -n, only those run), and
+``-d N`` (a comma list) runs every test at a depth of N tokens already in the KV cache (prefilled,
+not timed; rows say `` @ dN``). The table shows llama-bench's size (bytes of the weight files),
+params, the weight formats that ran (experts/attention) and threads, and a ``build:`` line
+after it; JSON and CSV add ``model_bytes``, ``model_params``, ``expert_format``,
+``attn_format``, ``threads``, ``offload_version``, ``n_depth``, ``t_s_min``, ``t_s_max`` and
+``t_s_spread`` (std / mean). A row whose spread exceeds ``--spread-warn`` (default 10%) gets one
+warning line on stderr, naming them all.
 A progress line per combination goes to stderr. --replay TRACE (a comma list too) takes every
 request's routing from a router trace; the trace then bounds the lengths as the model's context
 does. -p and -n left at their defaults (512, 128) are fitted first: a default -p that does not fit
@@ -68,9 +77,11 @@ FIELDS = (
     "model", "machine", "profile", "vram", "ram", "experts_per_layer", "policy", "prefetch_depth", "expert_bits",
     "attn_bits", "dtype", "device", "replay", "cpu_experts", "policy_used", "dtype_used", "device_used", "slots_per_layer",
     "host_experts",
-    "n_prompt", "n_gen", "reps", "test", "t_s_mean", "t_s_std", "hit_rate", "cpu_share", "stall_share",
-    "bytes_per_token",
+    "n_prompt", "n_gen", "n_depth", "reps", "test", "t_s_mean", "t_s_std", "t_s_min", "t_s_max", "t_s_spread",
+    "hit_rate", "cpu_share", "stall_share", "bytes_per_token",
+    "model_bytes", "model_params", "expert_format", "attn_format", "threads", "offload_version",
 )
+DEFAULT_SPREAD_WARN = 0.10  # std / mean above which a result is called noisy
 
 
 def _lengths(text: Optional[str], flag: str) -> Optional[list[int]]:
@@ -117,8 +128,9 @@ def _pct(x: Optional[float]) -> str:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """llama-bench's table: model, machine, profile, the settings that vary (or are given), test,
-    t/s (mean ± std), cache columns."""
+    """llama-bench's table: model, machine, profile, size, params, weights (experts/attention),
+    threads, the settings that vary (or are given), test, t/s (mean ± std), cache columns; then a
+    ``build:`` line (offload's and torch's versions) after a blank line, as llama-bench ends."""
     def shown(key: str) -> bool:
         values = {row[key] for row in rows}
         if key == "prefetch_depth":  # the profile's or the flag's, 1 unless either says otherwise
@@ -126,9 +138,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         return len(values) > 1 or values - {None, "auto"} != set()
 
     varying = [(key, title) for key, title in SETTING_COLUMNS if shown(key)]
-    header = ["model", "machine", "profile", *(t for _, t in varying), "test", "t/s", "hit rate", "on CPU %",
-              "stall %", "MiB/token"]
-    align = ["---", "---", "---", *("---:" for _ in varying), "---:", "---:", "---:", "---:", "---:", "---:"]
+    header = ["model", "machine", "profile", "size", "params", "weights", "threads", *(t for _, t in varying), "test",
+              "t/s", "hit rate", "on CPU %", "stall %", "MiB/token"]
+    align = ["---", "---", "---", "---:", "---:", "---", "---:", *("---:" for _ in varying), "---:", "---:", "---:",
+             "---:", "---:", "---:"]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
     for row in rows:
         mib = row["bytes_per_token"]
@@ -136,6 +149,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             model_label(str(row["model"])),
             str(row["machine"]),
             str(row["profile"]),
+            _size(row.get("model_bytes")),
+            _params(row.get("model_params")),
+            f"{row.get('expert_format') or '-'}/{row.get('attn_format') or '-'}",
+            "-" if row.get("threads") is None else str(row["threads"]),
             *("-" if row[key] is None else _cell(key, row[key]) for key, _ in varying),
             row["test"],
             f"{row['t_s_mean']:.2f} ± {row['t_s_std']:.2f}",
@@ -145,7 +162,41 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             "-" if mib is None else f"{mib / 2**20:.2f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    versions = sorted({str(row.get("offload_version")) for row in rows if row.get("offload_version")})
+    if versions:
+        import torch
+
+        lines += ["", f"build: offload {', '.join(versions)} (torch {torch.__version__})"]
     return "\n".join(lines)
+
+
+def _size(n: Optional[int]) -> str:
+    """llama-bench's size column: GiB, or MiB below one GiB."""
+    if n is None:
+        return "-"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
+def _params(n: Optional[int]) -> str:
+    """llama-bench's params column: 46.70 B, 10.17 M."""
+    if n is None:
+        return "-"
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def noisy_rows(rows: list[dict[str, Any]], threshold: float) -> list[dict[str, Any]]:
+    """Rows whose spread (std / mean over the repetitions) exceeds ``threshold``."""
+    return [row for row in rows if row.get("t_s_spread") is not None and row["t_s_spread"] > threshold]
+
+
+def spread_warning(rows: list[dict[str, Any]], threshold: float) -> Optional[str]:
+    """One line naming every noisy row, or None."""
+    noisy = noisy_rows(rows, threshold)
+    if not noisy:
+        return None
+    named = ", ".join(f"{row['test']} ({row['profile']}, {100 * row['t_s_spread']:.0f}%)" for row in noisy)
+    return (f"warning: {len(noisy)} result(s) spread more than {100 * threshold:.0f}% of the mean (std/mean): "
+            f"{named}; more -r, or a quieter machine")
 
 
 def _cell(key: str, value: Any) -> str:
@@ -172,6 +223,13 @@ def bench_command(
     ),
     n_gen: Optional[str] = typer.Option(
         None, "--n-gen", "-n", help=f"Decode passes for tgN (comma list; 0 skips tg). Default {DEFAULT_GEN_TOKENS}."
+    ),
+    pg: Optional[list[str]] = typer.Option(
+        None, "-pg", "--pg", metavar="PP,TG",
+        help="A prompt of PP tokens then TG decode passes, timed together (repeatable); alone, only these run.",
+    ),
+    depth: Optional[str] = typer.Option(
+        None, "--depth", "-d", help="Run every test with N tokens already in the KV cache (comma list). Default 0."
     ),
     reps: int = typer.Option(3, "--repetitions", "-r", help="Measured repetitions, after one warm-up."),
     vram: Optional[str] = typer.Option(None, "--vram", help="Device memory budgets, e.g. 4GiB,8GiB."),
@@ -201,6 +259,9 @@ def bench_command(
     ),
     output: str = typer.Option("md", "--output", "-o", help="md (markdown table), json or csv."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random prompt."),
+    spread_warn: float = typer.Option(
+        DEFAULT_SPREAD_WARN, "--spread-warn", help="Warn when a result's std/mean exceeds this share (0.1 = 10%)."
+    ),
 ) -> None:
     """Measure prompt processing (ppN) and generation (tgN) speed, as llama-bench does."""
     with user_errors():
@@ -209,18 +270,31 @@ def bench_command(
         if reps < 1:
             raise SettingError(f"-r {reps}: at least one repetition")
         prompts, gens = _lengths(n_prompt, "-p"), _lengths(n_gen, "-n")
-        _pairs(prompts or [DEFAULT_PROMPT_TOKENS], gens or [DEFAULT_GEN_TOKENS])  # -p 0 -n 0 refused first
+        combined = [_pg(text) for text in pg or ()]
+        depths = _lengths(depth, "-d") or [0]
+        only_pg = bool(combined) and prompts is None and gens is None
+        if not only_pg:
+            _pairs(prompts or [DEFAULT_PROMPT_TOKENS], gens or [DEFAULT_GEN_TOKENS])  # -p 0 -n 0 refused first
         configs = sweep({
             "vram": vram, "ram": ram, "experts_per_layer": experts_per_layer, "policy": policy,
             "expert_bits": expert_bits, "attn_bits": attn_bits, "dtype": dtype, "device": device,
             "replay": replay, "cpu_experts": cpu_experts,
         })
         model = model or DEMO_MODEL_DIR
-        prompts, gens, note = fit_lengths(prompts, gens, _limits(model, configs))
-        if note:
-            stderr.print(note, style="dim", markup=False)
-        pairs = _pairs(prompts, gens)
-        context = max(context_needed(p, n) for p, n in pairs)
+        limits = _at_depth(_limits(model, configs), max(depths))
+        tests: list[tuple[int, int, bool]] = []  # (prompt, gen, combined)
+        if not only_pg:
+            prompts, gens, note = fit_lengths(prompts, gens, limits)
+            if note:
+                stderr.print(note, style="dim", markup=False)
+            tests += [(p, n, False) for p, n in _pairs(prompts, gens)]
+        for p, n in dict.fromkeys(combined):
+            why = limits.why(p, n)
+            if why:
+                raise SettingError(f"-pg {p},{n} {why}: lower -pg")
+            tests.append((p, n, True))
+        pairs = [(p, n) for p, n, _ in tests]
+        context = max(context_needed(p, n, d) for p, n in pairs for d in depths)
         names = _profiles(profile)
         # every profile is chosen (and a bad one refused) before anything loads
         runs = [(choice, config) for config in configs for choice in _choices(names, model, config, context)]
@@ -237,12 +311,17 @@ def bench_command(
                          style="dim", markup=False)
             extra = {"profile": choice.label, "prefetch_depth": settings.get("prefetch_depth", 1)}
             try:
-                for p, n in pairs:
-                    results.append(measure(engine, config, p, n, reps, seed))
-                    extras.append(extra)
+                for d in depths:
+                    for p, n, both in tests:
+                        results.append(measure(engine, config, p, n, reps, seed, depth=d, combined=both))
+                        extras.append(extra)
             finally:
                 engine.close()
-        rows = rows_of(results, depth_in_name=len({p for p, _ in pairs}) > 1, extras=extras)
+        plain_prompts = {p for p, _, both in tests if not both}
+        rows = rows_of(results, depth_in_name=len(plain_prompts) > 1, extras=extras)
+        warning = spread_warning(rows, spread_warn)
+        if warning:
+            stderr.print(warning, style="yellow", markup=False)
         if output == "json":
             print(json.dumps(rows, indent=2))
         elif output == "csv":
@@ -262,6 +341,37 @@ def _limits(model: Path, configs: list[BenchConfig]) -> LengthLimits:
         if limits.replay_tokens is None or tokens < limits.replay_tokens:
             limits = LengthLimits(limits.max_positions, limits.model, tokens, f"the replayed trace {Path(path).name}")
     return limits
+
+
+def _pg(text: str) -> tuple[int, int]:
+    """-pg PP,TG: two token counts, both at least 1."""
+    parts = text.split(",")
+    try:
+        p, n = (int(part) for part in parts) if len(parts) == 2 else (None, None)
+    except ValueError:
+        p = n = None
+    if p is None or n is None:
+        raise SettingError(f"-pg {text!r}: expected PP,TG, two token counts, e.g. 512,128")
+    if p < 1 or n < 1:
+        raise SettingError(f"-pg {text!r}: both token counts must be >= 1")
+    return p, n
+
+
+def _at_depth(limits: LengthLimits, depth: int) -> LengthLimits:
+    """The room a test has with ``depth`` positions already taken (the model's, the trace's)."""
+    if depth <= 0:
+        return limits
+    if depth + 2 > limits.max_positions:
+        raise SettingError(
+            f"-d {depth}: {limits.model} allows {limits.max_positions} positions (max_position_embeddings), "
+            "and a depth leaves room for at least one more token and one decode pass"
+        )
+    if limits.replay_tokens is not None and depth + 1 > limits.replay_tokens:
+        raise SettingError(f"-d {depth}: {limits.trace} holds {limits.replay_tokens} tokens")
+    return LengthLimits(
+        limits.max_positions - depth, f"{limits.model} at depth {depth}",
+        None if limits.replay_tokens is None else limits.replay_tokens - depth, limits.trace,
+    )
 
 
 def _profiles(text: Optional[str]) -> list[Optional[str]]:

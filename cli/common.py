@@ -8,6 +8,16 @@ and chat input must be valid UTF-8, else one line names where and the first bad 
 (``checked_text``, ``read_stdin_text``); a write to standard output that fails (a full disk:
 one line, exit 2; a closed pipe: a quiet exit 1) never ends in a traceback (``OffloadApp``).
 
+The command line as llama.cpp's users expect it (``OffloadCommand``, ``OffloadGroup``): ``-h``
+beside ``--help``; ``-m/--model MODEL`` (and llama.cpp's ``-hf``) as the MODEL argument of every
+command that takes one (the arguments are rewritten before parsing: ``-m X`` becomes the first
+positional; both given is an error); a flag given a value (``--chat true``) and a llama.cpp flag
+offload does not take (``-ngl``; ``LLAMA_FLAGS`` names the nearest offload setting) are one-line
+errors, as is every other parsing error; flags show no ``<bool>`` in help. ``-q/--quiet``
+silences the dim informational lines (``note``), ``-t/--threads`` sets torch's threads before a
+load (without it a profile's ``cpu_threads`` is a ceiling), ``process_escapes`` turns
+llama.cpp's escapes in command-line text (``-p``, ``--stop``, ``--system``) into characters.
+
 No engine or planning logic here: the fitting is ``offload.profile``, the loading ``offload.engine``.
 """
 
@@ -15,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -23,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Optional, Union
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
@@ -30,6 +42,11 @@ from rich.text import Text
 from offload.engine import DEFAULT_DTYPE, DTYPES, Engine
 from offload.errors import OffloadError, SettingError
 from offload.quant import FORMATS
+
+try:
+    from typer._click.exceptions import UsageError  # typer 0.2x+ carries its own click
+except ImportError:  # pragma: no cover - typer on click
+    from click.exceptions import UsageError
 
 if TYPE_CHECKING:
     from offload.profile import Profile
@@ -136,11 +153,286 @@ def _quiet_stdout() -> None:
         pass
 
 
+@dataclass
+class Invocation:
+    """What the options of this command line that are no engine setting asked for (set by their
+    callbacks, reset before each command's parsing)."""
+
+    quiet: bool = False  # -q/--quiet: no dim informational lines
+    threads: Optional[int] = None  # -t/--threads
+
+    def reset(self) -> None:
+        self.quiet, self.threads = False, None
+
+
+invocation = Invocation()
+
+
+def note(message: str) -> None:
+    """One dim informational line on stderr (a profile chosen, a plan fitted), unless -q."""
+    if not invocation.quiet:
+        stderr.print(message, style="dim", markup=False)
+
+
+_ESCAPES = {ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t", ord("'"): b"'", ord('"'): b'"', ord("\\"): b"\\"}
+_HEX = b"0123456789abcdefABCDEF"
+
+
+def process_escapes(text: str, where: str) -> str:
+    """llama.cpp's escapes (``string_process_escapes``) in ``text``: ``\\n`` ``\\r`` ``\\t`` ``\\'``
+    ``\\"`` ``\\\\``, and ``\\xNN`` a byte (so ``\\xc3\\xa9`` is é); any other backslash stays as it is.
+    Bytes from ``\\x`` that are not UTF-8 are an OffloadError naming ``where``."""
+    if "\\" not in text:
+        return text
+    data = text.encode("utf-8", "surrogatepass")
+    out = bytearray()
+    i, n = 0, len(data)
+    while i < n:
+        c = data[i]
+        if c != 0x5C or i + 1 >= n:  # not a backslash, or a trailing one
+            out.append(c)
+            i += 1
+            continue
+        e = data[i + 1]
+        if e in _ESCAPES:
+            out += _ESCAPES[e]
+            i += 2
+        elif e == ord("x") and i + 3 < n and data[i + 2] in _HEX and data[i + 3] in _HEX:
+            out.append(int(data[i + 2:i + 4], 16))
+            i += 4
+        else:
+            out += data[i:i + 2]
+            i += 2
+    try:
+        return out.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError as e:
+        raise OffloadError(f"{where}: the \\x escapes make bytes that are not UTF-8 (byte 0x{out[e.start]:02x}); "
+                           "escape whole UTF-8 sequences, or give --no-escape") from None
+
+
+# llama.cpp's flags that offload does not take, with the nearest offload setting: the error says so
+LLAMA_FLAGS = {
+    **dict.fromkeys(("-ngl", "--n-gpu-layers", "--gpu-layers"),
+                    "-ngl/--n-gpu-layers: offload places layers itself; use --vram"),
+    **dict.fromkeys(("-ot", "--override-tensor"), "-ot/--override-tensor: use --cpu-experts"),
+    **dict.fromkeys(("-cmoe", "--cpu-moe"), "--cpu-moe: use --cpu-experts all"),
+    **dict.fromkeys(("-ncmoe", "--n-cpu-moe"), "--n-cpu-moe: use --experts-per-layer or --vram"),
+    **dict.fromkeys(("-b", "--batch-size", "-ub", "--ubatch-size"),
+                    "-b/-ub batch sizes: offload chooses its prompt chunks itself"),
+    **dict.fromkeys(("-fa", "--flash-attn"), "-fa/--flash-attn: attention is torch's SDPA, nothing to set"),
+    **dict.fromkeys(("-ctk", "--cache-type-k", "-ctv", "--cache-type-v"),
+                    "KV cache types: the KV cache is in the compute dtype; use --dtype"),
+    **dict.fromkeys(("--mlock", "--no-mmap", "--mmap"), "memory mapping flags: use --ram for the experts' RAM"),
+    **dict.fromkeys(("-tb", "--threads-batch"), "-tb/--threads-batch: use -t/--threads"),
+    **dict.fromkeys(("-mg", "--main-gpu", "-sm", "--split-mode", "-ts", "--tensor-split"),
+                    "multi-GPU flags: offload runs on one device; use --device cuda:N"),
+    **dict.fromkeys(("-i", "--interactive", "-cnv", "--conversation"), "interactive mode: use offload chat"),
+    **dict.fromkeys(("-r", "--reverse-prompt"), "-r/--reverse-prompt: use --stop"),
+    **dict.fromkeys(("--mirostat", "--typical", "--dry-multiplier", "--xtc-probability"),
+                    "samplers: offload has --temp, --top-k, --top-p, --min-p, --repeat-penalty"),
+}
+MODEL_FLAGS = ("-m", "--model", "-hf", "--hf-repo")  # the MODEL argument, as llama.cpp names it
+# llama.cpp's names of offload's options, taken without showing in help (None: llama.cpp's
+# -e/--escape, which is offload's default: dropped where the command has --no-escape)
+LLAMA_ALIASES = {
+    "--ctx-size": "--context", "--n-predict": "--max-tokens", "--predict": "--max-tokens",
+    "-sys": "--system", "--system-prompt": "--system", "-e": None, "--escape": None,
+}
+_BOOL_WORDS = frozenset({"true", "false", "yes", "no", "on", "off", "1", "0"})
+_NUMBER = re.compile(r"-?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
+
+
+def _is_flag(param) -> bool:
+    return bool(getattr(param, "is_flag", False) or getattr(param, "count", False))
+
+
+def _numeric(param) -> bool:
+    """Does ``param`` take a number (so that ``-ngl`` cannot be ``-n`` with the value ``gl``)?"""
+    descriptor = getattr(param, "type_descriptor", None)
+    if descriptor is not None:
+        return descriptor.annotation in (int, float)
+    return getattr(getattr(param, "type", None), "name", "") in ("integer", "float", "integer range", "float range")
+
+
+def _model_argument(command) -> Optional[object]:
+    """The command's MODEL argument: its first argument, when that names a model."""
+    for param in command.params:
+        if param.param_type_name == "argument":
+            return param if param.name in ("model", "src") else None
+    return None
+
+
+def rewrite_args(command, ctx, args: list[str]) -> list[str]:
+    """``args`` as click should parse them: ``-m X`` (``--model X``, ``--model=X``, ``-hf X``) made
+    the MODEL argument, first; an OffloadError for the model given twice, a flag given a value, a
+    llama.cpp flag offload does not take, and an unknown short option click would read as a known
+    one with a value (``-ngl`` as ``-n gl``)."""
+    options = {}
+    for param in command.get_params(ctx):
+        if param.param_type_name == "option":
+            for name in (*param.opts, *param.secondary_opts):
+                options[name] = param
+    model_param = _model_argument(command)
+    out: list[str] = []
+    positionals: list[str] = []
+    model = model_flag = None
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if token == "--":
+            positionals += args[i + 1:]
+            out += args[i:]
+            break
+        name, eq, value = token.partition("=") if token.startswith("--") else (token, "", "")
+        if name not in options and name in LLAMA_ALIASES:
+            target = LLAMA_ALIASES[name]
+            if target is None and "--no-escape" in options and not eq:
+                i += 1  # -e: escapes are processed already
+                continue
+            if target in options:
+                name = target
+                token = f"{name}{eq}{value}"
+        param = options.get(name)
+        if param is None and model_param is not None and name in MODEL_FLAGS:
+            if eq:
+                given = value
+            elif i + 1 < len(args) and not args[i + 1].startswith("-"):
+                given = args[i + 1]
+                i += 1
+            else:
+                raise OffloadError(f"{name} needs a value: {name} MODEL (a directory, pack or hub id)")
+            if model is not None:
+                raise OffloadError(f"the model is given twice ({model_flag} {model}, {name} {given}); give it once")
+            model, model_flag = given, name
+            i += 1
+            continue
+        if param is None:
+            if token.startswith("-") and len(token) > 1 and not _NUMBER.fullmatch(token):
+                if name in LLAMA_FLAGS:
+                    raise OffloadError(f"unknown option {name} (llama.cpp's {LLAMA_FLAGS[name]})")
+                if not token.startswith("--") and len(token) > 2:
+                    short = options.get(token[:2])
+                    if short is None:
+                        raise OffloadError(f"unknown option {token}; {ctx.command_path} -h lists the options")
+                    if not _is_flag(short) and _numeric(short) and not _NUMBER.fullmatch(token[2:]):
+                        raise OffloadError(f"unknown option {token} ({token[:2]} takes a number: {token[:2]} 64)")
+            else:
+                positionals.append(token)
+            out.append(token)
+            i += 1
+            continue
+        out.append(token)
+        i += 1
+        if _is_flag(param):
+            if eq:
+                raise OffloadError(f"{name} takes no value (got {name}={value}): give {name} alone")
+            if i < len(args) and args[i].lower() in _BOOL_WORDS:
+                raise OffloadError(f"{name} takes no value (got {name} {args[i]}): give {name} alone; "
+                                   "it is off unless given")
+        elif not eq:
+            count = max(1, param.nargs)
+            out += args[i:i + count]
+            i += count
+    if model is None:
+        return out
+    arguments = [p for p in command.get_params(ctx) if p.param_type_name == "argument"]
+    if len(positionals) >= len(arguments):
+        raise OffloadError(f"the model is given twice ({model_flag} {model} and {positionals[0]}); give it once")
+    return [model, *out]
+
+
+def _flags_as_flags(params) -> None:
+    """Help shows a flag as a flag, with no ``<bool>`` after it (typer's rich help prints a
+    metavar in place of the type when there is one)."""
+    for param in params:
+        if _is_flag(param) and getattr(param, "metavar", "") is None:
+            param.metavar = ""
+
+
+def _usage_exit(exc: Exception, ctx) -> None:
+    """A parsing error as one line on stderr, exit code 2."""
+    message = exc.format_message() if isinstance(exc, UsageError) else str(exc)
+    if isinstance(exc, UsageError):
+        what = "commands" if "No such command" in message else "options"
+        message = f"{message.rstrip('.')}; {ctx.command_path} -h lists the {what}"
+    print_error(message)
+    raise typer.Exit(USER_ERROR_EXIT)
+
+
+class _FlagsShownAsFlags:
+    """Help that shows a flag as a flag (no ``<bool>`` after it): ``_flags_as_flags``."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        _flags_as_flags(params)
+        return params
+
+
+class OffloadCommand(_FlagsShownAsFlags, TyperCommand):
+    """A typer command with llama.cpp's conventions (``rewrite_args``), errors in one line, and
+    flags shown as flags in help. Its MODEL argument's help names ``-m/--model``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        model = _model_argument(self)
+        if model is not None and "-m/--model" not in (model.help or ""):
+            model.help = f"{model.help or ''} Or -m/--model MODEL.".strip()
+
+    def parse_args(self, ctx, args):
+        invocation.reset()
+        if ctx.resilient_parsing:
+            return super().parse_args(ctx, args)
+        try:
+            return super().parse_args(ctx, rewrite_args(self, ctx, list(args)))
+        except OffloadError as exc:
+            _usage_exit(exc, ctx)
+        except UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                raise
+            _usage_exit(exc, ctx)
+
+
+class OffloadGroup(_FlagsShownAsFlags, TyperGroup):
+    """The ``offload`` group: parsing errors in one line, flags as flags in every command's help."""
+
+    def parse_args(self, ctx, args):
+        invocation.reset()
+        try:
+            return super().parse_args(ctx, args)
+        except UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError" or ctx.resilient_parsing:
+                raise
+            _usage_exit(exc, ctx)
+
+    def resolve_command(self, ctx, args):
+        try:
+            name, command, rest = super().resolve_command(ctx, args)
+        except UsageError as exc:
+            if ctx.resilient_parsing:
+                raise
+            _usage_exit(exc, ctx)
+        stack = [command]
+        while stack:  # subgroups' commands too (offload trace convert), and their help options
+            sub = stack.pop()
+            _flags_as_flags(sub.get_params(ctx))
+            stack += list(getattr(sub, "commands", {}).values())
+        return name, command, rest
+
+
 class OffloadApp(typer.Typer):
-    """The command-line app: a ``typer.Typer`` whose entry point (``offload ...``) ends a command
-    whose standard output fails in one line: a full disk or another error is ``error: cannot
-    write to standard output (...)`` and exit 2; a closed pipe (``offload generate ... | head``)
-    a quiet exit 1, as typer does."""
+    """The command-line app: a ``typer.Typer`` whose commands are ``OffloadCommand``s in an
+    ``OffloadGroup`` (``-h``, ``-m``, one-line parsing errors), and whose entry point
+    (``offload ...``) ends a command whose standard output fails in one line: a full disk or
+    another error is ``error: cannot write to standard output (...)`` and exit 2; a closed pipe
+    (``offload generate ... | head``) a quiet exit 1, as typer does."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("cls", OffloadGroup)
+        kwargs.setdefault("context_settings", {"help_option_names": ["-h", "--help"]})
+        super().__init__(*args, **kwargs)
+
+    def command(self, name=None, *, cls=None, **kwargs):
+        return super().command(name, cls=cls or OffloadCommand, **kwargs)
 
     def __call__(self, *args, **kwargs):
         original = sys.stdout
@@ -226,12 +518,41 @@ DTYPE_OPTION = typer.Option(
     help=f"Compute dtype: {'|'.join(DTYPES)} (default {DEFAULT_DTYPE}; for a pack, the pack's own dtype).",
 )
 DEVICE_OPTION = typer.Option("auto", "--device", help="auto (CUDA when present, else CPU), cpu or cuda[:N].")
-CONTEXT_OPTION = typer.Option(None, "--context", help="Context length to allocate (default: min(model maximum, 4096)).")
+CONTEXT_OPTION = typer.Option(
+    None, "--context", "-c", help="Context length to allocate (default: min(model maximum, 4096); --ctx-size too)."
+)
+SIZES_HELP = "24GiB or 24G = 24 x 2^30 bytes, 24GB = 24 x 10^9; a bare number is refused"
 VRAM_OPTION = typer.Option(
-    None, "--vram", help="Device memory budget (e.g. 6GiB): dense weights, KV cache, then expert slots."
+    None, "--vram", help=f"Device memory budget: dense weights, KV cache, then expert slots ({SIZES_HELP})."
 )
 RAM_OPTION = typer.Option(
-    None, "--ram", help="RAM budget for experts (e.g. 16GiB); 0 reads every miss from disk. Default: all."
+    None, "--ram", help=f"RAM budget for experts ({SIZES_HELP}); 0 reads every miss from disk. "
+    "Default: what fits in 80% of free RAM."
+)
+
+
+def _set_quiet(value: bool) -> bool:
+    invocation.quiet = bool(value)
+    return value
+
+
+def _set_threads(value: Optional[int]) -> Optional[int]:
+    invocation.threads = value
+    return value
+
+
+QUIET_OPTION = typer.Option(
+    False, "--quiet", "-q", callback=_set_quiet,
+    help="No dim informational lines on stderr (the profile chosen, load notes, the demo model's introduction).",
+)
+THREADS_OPTION = typer.Option(
+    None, "--threads", "-t", min=1, callback=_set_threads,
+    help="CPU threads for torch (at most this machine's CPUs). Default: torch's, at most the profile's cpu_threads.",
+)
+NO_ESCAPE_OPTION = typer.Option(
+    False, "--no-escape",
+    help="Take -p, --stop and --system as typed. Default: \\n \\t \\r \\\\ \\' \\\" \\xNN in them are "
+    "characters, as with llama.cpp's -e.",
 )
 EXPERTS_PER_LAYER_OPTION = typer.Option(
     None, "--experts-per-layer", help="Expert slots per layer on the device (top-k .. all), instead of --vram."
@@ -268,8 +589,8 @@ def load_engine(model: Path, **settings) -> Engine:
     model_dir = local_model(model)
     with progress_bar("loading", model_label(model)) as progress:
         engine = Engine.load(model_dir, progress=progress, **settings)
-    for note in engine.notes:  # what the load changed from the plan (e.g. slots fitted to free memory)
-        stderr.print(note, style="dim", markup=False)
+    for line in engine.notes:  # what the load changed from the plan (e.g. slots fitted to free memory)
+        note(line)
     return engine
 
 
@@ -277,7 +598,8 @@ PROFILE_OPTION = typer.Option(
     None,
     "--profile",
     help="A machine profile: a shipped name (see profiles/) or a TOML path, its plan as written; flags "
-    "given explicitly win. Default: the best shipped profile for the device, fitted to the model.",
+    "given explicitly win; none: plain defaults. Default: the best shipped profile for the device, fitted "
+    "to the model.",
 )
 CPU_EXPERTS_OPTION = typer.Option(
     None,
@@ -332,8 +654,35 @@ class ProfileChoice:
 
     @property
     def note(self) -> Optional[str]:
-        """The one stderr line that names an automatic choice (None for a named profile)."""
-        return None if self.reason is None else f"profile: {self.text}; --profile to choose"
+        """The one short stderr line that names an automatic choice (None for a named profile):
+        ``profile: cpu-only (auto: 16-bit, all experts resident)``, at most 80 columns."""
+        if self.reason is None:
+            return None
+        name = self.profile.name if self.profile is not None else "none"
+        line = f"profile: {name} ({short_reason(self.reason)})"
+        return line if len(line) <= NOTE_COLUMNS else line[:NOTE_COLUMNS - 3] + "..."
+
+
+NOTE_COLUMNS = 80
+
+
+def short_reason(reason: str) -> str:
+    """``offload.profile_fit.auto_profile``'s reason in a few words: "auto: 16-bit, all experts
+    resident", "auto: 4-bit, 2-3/8 experts/layer on GPU, rest in RAM", "auto: plain defaults,
+    no shipped profile fits" (the whole reason stays in ``ProfileChoice.reason``)."""
+    body = reason.removeprefix("auto: ")
+    if body.endswith("; plain defaults"):
+        return "auto: plain defaults, no shipped profile fits"
+    head, _, how = body.partition("; ")
+    where = "GPU" if "GPU" in head else "device"
+    how = how or body
+    how = re.sub(r" \([\d.]+ on average\)", "", how)
+    for long, short in ((" weights", ""), (", every expert resident, no budget", ", all experts resident"),
+                        (" experts per layer on the device", f" experts/layer on {where}"),
+                        (", the rest in RAM", ", rest in RAM"), (" in RAM, the rest read from disk", " in RAM, rest on disk"),
+                        (" experts, ", " + "), ("-bit attention", "-bit attn")):
+        how = how.replace(long, short)
+    return f"auto: {how}"
 
 
 def choose_profile(
@@ -360,6 +709,8 @@ def choose_profile(
     from offload.profile_fit import auto_profile
 
     device = device or "auto"
+    if profile is not None and profile.strip().lower() == "none":  # --profile none: plain defaults
+        return ProfileChoice(None, "none")
     if profile:
         chosen = load_profile(profile)
         if device == "auto" or (resolve_device(device).type == "cuda") == chosen.has_gpu:
@@ -383,7 +734,7 @@ def engine_options(profile: Union[None, str, "Profile", ProfileChoice], **flags)
     if isinstance(profile, ProfileChoice):
         profile = profile.profile
     if isinstance(profile, str):
-        profile = load_profile(profile) if profile else None
+        profile = load_profile(profile) if profile and profile.strip().lower() != "none" else None
     settings = engine_kwargs(profile) if isinstance(profile, Profile) else {}
     if "context_length" in settings:  # a machine's context is a ceiling: a model may allow less
         settings["max_context"] = settings.pop("context_length")
@@ -422,7 +773,81 @@ def load_with_profile(profile: Optional[str], model: Union[str, Path], **flags) 
     with its plan under the flags given (``engine_options``' names). An automatic choice is
     named in one dim line on stderr after the load, so that a load error stays the only line."""
     chosen = choose_profile(profile, model, **{k: flags[k] for k in _FIT_FLAGS if k in flags})
-    engine = load_engine(model, **engine_options(chosen, **flags))
+    settings = engine_options(chosen, **flags)
+    set_threads(chosen.profile)
+    engine = load_engine(model, **settings)
     if chosen.note:
-        stderr.print(chosen.note, style="dim", markup=False)
+        note(chosen.note)
+    introduce_demo(model)
     return engine, chosen
+
+
+def usable_cpus() -> tuple[int, int]:
+    """(CPUs this process may run on, of them physical cores as far as psutil tells)."""
+    import psutil
+
+    try:
+        logical = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        logical = os.cpu_count() or 1
+    physical = psutil.cpu_count(logical=False) or logical
+    return logical, max(1, min(logical, physical))
+
+
+def set_threads(profile: Optional["Profile"] = None) -> int:
+    """torch's CPU threads before a load: -t/--threads as given (at most the CPUs this process
+    may use, said in a note when lowered); without it, a profile's ``cpu_threads`` (a named or
+    automatic one) as a ceiling: at most the physical cores, never above torch's own count (which
+    OMP_NUM_THREADS sets). Returns the count set."""
+    import torch
+
+    logical, physical = usable_cpus()
+    current = torch.get_num_threads()
+    if invocation.threads is not None:
+        threads = min(invocation.threads, logical)
+        if threads < invocation.threads:
+            note(f"threads: {threads} (-t {invocation.threads} is more than the {logical} CPUs here)")
+    elif profile is not None:
+        threads = min(profile.cpu_threads, physical, current)
+    else:
+        threads = current
+    if threads != current:
+        torch.set_num_threads(threads)
+    return threads
+
+
+DEMO_INTRO = ("offload-demo: a ~10M-parameter model trained on the Python docs, bundled so offload works "
+              "offline; a real model: -m mistralai/Mixtral-8x7B-Instruct-v0.1 (or a path)")
+
+
+def demo_marker() -> Path:
+    """The file whose presence says the demo model was introduced to this user:
+    ``$XDG_DATA_HOME/offload/demo-introduced`` (XDG_DATA_HOME default ~/.local/share)."""
+    base = os.environ.get("XDG_DATA_HOME", "")
+    root = Path(base) if os.path.isabs(base) else Path.home() / ".local" / "share"
+    return root / "offload" / "demo-introduced"
+
+
+def introduce_demo(model: Union[str, Path]) -> bool:
+    """The demo model's first run (once per user, unless -q): one dim line saying what it is and
+    how to run a real model, and a marker file so that it is said once. True when said. A marker
+    that cannot be written (a read-only home) only means the line comes again next time."""
+    from offload.demo import DEMO_MODEL_DIR
+
+    if invocation.quiet:
+        return False
+    try:
+        if Path(model).resolve() != DEMO_MODEL_DIR.resolve():
+            return False
+        marker = demo_marker()
+        if marker.exists():
+            return False
+    except (OSError, ValueError):
+        return False
+    note(DEMO_INTRO)
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("offload introduced its demo model here once; delete to see it again\n")
+    except OSError:
+        pass
+    return True

@@ -1,7 +1,10 @@
 """`offload convert HF_DIR OUT_DIR`: write the offload pack of a Hugging Face checkpoint.
 
 Argument parsing and rich output only; the conversion itself is ``offload.pack.convert``
-(experts and attention quantized on request, for the device ``--for`` names).
+(experts and attention quantized on request, for the device ``--for`` names). HF_DIR is a
+directory or a hub id (org/name), taken from the local Hugging Face cache or downloaded first as
+``generate`` does (``cli.common.local_model``: config.json fetched and checked before any weight,
+then one line saying how much).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import user_errors, write_pack
+from cli.common import local_model, user_errors, write_pack
 from cli.synth import BITS, FOR_OPTION_HELP
 from offload.engine import DTYPES, parse_dtype
 from offload.pack import TARGETS, convert
@@ -19,8 +22,10 @@ from offload.quant import FORMATS
 
 
 def convert_command(
-    src: Path = typer.Argument(
-        ..., metavar="HF_DIR", help="A Hugging Face Mixtral checkpoint directory (safetensors)."
+    src: str = typer.Argument(
+        ..., metavar="HF_DIR",
+        help="A Hugging Face Mixtral checkpoint directory (safetensors), or a hub id (org/name): from the "
+        "local Hugging Face cache, else downloaded.",
     ),
     out: Path = typer.Argument(..., metavar="OUT_DIR", help="The pack directory to write."),
     dtype: Optional[str] = typer.Option(
@@ -45,8 +50,10 @@ def convert_command(
     """Convert a checkpoint into an offload pack: each expert one aligned record, read in one go."""
     with user_errors():
         pack_dtype = parse_dtype(dtype) if dtype is not None else None
-        written = write_pack(out, "converting", src.name, lambda progress: convert(
-            src, out, dtype=pack_dtype, expert_format=expert_format, expert_bits=expert_bits,
+        source = local_model(src)  # a directory as it is; a hub id from the cache, or downloaded
+        label = Path(src).name if source == Path(src).expanduser() else src
+        written = write_pack(out, "converting", label, lambda progress: convert(
+            source, out, dtype=pack_dtype, expert_format=expert_format, expert_bits=expert_bits,
             attn_bits=attn_bits, target=target, force=force, progress=progress,
         ))
         print(f"wrote {out}: {written.summary}, {written.seconds:.1f} s")

@@ -2,8 +2,13 @@
 
 Argument parsing and rich output only; the arithmetic is ``offload.plan.plan_model`` and the
 speed estimate ``offload.estimate``. MODEL is a checkpoint directory or pack (its config.json),
-or a built-in name (``offload.plan.BUILTIN_MODELS``), so the plan for Mixtral-8x7B needs no
-download. Nothing is loaded: only shapes are read. With a budget (``--vram``,
+a built-in name (``offload.plan.BUILTIN_MODELS``), so the plan for Mixtral-8x7B needs no
+download, or a hub id (org/name): from the local Hugging Face cache, else its config.json alone
+fetched and checked (``offload.hub.resolve_config``), never a weight. Nothing is loaded: only
+shapes are read. With ``--vram`` and no bits, format or profile given, the plan is the one
+``generate`` would run on a card of that size: the shipped profile for it, fitted to the model
+(``offload.profile_fit.card_fit``: its bits and context), named in one line; a card too small
+is one error line naming the flags that would fit (``offload.profile_fit.fit_hints``). With a budget (``--vram``,
 ``--experts-per-layer``) or a profile, the last line is the estimated decode speed, labelled
 an estimate, for the profile's machine or the one ``--mem-gbps``, ``--link-gbps``,
 ``--disk-gbps`` and ``--ram-gbps`` describe, with misses placed as ``--cpu-experts`` says (the
@@ -25,7 +30,7 @@ from cli.common import stderr, user_errors
 from offload import quant
 from offload.config import ModelConfig
 from offload.engine import DEFAULT_CONTEXT, DEFAULT_DTYPE, DTYPES, parse_dtype
-from offload.errors import ConfigError, SettingError
+from offload.errors import BudgetError, ConfigError, SettingError
 from offload.estimate import (
     DEFAULT_DISK_GBPS,
     DEFAULT_LINK_GBPS,
@@ -39,9 +44,11 @@ from offload.experts.placement import CPU_EXPERTS
 from offload.plan import (
     BUILTIN_MODELS,
     ModelPlan,
+    article,
     attention_shapes,
     builtin_model,
     format_bytes,
+    is_decimal_size,
     parse_bytes,
     plan_model,
 )
@@ -54,13 +61,17 @@ def info_command(
     model: str = typer.Argument(
         ...,
         metavar="MODEL",
-        help=f"A checkpoint directory or pack, or a built-in model: {', '.join(BUILTIN_MODELS)}.",
+        help=f"A checkpoint directory or pack, a hub id (org/name: only its config.json is fetched), or a "
+        f"built-in model: {', '.join(BUILTIN_MODELS)}.",
     ),
     vram: Optional[str] = typer.Option(
-        None, "--vram", help="GPU memory budget (e.g. 12GiB). Default: show the minimum card."
+        None, "--vram", help="GPU memory budget (e.g. 12GiB; 12GB is 12 x 10^9 bytes). With no bits, format "
+        "or profile given, the plan generate would run on such a card (its shipped profile, fitted). Default: "
+        "show the minimum card."
     ),
     ram: Optional[str] = typer.Option(
-        None, "--ram", help="RAM budget for experts (e.g. 32GiB). Default: RAM holds every expert."
+        None, "--ram", help="RAM budget for experts (e.g. 32GiB), not the machine's RAM; 0: every miss reads "
+        "the disk. Default: RAM holds every expert."
     ),
     context: Optional[int] = typer.Option(
         None, "--context", help=f"Context length of the KV cache (default: min(model maximum, {DEFAULT_CONTEXT}))."
@@ -135,6 +146,33 @@ def info_command(
             raise SettingError("give --vram or --experts-per-layer, not both")
         device_type = "cpu" if p is not None and not p.has_gpu else "cuda"
         name, config, pack_format, pack_dtype, pack_attn_bits = _resolve_model(model)
+        vram_bytes = None if vram is None else parse_bytes(vram, "--vram")
+        ram_bytes = None if ram is None else parse_bytes(ram, "--ram")
+        for flag, text, nbytes in (("--vram", vram, vram_bytes), ("--ram", ram, ram_bytes)):
+            if is_decimal_size(text) and nbytes:
+                stderr.print(f"note: {flag} {text.strip()} is decimal: {nbytes:,} bytes, {_size(nbytes)} "
+                             "(GiB, as this plan reports, is 2^30 bytes)", style="dim")
+        torch_dtype = parse_dtype(dtype) if dtype is not None else pack_dtype or parse_dtype(DEFAULT_DTYPE)
+        given_bits = expert_bits  # the flag, for the table's note (not an automatic choice)
+        chosen = None  # the automatic profile: {"name", "auto", "reason", ...}
+        if (p is None and vram_bytes is not None and experts_per_layer is None and expert_bits is None
+                and expert_format is None and attn_bits is None):
+            from offload.profile_fit import card_fit
+
+            shipped, fitted, why = card_fit(
+                config, vram_bytes, ram=ram_bytes, dtype=torch_dtype, context=context, expert_format=pack_format,
+                attn_bits=pack_attn_bits, model_name=name,
+            )
+            take = fitted or shipped  # nothing fits: the profile's own widths, for the error's hints
+            if take is not None:
+                if pack_format is None:
+                    expert_bits = take.expert_bits
+                attn_bits = pack_attn_bits or take.attn_bits
+                ceiling = take.context
+            chosen = dict(name=take.name if take is not None else "none", auto=True, fits=fitted is not None,
+                          reason=f"auto: {why}", expert_bits=expert_bits, attn_bits=attn_bits)
+        elif p is not None:
+            chosen = dict(name=p.name or p.source, auto=False)
         if pack_attn_bits is not None and attn_bits not in (None, pack_attn_bits):
             stderr.print(
                 f"note: {model} holds {pack_attn_bits}-bit attention; running this plan needs a convert "
@@ -146,7 +184,6 @@ def info_command(
             context = min(ceiling, config.max_position_embeddings)
         if p is not None and vram is None and experts_per_layer is None:
             experts_per_layer = config.num_local_experts  # a profile with no budget: every expert resident
-        torch_dtype = parse_dtype(dtype) if dtype is not None else pack_dtype or parse_dtype(DEFAULT_DTYPE)
         I, D = config.intermediate_size, config.hidden_size
         expert_shapes = ((I, D), (D, I))
         attn_shapes = tuple(attention_shapes(config).values())
@@ -163,18 +200,26 @@ def info_command(
                 f"with --expert-format {experts.name}",
                 style="dim",
             )
-        plan = plan_model(
-            name,
-            config,
-            torch_dtype,
-            context if context is not None else min(config.max_position_embeddings, DEFAULT_CONTEXT),
-            experts,
-            attention,
-            vram=None if vram is None else parse_bytes(vram, "--vram"),
-            ram=None if ram is None else parse_bytes(ram, "--ram"),
-            experts_per_layer=experts_per_layer,
-            device_type=device_type,
-        )
+        context = context if context is not None else min(config.max_position_embeddings, DEFAULT_CONTEXT)
+        try:
+            plan = plan_model(
+                name, config, torch_dtype, context, experts, attention, vram=vram_bytes, ram=ram_bytes,
+                experts_per_layer=experts_per_layer, device_type=device_type,
+            )
+        except BudgetError as exc:
+            if vram_bytes is None:
+                raise
+            from offload.profile_fit import fit_hints
+
+            hints = fit_hints(name, config, torch_dtype, context, experts, attention, vram_bytes,
+                              device_type=device_type, experts_fixed=pack_format is not None)
+            auto = ""
+            if chosen is not None and chosen["auto"] and chosen["name"] != "none":
+                auto = (f"; profile {chosen['name']} (auto) fits at none of its widths, down to {experts.name} "
+                        f"experts and {attention.name} attention at context {context}")
+            elif chosen is not None and chosen["auto"]:
+                auto = f"; no shipped profile is for a card this small (auto): plain defaults, {experts.name} experts"
+            raise BudgetError(f"{exc}{auto}; {hints}" if hints else f"{exc}{auto}") from None
         estimate = None
         if p is not None or plan.vram is not None or experts_per_layer is not None or (
             mem_gbps or link_gbps or disk_gbps or ram_gbps
@@ -183,12 +228,15 @@ def info_command(
             estimate = _estimate(plan, p, mem_gbps, link_gbps, disk_gbps, ram_gbps, mode)
         if as_json:
             print(json.dumps(dict(
-                plan.to_dict(), summary=summary(plan),
+                plan.to_dict(), summary=summary(plan), profile=chosen,
                 estimate=None if estimate is None else dict(estimate.to_dict(), summary=estimate.describe()),
             )))
             return
         out = Console(highlight=False, soft_wrap=True, markup=False)
-        out.print(_table(plan, expert_bits))
+        if chosen is not None and chosen["auto"]:
+            out.print(f"profile: {chosen['name']} ({chosen['reason']}); --profile, --expert-bits or --attn-bits "
+                      "to choose")
+        out.print(_table(plan, given_bits))
         out.print(summary(plan))
         if estimate is not None:
             out.print(estimate.describe())
@@ -225,14 +273,21 @@ def _resolve_model(
     quantized attention) for MODEL. An existing path wins over a built-in name."""
     from offload.profile_fit import model_shape
 
+    from offload.hub import hub_cache_dir, is_hub_id, resolve_config
+
     path = Path(model)
     if path.exists():
         return (path.name, *model_shape(path))
     if model.strip().lower() in BUILTIN_MODELS:
         name, config = builtin_model(model)
         return name, config, None, None, None
+    cached = is_hub_id(model) and (hub_cache_dir() / ("models--" + model.replace("/", "--"))).is_dir()
+    if "/" in model or cached:  # a hub id: cached, or its config.json fetched (never a weight)
+        if is_hub_id(model):
+            return (model, *model_shape(resolve_config(model)))
     raise ConfigError(
-        f"{model}: not a model directory, and not a built-in model ({', '.join(BUILTIN_MODELS)})"
+        f"{model}: not a model directory, not a built-in model ({', '.join(BUILTIN_MODELS)}), "
+        "and not a Hugging Face model id (org/name)"
     )
 
 
@@ -307,7 +362,7 @@ def _table(plan: ModelPlan, expert_bits: Optional[int]) -> Table:
         table.add_row(f"{gpu}: runtime reserve", _size(reserve.total), "")
     spare = f", {_size(plan.vram - m.device_bytes)} spare" if plan.vram is not None else ""
     table.add_row(f"{gpu}: total", _size(m.device_bytes), f"of {_size(plan.vram or m.device_bytes)}{spare}")
-    ram = f"of --ram {_size(plan.ram)}" if plan.ram is not None else "no --ram: all of them"
+    ram = f"of the --ram budget {_size(plan.ram)}" if plan.ram is not None else "no --ram: all of them"
     if m.slots_per_layer == E:
         ram = f"not needed: every expert has a {gpu} slot"
     elif m.host_pinned:
@@ -323,12 +378,6 @@ def _table(plan: ModelPlan, expert_bits: Optional[int]) -> Table:
     return table
 
 
-def _article(size: str) -> str:
-    """"An" before a size said with a vowel ("an 8 GiB", "an 11 GiB", "an 80 GiB"), else "A"."""
-    whole = size.split(" ")[0].split(".")[0]
-    return "An" if whole.startswith("8") or whole in ("11", "18") else "A"
-
-
 def summary(plan: ModelPlan) -> str:
     """One plain-language line: what the card and RAM hold, and whether disk reads happen."""
     c, m = plan.config, plan.memory
@@ -340,9 +389,9 @@ def summary(plan: ModelPlan) -> str:
             f"{plan.name} with {fmt} needs a card of at least {_size(plan.min_vram)} "
             f"({K} of {E} experts per layer on the GPU); every expert on the GPU needs {_size(plan.all_resident_vram)}."
         )
-    ram = f" with {_size(plan.ram)} of RAM" if plan.ram is not None else ""
+    ram = f" with {article(_size(plan.ram)).lower()} {_size(plan.ram)} expert RAM budget" if plan.ram is not None else ""
     if plan.vram is not None:
-        head = f"{_article(_size(plan.vram))} {_size(plan.vram)} card{ram} holds {plan.name} ({fmt})"
+        head = f"{article(_size(plan.vram))} {_size(plan.vram)} card{ram} holds {plan.name} ({fmt})"
     elif plan.device_type == "cpu":
         head = f"On a CPU{ram}, {plan.name} ({fmt}) takes {_size(m.device_bytes)} for dense weights, KV cache and slots"
     else:

@@ -1,7 +1,9 @@
 """`offload simulate TRACE` and `offload stats TRACE`: replay router traces, show where experts go.
 
 Argument parsing and rich output only; the replay is ``offload.trace.simulate`` and the reading
-``offload.trace.load_trace``. TRACE is an engine trace (JSON Lines, ``offload-trace``), the shared
+``offload.trace.load_trace``. Words: "prefetch recall" (simulate) is the share of expert uses a
+prefetch served; "prediction recall" (stats) the share of a layer's chosen experts that the
+recorded predictions named before it ran; belady is the bound for demand loading only. TRACE is an engine trace (JSON Lines, ``offload-trace``), the shared
 decode JSONL, or the shared aligned JSON of real Mixtral-8x7B routing.
 """
 
@@ -32,6 +34,7 @@ from offload.trace import (
 stdout = Console(highlight=False, soft_wrap=True, markup=False)
 
 DEFAULT_STATS_SLOTS = 4
+TABLE_WIDTH = 112  # simulate's table, printed at least this wide (unwrapped) even on a narrow console
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -79,19 +82,29 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+BELADY_LABEL = "belady (demand-loading bound)"
+BELADY_CAPTION = (
+    "belady (demand-loading bound): the fewest misses of a cache that loads an expert only when a layer asks for it "
+    "(Belady's offline optimum); a prefetching policy (history, transition) loads ahead of the ask and can beat it. "
+    "prefetch precision: prefetched experts the layer then used / experts prefetched; prefetch recall: expert uses "
+    "served by a prefetch / all uses."
+)
+
+
 def simulate_command(
     trace: Path = typer.Argument(..., help="A router trace: engine JSONL, shared decode JSONL or aligned JSON."),
     experts_per_layer: str = typer.Option(
         "2,3,4,5,6", "--experts-per-layer", "-k", help="Cache capacities to replay, a comma list (top-k .. all)."
     ),
     policy: str = typer.Option(
-        "lru,lfu,history", "--policy", help="Policies, a comma list; the Belady bound is always added."
+        "lru,lfu,history", "--policy", help="Policies, a comma list; belady (the demand-loading bound) is always added."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of rows, one per (policy, capacity)."),
     prefill: bool = typer.Option(False, "--prefill", help="Replay prefill tokens too (default: decode steps only)."),
 ) -> None:
     """Replay a router trace through per-layer expert caches: hit rate, prefetch precision and
-    recall, and experts loaded per token for each policy and capacity, with the Belady bound."""
+    prefetch recall, and experts loaded per token for each policy and capacity, with belady, the
+    bound for demand loading (prefetching policies can beat it)."""
     with user_errors():
         capacities = _int_list(experts_per_layer, "--experts-per-layer")
         names = _policies(policy)
@@ -103,8 +116,8 @@ def simulate_command(
     stdout.print(_describe(loaded, prefill), style="dim")
     for k in capacities:
         table = Table(title=f"{k} experts per layer", title_justify="left", show_edge=False, pad_edge=False)
-        for name in ("policy", "hit rate", "precision", "recall", "loaded/token", "vs lru"):
-            table.add_column(name, justify="left" if name == "policy" else "right")
+        for name in ("policy", "hit rate", "prefetch precision", "prefetch recall", "loaded/token", "vs lru"):
+            table.add_column(name, justify="left" if name == "policy" else "right", no_wrap=True)
         at_k = [r for r in rows if r.experts_per_layer == k]
         lru = next((r for r in at_k if r.policy == "lru"), None)
         for r in at_k:
@@ -115,7 +128,7 @@ def simulate_command(
             )
             bound = r.policy == "belady"
             table.add_row(
-                "belady (bound)" if bound else r.policy,
+                BELADY_LABEL if bound else r.policy,
                 f"{r.hit_rate:.3f}",
                 _fmt(r.prefetch_precision),
                 _fmt(r.prefetch_recall),
@@ -124,7 +137,12 @@ def simulate_command(
                 style="dim" if bound else None,
             )
         stdout.print()
-        stdout.print(table)
+        wide = stdout if stdout.width >= TABLE_WIDTH else Console(
+            highlight=False, soft_wrap=True, markup=False, width=TABLE_WIDTH, file=stdout.file
+        )
+        wide.print(table)
+    stdout.print()
+    stdout.print(BELADY_CAPTION, style="dim")
 
 
 def _shade(share: float, full: float) -> str:
@@ -135,45 +153,105 @@ def _shade(share: float, full: float) -> str:
     return f"{ink} on rgb({r},{g},{b})"
 
 
-def stats_command(
-    trace: Path = typer.Argument(..., help="A router trace: engine JSONL, shared decode JSONL or aligned JSON."),
-    prefill: bool = typer.Option(False, "--prefill", help="Count prefill tokens too (default: decode steps only)."),
-) -> None:
-    """Per-layer hit rates (recorded outcomes, or an LRU replay when the trace has none) and a
-    layers x experts heat map of each expert's share of its layer's uses."""
-    with user_errors():
-        loaded = load_trace(trace)
+PREDICTION_CAPTION = (
+    "prediction recall: experts a layer chose that had been predicted for it before it ran / experts it chose; "
+    "prediction precision: predicted experts it then chose / experts predicted (the predictions the trace recorded)."
+)
+
+
+def stats_data(loaded: Trace, prefill: bool, slots: int | None) -> dict:
+    """What ``offload stats`` shows, as plain data: the trace, the recorded outcomes (None when
+    the trace has none), an LRU replay at ``slots`` experts per layer (None when outcomes are
+    recorded and no ``slots`` was asked for; without either, the trace's own count or
+    ``DEFAULT_STATS_SLOTS``) and each expert's share of its layer's uses."""
     phases = PHASES if prefill else ("decode",)
     h = loaded.header
     steps = [s for seq in loaded.sequences for s in seq.steps if s.phase in phases]
-    stdout.print(_describe(loaded, prefill), style="dim")
-
+    data: dict = {
+        "trace": str(loaded.path), "model": h.model, "num_layers": h.num_layers, "num_experts": h.num_experts,
+        "top_k": h.top_k, "phases": list(phases), "tokens": loaded.tokens(phases), "recorded": None, "replay": None,
+    }
     recorded = [s for s in steps if s.outcome is not None]
-    table = Table(show_edge=False, pad_edge=False)
-    table.add_column("layer", justify="right")
-    table.add_column("uses", justify="right")
-    table.add_column("hit rate", justify="right")
     if recorded:
-        title = f"recorded outcomes ({len(recorded)} tokens; hit rate counts hit + prefetched)"
-        for name in (*OUTCOMES, "predicted recall", "precision"):
-            table.add_column(name, justify="right")
-        counts = [Counter(o for s in recorded for o in s.outcome[layer]) for layer in range(h.num_layers)]
-        total: Counter = Counter()
-        for layer, c in enumerate(counts):
+        layers, total = [], Counter()
+        for layer in range(h.num_layers):
+            c = Counter(o for s in recorded for o in s.outcome[layer])
             total.update(c)
             recall, precision = prediction_quality(recorded, layer)
-            table.add_row(str(layer), *_outcome_cells(c), _fmt(recall), _fmt(precision))
-        table.add_row("all", *_outcome_cells(total), "", "", style="bold")
-    else:
-        k = min(max(h.experts_per_layer or DEFAULT_STATS_SLOTS, h.top_k), h.num_experts)
-        title = f"LRU replay, {k} experts per layer (the trace records no outcomes)"
+            layers.append(dict(_outcome_data(c), layer=layer, prediction_recall=recall, prediction_precision=precision))
+        data["recorded"] = {"tokens": len(recorded), "layers": layers, "all": _outcome_data(total)}
+    if slots is not None or not recorded:
+        k = slots if slots is not None else min(max(h.experts_per_layer or DEFAULT_STATS_SLOTS, h.top_k), h.num_experts)
         result = simulate(loaded, k, "lru", prefill=prefill)
-        for layer, (uses, hits) in enumerate(zip(result.layer_uses, result.layer_hits)):
-            table.add_row(str(layer), str(uses), _fmt(hits / uses if uses else None))
-        table.add_row("all", str(result.uses), _fmt(result.hit_rate), style="bold")
-    table.title, table.title_justify = title, "left"
-    stdout.print()
-    stdout.print(table)
+        data["replay"] = {
+            "policy": "lru", "experts_per_layer": k, "uses": result.uses, "hit_rate": result.hit_rate,
+            "layers": [
+                {"layer": layer, "uses": uses, "hit_rate": hits / uses if uses else None}
+                for layer, (uses, hits) in enumerate(zip(result.layer_uses, result.layer_hits))
+            ],
+        }
+    shares = []
+    for layer in range(h.num_layers):
+        uses = Counter(e for s in steps if s.experts[layer] is not None for e in s.experts[layer])
+        n = sum(uses.values())
+        shares.append([uses[e] / n if n else 0.0 for e in range(h.num_experts)])
+    data["shares"] = shares
+    return data
+
+
+def _outcome_data(c: Counter) -> dict:
+    uses = sum(c[o] for o in OUTCOMES)
+    resident = sum(c[o] for o in RESIDENT_OUTCOMES)
+    return {"uses": uses, "hit_rate": resident / uses if uses else None, **{o: c[o] for o in OUTCOMES}}
+
+
+def stats_command(
+    trace: Path = typer.Argument(..., help="A router trace: engine JSONL, shared decode JSONL or aligned JSON."),
+    prefill: bool = typer.Option(False, "--prefill", help="Count prefill tokens too (default: decode steps only)."),
+    experts_per_layer: int | None = typer.Option(
+        None, "--experts-per-layer", "-k",
+        help="Replay LRU with this many experts per layer (top-k .. all), beside any recorded outcomes. "
+        f"Default: only when the trace records none, at its own count or {DEFAULT_STATS_SLOTS}.",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+) -> None:
+    """Per-layer hit rates (recorded outcomes, and an LRU replay with -k or when the trace has
+    none), prediction recall and precision, and a layers x experts heat map of each expert's
+    share of its layer's uses."""
+    with user_errors():
+        loaded = load_trace(trace)
+        data = stats_data(loaded, prefill, experts_per_layer)
+    if as_json:
+        print(json.dumps(data))
+        return
+    h = loaded.header
+    stdout.print(_describe(loaded, prefill), style="dim")
+
+    recorded = data["recorded"]
+    if recorded:
+        table = Table(show_edge=False, pad_edge=False, title_justify="left",
+                      title=f"recorded outcomes ({recorded['tokens']} tokens; hit rate counts hit + prefetched)")
+        for name in ("layer", "uses", "hit rate", *OUTCOMES, "prediction recall", "prediction precision"):
+            table.add_column(name, justify="right")
+        for row in recorded["layers"]:
+            table.add_row(str(row["layer"]), *_outcome_cells(row), _fmt(row["prediction_recall"]),
+                          _fmt(row["prediction_precision"]))
+        table.add_row("all", *_outcome_cells(recorded["all"]), "", "", style="bold")
+        stdout.print()
+        stdout.print(table)
+        stdout.print(PREDICTION_CAPTION, style="dim")
+    replay = data["replay"]
+    if replay:
+        why = "" if recorded else " (the trace records no outcomes)"
+        table = Table(show_edge=False, pad_edge=False, title_justify="left",
+                      title=f"LRU replay, {replay['experts_per_layer']} experts per layer{why}")
+        for name in ("layer", "uses", "hit rate"):
+            table.add_column(name, justify="right")
+        for row in replay["layers"]:
+            table.add_row(str(row["layer"]), str(row["uses"]), _fmt(row["hit_rate"]))
+        table.add_row("all", str(replay["uses"]), _fmt(replay["hit_rate"]), style="bold")
+        stdout.print()
+        stdout.print(table)
 
     uniform = 1 / h.num_experts
     heat = Table(
@@ -186,17 +264,12 @@ def stats_command(
     heat.add_column("layer", justify="right")
     for e in range(h.num_experts):
         heat.add_column(f" {e:>2} ", justify="center")
-    for layer in range(h.num_layers):
-        uses = Counter(e for s in steps if s.experts[layer] is not None for e in s.experts[layer])
-        n = sum(uses.values())
-        shares = [uses[e] / n if n else 0.0 for e in range(h.num_experts)]
+    for layer, shares in enumerate(data["shares"]):
         cells = [Text(f" {100 * x:>2.0f} ", style=_shade(x, 2 * uniform)) for x in shares]
         heat.add_row(f"{layer} ", *cells)
     stdout.print()
     stdout.print(heat)
 
 
-def _outcome_cells(c: Counter) -> list[str]:
-    uses = sum(c[o] for o in OUTCOMES)
-    resident = sum(c[o] for o in RESIDENT_OUTCOMES)
-    return [str(uses), _fmt(resident / uses if uses else None), *(str(c[o]) for o in OUTCOMES)]
+def _outcome_cells(row: dict) -> list[str]:
+    return [str(row["uses"]), _fmt(row["hit_rate"]), *(str(row[o]) for o in OUTCOMES)]

@@ -10,6 +10,15 @@ Definitions:
 - tgN: N decode forward passes / their seconds. A request generates N + 1 tokens with
   ``ignore_eos``: the first comes from the prefill's logits, the other N each from one decode
   pass, as llama-bench's tg128 times 128 single-token evaluations.
+- ppP+tgN (``combined``, llama-bench's ``-pg``): one request of P prompt tokens then N decode
+  passes, (P + N) / (prefill + decode seconds).
+- Depth D (llama-bench's ``-d``): each repetition first prefills D tokens (BOS, then seeded
+  random ids; not timed), so the timed prompt and decode passes run with D positions already
+  in the KV cache; the prompt then has no BOS of its own. The tg row's depth is where decoding
+  starts, D + P.
+- Spread: ``Measure.spread`` is std / mean; ``Measure.within_noise`` says whether two
+  measures cannot be told apart (their min..max ranges overlap, or the means differ by less
+  than the two standard deviations together).
 - Cache numbers (when experts go through the expert cache) cover the decode part only: the
   cache's counters are copied after the prefill (``Generation`` yields its first token before
   any decode pass) and subtracted at the end. Hit rate = hits / requests; stall share = stall
@@ -26,6 +35,7 @@ from __future__ import annotations
 import itertools
 import random
 import statistics
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -147,8 +157,29 @@ class Measure:
     def std(self) -> float:
         return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
 
+    @property
+    def min(self) -> float:
+        return min(self.values, default=0.0)
+
+    @property
+    def max(self) -> float:
+        return max(self.values, default=0.0)
+
+    @property
+    def spread(self) -> float:
+        """std / mean (0 for one value or a zero mean)."""
+        return self.std / self.mean if self.mean > 0 else 0.0
+
+    def within_noise(self, other: Measure) -> bool:
+        """Whether this and ``other`` cannot be told apart: their min..max ranges overlap, or
+        their means differ by no more than their standard deviations together. One value each
+        (no spread measured) is within the noise only when equal."""
+        if max(self.min, other.min) <= min(self.max, other.max):
+            return True
+        return abs(self.mean - other.mean) <= self.std + other.std
+
     def to_dict(self) -> dict[str, Any]:
-        return {"mean": self.mean, "std": self.std, "values": list(self.values)}
+        return {"mean": self.mean, "std": self.std, "min": self.min, "max": self.max, "values": list(self.values)}
 
 
 @dataclass
@@ -214,28 +245,117 @@ class BenchResult:
     cache: CacheSummary | None  # None when every expert is resident (no budget given)
     plan: str | None = None  # the memory plan, described; None without a cache
     resolved: dict[str, Any] = field(default_factory=dict)  # what "auto"/None became
+    depth: int = 0  # tokens already in the KV cache when the timed prompt starts (-d)
+    pg: Measure | None = None  # ppP+tgN: the whole request's tokens / seconds (-pg); pp, tg None then
+    facts: dict[str, Any] = field(default_factory=dict)  # model_facts: size, params, formats, threads, version
 
     def rows(self, depth_in_name: bool = False) -> list[dict[str, Any]]:
-        """Flat rows, one per test (pp, then tg), for tables, JSON and CSV."""
+        """Flat rows, one per test (pp, then tg; or the one ppP+tgN), for tables, JSON and CSV.
+        A tg row names its depth (`` @ dN``, where decoding starts) when ``depth_in_name`` or
+        ``depth``; pp and pg rows name a depth given."""
         base: dict[str, Any] = {"model": self.model, "machine": self.machine}
+        base.update(self.facts)
         base.update(self.config.settings())
         base.update(self.resolved)
-        base.update(n_prompt=self.prompt_tokens, n_gen=self.gen_tokens, reps=self.reps)
+        base.update(n_prompt=self.prompt_tokens, n_gen=self.gen_tokens, n_depth=self.depth, reps=self.reps)
         cache = {
             "hit_rate": self.cache.hit_rate if self.cache else None,
             "cpu_share": self.cache.cpu_share if self.cache else None,
             "stall_share": self.cache.stall_share if self.cache else None,
             "bytes_per_token": self.cache.bytes_per_token if self.cache else None,
         }
+        at = f" @ d{self.depth}" if self.depth else ""
+
+        def row(name: str, m: Measure, extra: dict[str, Any]) -> dict[str, Any]:
+            return dict(base, test=name, t_s_mean=m.mean, t_s_std=m.std, t_s_min=m.min, t_s_max=m.max,
+                        t_s_spread=m.spread, t_s_values=list(m.values), **extra)
+
         rows = []
+        if self.pg is not None:
+            rows.append(row(f"pp{self.prompt_tokens}+tg{self.gen_tokens}{at}", self.pg, cache))
         if self.pp is not None:
-            rows.append(dict(base, test=f"pp{self.prompt_tokens}", t_s_mean=self.pp.mean, t_s_std=self.pp.std,
-                             t_s_values=list(self.pp.values), **{k: None for k in cache}))
+            rows.append(row(f"pp{self.prompt_tokens}{at}", self.pp, {k: None for k in cache}))
         if self.tg is not None:
-            name = f"tg{self.gen_tokens}" + (f" @ d{self.prompt_tokens}" if depth_in_name else "")
-            rows.append(dict(base, test=name, t_s_mean=self.tg.mean, t_s_std=self.tg.std,
-                             t_s_values=list(self.tg.values), **cache))
+            tg_at = f" @ d{self.depth + self.prompt_tokens}" if depth_in_name or self.depth else ""
+            rows.append(row(f"tg{self.gen_tokens}{tg_at}", self.tg, cache))
         return rows
+
+
+def parameter_count(config: Any) -> int:
+    """The model's parameters from its config (``offload.config.ModelConfig``): embeddings,
+    lm_head unless tied, per layer attention (q, k, v, o), router, experts and two norms, and the
+    final norm."""
+    c = config
+    D, V, L, E = c.hidden_size, c.vocab_size, c.num_hidden_layers, c.num_local_experts
+    head_dim = getattr(c, "head_dim", None) or D // c.num_attention_heads
+    attention = D * head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+    layer = attention + D * E + E * 3 * D * c.intermediate_size + 2 * D
+    return V * D * (1 if c.tie_word_embeddings else 2) + L * layer + D
+
+
+def model_bytes(model: str | Path) -> int:
+    """Bytes of the model's weight files: a pack's own files, or a checkpoint's ``*.safetensors``
+    (``*.bin`` when it has none)."""
+    from offload.pack import is_pack, pack_files
+
+    root = Path(model)
+    if is_pack(root):
+        files = [root / name for name in pack_files(root) or ()]
+    else:
+        files = list(root.glob("*.safetensors")) or list(root.glob("*.bin"))
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
+def offload_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("offload")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a bare checkout
+        return "unknown"
+
+
+def weight_format_names(engine: Engine, config: BenchConfig | None = None) -> tuple[str | None, str | None]:
+    """(experts, attention) format names that ``engine`` runs: a pack's stored formats, or a
+    checkpoint's under ``config``'s bits (``offload.loader.weight_formats``); the compute dtype
+    for plain weights. (None, None) when the source cannot be read again."""
+    from offload.checkpoint import Checkpoint
+    from offload.loader import weight_formats
+    from offload.pack import Pack, is_pack
+
+    dtype = str(engine.dtype).removeprefix("torch.")
+    try:
+        root = Path(engine.model_name)
+        source = Pack(root) if is_pack(root) else Checkpoint(root, engine.config)
+        try:
+            _, layout, attn = weight_formats(
+                source, engine.device, engine.dtype, None,
+                config.expert_bits if config else None, config.attn_bits if config else None,
+            )
+        finally:
+            source.close()
+    except Exception:  # the facts are for display only
+        return None, None
+    experts = dtype if layout.plain else layout.fmt.name
+    attention = dtype if attn is None or attn.kind == "plain" else attn.name
+    return experts, attention
+
+
+def model_facts(engine: Engine, config: BenchConfig | None = None) -> dict[str, Any]:
+    """What llama-bench prints beside each row: the model's size (bytes of its weight files),
+    parameter count, the weight formats that ran (experts, attention), torch's threads and this
+    offload's version."""
+    import torch
+
+    experts, attention = weight_format_names(engine, config)
+    return {
+        "model_bytes": model_bytes(engine.model_name) if engine.model_name else None,
+        "model_params": parameter_count(engine.config),
+        "expert_format": experts,
+        "attn_format": attention,
+        "threads": torch.get_num_threads(),
+        "offload_version": offload_version(),
+    }
 
 
 def bench_prompt(vocab_size: int, prompt_tokens: int, seed: int, bos_id: int = 1) -> list[int]:
@@ -255,8 +375,11 @@ def _check_lengths(prompt_tokens: int, gen_tokens: int, reps: int) -> None:
         raise SettingError(f"repetitions must be >= 1, got {reps}")
 
 
-def context_needed(prompt_tokens: int, gen_tokens: int) -> int:
-    """Positions one request takes: the prompt (at least BOS) and gen_tokens + 1 tokens."""
+def context_needed(prompt_tokens: int, gen_tokens: int, depth: int = 0) -> int:
+    """Positions one request takes: ``depth`` tokens already there, the prompt (at least BOS
+    without a depth) and gen_tokens + 1 tokens."""
+    if depth > 0:
+        return depth + prompt_tokens + gen_tokens + 1
     return max(1, prompt_tokens) + gen_tokens + 1
 
 
@@ -363,43 +486,64 @@ def measure(
     reps: int,
     seed: int = 0,
     warmup: bool = True,
+    depth: int = 0,
+    combined: bool = False,
 ) -> BenchResult:
-    """Warm up once (unless ``warmup`` is False), then time ``reps`` requests on ``engine``."""
+    """Warm up once (unless ``warmup`` is False), then time ``reps`` requests on ``engine``;
+    ``depth`` tokens prefilled first in each (not timed), ``combined``: one ppP+tgN measure
+    (``BenchResult.pg``) instead of pp and tg."""
     _check_lengths(prompt_tokens, gen_tokens, reps)
-    needed = context_needed(prompt_tokens, gen_tokens)
+    if depth < 0:
+        raise SettingError(f"-d {depth}: a depth must be >= 0")
+    if combined and (prompt_tokens == 0 or gen_tokens == 0):
+        raise SettingError(f"-pg {prompt_tokens},{gen_tokens}: both lengths must be >= 1")
+    needed = context_needed(prompt_tokens, gen_tokens, depth)
     if needed > engine.context_length:
+        at = f" at depth {depth}" if depth else ""
         raise SettingError(
-            f"pp{prompt_tokens} + tg{gen_tokens} needs {needed} positions; the engine holds {engine.context_length}"
+            f"pp{prompt_tokens} + tg{gen_tokens}{at} needs {needed} positions; the engine holds {engine.context_length}"
         )
     routing = engine.model.routing_source
-    if isinstance(routing, ReplayRouting) and replay_needed(prompt_tokens, gen_tokens) > routing.tokens:
+    replayed = replay_needed(prompt_tokens, gen_tokens) + depth - (1 if depth and prompt_tokens == 0 else 0)
+    if isinstance(routing, ReplayRouting) and replayed > routing.tokens:
         raise SettingError(
-            f"-p {prompt_tokens} -n {gen_tokens} replay {replay_needed(prompt_tokens, gen_tokens)} trace tokens; "
+            f"-p {prompt_tokens} -n {gen_tokens}{f' -d {depth}' if depth else ''} replay {replayed} trace tokens; "
             f"{routing.path} holds {routing.tokens}: lower -p or -n"
         )
     vocab = min(engine.config.vocab_size, engine.tokenizer.vocab_size)  # ids the tokenizer can decode too
-    ids = bench_prompt(vocab, prompt_tokens, seed, engine.tokenizer.bos_id)
-    # with gen_tokens == 0: one token from the prefill, no decode pass
-    settings = GenerationSettings(max_new_tokens=gen_tokens + 1, ignore_eos=True)
     cache = engine.cache
     summary = CacheSummary() if cache is not None else None
     pp: list[float] = []
     tg: list[float] = []
+    pg: list[float] = []
+    if depth:
+        context_ids = bench_prompt(vocab, depth, seed + 1, engine.tokenizer.bos_id)
+        ids = bench_prompt(vocab, prompt_tokens + 1, seed, engine.tokenizer.bos_id)[1:]  # no BOS mid-sequence
+    else:
+        ids = bench_prompt(vocab, prompt_tokens, seed, engine.tokenizer.bos_id)
+    # with gen_tokens == 0: one token from the prefill, no decode pass
+    settings = GenerationSettings(max_new_tokens=gen_tokens + 1, ignore_eos=True)
     for rep in range(reps + (1 if warmup else 0)):
-        generation = engine.generate(ids, settings)
-        after_prefill = None
-        for i, _ in enumerate(generation):
-            if i == 0 and cache is not None:  # first token: prefill done, no decode pass yet
-                after_prefill = cache.stats.copy()
-        s = generation.stats
-        if s.decode_steps != gen_tokens:  # pragma: no cover - ignore_eos and a checked context
-            raise SettingError(f"expected {gen_tokens} decode passes, ran {s.decode_steps} ({s.stop_reason})")
+        if depth:
+            prefill_s, decode_s, steps, after_prefill = _timed_at_depth(engine, context_ids, ids, gen_tokens)
+        else:
+            generation = engine.generate(ids, settings)
+            after_prefill = None
+            for i, _ in enumerate(generation):
+                if i == 0 and cache is not None:  # first token: prefill done, no decode pass yet
+                    after_prefill = cache.stats.copy()
+            s = generation.stats
+            prefill_s, decode_s, steps = s.prefill_seconds, s.decode_seconds, s.decode_steps
+        if steps != gen_tokens:  # pragma: no cover - ignore_eos and a checked context
+            raise SettingError(f"expected {gen_tokens} decode passes, ran {steps}")
         if warmup and rep == 0:
             continue
-        pp.append(s.prompt_tokens_per_s)
-        tg.append(s.generation_tokens_per_s)
+        pp.append(prompt_tokens / prefill_s if prefill_s > 0 else 0.0)
+        tg.append(gen_tokens / decode_s if decode_s > 0 else 0.0)
+        total = prefill_s + decode_s
+        pg.append((prompt_tokens + gen_tokens) / total if total > 0 else 0.0)
         if summary is not None and after_prefill is not None:
-            summary.add(cache.stats.since(after_prefill), s.decode_seconds, s.decode_steps)
+            summary.add(cache.stats.since(after_prefill), decode_s, steps)
     resolved = {"policy_used": engine.policy or None, "dtype_used": str(engine.dtype).removeprefix("torch."),
                 "device_used": str(engine.device)}
     if engine.plan is not None:
@@ -412,12 +556,43 @@ def measure(
         prompt_tokens=prompt_tokens,
         gen_tokens=gen_tokens,
         reps=reps,
-        pp=Measure(tuple(pp)) if prompt_tokens > 0 else None,
-        tg=Measure(tuple(tg)) if gen_tokens > 0 else None,
+        pp=Measure(tuple(pp)) if prompt_tokens > 0 and not combined else None,
+        tg=Measure(tuple(tg)) if gen_tokens > 0 and not combined else None,
         cache=summary if gen_tokens > 0 else None,
         plan=engine.plan.describe() if engine.plan is not None else None,
         resolved=resolved,
+        depth=depth,
+        pg=Measure(tuple(pg)) if combined else None,
+        facts=model_facts(engine, config),
     )
+
+
+def _timed_at_depth(
+    engine: Engine, context_ids: list[int], ids: list[int], gen_tokens: int
+) -> tuple[float, float, int, Any]:
+    """One request at a depth: ``context_ids`` prefilled (not timed), then ``ids`` timed as a
+    continuation (in chunks of ``engine.prefill_chunk``), then ``gen_tokens`` greedy decode
+    passes. (prompt seconds, decode seconds, decode passes, cache counters after the prompt)."""
+    import torch
+
+    from offload.device import synchronize
+
+    logits = engine.prefill(context_ids)
+    synchronize(engine.device)
+    start = time.perf_counter()
+    chunk = engine.prefill_chunk
+    for first in range(0, len(ids), chunk):
+        tokens = torch.tensor(ids[first : first + chunk], dtype=torch.int64, device=engine.device)
+        logits = engine.model.forward(tokens, last_only=True)[0]
+    token = int(torch.argmax(logits))
+    synchronize(engine.device)
+    prefill_s = time.perf_counter() - start
+    after_prefill = engine.cache.stats.copy() if engine.cache is not None else None
+    start = time.perf_counter()
+    for _ in range(gen_tokens):
+        token = int(torch.argmax(engine.decode(token)))
+    synchronize(engine.device)
+    return prefill_s, time.perf_counter() - start, gen_tokens, after_prefill
 
 
 def run_bench(
@@ -441,5 +616,6 @@ def run_bench(
 
 __all__ = [
     "BenchConfig", "BenchResult", "CacheSummary", "LengthLimits", "Measure", "SWEEP_OPTIONS",
-    "bench_prompt", "context_needed", "fit_lengths", "load", "measure", "replay_needed", "run_bench", "sweep",
+    "bench_prompt", "context_needed", "fit_lengths", "load", "measure", "model_bytes", "model_facts",
+    "offload_version", "parameter_count", "replay_needed", "run_bench", "sweep",
 ]

@@ -4,12 +4,19 @@ What it is: ``Engine.load`` (checks every input, then builds the weights through
 under a memory budget, the expert cache with its policy and prefetcher) and the forward steps;
 ``generate`` returns a ``Generation`` (generation.py). What it is not: a command-line tool (it
 never prints) or a chat session (it takes token ids; formats live in the tokenizer).
+
+The engine keeps the token sequence whose keys and values its KV cache holds (``sequence``), so
+a caller that sends the same conversation again with more at the end (a chat, a server) can keep
+the longest common prefix and prefill only the rest (``keep_prefix``, then ``extend``; or
+``prefill(ids, reuse=True)``; or ``GenerationSettings(reuse_prefix=True)``). Prompt chunks are
+aligned to positions (multiples of ``prefill_chunk``), so a prefill that starts at a multiple of
+the chunk size runs exactly the chunks a whole prefill runs, bit for bit.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -26,6 +33,7 @@ from offload.generation import (
     Generation,
     GenerationSettings,
     GenerationStats,
+    PrefillInterrupted,
     StopMatcher,
     TokenEvent,
 )
@@ -66,6 +74,7 @@ __all__ = [
     "Generation",
     "GenerationSettings",
     "GenerationStats",
+    "PrefillInterrupted",
     "StopMatcher",
     "TokenEvent",
     "parse_dtype",
@@ -108,6 +117,7 @@ class Engine:
             fuse_qkv(layer)  # one matmul for q, k and v in a decode step (plain projections)
         self.model = MixtralModel(config, dense, experts, cache, rope)
         self._token = torch.zeros(1, dtype=torch.int64, device=device)  # decode's input, reused
+        self._sequence: list[int] = []  # the ids whose keys and values the KV cache holds, in order
 
     @classmethod
     def load(
@@ -285,43 +295,146 @@ class Engine:
 
     # ---- the forward steps ---------------------------------------------------------------------
 
+    @property
+    def sequence(self) -> tuple[int, ...]:
+        """The ids whose keys and values the KV cache holds now, in order (a copy): the last
+        prompt, then every token decoded after it (not the last token sampled, never run)."""
+        return tuple(self._sequence) if self._sequence_valid() else ()
+
+    def _sequence_valid(self) -> bool:
+        """Does the kept sequence describe the KV cache? Not when someone ran the model directly."""
+        return len(self._sequence) == self.model.cache.length
+
     def reset(self) -> None:
         """Forget the current sequence (the KV cache is reused, not reallocated)."""
         self.model.cache.reset()
+        self._sequence = []
         if self.model.prefetcher is not None:
             self.model.prefetcher.reset()
 
-    def prefill(self, ids: Sequence[int]) -> torch.Tensor:
-        """Start a new sequence with ``ids``; logits [V] for the token after them. A long prompt
-        runs in chunks of ``prefill_chunk`` tokens (``offload.plan.PREFILL_CHUNK_TOKENS``), the
-        size the plan's device reserve is made for; each chunk stays expert-major."""
+    def truncate(self, length: int) -> None:
+        """Keep only the first ``length`` positions of the sequence (0: ``reset``). The keys and
+        values of a position depend only on the positions before it, so what is kept stays valid;
+        what lay beyond is overwritten by the next forward pass."""
+        if not 0 <= length <= len(self.sequence):
+            raise SettingError(f"cannot keep {length} positions of a sequence of {len(self.sequence)}")
+        if length == 0:
+            self.reset()
+            return
+        self.model.cache.length = length
+        del self._sequence[length:]
+
+    def reusable_prefix(self, ids: Sequence[int]) -> int:
+        """How many leading ids of ``ids`` the KV cache holds already: the longest common prefix
+        of ``ids`` and ``sequence``, less one when it is the whole of ``ids`` (the last id must run
+        again to give the logits that follow it). Changes nothing."""
+        held = self.sequence
+        n = 0
+        for a, b in zip(held, ids):
+            if a != b:
+                break
+            n += 1
+        return min(n, len(ids) - 1) if ids else 0
+
+    def keep_prefix(self, ids: Sequence[int]) -> int:
+        """Truncate the sequence to ``reusable_prefix(ids)`` positions and return that count:
+        ``extend(ids[count:])`` then continues ``ids``."""
+        n = self.reusable_prefix(ids)
+        self.truncate(n)
+        return n
+
+    def _check_room(self, ids: Sequence[int], start: int) -> None:
         if not ids:
             raise SettingError("the prompt is empty")
-        if len(ids) > self.context_length:
+        if start + len(ids) > self.context_length:
+            held = f" after the {start} held" if start else ""
             raise SettingError(
-                f"prompt of {len(ids)} tokens exceeds the context length {self.context_length}"
+                f"prompt of {len(ids)} tokens{held} exceeds the context length {self.context_length}"
             )
-        self.reset()
-        chunk = self.prefill_chunk
-        for first in range(0, len(ids), chunk):
-            tokens = torch.tensor(ids[first : first + chunk], dtype=torch.int64, device=self.device)
-            logits = self.model.forward(tokens, last_only=True)  # [1, V]
+
+    def extend(self, ids: Sequence[int], should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+        """Run ``ids`` at the end of the held sequence, as prompt (prefill); logits [V] for the
+        token after them. The tokens run in chunks ending at multiples of ``prefill_chunk``
+        positions (``offload.plan.PREFILL_CHUNK_TOKENS``, the size the plan's device reserve is
+        made for), each chunk expert-major; a chunk of one token runs as a decode step.
+
+        ``should_stop`` is asked before each chunk: when it answers True, ``PrefillInterrupted``
+        is raised and the sequence holds the chunks that ran (a consistent state to continue
+        from, truncate or reset). An exception out of a forward pass keeps the same state."""
+        self._check_room(ids, len(self.sequence))
+        if not self._sequence_valid():
+            self.reset()
+        chunk, ran, first = self.prefill_chunk, 0, 0
+        while first < len(ids):
+            if should_stop is not None and should_stop():
+                raise PrefillInterrupted(ran)
+            position = len(self._sequence)
+            last = min(len(ids), first + chunk - position % chunk)  # the chunk ends on a multiple of ``chunk``
+            logits = self._forward(ids[first:last])  # [1, V]
+            ran, first = ran + last - first, last
         return logits[0]
+
+    def _forward(self, ids: Sequence[int]) -> torch.Tensor:
+        """One forward pass of ``ids`` at the end of the sequence; logits [1, V] for the last.
+        The kept sequence grows only when the pass completes (the KV cache's length too)."""
+        tokens = torch.tensor(ids, dtype=torch.int64, device=self.device)  # [T]
+        try:
+            logits = self.model.forward(tokens, last_only=True)  # [1, V]
+        except BaseException:
+            self._abandon_pass()
+            raise
+        self._sequence.extend(ids)
+        return logits
+
+    def _abandon_pass(self) -> None:
+        """After an exception (a Ctrl+C) inside a forward pass: the KV cache holds the kept
+        sequence again (positions the pass wrote lie beyond it), and the prefetcher forgets the
+        half-seen token (the layers of a prompt pass it had gathered, a deferred prefetch): its
+        state only steers loads, never what is computed."""
+        self.model.cache.length = len(self._sequence)
+        prefetcher = self.model.prefetcher
+        if prefetcher is not None:
+            prefetcher.reset()  # also the layers of the abandoned prompt pass, a deferred prefetch
+
+    def prefill(self, ids: Sequence[int], *, reuse: bool = False,
+                should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+        """Logits [V] for the token after ``ids``, with ``ids`` held as the sequence. Without
+        ``reuse`` a new sequence (everything prefilled); with it, the positions ``ids`` shares
+        with the held sequence are kept (``keep_prefix``) and only the rest runs (``extend``)."""
+        self._check_room(ids, 0)
+        if reuse:
+            start = self.keep_prefix(ids)
+        else:
+            start = 0
+            self.reset()
+        return self.extend(ids[start:], should_stop)
 
     def decode(self, token: int) -> torch.Tensor:
         """Append one token to the sequence; logits [V] for the next one."""
         self._token.fill_(token)
-        return self.model.forward(self._token, last_only=True)[0]
+        try:
+            logits = self.model.forward(self._token, last_only=True)[0]  # [V]
+        except BaseException:
+            self._abandon_pass()
+            raise
+        self._sequence.append(int(token))
+        return logits
 
     def logits(self, ids: Sequence[int]) -> torch.Tensor:
         """Logits [T, V] for every position of a new sequence (used for evaluation)."""
         self.reset()
         tokens = torch.tensor(ids, dtype=torch.int64, device=self.device)
-        return self.model.forward(tokens)
+        logits = self.model.forward(tokens)  # [T, V]
+        self._sequence = list(ids)
+        return logits
 
-    def generate(self, prompt_ids: Sequence[int], settings: GenerationSettings | None = None) -> Generation:
-        """A lazy generation: iterate it to stream, or call ``.run()``."""
-        return Generation(self, prompt_ids, settings or GenerationSettings())
+    def generate(self, prompt_ids: Sequence[int], settings: GenerationSettings | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> Generation:
+        """A lazy generation: iterate it to stream, or call ``.run()``. With
+        ``settings.reuse_prefix`` the prompt's common prefix with the held sequence is kept and
+        only the rest prefilled; ``should_stop`` is asked between prompt chunks (a True ends the
+        generation before its first token, ``stop_reason`` "interrupted")."""
+        return Generation(self, prompt_ids, settings or GenerationSettings(), should_stop)
 
 
 def make_placer(device: torch.device, layout, config: ModelConfig, machine: Any = None, notes: list[str] | None = None):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 
@@ -32,6 +32,10 @@ class GenerationSettings:
     ignore_eos: bool = False  # keep going past EOS (benchmarks, exact-length comparisons)
     trace: Path | None = None  # write a router trace here (offload.trace format)
     trace_force: bool = False  # replace an existing trace file (a regular file only: offload.files)
+    # keep the prompt's common prefix with the sequence the engine holds and prefill only the rest
+    # (a chat's next turn, a server's next request); off for a request measured or traced whole
+    # (a traced request prefills everything: a trace holds every position of its sequence)
+    reuse_prefix: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -40,14 +44,30 @@ class GenerationSettings:
             raise SettingError("stop strings must not be empty")
 
 
+class PrefillInterrupted(Exception):
+    """A prefill stopped between chunks because its ``should_stop`` said so; ``done`` prompt
+    tokens had run (they stay in the engine's sequence). Not an error: a user's Ctrl+C."""
+
+    def __init__(self, done: int):
+        super().__init__(f"prompt processing stopped after {done} tokens")
+        self.done = done
+
+
 @dataclass
 class GenerationStats:
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # prompt tokens prefilled (the prompt less reused_tokens)
     generated_tokens: int = 0
     decode_steps: int = 0  # forward passes after the prompt (the first token comes from prefill)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
-    stop_reason: str = ""  # eos | stop | length | context
+    stop_reason: str = ""  # eos | stop | length | context | interrupted
+    reused_tokens: int = 0  # prompt tokens whose keys and values the engine held already (reuse_prefix)
+    first_token_seconds: float = 0.0  # from the request's start (prefill included) to its first token
+
+    @property
+    def context_tokens(self) -> int:
+        """Positions of the context this request's sequence takes: prompt and reply."""
+        return self.reused_tokens + self.prompt_tokens + self.generated_tokens
 
     @property
     def prompt_tokens_per_s(self) -> float:
@@ -174,10 +194,12 @@ class TraceRecorder:
 class Generation:
     """One request: iterate it for ``TokenEvent``s; afterwards read tokens, text and stats."""
 
-    def __init__(self, engine: Engine, prompt_ids: Sequence[int], settings: GenerationSettings):
+    def __init__(self, engine: Engine, prompt_ids: Sequence[int], settings: GenerationSettings,
+                 should_stop: Callable[[], bool] | None = None):
         self.engine = engine
         self.prompt_ids = list(prompt_ids)
         self.settings = settings
+        self.should_stop = should_stop  # asked between prompt chunks: True ends the request there
         self.tokens: list[int] = []
         self.text = ""
         self.stats = GenerationStats(prompt_tokens=len(self.prompt_ids))
@@ -203,6 +225,23 @@ class Generation:
             pass
         return self
 
+    def _prefill(self, reuse: bool) -> torch.Tensor:
+        """Prefill the prompt (only what the engine does not hold, with ``reuse``); logits [V] for
+        the first new token. Sets the prompt statistics, also when interrupted."""
+        engine, stats, ids = self.engine, self.stats, self.prompt_ids
+        stats.reused_tokens = engine.reusable_prefix(ids) if reuse else 0  # what prefill(reuse=True) keeps
+        stats.prompt_tokens = len(ids) - stats.reused_tokens
+        options = {}  # engine.prefill is the one entry point (callers and tests replace it): plain when plain
+        if reuse:
+            options["reuse"] = True
+        if self.should_stop is not None:
+            options["should_stop"] = self.should_stop
+        try:
+            return engine.prefill(ids, **options)
+        except PrefillInterrupted as stop:
+            stats.prompt_tokens = stop.done
+            raise
+
     def _run(self) -> Iterator[TokenEvent]:
         engine, settings, stats = self.engine, self.settings, self.stats
         sampler = Sampler(settings.sampling)
@@ -224,11 +263,15 @@ class Generation:
         recorder = TraceRecorder(engine, settings.trace, settings.trace_force) if settings.trace is not None else None
         start = time.perf_counter()
         try:
-            logits = engine.prefill(self.prompt_ids)
-        except BaseException:
+            logits = self._prefill(reuse=settings.reuse_prefix and recorder is None)
+        except BaseException as exc:
             if recorder is not None:
                 recorder.close(keep=False)
-            raise
+            if not isinstance(exc, PrefillInterrupted):
+                raise
+            stats.prefill_seconds = time.perf_counter() - start
+            stats.stop_reason = "interrupted"  # no token: the engine holds the chunks that ran
+            return
         synchronize(engine.device)
         stats.prefill_seconds = time.perf_counter() - start
         if recorder is not None:
@@ -238,6 +281,8 @@ class Generation:
         try:
             while True:
                 token = sampler(logits, history[:seen])
+                if not self.tokens:
+                    stats.first_token_seconds = time.perf_counter() - start
                 self.tokens.append(token)
                 stats.generated_tokens += 1
                 history[seen] = token

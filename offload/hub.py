@@ -9,17 +9,23 @@ An existing directory is returned as is; a hub id is looked up in the huggingfac
     models--{org}--{name}/snapshots/{hash}/      the files of that commit
 
 With ``download=True`` a hub id that is not in the cache, or whose download was cut short (the
-tree listing huggingface_hub keeps names files the snapshot lacks), is fetched into that cache
-from ``$HF_ENDPOINT`` (default https://huggingface.co) by ``huggingface_hub.snapshot_download``,
-only the files this engine reads (``DOWNLOAD_PATTERNS``). Just before the transfer starts,
-``on_download`` gets a ``Download`` (what, from where, to where, how many bytes); huggingface_hub
-draws its own tqdm bars on stderr only when the caller passes ``progress_bars=True``. Network off
-(``HF_HUB_OFFLINE``), an unreachable hub, a missing, private or gated repo, an unknown revision and
-a repo without safetensors each give a one-line ConfigError naming the model id.
+tree listing huggingface_hub keeps names files the snapshot lacks, or the snapshot holds no
+``*.safetensors`` at all, as after ``resolve_config``), is fetched into that cache from
+``$HF_ENDPOINT`` (default https://huggingface.co), only the files this engine reads
+(``DOWNLOAD_PATTERNS``), in this order: the repo's file listing with sizes (one API call), then
+config.json alone, checked as ``offload.config.ModelConfig`` checks it (a refused architecture,
+Qwen3MoeForCausalLM say, stops here: no weight file is requested), then, with ``on_download``
+told first (a ``Download``: what, from where, to where, how many files and bytes still to fetch),
+the rest by ``huggingface_hub.snapshot_download``; huggingface_hub draws its own tqdm bars on
+stderr only when the caller passes ``progress_bars=True``. ``resolve_config`` is the same for a
+command that reads only config.json (``offload info``): a cached snapshot as it is, weights or
+not, else config.json alone fetched and checked, never a weight. Network off (``HF_HUB_OFFLINE``),
+an unreachable hub, a missing, private or gated repo, an unknown revision, a repo without
+config.json and one without safetensors each give a one-line ConfigError naming the model id.
 
 What it is not: it never touches the network for a directory or a model already in the cache, nor
-at all without ``download=True``; it never prints; and it does not check that a directory holds a
-usable checkpoint (the loaders do that, naming the file at fault).
+at all without ``download=True``; it never prints; and apart from a fetched config.json it does not
+check that a directory holds a usable checkpoint (the loaders do that, naming the file at fault).
 """
 
 from __future__ import annotations
@@ -34,12 +40,13 @@ from typing import Callable, Optional
 
 from offload.errors import ConfigError
 
-__all__ = ["DOWNLOAD_PATTERNS", "Download", "DownloadListener", "fetch_command", "hub_cache_dir", "hub_endpoint",
-           "resolve_model"]
+__all__ = ["CONFIG_FILE", "DOWNLOAD_PATTERNS", "Download", "DownloadListener", "fetch_command", "hub_cache_dir",
+           "hub_endpoint", "is_hub_id", "resolve_config", "resolve_model"]
 
 # The files the engine reads: configs, tokenizer, safetensors shards and their index.
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
 
+CONFIG_FILE = "config.json"  # all that `offload info` reads
 DEFAULT_ENDPOINT = "https://huggingface.co"
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")  # what huggingface_hub reads
 
@@ -56,8 +63,8 @@ class Download:
     revision: str
     endpoint: str
     cache: Path
-    files: int
-    size: int  # bytes, as the hub reports them
+    files: int  # the files still to fetch (config.json, fetched and checked first, among them)
+    size: int  # their bytes, as the hub's listing reports them
 
 
 DownloadListener = Callable[[Download], None]
@@ -100,15 +107,10 @@ def resolve_model(name_or_path: str | os.PathLike, revision: str = "main", *, do
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
-    name = name_or_path.as_posix() if isinstance(name_or_path, PurePath) else str(name_or_path)
-    if path.exists():
-        raise ConfigError(f"{name}: is a file, not a model directory")
-    if not _REPO_ID.fullmatch(name) or ".." in name:
-        raise ConfigError(f"{name}: no such directory (and not a Hugging Face model id "
-                          "like org/name)")
+    name = _hub_name(name_or_path, path)
     cache = hub_cache_dir()
     found = _cached_snapshot(cache, name, revision)
-    missing = _missing_files(cache, name, found) if found is not None and download else []
+    missing = (_missing_files(cache, name, found) or _no_weights(found)) if found is not None and download else []
     if found is not None and not missing:
         return found
     if found is None:
@@ -120,6 +122,48 @@ def resolve_model(name_or_path: str | os.PathLike, revision: str = "main", *, do
         raise ConfigError(f"{name}: {state}; download it with `{fetch_command(name, revision)}` "
                           "or pass the checkpoint's directory")
     return _download(name, revision, cache, state, on_download, progress_bars)
+
+
+def is_hub_id(text: str) -> bool:
+    """Is ``text`` shaped like a hub model id ("org/name", or "name")?"""
+    return bool(_REPO_ID.fullmatch(text)) and ".." not in text
+
+
+def _hub_name(name_or_path: str | os.PathLike, path: Path) -> str:
+    """The hub id that ``name_or_path`` names (it is no directory), or a ConfigError."""
+    name = name_or_path.as_posix() if isinstance(name_or_path, PurePath) else str(name_or_path)
+    if path.exists():
+        raise ConfigError(f"{name}: is a file, not a model directory")
+    if not is_hub_id(name):
+        raise ConfigError(f"{name}: no such directory (and not a Hugging Face model id "
+                          "like org/name)")
+    return name
+
+
+def resolve_config(name_or_path: str | os.PathLike, revision: str = "main", *, download: bool = True) -> Path:
+    """A directory holding the model's config.json, for a command that reads nothing else
+    (``offload info``): a directory as it is; a hub id's cached snapshot when it holds
+    config.json (its weights or not); else, with ``download``, config.json alone fetched from the
+    hub into the cache (the snapshot ``resolve_model`` completes later) and checked as
+    ``ModelConfig`` checks it: never a weight file. Without ``download``, a hub id not cached is
+    the ConfigError ``resolve_model`` gives."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = _hub_name(name_or_path, path)
+    cache = hub_cache_dir()
+    found = _cached_snapshot(cache, name, revision)
+    if found is not None and (found / CONFIG_FILE).is_file():
+        return found
+    if not download:
+        return resolve_model(name, revision)
+    at = "" if revision == "main" else f" (revision {revision})"
+    _require_hub(name)
+    _check_online(name, revision, f"is not a directory and not in the Hugging Face cache at {cache}{at}")
+    endpoint = hub_endpoint()
+    config = _fetch_config(name, revision, cache, endpoint)
+    _check_config(name, config, endpoint, after="")
+    return config.parent
 
 
 def _cached_snapshot(cache: Path, repo_id: str, revision: str) -> Path | None:
@@ -153,26 +197,36 @@ def _missing_files(cache: Path, repo_id: str, snapshot: Path) -> list[str]:
     return sorted(n for n in names if not (snapshot / n).exists())
 
 
+def _no_weights(snapshot: Path) -> list[str]:
+    """["*.safetensors"] when the snapshot holds no weights at all (``resolve_config`` fetched
+    only config.json, or a download stopped before the first shard), else []."""
+    return [] if any(snapshot.glob("*.safetensors")) else ["*.safetensors"]
+
+
 def _wanted(filename: str) -> bool:
     return any(fnmatch(filename, pattern) for pattern in DOWNLOAD_PATTERNS)
 
 
 def _download(repo_id: str, revision: str, cache: Path, state: str,
               on_download: Optional[DownloadListener], progress_bars: bool) -> Path:
+    """The listing, then config.json alone (checked), then the rest: a refused model costs one
+    API call and one small file, never a weight."""
     _require_hub(repo_id)
-    offline = _offline_variable()
-    if offline is not None:
-        raise ConfigError(f"{repo_id}: {state}; the network is off ({offline} is set), so fetch "
-                          f"it with `{offline}=0 {fetch_command(repo_id, revision)}` or pass the "
-                          "checkpoint's directory")
+    _check_online(repo_id, revision, state)
     endpoint = hub_endpoint()
     files = _remote_files(repo_id, revision, endpoint)
     if not any(name.endswith(".safetensors") for name, _ in files):
         raise ConfigError(f"{repo_id}: has no safetensors weights on {endpoint} "
                           "(offload reads only safetensors checkpoints)")
+    if CONFIG_FILE not in dict(files):
+        raise ConfigError(f"{repo_id}: has no {CONFIG_FILE} on {endpoint}; no weights downloaded")
+    had = _cached_snapshot(cache, repo_id, revision)
+    to_fetch = [(n, size) for n, size in files if had is None or not (had / n).exists()]
+    config = _fetch_config(repo_id, revision, cache, endpoint)
+    _check_config(repo_id, config, endpoint, after="; no weights downloaded")
     if on_download is not None:
-        on_download(Download(repo_id, revision, endpoint, cache, len(files),
-                             sum(size for _, size in files)))
+        on_download(Download(repo_id, revision, endpoint, cache, len(to_fetch),
+                             sum(size for _, size in to_fetch)))
     from huggingface_hub import snapshot_download
 
     try:
@@ -183,6 +237,45 @@ def _download(repo_id: str, revision: str, cache: Path, state: str,
     except Exception as e:  # network, auth, disk: one line for the user
         raise ConfigError(_failure(repo_id, revision, endpoint, e)) from None
     return Path(snapshot)
+
+
+def _check_online(repo_id: str, revision: str, state: str) -> None:
+    offline = _offline_variable()
+    if offline is not None:
+        raise ConfigError(f"{repo_id}: {state}; the network is off ({offline} is set), so fetch "
+                          f"it with `{offline}=0 {fetch_command(repo_id, revision)}` or pass the "
+                          "checkpoint's directory")
+
+
+def _fetch_config(repo_id: str, revision: str, cache: Path, endpoint: str) -> Path:
+    """config.json alone, downloaded into the cache's snapshot of ``revision``; its path."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, CONFIG_FILE, revision=revision, cache_dir=cache, endpoint=endpoint,
+                                    tqdm_class=_silent_bars()))
+    except Exception as e:
+        if type(e).__name__ in ("EntryNotFoundError", "RemoteEntryNotFoundError"):
+            raise ConfigError(f"{repo_id}: has no {CONFIG_FILE} on {endpoint}") from None
+        raise ConfigError(_failure(repo_id, revision, endpoint, e)) from None
+
+
+def _check_config(repo_id: str, path: Path, endpoint: str, after: str) -> None:
+    """``ModelConfig``'s checks on a fetched config.json, its errors naming the repo, with
+    ``after`` appended (what was not downloaded)."""
+    import json
+
+    from offload.config import ModelConfig
+
+    source = f"{repo_id}: {CONFIG_FILE} on {endpoint}"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ConfigError(f"{source}: unreadable ({type(exc).__name__}){after}") from None
+    try:
+        ModelConfig.from_dict(raw, source=source)
+    except ConfigError as exc:
+        raise type(exc)(f"{exc}{after}") from None
 
 
 def _require_hub(repo_id: str) -> None:

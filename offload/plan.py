@@ -31,28 +31,78 @@ from offload.config import ModelConfig
 from offload.errors import BudgetError, ConfigError, SettingError
 from offload.experts.record import RecordLayout
 
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 1024, "kib": 1024, "kb": 1000,
-    "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
-    "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
-    "t": 1024**4, "tib": 1024**4, "tb": 1000**4,
-}
+_BINARY = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+_DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*")
+
+
+def _unit(unit: str) -> int | None:
+    """Bytes in one ``unit``: B; K, Ki, KiB (2^10); KB (10^3); likewise M, G, T (any case)."""
+    u = unit.lower()
+    if u == "b":
+        return 1
+    if u[:1] in _BINARY:
+        if u[1:] in ("", "i", "ib"):
+            return _BINARY[u[0]]
+        if u[1:] == "b":
+            return _DECIMAL[u[0]]
+    return None
 
 
 def parse_bytes(text: str | int, setting: str = "budget") -> int:
-    """'6GiB', '512 MiB', '16GB', '1.5G' (G = GiB), '0' -> bytes."""
+    """A size as people write it, in bytes: ``24G``, ``24Gi`` and ``24GiB`` are 24 x 2^30;
+    ``24GB`` is 24 x 10^9 (decimal, as on a box; plans report every figure in GiB); likewise
+    K, M, T, any case, a fraction allowed (``1.5GiB``), ``512B`` in bytes. A bare number is
+    refused (``12``: 12 bytes or 12 GiB?) with a one-line SettingError naming ``setting`` and
+    suggesting ``12GiB``, except 0, which means none (``--ram 0``: every miss reads the pack).
+    An int is taken as bytes."""
+    if isinstance(text, bool):
+        raise SettingError(f"{setting} {text!r}: expected a size like 12GiB")
     if isinstance(text, int):
         value = text
     else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-        unit = match and _UNITS.get(match.group(2).lower())
-        if not match or unit is None:
+        match = _SIZE.fullmatch(text) if isinstance(text, str) else None
+        if not match:
             raise SettingError(f"{setting} {text!r}: expected a size like 6GiB, 512MiB, 16GB or 0")
-        value = int(float(match.group(1)) * unit)
+        number, unit = match.group(1), match.group(2)
+        if not unit:
+            if float(number) == 0:
+                return 0
+            raise SettingError(
+                f"{setting} {text.strip()}: a size needs a unit: {number}GiB (2^30 bytes), {number}GB "
+                f"(10^9 bytes) or {number}B (bytes)"
+            )
+        size = _unit(unit)
+        if size is None:
+            raise SettingError(
+                f"{setting} {text!r}: expected a size like 6GiB, 512MiB, 16GB or 0 (unknown unit {unit!r})"
+            )
+        try:
+            value = int(float(number) * size)
+        except (OverflowError, ValueError):
+            shown = text.strip() if len(text.strip()) <= 40 else text.strip()[:37] + "..."
+            raise SettingError(f"{setting} {shown!r}: too large a size") from None
     if value < 0:
         raise SettingError(f"{setting} must not be negative, got {text!r}")
     return value
+
+
+def is_decimal_size(text: str | int) -> bool:
+    """Does ``text`` use a decimal unit (KB, MB, GB, TB: powers of 10)? For a note that the
+    plan reports it in GiB."""
+    match = _SIZE.fullmatch(text) if isinstance(text, str) else None
+    return bool(match) and len(match.group(2)) == 2 and match.group(2)[1] in "bB" and _unit(match.group(2)) is not None
+
+
+def article(words: str) -> str:
+    """ "An" before a number said with a vowel sound (8, 11, 18, 80-89, 800..., 8.5, 11,000,
+    18 GiB), else "A": for sentences that start with a size ("An 8 GiB card")."""
+    whole = words.strip().split(" ")[0].split(".")[0].replace(",", "")
+    if whole.startswith("8"):
+        return "An"
+    if whole[:2] in ("11", "18") and (len(whole) - 2) % 3 == 0:  # eleven, eighteen (thousand, million)
+        return "An"
+    return "A"
 
 
 def format_bytes(n: int) -> str:

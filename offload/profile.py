@@ -13,7 +13,14 @@ plans through offload.bench), nor a printer: the CLI says which profile ran.
 
 Shipped profiles live in the repository's top-level ``profiles/`` folder; a wheel installs a copy
 as data files under ``<prefix>/share/offload/profiles`` (pyproject.toml's
-``[tool.setuptools.data-files]``), and ``find_profiles_dir`` looks in both places.
+``[tool.setuptools.data-files]``), and ``find_profiles_dir`` looks in both places. A name is
+looked up there first, then in the user's folder (``user_profiles_dir``:
+``$XDG_CONFIG_HOME/offload/profiles``, default ``~/.config/offload/profiles``), where
+``offload profile`` writes by default; ``list_profiles`` lists both.
+
+On a machine without a GPU, ``machine.vram`` is "0" and the plan's ``vram`` is a budget of RAM:
+the CPU is the device, its "slots" are RAM (``Profile.device_bytes``); ``offload profile``
+writes ``plan.ram = "0"`` beside it there, so that nothing more is held in RAM than that budget.
 
 File layout (sizes as strings: "8GiB", "512MiB", "0"):
 
@@ -224,6 +231,58 @@ def shipped_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILES_DIR.glob("*.toml"))
 
 
+def user_profiles_dir() -> Path:
+    """The user's profiles folder, where ``offload profile`` writes by default:
+    ``$XDG_CONFIG_HOME/offload/profiles`` (an absolute ``XDG_CONFIG_HOME`` only, as the XDG
+    base directory spec says), else ``~/.config/offload/profiles``. Read at each call."""
+    base = os.environ.get("XDG_CONFIG_HOME", "")
+    root = Path(base) if base and Path(base).is_absolute() else Path.home() / ".config"
+    return root / "offload" / "profiles"
+
+
+def user_profiles() -> list[str]:
+    """Names of the profiles in ``user_profiles_dir()`` (none when it does not exist)."""
+    folder = user_profiles_dir()
+    return sorted(p.stem for p in folder.glob("*.toml") if p.is_file()) if folder.is_dir() else []
+
+
+def profile_dirs() -> list[tuple[str, Path]]:
+    """Where a profile name is looked up, in order: ("shipped", PROFILES_DIR), ("user", the user's folder)."""
+    return [("shipped", PROFILES_DIR), ("user", user_profiles_dir())]
+
+
+@dataclass(frozen=True)
+class ProfileEntry:
+    """One profile file of ``list_profiles``: its name, where it lives ("shipped" or "user"),
+    its path, and the profile (None when it does not read: ``error`` says why). ``shadowed``:
+    a user profile with a shipped profile's name, which the name does not reach (its path does)."""
+
+    name: str
+    where: str
+    path: Path
+    profile: Profile | None
+    error: str = ""
+    shadowed: bool = False
+
+
+def list_profiles() -> list[ProfileEntry]:
+    """Every profile the lookup by name sees, shipped first, then the user's, each sorted by name."""
+    entries: list[ProfileEntry] = []
+    seen: set[str] = set()
+    for where, folder in profile_dirs():
+        files = sorted(folder.glob("*.toml")) if folder.is_dir() else []
+        for path in files:
+            if not path.is_file():
+                continue
+            try:
+                profile, error = load_profile(path), ""
+            except SettingError as exc:
+                profile, error = None, str(exc)
+            entries.append(ProfileEntry(path.stem, where, path, profile, error, shadowed=path.stem in seen))
+            seen.add(path.stem)
+    return entries
+
+
 def _resolve(name_or_path: str | Path) -> Path:
     if "\0" in str(name_or_path):
         raise SettingError(f"profile {str(name_or_path)!r}: a name or path cannot hold a NUL character")
@@ -234,11 +293,16 @@ def _resolve(name_or_path: str | Path) -> Path:
                 raise SettingError(f"{path}: not a regular file, expected a profile (TOML)")
             raise SettingError(f"{path}: no such profile file")
         return path
-    shipped = PROFILES_DIR / f"{name_or_path}.toml"
-    if not shipped.is_file():
-        names = ", ".join(shipped_profiles()) or f"none found in {PROFILES_DIR}"
-        raise SettingError(f"profile {str(name_or_path)!r}: not a file, nor a shipped profile ({names})")
-    return shipped
+    for _, folder in profile_dirs():  # shipped first, then the user's
+        found = folder / f"{name_or_path}.toml"
+        if found.is_file():
+            return found
+    shipped = ", ".join(shipped_profiles()) or f"none found in {PROFILES_DIR}"
+    user = ", ".join(user_profiles()) or "none"
+    raise SettingError(
+        f"profile {str(name_or_path)!r}: not a file, nor a shipped profile ({shipped}), nor a user profile in "
+        f"{user_profiles_dir()} ({user}); `offload profile --list` lists them"
+    )
 
 
 def _check_value(where: str, kind: str, value: Any) -> Any:
@@ -343,7 +407,8 @@ def profile_from_dict(data: dict[str, Any], source: str = "<profile>", name: str
 
 
 def load_profile(name_or_path: str | Path) -> Profile:
-    """A shipped profile by name ("rtx-3060-12gb") or a profile file by path, checked."""
+    """A profile by name ("rtx-3060-12gb": shipped first, then the user's folder,
+    ``user_profiles_dir``) or a profile file by path, checked."""
     path = _resolve(name_or_path)
     try:
         with open(path, "rb") as f:
@@ -578,14 +643,18 @@ def machine_profile(machine: dict[str, Any], plan: Profile, name: str = "this-ma
 
 
 def _size_text(n: int) -> str:
-    """Bytes as a short size string, rounded down ("0", "23.5GiB", "812MiB")."""
+    """Bytes as a short size string that ``parse_bytes`` reads back, rounded down ("0",
+    "23.5GiB", "812MiB", "4096B")."""
     if n >= 2**30:
         return f"{math.floor(n / 2**30 * 100) / 100:g}GiB"
-    return f"{n // 2**20}MiB" if n >= 2**20 else str(n)
+    if n >= 2**20:
+        return f"{n // 2**20}MiB"
+    return f"{n}B" if n else "0"
 
 
 __all__ = [
-    "PROFILES_DATA_DIR", "PROFILES_DIR", "Profile", "best_shipped_profile", "does_it_fit", "engine_kwargs",
-    "find_profiles_dir", "load_profile", "machine_profile", "probe_machine", "profile_from_dict", "profile_toml",
-    "save_profile", "shipped_profiles",
+    "PROFILES_DATA_DIR", "PROFILES_DIR", "Profile", "ProfileEntry", "best_shipped_profile", "does_it_fit",
+    "engine_kwargs", "find_profiles_dir", "list_profiles", "load_profile", "machine_profile", "probe_machine",
+    "profile_dirs", "profile_from_dict", "profile_toml", "save_profile", "shipped_profiles", "user_profiles",
+    "user_profiles_dir",
 ]

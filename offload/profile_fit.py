@@ -3,7 +3,9 @@
 What it is: ``fit_profile`` (a profile's plan made to fit one model: the widest weights that
 fit its budgets, and no budget at all when every expert fits on the device, exactly a plain
 run) and ``auto_profile`` (the best shipped profile for the device, fitted, or plain defaults
-with the reason). Shipped plans are written for Mixtral-8x7B in 4 bits; fitting keeps a small
+with the reason), ``card_fit`` (the same for a card of a given size, not this machine's: what
+``offload info --vram`` plans), and ``fit_hints`` (the flags that would make a plan fit a card
+that is too small, for one-line errors). Shipped plans are written for Mixtral-8x7B in 4 bits; fitting keeps a small
 model at 16 bits and resident, and gives a large one the profile's bits and budgets. What it is
 not: the profile file format or the machine probe (profile.py), nor a benchmark.
 
@@ -20,7 +22,8 @@ profile's machine to this one (the same share of its memory), or replaced by ``-
 ``--ram``, ``--experts-per-layer`` when given; "fits" means the dense
 weights, the KV cache at the profile's context, top-k experts per layer and, on a GPU, the
 runtime reserve (``offload.plan.runtime_reserve``) fit on the device, and
-every other expert has a place on the device or in RAM (no disk reads; on a GPU the RAM tier is
+every other expert has a place on the device or in RAM (no disk reads, unless ``--ram`` is given:
+a RAM budget the user set may leave misses to the disk; on a GPU the RAM tier is
 counted in pinned blocks as the host allocator rounds them; without a GPU, device and RAM tier
 share ``machine.ram``). When every expert fits on the device at that width, the plan
 has no budget at all (every expert resident, no cache), policy ``auto`` and a plain run's
@@ -29,6 +32,7 @@ context, as a run without a profile. A profile given by name keeps its plan exac
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,9 +42,17 @@ import torch
 from offload import quant
 from offload.config import ModelConfig
 from offload.device import device_name, is_cuda, resolve_device
-from offload.errors import BudgetError, OffloadError
-from offload.plan import attention_shapes, format_bytes, parse_bytes, plan_memory, plan_model
-from offload.profile import Profile, _size_text, best_shipped_profile, probe_machine
+from offload.errors import BudgetError, OffloadError, SettingError
+from offload.plan import article, attention_shapes, format_bytes, parse_bytes, plan_memory, plan_model
+from offload.profile import Profile, best_shipped_profile, probe_machine
+from offload.profile import _size_text as _profile_size_text
+
+
+def _size_text(n: int) -> str:
+    """profile.py's short size string ("11GiB", "812MiB"), with a unit below 1 MiB too ("4096B"):
+    a bare number is no size (``parse_bytes``), 0 excepted."""
+    text = _profile_size_text(n)
+    return text + "B" if text.isdigit() and text != "0" else text
 
 
 def _widths(profile: Profile, expert_bits: int | None, attn_bits: int | None) -> list[tuple[int, int]]:
@@ -155,7 +167,7 @@ def fit_profile(
                    f"{format_bytes(device_budget)}")
             continue
         shared = 0 if profile.has_gpu else memory.device_bytes  # without a GPU, slots and RAM tier share RAM
-        if memory.disk_tier or shared + memory.host_bytes > ram_total:
+        if (memory.disk_tier and ram is None) or shared + memory.host_bytes > ram_total:
             why = (f"{ram_field}: {model_name}'s experts at {what} need "
                    f"{format_bytes(memory.experts_total * plan.expert_bytes)} in RAM; the budget is "
                    f"{format_bytes(ram_budget)}")
@@ -166,7 +178,11 @@ def fit_profile(
             experts_per_layer=slots,
             plan_ram=None if profile.plan_ram is None and ram is None else _size_text(ram_budget),
         )
-        return budgeted, f"{what}, {memory.slots_phrase()}, the rest in RAM"
+        if memory.disk_tier:  # --ram given, smaller than the experts: the user's budget, misses from disk
+            rest = f"{memory.host_experts} in RAM, the rest read from disk"
+        else:
+            rest = "the rest in RAM"
+        return budgeted, f"{what}, {memory.slots_phrase()}, {rest}"
     raise BudgetError(f"{where}: {why}")
 
 
@@ -234,4 +250,98 @@ def auto_profile(
     return fitted, f"auto: best shipped profile for {what}; {how}"
 
 
-__all__ = ["auto_profile", "fit_profile", "model_shape"]
+def _bits_of(fmt: quant.WeightFormat) -> int:
+    return 16 if fmt.kind == "plain" else fmt.bits
+
+
+def card_fit(
+    config: ModelConfig,
+    vram: int,
+    *,
+    ram: int | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    context: int | None = None,
+    expert_format: quant.WeightFormat | str | None = None,
+    attn_bits: int | None = None,
+    model_name: str = "the model",
+) -> tuple[Profile | None, Profile | None, str]:
+    """What ``generate`` would take with no bits given on a card of ``vram`` bytes (not this
+    machine's): the shipped GPU profile ``best_shipped_profile`` picks for a card of that size,
+    fitted (``fit_profile``) with ``vram`` as the device budget and ``ram`` bytes as the RAM tier
+    (None: RAM holds every expert; ``offload info``'s default). ``expert_format`` / ``attn_bits``
+    are a pack's fixed widths. Returns (the shipped profile or None when no shipped card is that
+    small, the fitted profile or None when the model fits at none of its widths, the reason)."""
+    try:
+        profile = best_shipped_profile(torch.device("cuda"), vram_total=vram)
+    except SettingError as exc:
+        return None, None, f"{exc}; plain defaults"
+    if ram is None:  # room for every expert at 16 bits in pinned blocks, whatever the profile's machine has
+        room = 4 * config.num_hidden_layers * config.num_local_experts * config.expert_parameters * 4
+        machine = {"vram": vram, "ram": max(room, profile.ram_bytes)}
+    else:
+        machine = {"vram": vram, "ram": ram}
+    try:
+        fitted, how = fit_profile(
+            profile, config, dtype=dtype, context=context, expert_format=expert_format, attn_bits=attn_bits,
+            vram=vram, ram=ram, machine=machine, model_name=model_name,
+        )
+    except BudgetError as exc:
+        return profile, None, str(exc)
+    size = format_bytes(vram).replace(".00 ", " ")
+    return profile, fitted, f"the shipped profile for {article(size).lower()} {size} card; {how}"
+
+
+def fit_hints(
+    name: str,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    context: int,
+    expert_format: quant.WeightFormat,
+    attn_format: quant.WeightFormat,
+    vram: int,
+    *,
+    device_type: str = "cuda",
+    experts_fixed: bool = False,
+) -> str:
+    """The flags that make ``name`` fit a card of ``vram`` bytes that is below its minimum at
+    these widths and ``context``, as one clause for an error line: narrower weights (the widest
+    that fit: ``--expert-bits 4``, ``--attn-bits 4``; no expert width when ``experts_fixed``, a
+    pack's own), the largest ``--context`` that fits at these widths, and the ``--vram`` the plan
+    needs. "" when the plan fits."""
+    I, D = config.intermediate_size, config.hidden_size
+    expert_shapes, attn_shapes = ((I, D), (D, I)), tuple(attention_shapes(config).values())
+
+    def minimum(ctx: int, experts: quant.WeightFormat, attention: quant.WeightFormat) -> int:
+        return plan_model(name, config, dtype, ctx, experts, attention, device_type=device_type).min_vram
+
+    need = minimum(context, expert_format, attn_format)
+    if need <= vram:
+        return ""
+    own_e, own_a = _bits_of(expert_format), _bits_of(attn_format)
+    widths = []
+    for e_bits, a_bits in ((8, own_a), (4, own_a), (own_e, 8), (own_e, 4), (8, 8), (4, 8), (8, 4), (4, 4)):
+        if (e_bits, a_bits) == (own_e, own_a) or e_bits > own_e or a_bits > own_a or (experts_fixed and e_bits != own_e):
+            continue
+        experts = expert_format if e_bits == own_e else quant.format_for_bits(
+            e_bits, dtype, device_type, expert_shapes, "--expert-bits")
+        attention = attn_format if a_bits == own_a else quant.format_for_bits(
+            a_bits, dtype, device_type, attn_shapes, "--attn-bits")
+        if minimum(context, experts, attention) <= vram:
+            flags = [f"--expert-bits {e_bits}" if e_bits != own_e else "", f"--attn-bits {a_bits}" if a_bits != own_a else ""]
+            widths.append(" ".join(f for f in flags if f))
+            break
+    hints = [f"with {widths[0]}"] if widths else []
+    if minimum(1, expert_format, attn_format) <= vram:  # the largest context that fits: a bisection
+        low, high = 1, context - 1
+        while low < high:
+            mid = (low + high + 1) // 2
+            if minimum(mid, expert_format, attn_format) <= vram:
+                low = mid
+            else:
+                high = mid - 1
+        hints.append(f"at --context {low} (the largest that fits {format_bytes(vram)} at these widths)")
+    hints.append(f"on --vram {math.ceil(need / 2**30 * 100) / 100:g}GiB or more")
+    return f"{name} fits " + ", or ".join(hints)
+
+
+__all__ = ["auto_profile", "card_fit", "fit_hints", "fit_profile", "model_shape"]

@@ -1,10 +1,16 @@
-"""Next-token selection: greedy, temperature, top-k, top-p and repetition penalty, seeded.
+"""Next-token selection: greedy, temperature, top-k, top-p, min-p and repetition penalty, seeded.
 
 What it is: a pure function of logits, the token history and a seeded generator, so that the
 same seed gives the same tokens on any device (sampling runs on CPU in fp32). What it is not:
 the decode loop, which lives in the engine.
 
-Settings are checked when made: a temperature and repetition penalty must be finite, a seed an
+The order: repetition penalty, temperature, then the filters in llama.cpp's order, top-k, top-p,
+min-p, each on what the one before left; then a draw. min-p keeps the tokens whose probability
+is at least ``min_p`` times the most likely token's (llama.cpp's and transformers' rule), on the
+distribution being sampled (after temperature, as top-p).
+
+Settings are checked when made: a temperature and repetition penalty must be finite, min-p in
+[0, 1], a seed an
 integer a torch generator takes ([-2^63, 2^64 - 1]). Scores that the penalty or the temperature
 push out of float range (a temperature of 1e-320, say) never reach the softmax as inf or NaN:
 they are redone in float64 relative to the best score, which is the limit the distribution
@@ -14,6 +20,7 @@ an OffloadError.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +38,7 @@ class SamplingSettings:
     top_p: float = 1.0  # 1 = off
     repetition_penalty: float = 1.0  # 1 = off; >1 discourages tokens already seen
     seed: int | None = None
+    min_p: float = 0.0  # 0 = off; keep tokens with probability >= min_p * the top token's
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0 and self.temperature < float("inf")):
@@ -39,6 +47,8 @@ class SamplingSettings:
             raise SettingError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise SettingError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise SettingError(f"min_p must be in [0, 1], got {self.min_p}")
         if not 0 < self.repetition_penalty < float("inf"):
             raise SettingError(f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
@@ -90,6 +100,11 @@ class Sampler:
             drop = (cumulative - torch.softmax(sorted_scores, dim=-1)) >= s.top_p
             drop[0] = False
             scores[sorted_ids[drop]] = float("-inf")
+        if s.min_p > 0.0:
+            # p_i >= min_p * p_max  <=>  score_i >= score_max + log(min_p): the softmax's shared
+            # normaliser cancels, and the best token always stays
+            floor = scores.max() + math.log(s.min_p)
+            scores = scores.masked_fill(scores < floor, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))
 

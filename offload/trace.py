@@ -4,8 +4,9 @@ What it is: the engine's compact trace format (a writer and a reader), readers f
 research traces of real Mixtral-8x7B routing, ``convert_trace`` (a shared trace -> the engine's
 format, layers that line up only), ``ReplayRouting`` (an engine trace as the model's routing,
 ``--replay``), and ``simulate``, which replays a trace through per-layer caches of k experts
-under a policy (LRU, LFU, Belady's offline optimum, or a prefetching policy from
-``offload.experts.predict``) and counts hits, loads and prefetch precision. What it is not: the
+under a policy (LRU, LFU, Belady's offline optimum for demand loading, which a prefetching
+policy can beat, or a prefetching policy from ``offload.experts.predict``) and counts hits,
+loads, prefetch precision and prefetch recall. What it is not: the
 engine's cache (no bytes move here) or a predictor.
 
 The engine's format, JSON Lines (one object per line; weights rounded to 4 decimals)::
@@ -812,6 +813,7 @@ class SimResult:
 
     @property
     def prefetch_recall(self) -> float | None:
+        """Expert uses that a prefetch served (prefetched for that token and used) / all uses."""
         if not self.prefetching:
             return None
         return self.prefetch_used / self.uses if self.uses else 0.0
@@ -854,8 +856,9 @@ def simulate(
 ) -> SimResult:
     """Replay ``trace`` through per-layer caches of ``experts_per_layer`` slots under ``policy``:
     "lru", "lfu" (offload.experts.policy, as the engine's cache runs them), "belady" (demand
-    loading, evict the expert whose next use is farthest: the bound without prefetch), or a
-    prefetching policy of offload.experts.predict (e.g. "history")."""
+    loading, evict the expert whose next use is farthest: the bound for demand loading only; a
+    prefetching policy loads before the ask and can beat it), or a prefetching policy of
+    offload.experts.predict (e.g. "history")."""
     from offload.experts.predict import PREFETCH_POLICIES
 
     if not trace.top_k <= experts_per_layer <= trace.num_experts:
@@ -1000,7 +1003,8 @@ def _simulate_prefetch(trace: Trace, k: int, name: str, phases: Sequence[str]) -
 
 
 def prediction_quality(steps: Sequence[Step], layer: int) -> tuple[float | None, float | None]:
-    """(recall, precision) of the predictions a trace recorded for ``layer``: the share of the
+    """(prediction recall, prediction precision) of the predictions a trace recorded for
+    ``layer`` (``offload stats``; not ``SimResult.prefetch_recall``): the share of the
     experts the layer chose that had been predicted before it ran, and the share of predicted
     experts it then chose. None where nothing was chosen or predicted."""
     chosen = predicted = both = 0

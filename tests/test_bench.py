@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,14 @@ def one_thread():
 
 def run(*args: str):
     return runner.invoke(app, ["bench", *args])
+
+
+def table_lines(stdout: str) -> tuple[list[str], str]:
+    """The markdown table's lines, and the build line after it."""
+    lines = stdout.strip().splitlines()
+    table = [line for line in lines if line.startswith("|")]
+    rest = [line for line in lines if line.strip() and not line.startswith("|")]
+    return table, rest[-1] if rest else ""
 
 
 def test_sweep_is_the_cartesian_product():
@@ -123,10 +132,12 @@ def test_csv_and_markdown(model_dirs):
     assert table[0] == list(FIELDS) and len(table) == 5
     md = run(d, *SWEEP)
     assert md.exit_code == 0, md.output
-    lines = md.stdout.strip().splitlines()
+    lines, build = table_lines(md.stdout)
     assert len(lines) == 2 + 4 and all(line.startswith("| ") and line.endswith(" |") for line in lines)
+    assert build.startswith("build: offload ") and "torch" in build
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header[:2] == ["model", "machine"] and "experts/layer" in header and "t/s" in header
+    assert header[3:7] == ["size", "params", "weights", "threads"]
     assert "hit rate" in header and "stall %" in header and "MiB/token" in header
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
     assert [row[header.index("test")] for row in cells] == ["pp16", "tg8"] * 2
@@ -172,7 +183,7 @@ def test_the_profile_column(model_dirs, tmp_path):
     ]
     md = run(d, *common, "--profile", "cpu-only")
     assert md.exit_code == 0, md.output
-    lines = md.stdout.strip().splitlines()
+    lines, _ = table_lines(md.stdout)
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header[:3] == ["model", "machine", "profile"]
     assert [line.strip("|").split("|")[2].strip() for line in lines[2:]] == ["cpu-only", "cpu-only"]
@@ -256,7 +267,7 @@ def test_bench_with_replay(model_dirs, tmp_path):
     assert "-p 16: pp512 with -n 4 replays 516 trace tokens; the replayed trace twenty.jsonl holds 20" in result.stderr
     md = run(d, *common)
     assert md.exit_code == 0, md.output
-    lines = md.stdout.strip().splitlines()
+    lines, _ = table_lines(md.stdout)
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert "replay" in header
     assert [line.strip("|").split("|")[header.index("replay")].strip() for line in lines[2:]] == ["twenty.jsonl"] * 2
@@ -268,3 +279,137 @@ def test_bench_with_replay(model_dirs, tmp_path):
     engine = load(d, BenchConfig(replay=str(trace), dtype="float32"), context_needed(16, 8))
     with pytest.raises(SettingError, match=r"-p 16 -n 8 replay 24 trace tokens; .*twenty.jsonl holds 20"):
         measure(engine, BenchConfig(replay=str(trace)), 16, 8, 1)
+
+
+# ---- llama-bench's columns, -pg, -d and the spread warning ------------------------------------
+
+
+def test_size_params_formats_threads_and_version_columns(model_dirs):
+    from offload.bench import offload_version, parameter_count
+    from offload.config import ModelConfig
+
+    d = model_dirs[WINDOWED.name]
+    result = run(str(d), "-p", "4", "-n", "2", "-r", "1", "--dtype", "float32", "-o", "json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    weights = sum(f.stat().st_size for f in d.glob("*.safetensors"))
+    config = ModelConfig.from_dir(d)
+    for r in rows:
+        assert r["model_bytes"] == weights > 0
+        assert r["model_params"] == parameter_count(config)
+        assert (r["expert_format"], r["attn_format"]) == ("float32", "float32")
+        assert r["threads"] == torch.get_num_threads() and r["offload_version"] == offload_version()
+        assert r["n_depth"] == 0 and r["t_s_min"] <= r["t_s_mean"] <= r["t_s_max"]
+    # the parameter count by hand, from a real model's tensors
+    from safetensors import safe_open
+
+    total = 0
+    for f in d.glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            total += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
+    assert parameter_count(config) == total
+
+
+def test_quantized_runs_name_their_formats(model_dirs):
+    result = run(str(model_dirs[WINDOWED.name]), "-p", "4", "-n", "2", "-r", "1", "--expert-bits", "8", "-o", "csv")
+    assert result.exit_code == 0, result.output
+    row = next(csv.DictReader(io.StringIO(result.stdout)))
+    assert row["expert_format"] == "int8" and row["attn_format"] == "bfloat16"
+
+
+def test_pg_times_prompt_and_generation_together(model_dirs):
+    d = str(model_dirs[WINDOWED.name])
+    result = run(d, "-pg", "8,4", "-r", "2", "--dtype", "float32", "-o", "json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["test"] for r in rows] == ["pp8+tg4"]  # alone: only the pg test
+    assert rows[0]["n_prompt"] == 8 and rows[0]["n_gen"] == 4 and rows[0]["t_s_mean"] > 0
+    both = run(d, "-p", "8", "-n", "4", "-pg", "8,4", "--pg", "4,2", "-r", "1", "--dtype", "float32", "-o", "json")
+    assert both.exit_code == 0, both.output
+    assert [r["test"] for r in json.loads(both.stdout)] == ["pp8", "tg4", "pp8+tg4", "pp4+tg2"]
+    for bad, message in ((["-pg", "8"], "-pg '8'"), (["-pg", "0,4"], ">= 1"), (["-pg", "500,20"], "-pg 500,20")):
+        refused = run(d, *bad, "-r", "1")
+        assert refused.exit_code == 2 and message in refused.stderr, refused.stderr
+
+
+def test_measure_pg_is_the_whole_request_per_second(model_dirs):
+    engine = load(model_dirs[WINDOWED.name], BenchConfig(dtype="float32"), context_needed(8, 4))
+    try:
+        r = measure(engine, BenchConfig(dtype="float32"), 8, 4, 2, combined=True)
+    finally:
+        engine.close()
+    assert r.pp is None and r.tg is None and r.pg is not None and len(r.pg.values) == 2
+    assert [row["test"] for row in r.rows()] == ["pp8+tg4"]
+
+
+def test_depth_runs_with_tokens_already_in_the_kv_cache(model_dirs, monkeypatch):
+    d = model_dirs[WINDOWED.name]
+    config = BenchConfig(dtype="float32", experts_per_layer=2, ram="0")
+    engine = load(d, config, context_needed(8, 4, depth=32))
+    forwarded: list[int] = []
+    lengths: list[int] = []
+    real = engine.model.forward
+
+    def spy(tokens, last_only=False):
+        forwarded.append(int(tokens.shape[0]))
+        lengths.append(engine.model.cache.length)
+        return real(tokens, last_only=last_only)
+
+    monkeypatch.setattr(engine.model, "forward", spy)
+    try:
+        r = measure(engine, config, 8, 4, 1, depth=32)
+    finally:
+        engine.close()
+    # per request (warm-up, then one): 32 depth tokens, then 8 prompt tokens at position 32, then 4 decode passes
+    assert forwarded == [32, 8, 1, 1, 1, 1] * 2
+    assert lengths[1] == 32 and lengths[2] == 40
+    assert [row["test"] for row in r.rows()] == ["pp8 @ d32", "tg4 @ d40"]
+    assert r.rows()[0]["n_depth"] == 32 and r.tg.mean > 0 and r.cache.decode_steps == 4
+    with pytest.raises(SettingError, match="at depth 500"):
+        engine = load(d, config, 64)
+        try:
+            measure(engine, config, 8, 4, 1, depth=500)
+        finally:
+            engine.close()
+
+
+def test_depth_flag_and_its_limit(model_dirs):
+    d = str(model_dirs[WINDOWED.name])
+    result = run(d, "-p", "4", "-n", "2", "-d", "0,16", "-r", "1", "--dtype", "float32", "-o", "csv")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [(r["test"], r["n_depth"]) for r in rows] == [
+        ("pp4", "0"), ("tg2", "0"), ("pp4 @ d16", "16"), ("tg2 @ d20", "16"),
+    ]
+    too_deep = run(d, "-p", "4", "-n", "2", "-d", "100000", "-r", "1")
+    assert too_deep.exit_code == 2 and "-d 100000" in too_deep.stderr
+
+
+def test_a_noisy_result_gets_one_warning_line(model_dirs, monkeypatch):
+    from cli.bench import noisy_rows, spread_warning
+
+    rows = [dict(test="tg8", profile="cpu-only", t_s_spread=0.25), dict(test="pp16", profile="cpu-only", t_s_spread=0.02)]
+    assert [r["test"] for r in noisy_rows(rows, 0.10)] == ["tg8"]
+    line = spread_warning(rows, 0.10)
+    assert line is not None and "\n" not in line and "tg8" in line and "25%" in line and "pp16" not in line
+    assert spread_warning(rows, 0.5) is None
+    # forced through the command: every timing but one the same, one far off
+    import offload.bench as bench
+
+    values = iter([0.1, 0.01] * 100)  # alternate prefill seconds: spread far above 10%
+    real = bench._timed_at_depth
+
+    def timed(engine, context_ids, ids, gen_tokens):
+        prefill_s, decode_s, steps, after = real(engine, context_ids, ids, gen_tokens)
+        return next(values), 0.05, steps, after
+
+    monkeypatch.setattr(bench, "_timed_at_depth", timed)
+    d = str(model_dirs[WINDOWED.name])
+    result = run(d, "-p", "4", "-n", "2", "-d", "4", "-r", "3", "--dtype", "float32", "-o", "json")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "pp4 @ d4" in warnings[0] and "tg2" not in warnings[0]
+    rows = json.loads(result.stdout)
+    assert rows[0]["t_s_spread"] > 0.10 and rows[1]["t_s_spread"] == 0
+    quiet = run(d, "-p", "4", "-n", "2", "-d", "4", "-r", "3", "--dtype", "float32", "--spread-warn", "10")
+    assert quiet.exit_code == 0 and "warning:" not in quiet.stderr

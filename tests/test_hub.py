@@ -31,6 +31,7 @@ def cache(tmp_path, monkeypatch) -> Path:
         snap = repo / "snapshots" / commit
         snap.mkdir(parents=True)
         (snap / "config.json").write_text('{"model_type": "mixtral"}')
+        (snap / "model.safetensors").write_bytes(b"")  # a snapshot with weights: complete
         (repo / "refs").mkdir(exist_ok=True)
         (repo / "refs" / ref).write_text(commit)  # huggingface_hub writes no newline
     monkeypatch.setenv("HF_HUB_CACHE", str(root))
@@ -197,12 +198,16 @@ def online(tmp_path, monkeypatch) -> Path:
     return root
 
 
+REFUSED = "qwen-org/tiny-qwen3-moe"  # the same files, config.json naming an architecture offload refuses
+
+
 @pytest.fixture()
 def hub(online, model_dirs, monkeypatch):
     """A local hub holding REMOTE (the windowed test checkpoint, plus files the engine never
-    reads), with HF_ENDPOINT pointing at it."""
+    reads) and REFUSED (the same, as Qwen3MoeForCausalLM), with HF_ENDPOINT pointing at it."""
     files = {p.name: p.read_bytes() for p in sorted(model_dirs[WINDOWED.name].iterdir()) if p.is_file()}
-    server, thread = _serve({REMOTE: {**files, **NOT_READ}})
+    qwen = dict(json.loads(files["config.json"]), architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe")
+    server, thread = _serve({REMOTE: {**files, **NOT_READ}, REFUSED: {**files, "config.json": json.dumps(qwen).encode()}})
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     yield server
     server.shutdown()
@@ -301,6 +306,16 @@ def test_cli_unreachable_hub_is_one_line(online, monkeypatch):
     assert f"some-org/Some-Model: cannot reach {url} to download it (" in line and "check the network" in line
 
 
+def test_a_snapshot_without_weights_is_incomplete_for_a_download(cache):
+    """config.json alone (what `offload info` fetched) is no model to run: without download the
+    snapshot is returned (the loader names what is missing); with it, the weights are fetched."""
+    snap = resolve_model(REPO)
+    (snap / "model.safetensors").unlink()
+    assert resolve_model(REPO) == snap
+    with pytest.raises(ConfigError, match=r"only partly in the Hugging Face cache at .* \(\*\.safetensors missing\)"):
+        resolve_model(REPO, download=True)  # offline: the line says what is missing
+
+
 def test_cached_id_never_touches_the_network(cache, monkeypatch):
     """Network on but unreachable: a cached id still resolves, so nothing was asked."""
     import huggingface_hub
@@ -309,3 +324,98 @@ def test_cached_id_never_touches_the_network(cache, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     assert resolve_model(REPO, download=True) == resolve_model(REPO)
+
+
+# --- config.json first: checked before any weight; `info` fetches nothing else ---
+
+
+def _weights_asked(hub) -> list[str]:
+    return [r for r in hub.requests if r.endswith(".safetensors") or r.endswith("tokenizer.model")]
+
+
+def test_download_checks_the_config_and_knows_the_size_before_any_weight(hub, online):
+    seen = []
+
+    def announce(download):
+        seen.append((download, list(hub.requests)))  # what the hub had been asked when told
+
+    path = resolve_model(REMOTE, download=True, on_download=announce)
+    ((download, asked),) = seen
+    assert f"GET /{REMOTE}/resolve/main/config.json" in asked  # fetched (and checked) first
+    assert asked[0] == f"GET /api/models/{REMOTE}/revision/main"  # the listing with sizes, before it
+    assert not any(r.endswith(".safetensors") for r in asked)  # no weight before the announcement
+    wanted = {n: d for n, d in hub.repos[REMOTE].items() if n not in NOT_READ}
+    assert (download.files, download.size) == (len(wanted), sum(map(len, wanted.values())))
+    assert _weights_asked(hub) and (path / "model.safetensors.index.json").is_file()
+
+
+@pytest.mark.parametrize("command", ["info", "generate", "convert"])
+def test_a_refused_architecture_is_refused_after_config_json_alone(hub, online, tmp_path, command):
+    args = {"info": ["info", REFUSED], "generate": ["generate", REFUSED, "-p", "hi"],
+            "convert": ["convert", REFUSED, str(tmp_path / "pack")]}[command]
+    result = run_cli(*args)
+    line = one_line(result)
+    assert f"error: {REFUSED}: config.json on {hub.url}: architecture 'Qwen3MoeForCausalLM' is not supported" in line
+    assert "downloading" not in result.stderr  # nothing announced: nothing to download
+    assert f"GET /{REFUSED}/resolve/main/config.json" in hub.requests
+    assert _weights_asked(hub) == [], hub.requests  # no weight file was requested
+    if command != "info":
+        assert line.endswith("; no weights downloaded")
+    assert not (tmp_path / "pack").exists()
+    snapshots = list((online / "models--qwen-org--tiny-qwen3-moe" / "snapshots").iterdir())
+    assert [p.name for s in snapshots for p in s.iterdir()] == ["config.json"]
+
+
+def test_info_of_a_hub_id_fetches_config_json_alone_then_generate_completes_it(hub, online, model_dirs):
+    fetched = run_cli("info", REMOTE, "--json")
+    assert fetched.exit_code == 0, fetched.output
+    direct = run_cli("info", str(model_dirs[WINDOWED.name]), "--json")
+    plan, same = json.loads(fetched.stdout), json.loads(direct.stdout)
+    assert plan["model"] == REMOTE and plan["config"] == same["config"]
+    assert plan["experts_total_bytes"] == same["experts_total_bytes"] and plan["min_vram_bytes"] == same["min_vram_bytes"]
+    assert all(r.endswith("/config.json") for r in hub.requests), hub.requests  # HEAD and GET of config.json only
+    snapshot = online / "models--tiny-org--tiny-mixtral" / "snapshots" / COMMIT
+    assert [p.name for p in snapshot.iterdir()] == ["config.json"]
+    asked = len(hub.requests)
+    assert run_cli("info", REMOTE).exit_code == 0 and len(hub.requests) == asked  # cached: no network
+
+    args = ["-p", PROMPT, "-n", "4", "--temp", "0", "--dtype", "float32", "--json", "--ignore-eos"]
+    completed = run_cli("generate", REMOTE, *args)
+    assert completed.exit_code == 0, completed.output
+    rest = {n: d for n, d in hub.repos[REMOTE].items() if n not in NOT_READ and n != "config.json"}
+    assert completed.stderr.splitlines()[0].startswith(f"downloading {REMOTE} to {online} ({len(rest)} files, ")
+    assert {p.name for p in snapshot.iterdir()} == set(rest) | {"config.json"}
+    reference = run_cli("generate", str(model_dirs[WINDOWED.name]), *args)
+    assert json.loads(completed.stdout)["tokens"] == json.loads(reference.stdout)["tokens"]
+
+
+def test_info_of_a_hub_id_in_a_test_made_cache_works_offline(model_dirs, tmp_path, monkeypatch):
+    """HF_HOME/hub holding the snapshot (config.json alone suffices), the network off."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = tmp_path / "home" / "hub" / "models--acme--tiny-mixtral"
+    (repo / "snapshots" / COMMIT).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    (repo / "snapshots" / COMMIT / "config.json").write_bytes((model_dirs[WINDOWED.name] / "config.json").read_bytes())
+    result = run_cli("info", "acme/tiny-mixtral", "--json", "--vram", "1GiB")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["model"] == "acme/tiny-mixtral" and out["experts_total"] == 3 * 8 and out["context"] == 512
+    line = one_line(run_cli("info", "acme/absent"))
+    assert "acme/absent: is not a directory and not in the Hugging Face cache" in line
+    assert "the network is off (HF_HUB_OFFLINE is set)" in line
+
+
+def test_convert_takes_a_hub_id(hub, online, tmp_path):
+    from offload.pack import Pack
+
+    out = tmp_path / "pack"
+    result = run_cli("convert", REMOTE, str(out), "--expert-bits", "4")
+    assert result.exit_code == 0, result.output
+    assert f"downloading {REMOTE} to {online}" in result.stderr and _weights_asked(hub)
+    assert result.stdout.startswith(f"wrote {out}: ")
+    with Pack(out) as pack:
+        assert pack.layout.fmt.name == "nf4" and len(pack.manifest["experts"]) == 3 * 8

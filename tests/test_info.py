@@ -134,7 +134,7 @@ def test_12gib_card_with_32gib_ram_holds_4bit_mixtral_without_disk():
     assert out["host_bytes"] == 24 * GiB and out["host_raw_bytes"] == 256 * record  # pinned blocks, not 32 GiB
     assert out["device_bytes"] == BF16_DENSE + KV_4096 + 78 * record + RESERVE_NF4 <= 12 * GiB
     line = summary_line(run(*args))
-    assert line.startswith("A 12 GiB card with 32 GiB of RAM holds Mixtral-8x7B")
+    assert line.startswith("A 12 GiB card with a 32 GiB expert RAM budget holds Mixtral-8x7B")
     assert "2-3 of 8 experts per layer on the GPU (2.44 on average)" in line and "no disk reads" in line
 
 
@@ -290,3 +290,96 @@ def test_info_says_where_misses_run_and_keeps_the_transfer_only_figure():
     transfer = off.split("estimate: ")[1].split(" tok/s")[0]
     assert f"transfer only: {transfer} tok/s" in auto  # the same transfer-only figure beside the hybrid one
     assert "every expert use" in last("--cpu-experts", "all")
+
+
+# ---- with --vram alone: the plan generate would run on such a card (the shipped profile, fitted) ----
+
+
+@pytest.mark.parametrize("gib, profile", [(12, "rtx-3060-12gb"), (16, "t4-16gb"), (24, "rtx-4090-24gb")])
+def test_vram_alone_plans_the_shipped_profile_for_that_card_and_fits(gib, profile):
+    out = info_json("mixtral-8x7b", "--vram", f"{gib}GiB")
+    assert out["profile"]["name"] == profile and out["profile"]["auto"] and out["profile"]["fits"]
+    assert (out["profile"]["expert_bits"], out["profile"]["attn_bits"]) == (4, 4)  # the profile's widths
+    assert (out["expert_format"], out["attn_format"], out["context"]) == ("nf4", "nf4", 4096)
+    assert out["vram_bytes"] == gib * GiB and out["device_bytes"] <= gib * GiB
+    assert out["disk_experts"] == 0 and out["slots_per_layer"] >= 2
+    # the same plan as the flags that say it, so the plan is what those widths give on that card
+    explicit = info_json("mixtral-8x7b", "--vram", f"{gib}GiB", "--expert-bits", "4", "--attn-bits", "4")
+    assert explicit["profile"] is None
+    assert explicit["layer_slots"] == out["layer_slots"] and explicit["device_bytes"] == out["device_bytes"]
+    result = run("mixtral-8x7b", "--vram", f"{gib}GiB")
+    first = result.stdout.splitlines()[0]
+    assert first.startswith(f"profile: {profile} (auto: the shipped profile for a {gib} GiB card; 4-bit weights, ")
+    assert first.endswith("; --profile, --expert-bits or --attn-bits to choose")
+    assert summary_line(result).startswith(f"A {gib} GiB card holds Mixtral-8x7B (nf4 experts)")
+
+
+def test_explicit_bits_plan_what_they_say_without_a_profile():
+    out = info_json("mixtral-8x7b", "--vram", "40GiB", "--expert-bits", "8")
+    assert out["profile"] is None and out["expert_format"] == "int8" and out["attn_format"] == "bf16"
+
+
+def test_an_8_gib_card_is_refused_naming_the_flags_and_the_largest_context_that_fit():
+    result = run("mixtral-8x7b", "--vram", "8GiB")
+    assert result.exit_code == 2 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: --vram 8.00 GiB is below the minimum 8.13 GiB")
+    assert "profile rtx-4060-8gb (auto) fits at none of its widths, down to nf4 experts and nf4 attention at " \
+           "context 1024" in line
+    context = int(line.split("--context ")[1].split(" ")[0])
+    assert "the largest that fits" in line and "or on --vram 8.13GiB or more" in line
+    # the context it names fits, one more does not; the --vram it names fits
+    fits = info_json("mixtral-8x7b", "--vram", "8GiB", "--context", str(context))
+    assert fits["profile"]["name"] == "rtx-4060-8gb" and fits["device_bytes"] <= 8 * GiB
+    assert fits["context"] == context and fits["min_vram_bytes"] <= 8 * GiB
+    over = run("mixtral-8x7b", "--vram", "8GiB", "--context", str(context + 1))
+    assert over.exit_code == 2 and "below the minimum" in over.stderr
+    assert info_json("mixtral-8x7b", "--vram", "8.13GiB", "--context", "1024")["expert_format"] == "nf4"
+
+
+def test_16_bit_experts_on_a_12_gib_card_suggest_4_bits():
+    result = run("mixtral-8x7b", "--vram", "12GiB", "--expert-bits", "16")
+    assert result.exit_code == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "below the minimum 25.61 GiB" in line and "Mixtral-8x7B fits with --expert-bits 4, or on --vram 25.61GiB" in line
+    assert "--context" not in line  # no context makes bf16 experts fit 12 GiB
+    assert info_json("mixtral-8x7b", "--vram", "12GiB", "--expert-bits", "4")["device_bytes"] <= 12 * GiB
+    nf4 = run("mixtral-8x7b", "--vram", "10.6GiB", "--expert-bits", "4")
+    assert "fits with --attn-bits 8" in nf4.stderr and "--context " in nf4.stderr  # the widest that fits first
+
+
+def test_a_card_below_every_shipped_profile_plans_plain_defaults(model_dirs):
+    out = info_json(str(model_dirs[WINDOWED.name]), "--vram", "1GiB")
+    assert out["profile"]["name"] == "none" and not out["profile"]["fits"]
+    assert "no shipped GPU profile fits a card of 1.00 GiB" in out["profile"]["reason"]
+    assert out["expert_format"] == "bf16" and out["slots_per_layer"] == 8
+
+
+def test_ram_is_called_the_expert_ram_budget_with_its_article():
+    line = summary_line(run("mixtral-8x7b", "--vram", "12GiB", "--ram", "16GiB"))
+    assert line.startswith("A 12 GiB card with a 16 GiB expert RAM budget holds Mixtral-8x7B (nf4 experts)")
+    assert "of RAM" not in line and "are read from disk" in line  # --ram below the experts: a disk tier, as asked
+    line = summary_line(run("mixtral-8x7b", "--vram", "8.5GiB", "--ram", "8GiB"))
+    assert line.startswith("An 8.50 GiB card with an 8 GiB expert RAM budget holds")
+    line = summary_line(run("mixtral-8x7b", "--vram", "18GiB", "--ram", "11GiB"))
+    assert line.startswith("An 18 GiB card with an 11 GiB expert RAM budget holds")
+
+
+@pytest.mark.parametrize("flag", ["--vram", "--ram"])
+def test_a_bare_number_is_refused_naming_the_setting_and_a_unit(flag):
+    result = run("mixtral-8x7b", "--vram", "12GiB", flag, "12")
+    assert result.exit_code == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {flag} 12: a size needs a unit: 12GiB")
+
+
+def test_sizes_as_people_write_them():
+    binary = info_json("mixtral-8x7b", "--vram", "24GiB")
+    assert info_json("mixtral-8x7b", "--vram", "24G")["vram_bytes"] == binary["vram_bytes"] == 24 * GiB
+    assert info_json("mixtral-8x7b", "--vram", "24Gi")["layer_slots"] == binary["layer_slots"]
+    decimal = run("mixtral-8x7b", "--vram", "24GB", "--json")
+    assert decimal.exit_code == 0 and json.loads(decimal.stdout)["vram_bytes"] == 24 * 10**9
+    assert "note: --vram 24GB is decimal: 24,000,000,000 bytes, 22.35 GiB" in decimal.stderr
+    text = run("mixtral-8x7b", "--vram", "24GB")
+    assert "22.35 GiB card" in summary_line(text) and "24GB" not in text.stdout  # the plan says GiB
+    assert info_json("mixtral-8x7b", "--vram", "12GiB", "--ram", "0")["host_experts"] == 0  # 0: none

@@ -282,3 +282,55 @@ def test_quantizing_checkpoint_records_on_the_device_is_reserved():
     assert reading.total - plain.total == 14336 * 4096 * (2 + 4 + 1)
     unquantized = runtime_reserve(c, torch.bfloat16, "bf16", "bf16", "cuda", context=4096, quantize_experts=True)
     assert unquantized.total == runtime_reserve(c, torch.bfloat16, "bf16", "bf16", "cuda", context=4096).total
+
+
+# ---- sizes as people write them, and the article before a size ------------------------------
+
+
+@pytest.mark.parametrize("text, want", [
+    ("24G", 24 * GiB), ("24GiB", 24 * GiB), ("24Gi", 24 * GiB), ("24gib", 24 * GiB), (" 24 GiB ", 24 * GiB),
+    ("24GB", 24 * 10**9), ("24gb", 24 * 10**9), ("1.5G", 3 * GiB // 2),
+    ("512K", 512 * 2**10), ("512KiB", 512 * 2**10), ("512KB", 512_000), ("16M", 16 * MiB), ("16MB", 16 * 10**6),
+    ("2T", 2 * 2**40), ("2TiB", 2 * 2**40), ("2TB", 2 * 10**12), ("512B", 512), ("0", 0), ("0.0", 0), (4096, 4096),
+])
+def test_parse_bytes_reads_sizes_as_people_write_them(text, want):
+    from offload.plan import parse_bytes
+
+    assert parse_bytes(text, "--vram") == want
+
+
+@pytest.mark.parametrize("text, words", [
+    ("12", ("--vram 12: a size needs a unit: 12GiB (2^30 bytes), 12GB (10^9 bytes) or 12B",)),
+    ("1.5", ("--vram 1.5: a size needs a unit: 1.5GiB",)),
+    ("lots", ("--vram 'lots'", "expected a size")),
+    ("12X", ("unknown unit 'X'",)),
+    ("-1GiB", ("expected a size",)),
+    ("9" * 400 + "GiB", ("too large a size",)),
+])
+def test_parse_bytes_refuses_in_one_line_naming_the_setting(text, words):
+    from offload.errors import SettingError
+    from offload.plan import parse_bytes
+
+    with pytest.raises(SettingError) as e:
+        parse_bytes(text, "--vram")
+    message = str(e.value)
+    assert "\n" not in message and len(message) < 200 and message.startswith("--vram ")
+    assert all(w in message for w in words), message
+
+
+def test_is_decimal_size():
+    from offload.plan import is_decimal_size
+
+    assert is_decimal_size("24GB") and is_decimal_size("512 mb")
+    assert not any(is_decimal_size(t) for t in ("24GiB", "24G", "24Gi", "512B", "0", "lots", 5))
+
+
+@pytest.mark.parametrize("size, want", [
+    ("8 GiB", "An"), ("8.50 GiB", "An"), ("80 GiB", "An"), ("800 MiB", "An"), ("11 GiB", "An"), ("18 GiB", "An"),
+    ("11.5 GiB", "An"), ("11000", "An"), ("18,000", "An"),
+    ("1 GiB", "A"), ("12 GiB", "A"), ("24 GiB", "A"), ("110 GiB", "A"), ("180 GiB", "A"), ("1.8 GiB", "A"),
+])
+def test_article_before_a_size(size, want):
+    from offload.plan import article
+
+    assert article(size) == want

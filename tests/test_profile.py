@@ -90,7 +90,9 @@ def test_profile_command_writes_a_profile_that_reads_back(tmp_path):
     app = typer.Typer()
     app.command()(profile_command)
     out = tmp_path / "this-machine.toml"
-    result = CliRunner().invoke(app, ["--out", str(out), "--device", "cpu", "-p", "4", "-n", "2"])
+    result = CliRunner().invoke(
+        app, [str(DEMO_MODEL_DIR), "--out", str(out), "--device", "cpu", "-p", "4", "-n", "2", "-r", "1"]
+    )
     assert result.exit_code == 0, result.output
     profile = load_profile(out)
     assert profile.gpu == "none" and profile.policy in ("lru", "combined") and profile.plan_vram is not None
@@ -103,7 +105,9 @@ def test_chat_runs_with_the_profile_that_offload_profile_wrote(tmp_path, monkeyp
     from cli.main import app
 
     out = tmp_path / "this-machine.toml"
-    wrote = CliRunner().invoke(app, ["profile", "--out", str(out), "--device", "cpu", "-p", "4", "-n", "2"])
+    wrote = CliRunner().invoke(
+        app, ["profile", str(DEMO_MODEL_DIR), "--out", str(out), "--device", "cpu", "-p", "4", "-n", "2", "-r", "1"]
+    )
     assert wrote.exit_code == 0, wrote.output
     profile = load_profile(out)
     loaded: list[dict] = []
@@ -119,6 +123,7 @@ def test_chat_runs_with_the_profile_that_offload_profile_wrote(tmp_path, monkeyp
     assert chat.stdout.strip()  # a reply
     settings = loaded[0]
     assert settings["device"] == "cpu" and settings["vram"] == profile.plan_vram
+    assert profile.vram == "0" and settings["ram"] == profile.plan_ram == "0"  # no GPU: a RAM budget, nothing beside
     assert (settings["policy"], settings["expert_bits"], settings["attn_bits"]) == (
         profile.policy, profile.expert_bits, profile.attn_bits)
     assert settings["max_context"] == profile.context

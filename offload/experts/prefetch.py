@@ -90,9 +90,13 @@ class Prefetcher:
             self.history.begin_token()
 
     def reset(self) -> None:
-        """A new sequence: short-term history goes, long-run statistics stay."""
+        """A new sequence, or a pass abandoned half-way (a Ctrl+C): short-term history goes, and
+        so do the layers of a prompt pass gathered so far and a deferred prefetch; long-run
+        statistics stay."""
         if self.history is not None:
             self.history.reset()
+        self._prompt = []
+        self._pending = None
 
     def device_picks(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
         """Decode: queue the gate look-ahead for the layers after ``layer`` from ``hidden``
