@@ -46,6 +46,7 @@ from cli.report import peak_memory, stats_line
 from cli.chat import chat_command
 from cli.convert import convert_command
 from cli.profile import profile_command
+from cli.serve import serve_command
 from cli.info import info_command
 from cli.simulate import simulate_command, stats_command
 from cli.synth import synth_command
@@ -132,6 +133,7 @@ app.command("stats")(stats_command)
 app.command("bench")(bench_command)
 app.command("chat")(chat_command)
 app.command("profile")(profile_command)
+app.command("serve")(serve_command)
 app.add_typer(trace_app, name="trace")
 
 
