@@ -30,7 +30,7 @@ import sentencepiece as spm
 
 from offload.errors import TokenizerError
 
-__all__ = ["Message", "StreamDecoder", "Tokenizer", "check_text"]
+__all__ = ["ByteStreamDecoder", "JsonTokenizer", "Message", "StreamDecoder", "Tokenizer", "check_text"]
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -129,6 +129,9 @@ class Tokenizer:
     def from_dir(cls, model_dir: str | Path) -> Tokenizer:
         """Load ``<model_dir>/tokenizer.model`` with bos/eos ids from the checkpoint's files.
 
+        A checkpoint without tokenizer.model but with a ``tokenizer.json`` (Qwen, OLMoE) gets a
+        ``JsonTokenizer`` instead; one that has both (Mixtral) is read with sentencepiece.
+
         Each of bos and eos comes from the first of these that names it: tokenizer_config.json
         (``bos_token``/``eos_token``, a string or ``{"content": ...}``, looked up in
         ``added_tokens_decoder`` then in the sentencepiece vocabulary), special_tokens_map.json
@@ -139,6 +142,10 @@ class Tokenizer:
         """
         model_dir = Path(model_dir)
         model_path = model_dir / "tokenizer.model"
+        json_path = model_dir / "tokenizer.json"
+        if not (model_path.exists() or model_path.is_symlink()) and \
+                (json_path.exists() or json_path.is_symlink()):
+            return JsonTokenizer.from_dir(model_dir)  # Qwen, OLMoE: byte-level BPE only
         processor = _load_processor(model_path)
 
         bos: tuple[int, str] | None = None  # (id, file that named it)
@@ -456,12 +463,12 @@ def _load_processor(path: Path) -> spm.SentencePieceProcessor:
     return processor
 
 
-def read_json_object(path: Path) -> dict | None:
+def read_json_object(path: Path, limit: int = JSON_MAX_BYTES) -> dict | None:
     """The JSON object in ``path``, or None when the file does not exist. Anything else wrong
     (not a regular file, over ``JSON_MAX_BYTES``, not UTF-8, not JSON, nested too deep for the
     parser, a number too long, not an object) is a TokenizerError naming the file."""
     try:
-        data = read_file_bytes(path, JSON_MAX_BYTES, "JSON file")
+        data = read_file_bytes(path, limit, "JSON file")
     except FileNotFoundError:
         return None
     try:
@@ -525,3 +532,218 @@ def _id_list(value, key: str, path: Path) -> list[int]:
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         raise TokenizerError(f"{path}: {key} must be an int or a list of ints")
     return list(values)
+
+
+# ---- tokenizer.json (Hugging Face ``tokenizers``): byte-level BPE as Qwen and OLMoE ship ----------
+
+# tokenizer.json files are larger than the other JSON files (Qwen's is ~11 MiB, the largest known
+# ~35 MiB).
+TOKENIZER_JSON_MAX_BYTES = 128 * 2**20
+
+
+@functools.cache
+def _byte_level_chars() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, char -> byte (the inverse of ``bytes_to_unicode``)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class JsonTokenizer(Tokenizer):
+    """A checkpoint's ``tokenizer.json`` (byte-level BPE) read with the ``tokenizers`` library.
+
+    The same interface as the sentencepiece ``Tokenizer``: ``encode`` gives the ids transformers'
+    ``tokenizer(text, add_special_tokens=False)`` gives (special-token strings in the text become
+    their ids, as transformers does by default), with the bos id first for ``bos=True`` when the
+    checkpoint has a bos token (Qwen has none: then nothing is added, and ``bos_id`` is None).
+    ``decode`` skips special tokens; ``encode_messages`` renders the checkpoint's chat template
+    and encodes the text as ``apply_chat_template(tokenize=True)`` does; ``stream_decoder``
+    gives a ``ByteStreamDecoder`` (text only once its UTF-8 bytes are complete).
+    """
+
+    def __init__(self, hf, bos_id: int | None, eos_ids: Sequence[int], source: str = "tokenizer.json"):
+        self._hf = hf
+        self._source = source
+        vocab = hf.get_vocab(with_added_tokens=True)
+        self._vocab_size = max(vocab.values(), default=-1) + 1
+        if self._vocab_size == 0:
+            raise TokenizerError(f"{source}: empty vocabulary")
+        if not eos_ids:
+            raise TokenizerError(f"{source}: no eos token in tokenizer_config.json, "
+                                 "generation_config.json or config.json")
+        for name, tid in [*([("bos", bos_id)] if bos_id is not None else []), *(("eos", e) for e in eos_ids)]:
+            if not 0 <= tid < self._vocab_size:
+                raise TokenizerError(f"{source}: {name} id {tid} is outside the vocabulary "
+                                     f"[0, {self._vocab_size})")
+        self._bos_id = None if bos_id is None else int(bos_id)
+        self._eos = tuple(dict.fromkeys(int(e) for e in eos_ids))
+        self._eos_set = frozenset(self._eos)
+        special = {i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+        self._control = frozenset(special)
+        # The bytes each id stands for, as the ByteLevel decoder makes them: each char of the
+        # token through the byte-level alphabet, or the token's own UTF-8 when a char is not in
+        # it (added tokens); special tokens are skipped (b""), as ``decode`` skips them.
+        chars = _byte_level_chars()
+        table = [b""] * self._vocab_size
+        for token, i in vocab.items():
+            if i in special:
+                continue
+            try:
+                table[i] = bytes(chars[c] for c in token)
+            except KeyError:
+                table[i] = token.encode("utf-8", "surrogatepass")
+        self._bytes = table
+
+    @classmethod
+    def from_file(cls, path, bos_id=None, eos_ids=None):  # sentencepiece models only
+        raise TokenizerError(f"{path}: from_file reads sentencepiece models; use from_dir")
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> JsonTokenizer:
+        """Load ``<model_dir>/tokenizer.json``; bos/eos as ``Tokenizer.from_dir`` finds them,
+        except that bos comes only from tokenizer_config.json / special_tokens_map.json (as the
+        tokenizer transformers builds has it: Qwen's configs name a bos_token_id its tokenizer
+        never adds)."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.json"
+        spec = read_json_object(path, TOKENIZER_JSON_MAX_BYTES)
+        if spec is None:
+            raise TokenizerError(f"{path}: no such file")
+        decoder = spec.get("decoder")
+        kind = decoder.get("type") if isinstance(decoder, dict) else decoder
+        if kind != "ByteLevel":
+            raise TokenizerError(f"{path}: decoder {_json_type(kind) if not isinstance(kind, str) else kind!r} "
+                                 "is not supported (only byte-level BPE tokenizer.json; a sentencepiece "
+                                 "checkpoint needs its tokenizer.model)")
+        try:
+            hf = HFTokenizer.from_str(read_text_file(path, TOKENIZER_JSON_MAX_BYTES, "tokenizer.json"))
+        except TokenizerError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the library raises a bare Exception for a bad file
+            raise TokenizerError(f"{path}: not a valid tokenizer.json ({_one_line(e)})") from None
+
+        def token_id(content: str, key: str, where: Path) -> int:
+            tid = hf.token_to_id(content)
+            if tid is None:
+                tid = added.get(content)
+            if tid is None:
+                raise TokenizerError(f"{where}: {key} {content[:60]!r} is not in {path.name} "
+                                     "nor in added_tokens_decoder")
+            return tid
+
+        tok_cfg_path = model_dir / "tokenizer_config.json"
+        tok_cfg = read_json_object(tok_cfg_path)
+        added = added_tokens(tok_cfg, tok_cfg_path) if tok_cfg is not None else {}
+        map_path = model_dir / "special_tokens_map.json"
+        token_map = read_json_object(map_path)
+        bos: int | None = None
+        eos: list[int] = []
+        for key in ("bos_token", "eos_token"):
+            content, where = None, tok_cfg_path
+            if tok_cfg is not None:
+                content = _token_content(tok_cfg.get(key), key, tok_cfg_path)
+            if content is None and token_map is not None:
+                content, where = _token_content(token_map.get(key), key, map_path), map_path
+            if content is None:
+                continue
+            if key == "bos_token":
+                bos = token_id(content, key, where)
+            else:
+                eos.append(token_id(content, key, where))
+        for name in ("generation_config.json", "config.json"):
+            cfg_path = model_dir / name
+            cfg = read_json_object(cfg_path)
+            if cfg is not None and cfg.get("eos_token_id") is not None:
+                eos += _id_list(cfg["eos_token_id"], "eos_token_id", cfg_path)
+        tokenizer = cls(hf, bos, eos, source=str(path))
+        tokenizer.model_dir = model_dir
+        return tokenizer
+
+    @property
+    def bos_id(self) -> int | None:  # type: ignore[override]
+        """The bos id, or None when the checkpoint has no bos token (Qwen)."""
+        return self._bos_id
+
+    def id_to_piece(self, token_id: int) -> str:
+        self._check_ids((token_id,))
+        return self._hf.id_to_token(int(token_id)) or ""
+
+    def encode(self, text: str, *, bos: bool = False) -> list[int]:
+        """Ids of ``text`` as transformers' ``tokenizer(text, add_special_tokens=False)`` gives
+        them, after the bos id when ``bos`` and the checkpoint has one."""
+        check_text(text, "encode")
+        ids = self._hf.encode(text, add_special_tokens=False).ids
+        return [self._bos_id, *ids] if bos and self._bos_id is not None else ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``; special tokens (eos, <|im_start|>...) decode to ""."""
+        ids = self._check_ids(ids)
+        return self._hf.decode(ids, skip_special_tokens=True) if ids else ""
+
+    def encode_messages(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[int]:
+        """The checkpoint's chat template rendered, then encoded as ``apply_chat_template``
+        (``tokenize=True``) does: special-token strings become their ids, no bos added."""
+        template = self.chat_template
+        if template is None:
+            raise TokenizerError(f"{self.model_dir}: the checkpoint has no chat template "
+                                 "(tokenizer_config.json chat_template or chat_template.jinja)")
+        text = template.render(messages, add_generation_prompt=add_generation_prompt)
+        check_text(text, template.source)
+        return self._hf.encode(text, add_special_tokens=False).ids
+
+    def encode_chat(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[int]:
+        """Mixtral's format means nothing to these checkpoints: the chat template is used."""
+        return self.encode_messages(messages, add_generation_prompt=add_generation_prompt)
+
+    def stream_decoder(self, prompt_ids: Sequence[int] = ()) -> ByteStreamDecoder:
+        return ByteStreamDecoder(self, prompt_ids)
+
+
+class ByteStreamDecoder:
+    """Streaming text of byte-level BPE ids: each id's bytes through an incremental UTF-8
+    decoder, so a character split across ids comes out once its last byte arrives, and the
+    chunks join to ``decode(ids)`` (invalid bytes become U+FFFD where the full decode has them).
+    Byte-level pieces carry their own spaces, so the prompt gives no context; it is only checked."""
+
+    def __init__(self, tokenizer: JsonTokenizer, prompt_ids: Sequence[int] = ()):
+        import codecs
+
+        self._tok = tokenizer
+        tokenizer._check_ids(prompt_ids)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._chunks: list[str] = []
+
+    @property
+    def text(self) -> str:
+        """Everything emitted so far."""
+        if len(self._chunks) > 1:
+            self._chunks = ["".join(self._chunks)]
+        return self._chunks[0] if self._chunks else ""
+
+    def push(self, token_id: int) -> str:
+        """Add one generated id; return the text that became final with it ("" if none)."""
+        (tid,) = self._tok._check_ids((token_id,))
+        return self._keep(self._utf8.decode(self._tok._bytes[tid]))
+
+    def flush(self) -> str:
+        """Return whatever is left (an unfinished character comes out as U+FFFD)."""
+        return self._keep(self._utf8.decode(b"", final=True))
+
+    def _keep(self, new: str) -> str:
+        if new:
+            self._chunks.append(new)
+        return new
