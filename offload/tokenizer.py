@@ -321,7 +321,20 @@ class Tokenizer:
         return StreamDecoder(self, prompt_ids)
 
 
-class StreamDecoder:
+class _EmittedText:
+    """What a stream decoder has given out: ``_chunks``, joined on demand as ``text``."""
+
+    _chunks: list[str]
+
+    @property
+    def text(self) -> str:
+        """Everything emitted so far."""
+        if len(self._chunks) > 1:
+            self._chunks = ["".join(self._chunks)]
+        return self._chunks[0] if self._chunks else ""
+
+
+class StreamDecoder(_EmittedText):
     """Turns ids, one at a time, into text as soon as that text is final.
 
     The concatenation of every ``push`` plus ``flush`` equals ``decode(generated)`` with no
@@ -348,13 +361,6 @@ class StreamDecoder:
         self._read = len(self._ids)  # ids[:read] is text already given out (or the prompt's)
         self._read_text = self._decode(self._ids)
         self._chunks: list[str] = []
-
-    @property
-    def text(self) -> str:
-        """Everything emitted so far."""
-        if len(self._chunks) > 1:
-            self._chunks = ["".join(self._chunks)]
-        return self._chunks[0] if self._chunks else ""
 
     def push(self, token_id: int) -> str:
         """Add one generated id; return the text that became final with it ("" if none)."""
@@ -713,7 +719,7 @@ class JsonTokenizer(Tokenizer):
         return ByteStreamDecoder(self, prompt_ids)
 
 
-class ByteStreamDecoder:
+class ByteStreamDecoder(_EmittedText):
     """Streaming text of byte-level BPE ids: each id's bytes through an incremental UTF-8
     decoder, so a character split across ids comes out once its last byte arrives, and the
     chunks join to ``decode(ids)`` (invalid bytes become U+FFFD where the full decode has them).
@@ -726,13 +732,6 @@ class ByteStreamDecoder:
         tokenizer._check_ids(prompt_ids)
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._chunks: list[str] = []
-
-    @property
-    def text(self) -> str:
-        """Everything emitted so far."""
-        if len(self._chunks) > 1:
-            self._chunks = ["".join(self._chunks)]
-        return self._chunks[0] if self._chunks else ""
 
     def push(self, token_id: int) -> str:
         """Add one generated id; return the text that became final with it ("" if none)."""
