@@ -75,7 +75,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.benchlib import Bandwidth, run, say  # noqa: E402
+from benchmarks.benchlib import Bandwidth, run, say, timed  # noqa: E402
 from offload import quant  # noqa: E402
 from offload.checkpoint import read_into  # noqa: E402
 from offload.config import ModelConfig  # noqa: E402
@@ -86,7 +86,6 @@ from offload.device import (  # noqa: E402
     empty_host_buffer,
     is_cuda,
     resolve_device,
-    synchronize,
 )
 from offload.errors import SettingError  # noqa: E402
 from offload.experts.record import RecordLayout  # noqa: E402
@@ -261,14 +260,6 @@ def trim_heap() -> None:
         _libc().malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 def one_pass(s: Subject, scratch: torch.Tensor, xs: dict[int, torch.Tensor], transfers: Transfers,

@@ -51,7 +51,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from offload.errors import TokenizerError
+from offload.errors import TokenizerError, shown
 from offload.tokenizer import added_tokens, check_text, read_json_object
 
 if TYPE_CHECKING:
@@ -231,14 +231,9 @@ def _optional_bool(cfg: dict, key: str, default: bool, path: Path) -> bool:
     return value
 
 
-def _short(value, limit: int = 60) -> str:
-    """A value for an error message: its repr, one line, at most ``limit`` characters."""
-    try:
-        text = repr(value)
-    except Exception:  # too deep, or an integer too long to print
-        text = f"<{type(value).__name__}>"
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _short(value: object, limit: int = 60) -> str:
+    """``offload.errors.shown`` on one line, at this module's limit."""
+    return shown(value, limit, one_line=True)
 
 
 def _config_template(value, path: Path) -> str | None:

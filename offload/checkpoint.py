@@ -46,6 +46,7 @@ from offload.errors import (
     MissingTensorError,
     SettingError,
     TensorShapeError,
+    shown,
 )
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -323,12 +324,8 @@ def _refuse_overlaps(path: Path, entries: dict[str, TensorEntry]) -> None:
 
 
 def _shown(value: object, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters, for messages about arbitrary JSON values."""
-    try:
-        text = repr(value)
-    except (RecursionError, ValueError):  # deeply nested, or an int too long to print
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """``offload.errors.shown`` at this module's limit."""
+    return shown(value, limit)
 
 
 def _quoted(name: str) -> str:

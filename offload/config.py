@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from offload.errors import ConfigError, UnsupportedModelError
+from offload.errors import ConfigError, UnsupportedModelError, shown
 
 SUPPORTED_ARCHITECTURES = ("MixtralForCausalLM",)
 SUPPORTED_ACTIVATIONS = ("silu",)
@@ -31,13 +31,9 @@ def _finite(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _shown(value: Any, limit: int = 60) -> str:
-    """``repr(value)`` cut to ``limit`` characters, for messages about arbitrary JSON values."""
-    try:
-        text = repr(value)
-    except (RecursionError, ValueError):  # deeply nested, or an int too long to print
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _shown(value: object, limit: int = 60) -> str:
+    """``offload.errors.shown`` at this module's limit."""
+    return shown(value, limit)
 
 
 @dataclass(frozen=True)

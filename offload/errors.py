@@ -3,7 +3,21 @@
 Every error a user can cause (a bad path, a damaged checkpoint, an unsupported model, an
 impossible setting) is an ``OffloadError`` whose message is one line naming the file, tensor
 or setting at fault. The CLI prints that line and exits 2; library code never prints or exits.
+``shown`` puts an arbitrary value (a JSON field, a setting) into such a line.
 """
+
+
+def shown(value: object, limit: int = 60, *, one_line: bool = False) -> str:
+    """A value for an error message: its repr, at most ``limit`` characters (a value too deep,
+    or an integer too long, to print is named by its type); ``one_line``: every run of
+    whitespace as one space."""
+    try:
+        text = repr(value)
+    except Exception:  # RecursionError, ValueError (int digits limit), a broken __repr__
+        text = f"<{type(value).__name__}>"
+    if one_line:
+        text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class OffloadError(Exception):

@@ -86,6 +86,7 @@ from offload.errors import (
     CorruptPackError,
     PackError,
     SettingError,
+    shown,
 )
 from offload.experts.record import MATRIX_ALIGNMENT, RECORD_ALIGNMENT, RecordLayout, align_up
 from offload.files import atomic_dir, check_dir
@@ -255,12 +256,8 @@ _ABSENT = object()  # a key missing from one side of a comparison
 
 
 def _shown(value: object, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters, for messages about arbitrary JSON values."""
-    try:
-        text = repr(value)
-    except (RecursionError, ValueError):  # deeply nested, or an int too long to print
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """``offload.errors.shown`` at this module's limit."""
+    return shown(value, limit)
 
 
 def _is_crc(value: object) -> bool:

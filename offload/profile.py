@@ -78,7 +78,7 @@ import torch
 
 import offload
 from offload.device import device_name, empty_host_buffer, is_cuda, memory_info, resolve_device, synchronize
-from offload.errors import SettingError
+from offload.errors import SettingError, shown
 from offload.experts.policy import POLICY_CHOICES
 from offload.files import write_file
 from offload.plan import format_bytes, parse_bytes
@@ -350,14 +350,9 @@ def _one_line(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _short(value: Any, limit: int = 60) -> str:
-    """A value for an error message: its repr on one line, at most ``limit`` characters."""
-    try:
-        text = repr(value)
-    except Exception:  # too deep, or an integer too long to print
-        text = f"<{type(value).__name__}>"
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _short(value: object, limit: int = 60) -> str:
+    """``offload.errors.shown`` on one line, at this module's limit."""
+    return shown(value, limit, one_line=True)
 
 
 def profile_from_dict(data: dict[str, Any], source: str = "<profile>", name: str = "", comment: str = "") -> Profile:

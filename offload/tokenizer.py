@@ -150,19 +150,8 @@ class Tokenizer:
 
         bos: tuple[int, str] | None = None  # (id, file that named it)
         eos: list[tuple[int, str]] = []
-        tok_cfg_path = model_dir / "tokenizer_config.json"
-        tok_cfg = read_json_object(tok_cfg_path)
-        added = added_tokens(tok_cfg, tok_cfg_path) if tok_cfg is not None else {}
-        map_path = model_dir / "special_tokens_map.json"
-        token_map = read_json_object(map_path)
-        for key in ("bos_token", "eos_token"):
-            content, where = None, tok_cfg_path
-            if tok_cfg is not None:
-                content = _token_content(tok_cfg.get(key), key, tok_cfg_path)
-            if content is None and token_map is not None:
-                content, where = _token_content(token_map.get(key), key, map_path), map_path
-            if content is None:
-                continue
+        added, named = named_special_tokens(model_dir)
+        for key, content, where in named:
             tid = added.get(content)
             if tid is None:
                 tid = processor.piece_to_id(content)
@@ -319,6 +308,30 @@ class Tokenizer:
     def stream_decoder(self, prompt_ids: Sequence[int] = ()) -> StreamDecoder:
         """A decoder for ids generated after ``prompt_ids`` (give ``()`` for none)."""
         return StreamDecoder(self, prompt_ids)
+
+
+
+def named_special_tokens(model_dir: Path) -> tuple[dict[str, int], list[tuple[str, str, Path]]]:
+    """What a checkpoint's JSON files say of its bos and eos tokens, as transformers reads them:
+    (``added_tokens_decoder`` of tokenizer_config.json as content -> id, and
+    [(key, content, file that named it)] for "bos_token" then "eos_token", each from
+    tokenizer_config.json, else special_tokens_map.json, left out when neither names it). The
+    callers turn a content into an id with their own vocabulary."""
+    tok_cfg_path = model_dir / "tokenizer_config.json"
+    tok_cfg = read_json_object(tok_cfg_path)
+    added = added_tokens(tok_cfg, tok_cfg_path) if tok_cfg is not None else {}
+    map_path = model_dir / "special_tokens_map.json"
+    token_map = read_json_object(map_path)
+    named = []
+    for key in ("bos_token", "eos_token"):
+        content, where = None, tok_cfg_path
+        if tok_cfg is not None:
+            content = _token_content(tok_cfg.get(key), key, tok_cfg_path)
+        if content is None and token_map is not None:
+            content, where = _token_content(token_map.get(key), key, map_path), map_path
+        if content is not None:
+            named.append((key, content, where))
+    return added, named
 
 
 class _EmittedText:
@@ -651,21 +664,10 @@ class JsonTokenizer(Tokenizer):
                                      "nor in added_tokens_decoder")
             return tid
 
-        tok_cfg_path = model_dir / "tokenizer_config.json"
-        tok_cfg = read_json_object(tok_cfg_path)
-        added = added_tokens(tok_cfg, tok_cfg_path) if tok_cfg is not None else {}
-        map_path = model_dir / "special_tokens_map.json"
-        token_map = read_json_object(map_path)
+        added, named = named_special_tokens(model_dir)
         bos: int | None = None
         eos: list[int] = []
-        for key in ("bos_token", "eos_token"):
-            content, where = None, tok_cfg_path
-            if tok_cfg is not None:
-                content = _token_content(tok_cfg.get(key), key, tok_cfg_path)
-            if content is None and token_map is not None:
-                content, where = _token_content(token_map.get(key), key, map_path), map_path
-            if content is None:
-                continue
+        for key, content, where in named:
             if key == "bos_token":
                 bos = token_id(content, key, where)
             else:
