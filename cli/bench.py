@@ -215,7 +215,7 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 def bench_command(
     model: Optional[Path] = typer.Argument(
-        None, help="A Mixtral checkpoint directory or offload pack. Default: the bundled demo model."
+        None, help="A checkpoint directory (Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE) or offload pack. Default: the bundled demo model."
     ),
     n_prompt: Optional[str] = typer.Option(
         None, "--n-prompt", "-p",

@@ -518,7 +518,7 @@ def command(session: ChatSession, line: str) -> bool:
 
 def chat_command(
     model: Optional[Path] = typer.Argument(
-        None, help="A Hugging Face Mixtral checkpoint directory (safetensors). Default: the bundled demo model."
+        None, help="A Hugging Face MoE checkpoint directory (safetensors; Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE). Default: the bundled demo model."
     ),
     system: Optional[str] = typer.Option(None, "--system", help="System message."),
     temperature: float = typer.Option(0.7, "--temp", min=0.0, help="Sampling temperature; 0 is greedy."),

@@ -24,7 +24,7 @@ from offload.quant import FORMATS
 def convert_command(
     src: str = typer.Argument(
         ..., metavar="HF_DIR",
-        help="A Hugging Face Mixtral checkpoint directory (safetensors), or a hub id (org/name): from the "
+        help="A Hugging Face MoE checkpoint directory (safetensors; Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE), or a hub id (org/name): from the "
         "local Hugging Face cache, else downloaded.",
     ),
     out: Path = typer.Argument(..., metavar="OUT_DIR", help="The pack directory to write."),

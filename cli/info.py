@@ -5,8 +5,10 @@ speed estimate ``offload.estimate``. MODEL is a checkpoint directory or pack (it
 a built-in name (``offload.plan.BUILTIN_MODELS``), so the plan for Mixtral-8x7B needs no
 download, or a hub id (org/name): from the local Hugging Face cache, else its config.json alone
 fetched and checked (``offload.hub.resolve_config``), never a weight. Nothing is loaded: only
-shapes are read. With ``--vram`` and no bits, format or profile given, the plan is the one
-``generate`` would run on a card of that size: the shipped profile for it, fitted to the model
+shapes are read. The table's title names the model's family and its total and active
+parameters (``offload.plan.parameter_count``); a family's own dense weights (q/k norms, biases,
+Qwen2-MoE's shared expert, dense-MLP layers) are counted in their classes. With ``--vram`` and
+no bits, format or profile given, the plan is the one ``generate`` would run on a card of that size: the shipped profile for it, fitted to the model
 (``offload.profile_fit.card_fit``: its bits and context), named in one line; a card too small
 is one error line naming the flags that would fit (``offload.profile_fit.fit_hints``). With a budget (``--vram``,
 ``--experts-per-layer``) or a profile, the last line is the estimated decode speed, labelled
@@ -291,6 +293,11 @@ def _resolve_model(
     )
 
 
+def _billions(n: int) -> str:
+    """A parameter count as model cards write it: "30.5B", "141B", "6.9B"."""
+    return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M"
+
+
 def _size(n: int) -> str:
     """format_bytes without a needless '.00' ("12 GiB", "94.50 MiB")."""
     return format_bytes(n).replace(".00 ", " ")
@@ -306,10 +313,13 @@ def _format_note(fmt: WeightFormat, bits: Optional[int], plan: ModelPlan) -> str
 def _table(plan: ModelPlan, expert_bits: Optional[int]) -> Table:
     c, m = plan.config, plan.memory
     L, E, K = c.num_hidden_layers, c.num_local_experts, c.num_experts_per_tok
+    Lm = c.num_moe_layers  # the layers with experts (all but Qwen's mlp_only_layers)
     dtype = get_format(str(plan.dtype).removeprefix("torch.")).name  # "bf16"
     gpu = "GPU" if plan.device_type == "cuda" else "device (RAM)"
+    params = plan.parameters
     table = Table(
-        title=f"{plan.name}: {dtype} compute, {plan.expert_format.name} experts, "
+        title=f"{plan.name} ({c.family}, {_billions(params.total)} parameters, {_billions(params.active)} active: "
+        f"top-{K} of {E} experts a layer): {dtype} compute, {plan.expert_format.name} experts, "
         f"{plan.attn_format.name} attention, context {plan.context}",
         title_justify="left",
         show_edge=False,
@@ -321,13 +331,24 @@ def _table(plan: ModelPlan, expert_bits: Optional[int]) -> Table:
     by = plan.dense_by_class
     table.add_row("embeddings", _size(by["embeddings"]), f"{c.vocab_size} x {c.hidden_size}, {dtype}")
     table.add_row("lm_head", _size(by["lm_head"]), "tied to the embeddings" if c.tie_word_embeddings else dtype)
-    table.add_row("attention", _size(by["attention"]), f"q, k, v, o x {L} layers, {plan.attn_format.name}")
-    table.add_row("norms", _size(by["norms"]), dtype)
-    table.add_row("routers", _size(by["routers"]), f"{E} x {c.hidden_size} x {L} layers, {dtype}")
+    biases = "q, k, v, o" if c.qkv_bias and c.o_bias else "q, k, v" if c.qkv_bias else "o" if c.o_bias else ""
+    biases = f" + {biases} biases" if biases else ""
+    table.add_row("attention", _size(by["attention"]), f"q, k, v, o x {L} layers, {plan.attn_format.name}{biases}")
+    qk_norms = {"head": ", with q/k norms per head", "projection": ", with q/k norms per projection"}
+    table.add_row("norms", _size(by["norms"]), f"{dtype}{qk_norms.get(c.qk_norm, '')}")
+    table.add_row("routers", _size(by["routers"]), f"{E} x {c.hidden_size} x {Lm} layers, {dtype}")
+    if by["shared_experts"]:  # Qwen2-MoE: a dense FFN beside the routed experts, run by every token
+        Is = c.shared_expert_intermediate_size
+        table.add_row("shared experts", _size(by["shared_experts"]),
+                      f"3 x {Is} x {c.hidden_size} + gate x {Lm} layers, {dtype}")
+    if by["dense_mlps"]:  # Qwen's mlp_only_layers: an FFN instead of experts
+        table.add_row("dense MLPs", _size(by["dense_mlps"]),
+                      f"3 x {c.dense_intermediate_size} x {c.hidden_size} x {L - Lm} layers, {dtype}")
     table.add_row("dense total", _size(plan.dense_bytes), f"always on the {gpu}")
     table.add_section()
-    table.add_row("one expert", _size(plan.expert_bytes), _format_note(plan.expert_format, expert_bits, plan))
-    table.add_row("all experts", _size(plan.experts_total_bytes), f"{L} layers x {E} experts = {m.experts_total}")
+    table.add_row("one expert", _size(plan.expert_bytes),
+                  f"3 x {c.intermediate_size} x {c.hidden_size}, {_format_note(plan.expert_format, expert_bits, plan)}")
+    table.add_row("all experts", _size(plan.experts_total_bytes), f"{Lm} layers x {E} experts = {m.experts_total}")
     table.add_row("KV cache", _size(m.kv_cache_bytes), f"context {plan.context}, {dtype}")
     reserve = m.reserve
     if reserve.terms:
@@ -353,7 +374,7 @@ def _table(plan: ModelPlan, expert_bits: Optional[int]) -> Table:
     else:
         rule = ("the layers whose LRU hit rate gains most on Mixtral-8x7B's traces" if m.spread == "trace"
                 else "layers spread evenly")
-        spread = f" ({m.device_slots / L:.2f} on average; the spare slots to {rule})"
+        spread = f" ({m.device_slots / Lm:.2f} on average; the spare slots to {rule})"
     table.add_row(
         f"{gpu}: expert slots", _size(m.device_expert_bytes),
         f"{m.slots_text(' of ')} per layer, {plan.device_experts} in all{spread}",

@@ -60,7 +60,7 @@ from offload.tokenizer import Message
 
 app = OffloadApp(  # typer.Typer, with standard output's failures in one line (cli.common)
     name="offload",
-    help="Run Mixture-of-Experts models (Mixtral) on a GPU smaller than the model.",
+    help="Run Mixture-of-Experts models (Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE) on a GPU smaller than the model.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -99,7 +99,7 @@ def main(
         False, "--version", callback=_print_version, is_eager=True, help="Print offload's and torch's versions."
     ),
 ) -> None:
-    """Run Mixture-of-Experts models (Mixtral) on a GPU smaller than the model."""
+    """Run Mixture-of-Experts models (Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE) on a GPU smaller than the model."""
 
 
 def read_prompt_file(path: Path) -> str:
@@ -140,7 +140,7 @@ app.add_typer(trace_app, name="trace")
 @app.command()
 def generate(
     model: Optional[Path] = typer.Argument(
-        None, help="A Hugging Face Mixtral checkpoint directory (safetensors), pack or hub id; or -m/--model "
+        None, help="A Hugging Face MoE checkpoint directory (safetensors), pack or hub id; or -m/--model "
         "MODEL. Default: the bundled demo model."
     ),
     prompt: Optional[str] = typer.Option(

@@ -6,15 +6,17 @@ What it is: ``sweep`` (comma lists of settings -> their Cartesian product of ``B
 engine already loaded). What it is not: a command-line tool; it never prints.
 
 Definitions:
-- ppN: N prompt tokens (BOS, then seeded random ids in [3, vocab)) / prefill seconds.
+- ppN: N prompt tokens (the tokenizer's BOS when it has one, Mixtral's but not Qwen's, then
+  seeded random ids in [3, vocab) that are no special token: ``bench_prompt``) / prefill seconds.
 - tgN: N decode forward passes / their seconds. A request generates N + 1 tokens with
   ``ignore_eos``: the first comes from the prefill's logits, the other N each from one decode
   pass, as llama-bench's tg128 times 128 single-token evaluations.
 - ppP+tgN (``combined``, llama-bench's ``-pg``): one request of P prompt tokens then N decode
   passes, (P + N) / (prefill + decode seconds).
-- Depth D (llama-bench's ``-d``): each repetition first prefills D tokens (BOS, then seeded
-  random ids; not timed), so the timed prompt and decode passes run with D positions already
-  in the KV cache; the prompt then has no BOS of its own. The tg row's depth is where decoding
+- Depth D (llama-bench's ``-d``): each repetition first prefills D tokens (a ``bench_prompt``
+  of D: BOS when there is one, then seeded random ids; not timed), so the timed prompt and
+  decode passes run with D positions already in the KV cache; the prompt is then N random ids,
+  with no BOS of its own (``random_ids``). The tg row's depth is where decoding
   starts, D + P.
 - Spread: ``Measure.spread`` is std / mean; ``Measure.within_noise`` says whether two
   measures cannot be told apart (their min..max ranges overlap, or the means differ by less
@@ -49,7 +51,11 @@ from offload.plan import parse_bytes
 from offload.quant import BITS_CHOICES
 from offload.trace import ReplayRouting
 
-FIRST_RANDOM_ID = 3  # ids 0, 1, 2 are <unk>, <s>, </s> in Mixtral's tokenizer
+# Ids 0, 1, 2 are <unk>, <s>, </s> in Mixtral's tokenizer. In a byte-level vocabulary (Qwen, OLMoE)
+# they are ordinary tokens ("!", '"', "#" in Qwen's) and skipping them changes nothing; the special
+# tokens of those sit elsewhere (Qwen's after the vocabulary), and the tokenizer's ``special_ids``
+# are skipped wherever they are.
+FIRST_RANDOM_ID = 3
 DEFAULT_PROMPT_TOKENS = 512  # pp512
 DEFAULT_GEN_TOKENS = 128  # tg128
 
@@ -282,15 +288,11 @@ class BenchResult:
 
 
 def parameter_count(config: Any) -> int:
-    """The model's parameters from its config (``offload.config.ModelConfig``): embeddings,
-    lm_head unless tied, per layer attention (q, k, v, o), router, experts and two norms, and the
-    final norm."""
-    c = config
-    D, V, L, E = c.hidden_size, c.vocab_size, c.num_hidden_layers, c.num_local_experts
-    head_dim = getattr(c, "head_dim", None) or D // c.num_attention_heads
-    attention = D * head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
-    layer = attention + D * E + E * 3 * D * c.intermediate_size + 2 * D
-    return V * D * (1 if c.tie_word_embeddings else 2) + L * layer + D
+    """The model's parameters from its config (``offload.config.ModelConfig``): every dense and
+    expert weight, counted by ``offload.plan.parameter_count`` from the family's tensor table."""
+    from offload.plan import parameter_count as counted
+
+    return counted(config).total
 
 
 def model_bytes(model: str | Path) -> int:
@@ -358,12 +360,31 @@ def model_facts(engine: Engine, config: BenchConfig | None = None) -> dict[str, 
     }
 
 
-def bench_prompt(vocab_size: int, prompt_tokens: int, seed: int, bos_id: int = 1) -> list[int]:
-    """BOS, then ``prompt_tokens - 1`` seeded random ids in [3, vocab); just BOS for 0 or 1."""
-    if vocab_size <= FIRST_RANDOM_ID:
+def random_ids(vocab_size: int, count: int, seed: int,
+               skip: Sequence[int] | frozenset[int] | set[int] = ()) -> list[int]:
+    """``count`` seeded random ids in [3, vocab), none of them in ``skip`` (the tokenizer's
+    special ids): each drawn with ``random.Random(seed).randrange(3, vocab)``, drawn again while
+    it is in ``skip`` (so a ``skip`` below 3, as Mixtral's, changes nothing)."""
+    skipped = {i for i in skip if FIRST_RANDOM_ID <= i < vocab_size}
+    if vocab_size - FIRST_RANDOM_ID - len(skipped) < 1:
         raise SettingError(f"vocabulary of {vocab_size} is too small for a random prompt")
     rng = random.Random(seed)
-    return [bos_id] + [rng.randrange(FIRST_RANDOM_ID, vocab_size) for _ in range(max(0, prompt_tokens - 1))]
+    ids: list[int] = []
+    while len(ids) < count:
+        i = rng.randrange(FIRST_RANDOM_ID, vocab_size)
+        if i not in skipped:
+            ids.append(i)
+    return ids
+
+
+def bench_prompt(vocab_size: int, prompt_tokens: int, seed: int, bos_id: int | None = 1,
+                 skip: Sequence[int] | frozenset[int] | set[int] = ()) -> list[int]:
+    """A benchmark's prompt of ``prompt_tokens`` ids: ``bos_id``, then ``prompt_tokens - 1``
+    ``random_ids`` (just BOS for 0 or 1); with ``bos_id`` None (a tokenizer without one, as
+    Qwen's) ``prompt_tokens`` random ids, one for 0 (a request needs a token to start from)."""
+    if bos_id is None:
+        return random_ids(vocab_size, max(1, prompt_tokens), seed, skip)
+    return [bos_id] + random_ids(vocab_size, max(0, prompt_tokens - 1), seed, skip)
 
 
 def _check_lengths(prompt_tokens: int, gen_tokens: int, reps: int) -> None:
@@ -376,15 +397,15 @@ def _check_lengths(prompt_tokens: int, gen_tokens: int, reps: int) -> None:
 
 
 def context_needed(prompt_tokens: int, gen_tokens: int, depth: int = 0) -> int:
-    """Positions one request takes: ``depth`` tokens already there, the prompt (at least BOS
-    without a depth) and gen_tokens + 1 tokens."""
+    """Positions one request takes: ``depth`` tokens already there, the prompt (at least one
+    token, BOS or a random id, without a depth) and gen_tokens + 1 tokens."""
     if depth > 0:
         return depth + prompt_tokens + gen_tokens + 1
     return max(1, prompt_tokens) + gen_tokens + 1
 
 
 def replay_needed(prompt_tokens: int, gen_tokens: int) -> int:
-    """Trace tokens one request replays: the prompt (at least BOS) and one per decode pass."""
+    """Trace tokens one request replays: the prompt (at least one token) and one per decode pass."""
     return max(1, prompt_tokens) + gen_tokens
 
 
@@ -516,11 +537,12 @@ def measure(
     pp: list[float] = []
     tg: list[float] = []
     pg: list[float] = []
+    bos, special = engine.tokenizer.bos_id, engine.tokenizer.special_ids  # bos None: a tokenizer without one
     if depth:
-        context_ids = bench_prompt(vocab, depth, seed + 1, engine.tokenizer.bos_id)
-        ids = bench_prompt(vocab, prompt_tokens + 1, seed, engine.tokenizer.bos_id)[1:]  # no BOS mid-sequence
+        context_ids = bench_prompt(vocab, depth, seed + 1, bos, special)  # the sequence's start: BOS if any
+        ids = random_ids(vocab, prompt_tokens, seed, special)  # a continuation: no BOS mid-sequence
     else:
-        ids = bench_prompt(vocab, prompt_tokens, seed, engine.tokenizer.bos_id)
+        ids = bench_prompt(vocab, prompt_tokens, seed, bos, special)
     # with gen_tokens == 0: one token from the prefill, no decode pass
     settings = GenerationSettings(max_new_tokens=gen_tokens + 1, ignore_eos=True)
     for rep in range(reps + (1 if warmup else 0)):
@@ -617,5 +639,5 @@ def run_bench(
 __all__ = [
     "BenchConfig", "BenchResult", "CacheSummary", "LengthLimits", "Measure", "SWEEP_OPTIONS",
     "bench_prompt", "context_needed", "fit_lengths", "load", "measure", "model_bytes", "model_facts",
-    "offload_version", "parameter_count", "replay_needed", "run_bench", "sweep",
+    "offload_version", "parameter_count", "random_ids", "replay_needed", "run_bench", "sweep",
 ]

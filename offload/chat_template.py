@@ -7,7 +7,10 @@ messages to text in the same sandboxed Jinja environment as transformers 5
 (``transformers.utils.chat_template_utils``: ``ImmutableSandboxedEnvironment`` with
 ``trim_blocks``, ``lstrip_blocks``, ``loopcontrols``, ``raise_exception``, ``strftime_now``, a
 ``tojson`` that does not escape HTML), and encodes that text to ids the way
-``apply_chat_template(tokenize=True)`` does for a sentencepiece (Llama-style) tokenizer.
+``apply_chat_template(tokenize=True)`` does for a sentencepiece (Llama-style) tokenizer. A
+tokenizer.json checkpoint's ``JsonTokenizer`` uses ``render`` only and encodes the text itself.
+Only the default template is read: transformers 5's ``additional_chat_templates/`` folder of
+named ones is not, nor ``chat_template.json`` (a processor's file, which tokenizers do not read).
 
 What it is not: it does not import transformers, and it knows nothing about models. It does not
 support tools, documents, ``continue_final_message`` or ``{% generation %}`` masks.

@@ -1,7 +1,8 @@
 """Lazy reader of Hugging Face safetensors checkpoints (single file or sharded with an index).
 
-What it is: the one place that knows tensor names. A data table maps the engine's logical
-weights to checkpoint names in both layouts Mixtral is found in on disk (the hub layout, one
+What it is: the one place that looks tensors up by name. Data tables (the shared one here and
+each family's own in ``offload.families``) map the engine's logical weights to checkpoint
+names in both layouts MoE checkpoints are found in on disk (the hub layout, one
 tensor per expert matrix, and the fused layout of newer transformers, all experts of a layer in
 one 3-D tensor). On open it parses every shard header (a few KiB each, no weights), and checks
 that every tensor the model needs is present, lies inside its file, and has the right shape and
@@ -77,7 +78,9 @@ DENSE_TABLE: dict[str, tuple[tuple[str, ...], ShapeOf]] = {
     "norm": (("model.norm.weight",), lambda c: (c.hidden_size,)),
     "lm_head": (("lm_head.weight",), lambda c: (c.vocab_size, c.hidden_size)),
 }
-LAYER_TABLE: dict[str, tuple[tuple[str, ...], ShapeOf]] = {
+# Per-layer weights every family has, by logical key; the router's names are the family's, and
+# a family's own tensors (q/k norms, biases, a shared expert) come from ``layer_table``.
+COMMON_LAYER_TABLE: dict[str, tuple[tuple[str, ...], ShapeOf]] = {
     "input_layernorm": (("model.layers.{layer}.input_layernorm.weight",), lambda c: (c.hidden_size,)),
     "post_attention_layernorm": (
         ("model.layers.{layer}.post_attention_layernorm.weight",),
@@ -99,26 +102,41 @@ LAYER_TABLE: dict[str, tuple[tuple[str, ...], ShapeOf]] = {
         ("model.layers.{layer}.self_attn.o_proj.weight",),
         lambda c: (c.hidden_size, c.num_attention_heads * c.head_dim),
     ),
-    "router": (
-        ("model.layers.{layer}.block_sparse_moe.gate.weight", "model.layers.{layer}.mlp.gate.weight"),
-        lambda c: (c.num_local_experts, c.hidden_size),
-    ),
 }
-# Experts, hub layout: one tensor per matrix. w1 (gate) and w3 (up) are [I, D], w2 (down) is [D, I].
-HUB_EXPERT_TABLE: dict[str, tuple[str, ShapeOf]] = {
-    "w1": ("model.layers.{layer}.block_sparse_moe.experts.{expert}.w1.weight",
-           lambda c: (c.intermediate_size, c.hidden_size)),
-    "w3": ("model.layers.{layer}.block_sparse_moe.experts.{expert}.w3.weight",
-           lambda c: (c.intermediate_size, c.hidden_size)),
-    "w2": ("model.layers.{layer}.block_sparse_moe.experts.{expert}.w2.weight",
-           lambda c: (c.hidden_size, c.intermediate_size)),
-}
+
+
+def layer_table(config: ModelConfig, layer: int = 0) -> dict[str, tuple[tuple[str, ...], ShapeOf]]:
+    """Every dense weight of decoder layer ``layer`` in ``config``'s family: logical key ->
+    (names, shape). A layer with experts has the router (and Qwen2's shared expert); a dense
+    layer (Qwen's mlp_only_layers) has its MLP instead."""
+    family = config.family_spec
+    table = dict(COMMON_LAYER_TABLE)
+    table.update(family.attention_tensors(config))
+    if layer in config.dense_layers:
+        table.update(family.dense_mlp_tensors(config))
+    else:
+        table["router"] = (family.router_names, lambda c: (c.num_local_experts, c.hidden_size))
+        table.update(family.moe_tensors(config))
+    return {key: (tensor[0], tensor[1]) for key, tensor in table.items()}
+
+
+def hub_expert_table(config: ModelConfig) -> dict[str, tuple[str, ShapeOf]]:
+    """Experts, hub layout: one tensor per matrix, named as the family names them. w1 (gate)
+    and w3 (up) are [I, D], w2 (down) is [D, I]."""
+    names = config.family_spec.expert_names
+    return {
+        "w1": (names["w1"], lambda c: (c.intermediate_size, c.hidden_size)),
+        "w3": (names["w3"], lambda c: (c.intermediate_size, c.hidden_size)),
+        "w2": (names["w2"], lambda c: (c.hidden_size, c.intermediate_size)),
+    }
+
+
 # Experts, fused layout: gate_up_proj [E, 2I, D] holds w1 rows then w3 rows; down_proj [E, D, I].
 FUSED_GATE_UP = "model.layers.{layer}.mlp.experts.gate_up_proj"
 FUSED_DOWN = "model.layers.{layer}.mlp.experts.down_proj"
 EXPERT_MATRICES = ("w1", "w3", "w2")
 # A per-layer tensor's layer and, in the hub layout, its expert.
-LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe\.experts\.(\d+)\.)?")
+LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.(?:(?:block_sparse_moe|mlp)\.experts\.(\d+)\.)?")
 
 
 @dataclass(frozen=True)
@@ -416,7 +434,7 @@ def dense_entries(
     layers = [
         {
             key: find_tensor(entries, names, shape_of(c), where, dtypes, layer=layer)
-            for key, (names, shape_of) in LAYER_TABLE.items()
+            for key, (names, shape_of) in layer_table(c, layer).items()
         }
         for layer in range(c.num_hidden_layers)
     ]
@@ -514,7 +532,7 @@ class WeightFiles(OpenFiles):
         """A hook for readers that checksum what they read (the pack); nothing here."""
 
     def dense(self, key: str, layer: int | None = None) -> torch.Tensor:
-        """A dense weight by logical name (see DENSE_TABLE and LAYER_TABLE)."""
+        """A dense weight by logical name (see DENSE_TABLE and ``layer_table``)."""
         return self._read_entry(self._entry(key, layer))
 
     def where(self, key: str, layer: int | None = None) -> str:
@@ -524,7 +542,7 @@ class WeightFiles(OpenFiles):
 
 
 class Checkpoint(WeightFiles):
-    """A validated, lazily read safetensors checkpoint of a Mixtral-family model."""
+    """A validated, lazily read safetensors checkpoint of a model of any supported family."""
 
     def __init__(self, model_dir: str | Path, config: ModelConfig | None = None):
         super().__init__()
@@ -559,13 +577,13 @@ class Checkpoint(WeightFiles):
         c = self.config
         self._refuse_uncounted()
         self._dense, self._layers = dense_entries(self.entries, c, self.model_dir)
-        self._experts: list[list[dict[str, ByteRange]]] = [
-            self._layer_experts(layer) for layer in range(c.num_hidden_layers)
-        ]
+        # indexed by expert layer (0 .. num_moe_layers - 1), named by decoder layer
+        self._experts: list[list[dict[str, ByteRange]]] = [self._layer_experts(layer) for layer in c.moe_layers]
 
     def _refuse_uncounted(self) -> None:
-        """A layer (or, in the hub layout, an expert) on disk that config.json does not count:
-        the config describes another model, or a truncated copy of it."""
+        """A layer (or, in the hub layout, an expert) on disk that config.json does not count, or
+        experts in a layer it says is dense: the config describes another model, or a truncated
+        copy of it."""
         c = self.config
         for name in sorted(self.entries):
             found = LAYER_INDEX.match(name)
@@ -576,6 +594,11 @@ class Checkpoint(WeightFiles):
                 raise ConfigMismatchError(
                     f"{self.entries[name].file}: tensor {_quoted(name)} is of layer {layer}, but "
                     f"{self.model_dir / 'config.json'} says num_hidden_layers {c.num_hidden_layers}"
+                )
+            if expert is not None and layer in c.dense_layers:
+                raise ConfigMismatchError(
+                    f"{self.entries[name].file}: tensor {_quoted(name)} is an expert of layer {layer}, which "
+                    f"{self.model_dir / 'config.json'} makes dense (mlp_only_layers / decoder_sparse_step)"
                 )
             if expert is not None and int(expert) >= c.num_local_experts:
                 raise ConfigMismatchError(
@@ -602,7 +625,7 @@ class Checkpoint(WeightFiles):
         experts = []
         for e in range(E):
             matrices = {}
-            for key, (name, shape_of) in HUB_EXPERT_TABLE.items():
+            for key, (name, shape_of) in hub_expert_table(c).items():
                 entry = find_tensor(self.entries, (name,), shape_of(c), self.model_dir, layer=layer, expert=e)
                 matrices[key] = ByteRange(entry, entry.start, entry.shape)
             experts.append(matrices)
@@ -612,11 +635,12 @@ class Checkpoint(WeightFiles):
 
     @property
     def layout(self) -> str:
-        """'fused' when layer 0's experts are stored as 3-D tensors, else 'hub'."""
-        return "fused" if FUSED_GATE_UP.format(layer=0) in self.entries else "hub"
+        """'fused' when the first expert layer's experts are stored as 3-D tensors, else 'hub'."""
+        return "fused" if FUSED_GATE_UP.format(layer=self.config.moe_layers[0]) in self.entries else "hub"
 
     def expert_ranges(self, layer: int, expert: int) -> dict[str, ByteRange]:
-        """Where expert ``expert`` of ``layer`` is on disk: w1 [I, D], w3 [I, D], w2 [D, I]."""
+        """Where expert ``expert`` of expert layer ``layer`` (``config.moe_layers[layer]`` of
+        the decoder) is on disk: w1 [I, D], w3 [I, D], w2 [D, I]."""
         return self._experts[layer][expert]
 
     def expert(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

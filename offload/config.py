@@ -1,21 +1,25 @@
-"""ModelConfig: the shape of a Mixtral-family model, read from a Hugging Face ``config.json``.
+"""ModelConfig: the shape of an MoE model, read from a Hugging Face ``config.json``.
 
 What it is: a frozen record of the numbers the engine needs (sizes, heads, experts, RoPE,
-sliding window), validated on load. What it is not: a place for runtime choices (device,
-dtype, budgets), which belong to the engine and the plan.
+sliding window) in one spelling for every family, plus the family's traits
+(``offload.families``: q/k norms, biases, a shared expert, top-k normalisation), validated on
+load. ``intermediate_size`` is always one routed expert's FFN width and ``num_local_experts``
+the routed experts per layer, whatever keys the family's config spells them with. What it is
+not: a place for runtime choices (device, dtype, budgets), which belong to the engine and the
+plan.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from offload.errors import ConfigError, UnsupportedModelError, shown
+from offload.families import SUPPORTED_ARCHITECTURES, Family, Traits, family_for, family_named
 
-SUPPORTED_ARCHITECTURES = ("MixtralForCausalLM",)
 SUPPORTED_ACTIVATIONS = ("silu",)
 MAX_SIZE = 2**31 - 1  # the largest size (vocabulary, width, layers, experts, positions) accepted
 
@@ -53,6 +57,18 @@ class ModelConfig:
     sliding_window: int | None
     tie_word_embeddings: bool
     torch_dtype: str | None = None  # the dtype the checkpoint was saved in, when it says
+    family: str = "mixtral"  # the HF model_type of its family (offload.families)
+    # the family's traits: every field of offload.families.base.Traits, by its name (the
+    # defaults are Mixtral's)
+    qk_norm: str | None = None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    clip_qkv: float | None = None
+    norm_topk_prob: bool = True
+    gate_in_model_dtype: bool = False
+    shared_expert_intermediate_size: int | None = None
+    dense_layers: tuple[int, ...] = ()  # decoder layers with a dense MLP, no experts (Qwen)
+    dense_intermediate_size: int | None = None  # their FFN width
 
     @property
     def kv_groups(self) -> int:
@@ -63,6 +79,34 @@ class ModelConfig:
     def expert_parameters(self) -> int:
         """Parameters of one expert (w1, w3: [I, D]; w2: [D, I])."""
         return 3 * self.hidden_size * self.intermediate_size
+
+    @property
+    def shared_expert_parameters(self) -> int:
+        """Parameters of one layer's shared expert and its gate (0 when the family has none)."""
+        width = self.shared_expert_intermediate_size
+        return 0 if width is None else 3 * self.hidden_size * width + self.hidden_size
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """The decoder layers with experts, ascending. Everything about experts (the cache, the
+        pack's records, traces, plans) counts these only: expert layer i is decoder layer
+        ``moe_layers[i]``."""
+        return tuple(layer for layer in range(self.num_hidden_layers) if layer not in self.dense_layers)
+
+    @property
+    def num_moe_layers(self) -> int:
+        """How many decoder layers have experts (all of them but Qwen's mlp_only_layers)."""
+        return self.num_hidden_layers - len(self.dense_layers)
+
+    @property
+    def dense_mlp_parameters(self) -> int:
+        """Parameters of one dense-MLP layer's FFN (0 when there is none)."""
+        width = self.dense_intermediate_size
+        return 0 if width is None else 3 * self.hidden_size * width
+
+    @property
+    def family_spec(self) -> Family:
+        return family_named(self.family)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,13 +127,9 @@ class ModelConfig:
         model_type = raw.get("model_type")
         if not isinstance(architectures, list):
             raise ConfigError(f"{source}: architectures must be a list of names, got {_shown(architectures)}")
-        # An old config may carry only model_type; a present architectures list must name Mixtral.
-        supported = (
-            any(isinstance(a, str) and a in SUPPORTED_ARCHITECTURES for a in architectures)
-            if architectures
-            else model_type == "mixtral"
-        )
-        if not supported:
+        # An old config may carry only model_type; a present architectures list must name a family.
+        family = family_for(architectures, model_type)
+        if family is None:
             named = ", ".join(_shown(a) for a in architectures) or f"model_type={_shown(model_type)}"
             raise UnsupportedModelError(
                 f"{source}: architecture {named} is not supported "
@@ -143,13 +183,16 @@ class ModelConfig:
             raise ConfigError(f"{source}: rope type {_shown(rope_type)} is not supported (only default)")
         rope_theta = need_float("rope_theta", rope.get("rope_theta", raw.get("rope_theta", 1e6)))
 
-        experts = need_int("num_local_experts")
+        experts_key = next((k for k in family.experts_keys if raw.get(k) is not None), family.experts_keys[0])
+        width_key = next((k for k in family.expert_width_keys if raw.get(k) is not None), family.expert_width_keys[0])
+        experts = need_int(experts_key)
         top_k = need_int("num_experts_per_tok")
         if top_k > experts:
             raise ConfigError(
-                f"{source}: num_experts_per_tok {top_k} exceeds num_local_experts {experts}"
+                f"{source}: num_experts_per_tok {top_k} exceeds {experts_key} {experts}"
             )
-        window = raw.get("sliding_window")
+        traits: Traits = family.read_traits(raw, source, need_int)
+        window = family.read_window(raw, source)
         if window is not None:
             if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= MAX_SIZE:
                 raise ConfigError(
@@ -165,7 +208,7 @@ class ModelConfig:
         return cls(
             vocab_size=need_int("vocab_size"),
             hidden_size=hidden,
-            intermediate_size=need_int("intermediate_size"),
+            intermediate_size=need_int(width_key),
             num_hidden_layers=need_int("num_hidden_layers"),
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
@@ -178,6 +221,8 @@ class ModelConfig:
             sliding_window=window,
             tie_word_embeddings=tied,
             torch_dtype=torch_dtype,
+            family=family.name,
+            **{f.name: getattr(traits, f.name) for f in fields(traits)},  # the same names on both
         )
 
     @classmethod

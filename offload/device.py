@@ -127,6 +127,9 @@ class Transfers:
     Either way a later load into a slot lands after an earlier one: the last load into the same
     slot (``previous``) is cancelled if it has not started, else waited for (host) or followed
     (stream event), before a new one may write.
+
+    A batched load (``copy_runs``) is several copies, each a contiguous run of records, under one
+    handle: the set-up, the ordering waits and the event are paid once for all of them.
     """
 
     def __init__(self, device: torch.device, record_bytes: int = 0, staged: bool | None = None):
@@ -165,11 +168,15 @@ class Transfers:
     def _submit(self, fn: Callable[[], object], nbytes: int, needed_now: bool, previous) -> Future | None:
         """CPU: queue ``fn`` on the loader thread, or run it here (a demand load, or a small one
         with the loader idle). CUDA: the loader thread runs a prefetch's disk read and queues its
-        copy; the future gives the copy's event."""
-        clear = previous is None or not isinstance(previous, Future) or previous.done() or previous.cancel()
+        copy; the future gives the copy's event. ``previous``: one handle, or a sequence of them
+        (a batched load's slots), each cancelled if queued, else waited for by a demand load."""
+        running = [
+            p for p in (previous if isinstance(previous, (list, tuple)) else (previous,))
+            if isinstance(p, Future) and not p.done() and not p.cancel()
+        ]
         if needed_now:
-            if not clear:  # running now: it ends before this one starts
-                futures_wait([previous])
+            if running:  # running now: they end before this one starts
+                futures_wait(running)
             result = fn()
             return result if self.cuda else None
         if not self.cuda and nbytes < ASYNC_MIN_BYTES and (self._last is None or self._last.done()):
@@ -182,16 +189,23 @@ class Transfers:
         """CUDA: queue dst.copy_(src) on the lane's stream, after ``after`` (a compute mark; None:
         all compute queued so far) and after ``previous`` (an event of an earlier load into
         dst); returns the copy's event."""
+        return self._stream_copies([(dst, src)], after, needed_now, (previous,))
+
+    def _stream_copies(self, pairs, after, needed_now: bool, previous):
+        """CUDA: queue each dst.copy_(src) of ``pairs`` on the lane's stream, in order, after
+        ``after`` and after every event in ``previous``; one event for them all."""
         stream = self.demand_stream if needed_now else self.stream
         if after is None:
             stream.wait_stream(torch.cuda.current_stream(self.device))
         else:
             stream.wait_event(after)
-        previous = self._event(previous)  # a finished staged load's event; a failed one wrote nothing
-        if previous is not None:
-            stream.wait_event(previous)
+        for handle in previous:
+            event = self._event(handle)  # a finished staged load's event; a failed one wrote nothing
+            if event is not None:
+                stream.wait_event(event)
         with torch.cuda.device(self.device), torch.cuda.stream(stream):
-            dst.copy_(src, non_blocking=True)
+            for dst, src in pairs:
+                dst.copy_(src, non_blocking=True)
             done = torch.cuda.Event()
             done.record(stream)
         return done
@@ -205,14 +219,37 @@ class Transfers:
         compute queued so far. On CPU compute is synchronous, so nothing queued can read it.
         ``needed_now``: the caller waits for it next (a demand miss, not a prefetch).
         ``previous``: the last load into ``dst``, which must land first."""
+        return self.copy_runs([(dst, src)], after, needed_now, (previous,))
+
+    def copy_runs(self, pairs, after=None, needed_now: bool = False, previous=()):
+        """Start several copies as one load: ``pairs`` of (dst, src), each two contiguous
+        buffers of the same size (a run of records: consecutive slots from consecutive RAM rows,
+        one copy each); one handle for ``wait`` covers them all (None when already done).
+
+        ``previous``: the last loads into any of the dsts, which must land first (cancelled when
+        still queued). ``after`` and ``needed_now`` as for ``copy``. CPU: one ``memmove`` per
+        pair, on one thread; CUDA: one copy per pair on the lane's stream and one event after
+        them, so the stream set-up, the ordering waits and the event are paid once per load, not
+        per record."""
+        pairs = list(pairs)
+        for dst, src in pairs:
+            if dst.numel() * dst.element_size() != src.numel() * src.element_size() or not (
+                dst.is_contiguous() and src.is_contiguous()
+            ):
+                raise ValueError("a record copy needs two contiguous buffers of the same size")
         if not self.cuda:
-            if dst.numel() != src.numel() or not (dst.is_contiguous() and src.is_contiguous()):
-                raise ValueError("a CPU record copy needs two contiguous buffers of the same size")
-            nbytes = src.numel() * src.element_size()
-            copy = lambda: ctypes.memmove(dst.data_ptr(), src.data_ptr(), nbytes)  # noqa: E731
-            return self._submit(copy, nbytes, needed_now, previous)
-        self._settle(previous)
-        return self._stream_copy(dst, src, after, needed_now, previous)
+            # the tensors ride along (a queued copy must keep its buffers alive), with their pointers
+            moves = [(dst, src, dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size()) for dst, src in pairs]
+            nbytes = sum(move[-1] for move in moves)
+
+            def copy() -> None:
+                for _, _, to, source, n in moves:
+                    ctypes.memmove(to, source, n)
+
+            return self._submit(copy, nbytes, needed_now, tuple(previous))
+        for handle in previous:
+            self._settle(handle)
+        return self._stream_copies(pairs, after, needed_now, previous)
 
     def read(self, read_into: ReadInto, dst: torch.Tensor, after=None, needed_now: bool = False, previous=None):
         """Start a disk read of one record into ``dst`` (a slot): ``read_into(buffer)`` fills a

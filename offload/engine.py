@@ -191,9 +191,10 @@ class Engine:
         tokenizer = Tokenizer.from_dir(model_dir)
         if tokenizer.vocab_size > config.vocab_size:
             raise TokenizerError(
-                f"{model_dir / 'tokenizer.model'}: {tokenizer.vocab_size} pieces but the model has "
+                f"{tokenizer.source}: {tokenizer.vocab_size} tokens but the model has "
                 f"only {config.vocab_size} embeddings"
             )
+        tokenizer.pad_to(config.vocab_size)  # ids past the tokenizer's (Qwen's padded rows) decode to ""
         if context_length is None:  # as much as the model allows, up to max_context (default 4096)
             context_length = min(config.max_position_embeddings, max_context or DEFAULT_CONTEXT)
         if not 1 <= context_length <= config.max_position_embeddings:
@@ -243,12 +244,12 @@ class Engine:
             history = spec = None
             if predictor in ("history", "combined"):
                 spec = PREFETCH_POLICIES["history"]
-                history = spec.make(config.num_hidden_layers, config.num_local_experts, config.num_experts_per_tok)
-                eviction = ScoreEviction(history, config.num_hidden_layers, config.num_local_experts)
+                history = spec.make(config.num_moe_layers, config.num_local_experts, config.num_experts_per_tok)
+                eviction = ScoreEviction(history, config.num_moe_layers, config.num_local_experts)
             cache = ExpertCache(
                 records,
                 layout,
-                config.num_hidden_layers,
+                config.num_moe_layers,  # expert layers: a dense-MLP layer has no slots
                 config.num_local_experts,
                 config.num_experts_per_tok,
                 torch_device,

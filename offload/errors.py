@@ -58,7 +58,7 @@ class TensorShapeError(CheckpointError):
 
 
 class TokenizerError(OffloadError):
-    """tokenizer.model is missing or unreadable, or a token id is out of range."""
+    """tokenizer.model / tokenizer.json is missing or unreadable, or a token id is out of range."""
 
 
 class SettingError(OffloadError):

@@ -15,20 +15,29 @@ The model, per decoded token (serial: loads and compute never overlap):
     t_compute(l) = sum over matrices m read by layer l of t(m) + overhead          [device]
     t(m)         = touched(m) / (mem_gbps * efficiency)  (+ numel(m) / CPU_CONVERT_WEIGHTS_PER_S
                    where a CPU converts the matrix before the matmul: int8, portable 4-bit)
-                   matrices: q, k, v, o, the router, two norms, the KV cache at ``position``
-                   tokens, and the top-k experts' w1, w3, w2; ``touched_bytes`` says how much of
-                   a matrix a batch-1 matmul moves in each format
+                   matrices: q, k, v, o, the router, the norms (two, and a family's q/k norms),
+                   any projection biases, a shared expert's w1, w3, w2 and gate (Qwen2-MoE: every
+                   token runs it, in the compute dtype), the KV cache at ``position`` tokens, and
+                   the top-k routed experts' w1, w3, w2 (one routed expert's width, however many
+                   experts a layer has); ``touched_bytes`` says how much of a matrix a batch-1
+                   matmul moves in each format
     t_load(l)    = misses(l) * record * ( (1 - d) / link + d * (1 / disk + 1 / link on CUDA) )
     misses(l)    = top_k * (1 - hit_rate(l, slots(l)))
     d            = 1 - host_experts / experts_total   (the share of misses the RAM tier lacks:
                    it holds a fixed set, and misses spread over the experts)
     t_head       = (final norm + lm_head) / (mem_gbps * efficiency)
 
+The sum runs over the layers with experts (``ModelConfig.moe_layers``); a layer with a dense MLP
+instead (Qwen's ``mlp_only_layers``) costs its attention, norms, KV cache, FFN (in the compute
+dtype) and overhead, and loads nothing (``Estimate.dense_layers_s``, all of them together).
+
 ``hit_rate(l, s)`` is layer l's LRU hit rate with s slots on the shared Mixtral-8x7B decode
 traces (each layer its own count when the plan is uneven). A model of another shape with 8
 experts and top-2 borrows them (the mean over Mixtral's layers at that count, said so in
-``Estimate.hit_source``); any other shape, or no traces, takes a uniform router's s / E. A plan
-with every expert on the device has no misses.
+``Estimate.hit_source``); any other shape (Qwen3's 128 experts top-8, OLMoE's 64 top-8,
+Qwen1.5-MoE's 60 top-4), or no traces, takes a uniform router's s / E, which real routers usually
+beat (their choices are skewed and repeat from token to token). A plan with every expert
+on the device has no misses.
 
 What overlap would change: with copies on their own stream and every load started a layer
 ahead (prefetch in time), a layer costs max(t_compute, t_load) instead of the sum;
@@ -77,7 +86,15 @@ from offload import quant
 from offload.config import ModelConfig
 from offload.errors import OffloadError, SettingError
 from offload.experts.placement import CPU, CPU_EXPERTS, CPU_KERNEL_EFFICIENCY, ROUND_TRIP_S, Costs, Miss, Queues, place_layer
-from offload.plan import MemoryPlan, ModelPlan, attention_shapes, format_bytes, is_mixtral_8x7b_shape, trace_hit_rates
+from offload.plan import (
+    MemoryPlan,
+    ModelPlan,
+    attention_shapes,
+    format_bytes,
+    is_mixtral_8x7b_shape,
+    layer_parameters_by_class,
+    trace_hit_rates,
+)
 
 # Share of the stated memory bandwidth that batch-1 weight reads reach (cuBLAS's gemv and
 # bitsandbytes' 4-bit gemv reach roughly half to three quarters of peak on recent cards, a
@@ -257,10 +274,16 @@ class Estimate:
     expert_s: float = 0.0  # one expert's FFN on the device
     cpu_experts: str = "off"
     cpu_expert_s: float | None = None  # one expert's FFN on the CPU ("auto" / "all" on a card)
+    dense_layers_s: float = 0.0  # the layers without experts (Qwen's mlp_only_layers), all of them
+
+    @property
+    def fixed_s(self) -> float:
+        """What no expert placement changes: the head and the layers without experts."""
+        return self.head_s + self.dense_layers_s
 
     @property
     def compute_s(self) -> float:
-        return self.head_s + sum(layer.compute_s for layer in self.layers)
+        return self.fixed_s + sum(layer.compute_s for layer in self.layers)
 
     @property
     def load_s(self) -> float:
@@ -284,7 +307,7 @@ class Estimate:
     def seconds_per_token(self) -> float:
         if not self.hybrid:
             return self.transfer_seconds_per_token
-        return self.head_s + sum(layer.hybrid_s for layer in self.layers)
+        return self.fixed_s + sum(layer.hybrid_s for layer in self.layers)
 
     @property
     def tokens_per_s(self) -> float:
@@ -297,7 +320,7 @@ class Estimate:
     @property
     def overlap_tokens_per_s(self) -> float:
         """The bound with every load hidden behind its layer's compute (or the reverse)."""
-        return 1.0 / (self.head_s + sum(max(layer.compute_s, layer.load_s) for layer in self.layers))
+        return 1.0 / (self.fixed_s + sum(max(layer.compute_s, layer.load_s) for layer in self.layers))
 
     @property
     def misses_per_token(self) -> float:
@@ -351,6 +374,7 @@ class Estimate:
             "compute_s": self.compute_s,
             "load_s": self.load_s,
             "head_s": self.head_s,
+            "dense_layers_s": self.dense_layers_s,
             "hit_rate": self.hit_rate,
             "hit_source": self.hit_source,
             "misses_per_token": self.misses_per_token,
@@ -386,9 +410,9 @@ def layer_hit_rates(
     """(hit rate of each layer with its slot count, where the rates come from). ``trace``: a
     router trace to replay instead of the shared Mixtral-8x7B traces (its experts and top-k
     the model's; its first layers the model's layers, as ``--replay`` takes them)."""
-    L, E, K = config.num_hidden_layers, config.num_local_experts, config.num_experts_per_tok
+    L, E, K = config.num_moe_layers, config.num_local_experts, config.num_experts_per_tok
     if len(layer_slots) != L:
-        raise SettingError(f"{len(layer_slots)} slot counts for a model of {L} layers")
+        raise SettingError(f"{len(layer_slots)} slot counts for a model of {L} layers with experts")
     if trace is not None:  # as --replay reads it: the trace's first L layers are the model's
         rates = _trace_rates(str(trace))
         if len(next(iter(rates.values()))) < L or min(rates) != K or max(rates) != E:
@@ -429,10 +453,10 @@ def estimate_decode(
     if cpu_experts not in CPU_EXPERTS:
         raise SettingError(f"--cpu-experts {cpu_experts!r}: choose one of {', '.join(CPU_EXPERTS)}")
     c = config
-    L, E, K = c.num_hidden_layers, c.num_local_experts, c.num_experts_per_tok
+    L, E, K = c.num_moe_layers, c.num_local_experts, c.num_experts_per_tok  # L: the layers with experts
     D, I, V = c.hidden_size, c.intermediate_size, c.vocab_size
     if memory.num_layers != L:
-        raise SettingError(f"a plan of {memory.num_layers} layers for a model of {L}")
+        raise SettingError(f"a plan of {memory.num_layers} layers for a model of {L} layers with experts")
     if position < 0:
         raise SettingError(f"position {position}: must not be negative")
     size = torch.empty((), dtype=dtype).element_size()
@@ -444,10 +468,26 @@ def estimate_decode(
     else:
         expert_s = sum(matrix_seconds(shape, expert_fmt, dtype, machine) for shape in ((I, D), (I, D), (D, I)))
     attention_s = sum(matrix_seconds(shape, attn_fmt, dtype, machine) for shape in attention_shapes(c).values())
-    small_s = (E * D + 2 * D) * size / bandwidth  # router and two norms
+    shared_s = 0.0  # Qwen2-MoE's shared expert: a dense FFN in the compute dtype, run by every token
+    if c.shared_expert_intermediate_size is not None:
+        Is = c.shared_expert_intermediate_size
+        shared_s = sum(matrix_seconds(shape, plain, dtype, machine) for shape in ((Is, D), (Is, D), (D, Is), (1, D)))
+    projections = sum(out * inp for out, inp in attention_shapes(c).values())
+
+    def small_s(layer: int | None) -> float:  # router, norms (q/k norms too), biases
+        by = layer_parameters_by_class(c, layer)
+        return (by["routers"] + by["norms"] + by["attention"] - projections) * size / bandwidth
+
     kv_s = 2 * c.num_key_value_heads * c.head_dim * position * size / bandwidth
-    compute_s = attention_s + small_s + kv_s + K * expert_s + machine.layer_overhead_s
+    compute_s = attention_s + shared_s + small_s(None) + kv_s + K * expert_s + machine.layer_overhead_s
     head_s = matrix_seconds((V, D), plain, dtype, machine) + D * size / bandwidth
+    dense_layers_s = 0.0  # Qwen's dense-MLP layers (mlp_only_layers): attention and an FFN in the compute dtype
+    if c.dense_layers:
+        Id = c.dense_intermediate_size
+        mlp_s = sum(matrix_seconds(shape, plain, dtype, machine) for shape in ((Id, D), (Id, D), (D, Id)))
+        dense_layers_s = len(c.dense_layers) * (
+            attention_s + small_s(c.dense_layers[0]) + kv_s + mlp_s + machine.layer_overhead_s
+        )
     resident = memory.slots_per_layer == E
     if resident:
         rates, source = (1.0,) * L, RESIDENT
@@ -483,14 +523,23 @@ def estimate_decode(
         costs = Costs(link_s=record / link, gpu_s=expert_s, cpu_s=cpu_s, round_trip_s=machine.round_trip_s,
                       disk_s=record / disk)
         # "all": the slots stay empty (no miss run on the CPU is admitted, nothing in RAM is
-        # prefetched), so every use runs on the CPU; "auto": LRU's misses, placed
+        # prefetched), so every use runs on the CPU; "auto": LRU's misses, placed. Layers with
+        # the same miss rate cost the same: each rate is placed once (top-8 of 128 experts over
+        # 94 layers is thousands of placements a layer).
+        placed: dict[float, tuple[float, float]] = {}
+
+        def layer_time(h: float) -> tuple[float, float]:
+            miss_rate = 1.0 if cpu_experts == "all" else 1 - h
+            if miss_rate not in placed:
+                placed[miss_rate] = _placed_layer(dense_s, K, miss_rate, disk_share, costs, cpu_experts)
+            return placed[miss_rate]
+
         layers = tuple(
-            LayerEstimate(s, h, K * (1 - h), compute_s, K * (1 - h) * per_miss, dense_s,
-                          *_placed_layer(dense_s, K, 1.0 if cpu_experts == "all" else 1 - h, disk_share, costs,
-                                         cpu_experts))
+            LayerEstimate(s, h, K * (1 - h), compute_s, K * (1 - h) * per_miss, dense_s, *layer_time(h))
             for s, h in zip(memory.layer_slots, rates)
         )
-    return Estimate(layers, head_s, record, disk_share, source, machine, position, expert_s, cpu_experts, cpu_s)
+    return Estimate(layers, head_s, record, disk_share, source, machine, position, expert_s, cpu_experts, cpu_s,
+                    dense_layers_s)
 
 
 def _placed_layer(dense_s: float, top_k: int, miss_rate: float, disk_share: float, costs: Costs,

@@ -134,7 +134,7 @@ class TraceRecorder:
         plan, cache = engine.plan, engine.cache
         header = TraceHeader(
             model=str(engine.model_name),
-            num_layers=c.num_hidden_layers,
+            num_layers=c.num_moe_layers,
             num_experts=c.num_local_experts,
             top_k=c.num_experts_per_tok,
             experts_per_layer=plan.slots_per_layer if plan is not None else None,
@@ -143,7 +143,7 @@ class TraceRecorder:
         self.writer = TraceWriter(path, header, force=force)
         self.t = 0
         # per layer, the routing of each forward pass since the last flush (a prompt runs in chunks)
-        self._routes: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(c.num_hidden_layers)]
+        self._routes: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(c.num_moe_layers)]
         self._outcomes: list[list[str]] = []
         self._inner = model.routing_observer
         model.routing_observer = self._observe
@@ -164,7 +164,7 @@ class TraceRecorder:
         line per token they ran."""
         self._take_outcomes()
         prefetcher = self.engine.model.prefetcher
-        layers = range(self.engine.config.num_hidden_layers)
+        layers = range(self.engine.config.num_moe_layers)
         predicted = [list(prefetcher.predicted.get(layer, [])) if prefetcher else [] for layer in layers]
         routes = [
             (torch.cat([e for e, _ in runs]), torch.cat([w for _, w in runs])) if runs else None

@@ -14,14 +14,16 @@ tree listing huggingface_hub keeps names files the snapshot lacks, or the snapsh
 ``$HF_ENDPOINT`` (default https://huggingface.co), only the files this engine reads
 (``DOWNLOAD_PATTERNS``), in this order: the repo's file listing with sizes (one API call), then
 config.json alone, checked as ``offload.config.ModelConfig`` checks it (a refused architecture,
-Qwen3MoeForCausalLM say, stops here: no weight file is requested), then, with ``on_download``
+DeepseekV3ForCausalLM say, stops here: no weight file is requested), then, with ``on_download``
 told first (a ``Download``: what, from where, to where, how many files and bytes still to fetch),
 the rest by ``huggingface_hub.snapshot_download``; huggingface_hub draws its own tqdm bars on
 stderr only when the caller passes ``progress_bars=True``. ``resolve_config`` is the same for a
 command that reads only config.json (``offload info``): a cached snapshot as it is, weights or
 not, else config.json alone fetched and checked, never a weight. Network off (``HF_HUB_OFFLINE``),
 an unreachable hub, a missing, private or gated repo, an unknown revision, a repo without
-config.json and one without safetensors each give a one-line ConfigError naming the model id.
+config.json, one without safetensors and one without a tokenizer (tokenizer.model or
+tokenizer.json: ``TOKENIZER_FILES``, looked for in the listing) each give a one-line ConfigError
+naming the model id.
 
 What it is not: it never touches the network for a directory or a model already in the cache, nor
 at all without ``download=True``; it never prints; and apart from a fetched config.json it does not
@@ -40,11 +42,14 @@ from typing import Callable, Optional
 
 from offload.errors import ConfigError
 
-__all__ = ["CONFIG_FILE", "DOWNLOAD_PATTERNS", "Download", "DownloadListener", "fetch_command", "hub_cache_dir",
-           "hub_endpoint", "is_hub_id", "resolve_config", "resolve_model"]
+__all__ = ["CONFIG_FILE", "DOWNLOAD_PATTERNS", "TOKENIZER_FILES", "Download", "DownloadListener", "fetch_command",
+           "hub_cache_dir", "hub_endpoint", "is_hub_id", "resolve_config", "resolve_model"]
 
-# The files the engine reads: configs, tokenizer, safetensors shards and their index.
+# The files the engine reads: configs (config.json, generation_config.json), the tokenizer
+# (tokenizer.model and/or tokenizer.json, tokenizer_config.json, special_tokens_map.json,
+# chat_template.jinja), safetensors shards and their index.
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # a checkpoint needs one (offload.tokenizer)
 
 CONFIG_FILE = "config.json"  # all that `offload info` reads
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -220,6 +225,9 @@ def _download(repo_id: str, revision: str, cache: Path, state: str,
                           "(offload reads only safetensors checkpoints)")
     if CONFIG_FILE not in dict(files):
         raise ConfigError(f"{repo_id}: has no {CONFIG_FILE} on {endpoint}; no weights downloaded")
+    if not any(name in dict(files) for name in TOKENIZER_FILES):
+        raise ConfigError(f"{repo_id}: has no {' or '.join(TOKENIZER_FILES)} on {endpoint} (offload needs "
+                          "the model's tokenizer); no weights downloaded")
     had = _cached_snapshot(cache, repo_id, revision)
     to_fetch = [(n, size) for n, size in files if had is None or not (had / n).exists()]
     config = _fetch_config(repo_id, revision, cache, endpoint)

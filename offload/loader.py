@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import psutil
 import torch
 
-from offload.checkpoint import Checkpoint, check_cast, check_finite
+from offload.checkpoint import Checkpoint, check_cast, check_finite, layer_table
 from offload.config import ModelConfig
 from offload.errors import SettingError
 from offload.experts.record import RecordLayout
@@ -222,10 +222,10 @@ def load_dense(
     lm_head = embed if c.tie_word_embeddings else place(source.dense("lm_head"), "lm_head")
     tick(total - c.num_hidden_layers, "embeddings")
     layers: list[LayerWeights] = []
-    for layer in range(c.num_hidden_layers):
+    for layer in range(c.num_hidden_layers):  # the shared weights and the family's own (norms, biases, MLPs)
         layers.append(LayerWeights(**{
             key: (place_attention if key in ATTENTION_PROJECTIONS else place)(source.dense(key, layer), key, layer)
-            for key in ("input_layernorm", *ATTENTION_PROJECTIONS, "post_attention_layernorm", "router")
+            for key in layer_table(c, layer)
         }))
         tick(total - c.num_hidden_layers + layer + 1, f"layer {layer} dense weights")
     return DenseWeights(embed_tokens=embed, norm=norm, lm_head=lm_head, layers=layers)
@@ -262,9 +262,9 @@ def load_resident_experts(
             return placed
         return quantize(w.to(device), layout.fmt)  # the checkpoint's own tensor, quantized on the device
 
-    total = c.num_hidden_layers * c.num_local_experts
+    total = c.num_moe_layers * c.num_local_experts
     experts: list[list[ExpertWeights]] = []
-    for layer in range(c.num_hidden_layers):
+    for layer in range(c.num_moe_layers):  # expert layers (``config.moe_layers``)
         row = []
         for e in range(c.num_local_experts):
             weights = source.expert(layer, e)  # checked finite by its reader on this first read

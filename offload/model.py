@@ -1,8 +1,11 @@
-"""The Mixtral decoder, math only.
+"""The MoE decoder, math only, for every family (``offload.families``).
 
 What it is: RMSNorm, rotary embeddings, grouped-query attention over a preallocated KV cache
-(sliding window honoured), the router (softmax in fp32, top-k, renormalised) and the sparse MoE
-block, for one sequence (batch 1). What it is not: a loader or a cache. It never knows where a
+(sliding window honoured), the router (softmax in fp32, top-k, renormalised where the family
+does) and the sparse MoE block, for one sequence (batch 1). What a family adds is switched on
+by the traits its config carries: q/k RMSNorm per head (Qwen3) or over the whole projection
+(OLMoE), projection biases (Qwen2), clip_qkv (OLMoE), a shared expert with a sigmoid gate
+beside the routed ones (Qwen2), top-k weights in the model dtype. What it is not: a loader or a cache. It never knows where a
 weight lives: dense weights are handed to it as tensors, and expert weights come from an
 ``ExpertProvider`` that the engine supplies (all resident, or the expert cache).
 
@@ -44,9 +47,12 @@ class ExpertWeights(NamedTuple):
     w2: Matrix
 
 
-def matmul(x: torch.Tensor, w: Matrix) -> torch.Tensor:
-    """x [N, In] @ w.T -> [N, Out], for a plain weight or a quantized one."""
-    return F.linear(x, w) if isinstance(w, torch.Tensor) else quantized_linear(x, w)
+def matmul(x: torch.Tensor, w: Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N, In] @ w.T (+ bias [Out]) -> [N, Out], for a plain weight or a quantized one."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, bias)
+    y = quantized_linear(x, w)
+    return y if bias is None else y + bias
 
 
 class ExpertProvider(Protocol):
@@ -69,7 +75,8 @@ class ExpertProvider(Protocol):
 
 @dataclass
 class LayerWeights:
-    """One layer's dense weights; the attention projections may be quantized."""
+    """One layer's dense weights; the attention projections may be quantized. The optional
+    ones are a family's (None where its config has no such trait)."""
 
     input_layernorm: torch.Tensor  # [D]
     q_proj: Matrix  # [H*Dh, D]
@@ -77,14 +84,38 @@ class LayerWeights:
     v_proj: Matrix  # [G*Dh, D]
     o_proj: Matrix  # [D, H*Dh]
     post_attention_layernorm: torch.Tensor  # [D]
-    router: torch.Tensor  # [E, D]
+    router: torch.Tensor | None = None  # [E, D]; None in a dense-MLP layer
+    q_norm: torch.Tensor | None = None  # [Dh] (per head) or [H*Dh] (whole projection)
+    k_norm: torch.Tensor | None = None  # [Dh] or [G*Dh]
+    q_bias: torch.Tensor | None = None  # [H*Dh]
+    k_bias: torch.Tensor | None = None  # [G*Dh]
+    v_bias: torch.Tensor | None = None  # [G*Dh]
+    o_bias: torch.Tensor | None = None  # [D]
+    shared_w1: Matrix | None = None  # the shared expert: [Is, D]
+    shared_w3: Matrix | None = None  # [Is, D]
+    shared_w2: Matrix | None = None  # [D, Is]
+    shared_gate: torch.Tensor | None = None  # [1, D]: sigmoid(x @ shared_gate.T) scales it
+    mlp_w1: Matrix | None = None  # a dense-MLP layer's FFN (Qwen's mlp_only_layers): [Id, D]
+    mlp_w3: Matrix | None = None  # [Id, D]
+    mlp_w2: Matrix | None = None  # [D, Id]
     qkv: torch.Tensor | None = None  # [(H+2G)*Dh, D]: q, k, v stacked when all three are plain
+    qkv_bias: torch.Tensor | None = None  # [(H+2G)*Dh]: their biases stacked, when they have them
+
+    @property
+    def shared(self) -> ExpertWeights | None:
+        """The shared expert's weights, or None."""
+        return None if self.shared_w1 is None else ExpertWeights(self.shared_w1, self.shared_w3, self.shared_w2)
+
+    @property
+    def mlp(self) -> ExpertWeights | None:
+        """A dense-MLP layer's FFN weights, or None in a layer with experts."""
+        return None if self.mlp_w1 is None else ExpertWeights(self.mlp_w1, self.mlp_w3, self.mlp_w2)
 
 
 def fuse_qkv(weights: LayerWeights) -> None:
-    """Stack plain q, k, v projections into one [(H+2G)*Dh, D] tensor, so a decode step reads
-    them with one matmul; q_proj, k_proj and v_proj become views of it (no second copy).
-    Quantized projections are left as they are."""
+    """Stack plain q, k, v projections into one [(H+2G)*Dh, D] tensor (and their biases into
+    one [(H+2G)*Dh]), so a decode step reads them with one matmul; q_proj, k_proj and v_proj
+    become views of it (no second copy). Quantized projections are left as they are."""
     parts = (weights.q_proj, weights.k_proj, weights.v_proj)
     if weights.qkv is not None or not all(isinstance(p, torch.Tensor) for p in parts):
         return
@@ -94,6 +125,10 @@ def fuse_qkv(weights: LayerWeights) -> None:
     q_rows, kv_rows = parts[0].shape[0], parts[1].shape[0]
     weights.q_proj, weights.k_proj, weights.v_proj = qkv.split((q_rows, kv_rows, kv_rows))
     weights.qkv = qkv
+    if weights.q_bias is not None:
+        bias = torch.cat((weights.q_bias, weights.k_bias, weights.v_bias))  # [(H+2G)*Dh]
+        weights.q_bias, weights.k_bias, weights.v_bias = bias.split((q_rows, kv_rows, kv_rows))
+        weights.qkv_bias = bias
 
 
 @dataclass
@@ -186,9 +221,8 @@ def attention(
 ) -> torch.Tensor:
     T = x.shape[0]
     H, G, Dh = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    q = matmul(x, weights.q_proj).view(T, H, Dh).transpose(0, 1)  # [H, T, Dh]
-    k = matmul(x, weights.k_proj).view(T, G, Dh).transpose(0, 1)  # [G, T, Dh]
-    v = matmul(x, weights.v_proj).view(T, G, Dh).transpose(0, 1)  # [G, T, Dh]
+    q, k, v = project_qkv(x, weights, config)  # [T, H, Dh], [T, G, Dh], [T, G, Dh]
+    q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, T, Dh], [G, T, Dh], [G, T, Dh]
     q, k = rope.apply(q, start), rope.apply(k, start)
     end = start + T
     cache.k[layer, :, start:end] = k
@@ -209,7 +243,41 @@ def attention(
         q[None], keys[None], values[None], attn_mask=mask, enable_gqa=G != H
     )[0]  # [H, T, Dh]
     out = out.transpose(0, 1).reshape(T, H * Dh)  # [T, H*Dh]
-    return matmul(out, weights.o_proj)  # [T, D]
+    return project_out(out, weights)  # [T, D]
+
+
+def project_qkv(
+    x: torch.Tensor, weights: LayerWeights, config: ModelConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [T, H, Dh], k [T, G, Dh], v [T, G, Dh] of x [T, D] before RoPE: the projections, then
+    what the family adds, in its order: biases, RMSNorm of q and k over the whole projection
+    (OLMoE) or per head (Qwen3), clip_qkv (OLMoE, after the norm)."""
+    T = x.shape[0]
+    H, G, Dh = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    q = matmul(x, weights.q_proj, weights.q_bias)  # [T, H*Dh]
+    k = matmul(x, weights.k_proj, weights.k_bias)  # [T, G*Dh]
+    v = matmul(x, weights.v_proj, weights.v_bias)  # [T, G*Dh]
+    return _qk_family(q, k, v, weights, config, T, H, G, Dh)
+
+
+def _qk_family(q, k, v, weights: LayerWeights, config: ModelConfig, T: int, H: int, G: int, Dh: int):
+    """The family's q/k norm and clip on projected q [T, H*Dh], k, v [T, G*Dh]; returns them
+    as [T, H, Dh], [T, G, Dh], [T, G, Dh]."""
+    eps = config.rms_norm_eps
+    if config.qk_norm == "projection":
+        q, k = rms_norm(q, weights.q_norm, eps), rms_norm(k, weights.k_norm, eps)
+    q, k, v = q.view(T, H, Dh), k.view(T, G, Dh), v.view(T, G, Dh)
+    if config.qk_norm == "head":
+        q, k = rms_norm(q, weights.q_norm, eps), rms_norm(k, weights.k_norm, eps)
+    if config.clip_qkv is not None:
+        c = config.clip_qkv
+        q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+    return q, k, v
+
+
+def project_out(out: torch.Tensor, weights: LayerWeights) -> torch.Tensor:
+    """The attention output [T, H*Dh] through o_proj (and its bias, where the family has one)."""
+    return matmul(out, weights.o_proj, weights.o_bias)  # [T, D]
 
 
 def attention_decode(
@@ -226,14 +294,22 @@ def attention_decode(
     """One token's attention: ``attention`` for T = 1 in fewer ops (q, k, v in one matmul when
     plain, rotated together, written to the cache in place, no mask)."""
     H, G, Dh = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    if weights.qkv is not None:
-        qk, v = F.linear(x, weights.qkv).split(((H + G) * Dh, G * Dh), dim=-1)  # [1, (H+G)*Dh], [1, G*Dh]
+    if config.qk_norm is not None or config.clip_qkv is not None:
+        if weights.qkv is not None:  # one matmul, then the family's norms on q and k apart
+            q, k, v = F.linear(x, weights.qkv, weights.qkv_bias).split((H * Dh, G * Dh, G * Dh), dim=-1)
+            q, k, v = _qk_family(q, k, v, weights, config, 1, H, G, Dh)  # [1, H, Dh], [1, G, Dh] x2
+        else:
+            q, k, v = project_qkv(x, weights, config)
+        q = rotate(q.view(1, H, 1, Dh), cos, sin_signed)  # [1, H, 1, Dh]
+        k = rotate(k.view(1, G, 1, Dh), cos, sin_signed)  # [1, G, 1, Dh]
+    elif weights.qkv is not None:
+        qk, v = F.linear(x, weights.qkv, weights.qkv_bias).split(((H + G) * Dh, G * Dh), dim=-1)  # [1, (H+G)*Dh], [1, G*Dh]
         qk = rotate(qk.view(1, H + G, 1, Dh), cos, sin_signed)  # [1, H+G, 1, Dh]
         q, k = qk.split((H, G), dim=1)  # [1, H, 1, Dh], [1, G, 1, Dh]
     else:
-        q = rotate(matmul(x, weights.q_proj).view(1, H, 1, Dh), cos, sin_signed)  # [1, H, 1, Dh]
-        k = rotate(matmul(x, weights.k_proj).view(1, G, 1, Dh), cos, sin_signed)  # [1, G, 1, Dh]
-        v = matmul(x, weights.v_proj)
+        q, k, v = project_qkv(x, weights, config)  # [1, H, Dh], [1, G, Dh], [1, G, Dh]
+        q = rotate(q.view(1, H, 1, Dh), cos, sin_signed)  # [1, H, 1, Dh]
+        k = rotate(k.view(1, G, 1, Dh), cos, sin_signed)  # [1, G, 1, Dh]
     keys, values = cache.k_layers[layer], cache.v_layers[layer]  # [1, G, max_len, Dh]
     keys.index_copy_(2, position, k)
     values.index_copy_(2, position, v.view(1, G, 1, Dh))
@@ -243,19 +319,31 @@ def attention_decode(
     out = F.scaled_dot_product_attention(
         q, keys[:, :, first:end], values[:, :, first:end], enable_gqa=G != H
     )  # [1, H, 1, Dh]
-    return matmul(out.view(1, H * Dh), weights.o_proj)  # [1, D]
+    return project_out(out.view(1, H * Dh), weights)  # [1, D]
 
 
-def route(x: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k experts per token and their renormalised weights.
+def route(
+    x: torch.Tensor, router: torch.Tensor, top_k: int, normalise: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k experts per token and their weights.
 
-    x [T, D], router [E, D] -> (experts [T, K] int64, weights [T, K] fp32). The softmax over
-    all experts renormalised over the top k equals the softmax over the top-k logits (the
-    same experts: softmax is monotonic), computed here in fp32 as the reference does.
+    x [T, D], router [E, D] -> (experts [T, K] int64, weights [T, K] fp32). With ``normalise``
+    (Mixtral; Qwen3 with norm_topk_prob) the weights are the softmax over the top-k logits:
+    the softmax over all experts renormalised over the top k, the same experts (softmax is
+    monotonic) in fewer ops, in fp32 as the reference does. Without it (Qwen2, OLMoE) they are
+    the full softmax's top-k probabilities.
     """
     logits = F.linear(x, router)  # [T, E]
-    top_logits, top_experts = torch.topk(logits, top_k, dim=-1)  # [T, K]
-    return top_experts, torch.softmax(top_logits.float(), dim=-1)
+    if normalise:
+        top_logits, top_experts = torch.topk(logits, top_k, dim=-1)  # [T, K]
+        return top_experts, torch.softmax(top_logits.float(), dim=-1)
+    top_probs, top_experts = torch.topk(torch.softmax(logits.float(), dim=-1), top_k, dim=-1)  # [T, K]
+    return top_experts, top_probs
+
+
+def shared_expert(x: torch.Tensor, weights: LayerWeights) -> torch.Tensor:
+    """The shared expert of a Qwen2-MoE layer: sigmoid(x @ gate.T) * SwiGLU(x), x [T, D] -> [T, D]."""
+    return torch.sigmoid(F.linear(x, weights.shared_gate)) * expert_ffn(x, weights.shared)
 
 
 def expert_ffn(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
@@ -266,7 +354,7 @@ def expert_ffn(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
 def moe(
     x: torch.Tensor,  # [T, D], already normalised
     experts: torch.Tensor,  # [T, K]
-    weights: torch.Tensor,  # [T, K] fp32
+    weights: torch.Tensor,  # [T, K] fp32 (the model dtype where the family casts them)
     provider: ExpertProvider,
     layer: int,
 ) -> torch.Tensor:
@@ -300,7 +388,7 @@ def moe(
 def moe_decode(
     x: torch.Tensor,  # [1, D], already normalised
     ids: Sequence[int],  # the K chosen experts, in the router's order (host ints)
-    weights: torch.Tensor,  # [1, K] fp32
+    weights: torch.Tensor,  # [1, K] fp32 (or the model dtype, as in moe)
     provider: ExpertProvider,
     layer: int,
     x_host: torch.Tensor | None = None,  # [1, D] x on the host, when the device is not (CUDA)
@@ -360,6 +448,10 @@ class MixtralModel:
         self.experts = experts
         self.cache = cache
         self.rope = rope
+        # decoder layer -> its expert layer (the index the providers, traces and prefetch use), or
+        # None for a dense-MLP layer
+        moe = {layer: i for i, layer in enumerate(config.moe_layers)}
+        self._moe_index = [moe.get(layer) for layer in range(config.num_hidden_layers)]
         self.routing_observer: RoutingObserver | None = None
         self.routing_source: RoutingSource | None = None  # None: the routers choose
         # offload.experts.prefetch.Prefetcher: told each layer's routing before its experts run
@@ -396,26 +488,33 @@ class MixtralModel:
             else:
                 h = h + attention(x, lw, c, cache, layer, start, self.rope)
             x = rms_norm(h, lw.post_attention_layernorm, c.rms_norm_eps)  # [T, D]
+            moe_layer = self._moe_index[layer]
+            if moe_layer is None:  # a dense-MLP layer (Qwen's mlp_only_layers): no routing, no experts
+                h = h + expert_ffn(x, lw.mlp)
+                continue
             if self.routing_source is None:
-                chosen, gate = route(x, lw.router, c.num_experts_per_tok)  # [T, K], [T, K]
+                chosen, gate = route(x, lw.router, c.num_experts_per_tok, c.norm_topk_prob)  # [T, K], [T, K]
             else:
-                chosen, gate = self.routing_source.route(layer, start, T)  # [T, K], [T, K]
+                chosen, gate = self.routing_source.route(moe_layer, start, T)  # [T, K], [T, K]
             if self.routing_observer is not None:
-                self.routing_observer(layer, chosen, gate)
+                self.routing_observer(moe_layer, chosen, gate)
+            if c.gate_in_model_dtype:
+                gate = gate.to(x.dtype)  # the family scales by weights cast to the model dtype
             if decode:
-                ahead = prefetcher.device_picks(layer, h) if prefetcher is not None else None
+                ahead = prefetcher.device_picks(moe_layer, h) if prefetcher is not None else None
                 if self._x_host is not None:
                     self._x_host.copy_(x, non_blocking=True)  # done by the time the routing is read
                 ids, picks = read_routing(chosen, ahead)  # the layer's one device -> host read
                 if prefetcher is not None:
-                    prefetcher.routed(layer, ids, picks)
-                h = h + moe_decode(x, ids, gate, self.experts, layer, self._x_host)
+                    prefetcher.routed(moe_layer, ids, picks)
+                routed = moe_decode(x, ids, gate, self.experts, moe_layer, self._x_host)
             else:
                 if prefetcher is not None:
-                    prefetcher.prompt_routed(layer, chosen)
-                h = h + moe(x, chosen, gate, self.experts, layer)
+                    prefetcher.prompt_routed(moe_layer, chosen)
+                routed = moe(x, chosen, gate, self.experts, moe_layer)
+            h = h + (routed if lw.shared_w1 is None else routed + shared_expert(x, lw))
             if prefetcher is not None:
-                prefetcher.after_moe(layer)
+                prefetcher.after_moe(moe_layer)
         cache.length = start + T
         if last_only and not decode:
             h = h[-1:]

@@ -4,8 +4,10 @@ What it is: a directory holding ``manifest.json`` (format, version, the model's 
 the weight formats, the record layout and, per expert, its offset, length and crc32),
 ``dense.safetensors`` (every non-expert weight, under the hub names) and ``experts.bin`` (one
 record per expert, laid out by ``RecordLayout``: w1, w3, w2 contiguous, each record on a 4 KiB
-boundary, padding zero), next to copies of config.json and the tokenizer files, so that
-``ModelConfig.from_dir`` and ``Tokenizer.from_dir`` work on a pack as on a checkpoint.
+boundary, padding zero), next to copies of config.json and the tokenizer files the checkpoint
+has (tokenizer.model and/or tokenizer.json, tokenizer_config.json, generation_config.json,
+special_tokens_map.json, chat_template.jinja; the manifest's ``"tokenizer_files"`` lists them), so
+that ``ModelConfig.from_dir`` and ``Tokenizer.from_dir`` work on a pack as on a checkpoint.
 
 Format versions. 1: dense weights in one dtype (``weight_format`` {"dense", "experts"}).
 2: ``weight_format`` also names the attention format ("attention"): the dense dtype, or a
@@ -66,7 +68,7 @@ import torch
 
 from offload.checkpoint import (
     DENSE_TABLE,
-    LAYER_TABLE,
+    layer_table,
     SAFETENSORS_DTYPES,
     WEIGHT_DTYPES,
     Checkpoint,
@@ -103,6 +105,7 @@ from offload.quant import (
     quantize,
     tensor_specs,
 )
+from offload.tokenizer import Tokenizer
 
 
 def quant_alias(name: object) -> str | None:
@@ -117,13 +120,18 @@ MANIFEST = "manifest.json"
 DENSE_FILE = "dense.safetensors"
 EXPERTS_FILE = "experts.bin"
 CONFIG_FILE = "config.json"
-TOKENIZER_MODEL = "tokenizer.model"
-OPTIONAL_TOKENIZER_FILES = ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
+TOKENIZER_MODEL = "tokenizer.model"  # sentencepiece (Mixtral)
+TOKENIZER_JSON = "tokenizer.json"  # Hugging Face tokenizers (Qwen, OLMoE; Mixtral ships it too)
+TOKENIZER_FILES = (TOKENIZER_MODEL, TOKENIZER_JSON)  # a checkpoint has one or both; a pack copies each
+# What Tokenizer.from_dir and offload.chat_template read besides them (chat_template.jinja: the
+# template transformers 5 saves on its own, which takes priority over tokenizer_config.json's).
+OPTIONAL_TOKENIZER_FILES = ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
+                            "chat_template.jinja")
 
 # progress(done, total, what): called once per tensor or expert written
 ProgressFn = Callable[[int, int, str], None]
 
-ATTENTION_KEYS = ("q_proj", "k_proj", "v_proj", "o_proj")  # the LAYER_TABLE keys a format may quantize
+ATTENTION_KEYS = ("q_proj", "k_proj", "v_proj", "o_proj")  # the layer_table keys a format may quantize
 TARGETS = ("auto", "cpu", "cuda")  # --for: the device a pack is written for
 
 DTYPE_NAMES: dict[torch.dtype, str] = {d: str(d).removeprefix("torch.") for d in WEIGHT_DTYPES}
@@ -150,7 +158,7 @@ def dense_specs(config: ModelConfig) -> Iterator[DenseSpec]:
             continue
         yield DenseSpec(names[0], key, None, shape_of(config))
     for layer in range(config.num_hidden_layers):
-        for key, (names, shape_of) in LAYER_TABLE.items():
+        for key, (names, shape_of) in layer_table(config, layer).items():
             yield DenseSpec(names[0].format(layer=layer), key, layer, shape_of(config))
 
 
@@ -502,7 +510,9 @@ def convert(
     (``quantize_device``), else on the CPU, on the checkpoint's own tensors, one at a time, as
     a load of the checkpoint does. An existing ``out_dir`` is an error unless ``force``, and
     then only its pack's own files are replaced (``pack_files``; other files stay), once the new
-    pack is complete. On any error nothing is left behind.
+    pack is complete. On any error nothing is left behind. The checkpoint must have
+    tokenizer.model or tokenizer.json, and its tokenizer must load (``Tokenizer.from_dir``),
+    before anything is written.
     """
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     if dtype is not None and dtype not in WEIGHT_DTYPES:
@@ -511,8 +521,10 @@ def convert(
         get_format(expert_format)  # an unknown name is refused before the checkpoint is read
     check_target(out_dir, force, src_dir)
     with Checkpoint(src_dir) as checkpoint:
-        if not (src_dir / TOKENIZER_MODEL).is_file():
-            raise PackError(f"{src_dir / TOKENIZER_MODEL}: missing; a pack carries the model's tokenizer")
+        if not any((src_dir / name).is_file() for name in TOKENIZER_FILES):
+            raise PackError(f"{src_dir}: neither {TOKENIZER_MODEL} nor {TOKENIZER_JSON}; a pack carries "
+                            "the model's tokenizer")
+        Tokenizer.from_dir(src_dir)  # one that does not load is refused now, not in every load of the pack
         dense_dtype = dtype or _source_dtype(checkpoint)
         experts, attention = pack_formats(
             checkpoint.config, dense_dtype, expert_format=expert_format, expert_bits=expert_bits,
@@ -547,7 +559,7 @@ def _write_pack(
     progress: ProgressFn | None,
 ) -> None:
     config = checkpoint.config
-    layers, experts_per_layer = config.num_hidden_layers, config.num_local_experts
+    layers, experts_per_layer = config.num_moe_layers, config.num_local_experts  # expert layers
     specs = list(dense_specs(config))
     step = progress_steps(len(specs) + layers * experts_per_layer, progress)
 
@@ -588,7 +600,7 @@ def _write_pack(
         records.close()
 
     src = checkpoint.model_dir
-    tokenizer_files = [TOKENIZER_MODEL] + [n for n in OPTIONAL_TOKENIZER_FILES if (src / n).is_file()]
+    tokenizer_files = [n for n in (*TOKENIZER_FILES, *OPTIONAL_TOKENIZER_FILES) if (src / n).is_file()]
     for name in (CONFIG_FILE, *tokenizer_files):
         copy_synced(src / name, out / name)
     config_raw = json.loads((src / CONFIG_FILE).read_text(encoding="utf-8"))
@@ -786,7 +798,7 @@ class Pack(WeightFiles):
     def _check_records(self, entries: object) -> list[tuple[int, int, int]]:
         """(offset, length, crc32) per expert, layer-major."""
         c = self.config
-        count = c.num_hidden_layers * c.num_local_experts
+        count = c.num_moe_layers * c.num_local_experts
         if not isinstance(entries, list) or len(entries) != count:
             got = len(entries) if isinstance(entries, list) else _shown(entries)
             raise PackError(f"{self._manifest_path}: \"experts\" must list {count} records, got {got}")
@@ -835,7 +847,7 @@ class Pack(WeightFiles):
         layers, self._attention = [], []
         for layer in range(c.num_hidden_layers):
             plain, attention = {}, {}
-            for key, (names, shape_of) in LAYER_TABLE.items():
+            for key, (names, shape_of) in layer_table(c, layer).items():
                 if key in ATTENTION_KEYS and quantized:
                     name = names[0].format(layer=layer)
                     attention[key] = {
@@ -878,12 +890,12 @@ class Pack(WeightFiles):
         if layer is None or key not in self._attention[layer]:
             return super().dense(key, layer)
         tensors = {name: self._read_entry(entry) for name, entry in self._attention[layer][key].items()}
-        shape = LAYER_TABLE[key][1](self.config)
+        shape = layer_table(self.config, layer)[key][1](self.config)
         return from_tensors(tensors, shape, self.attn_format)
 
     def where(self, key: str, layer: int | None = None) -> str:
         if layer is not None and key in self._attention[layer]:
-            return f"{self._dense_path}: tensor '{LAYER_TABLE[key][0][0].format(layer=layer)}'"
+            return f"{self._dense_path}: tensor '{layer_table(self.config, layer)[key][0][0].format(layer=layer)}'"
         return super().where(key, layer)
 
     def _verify_tensor(self, entry: TensorEntry, tensor: torch.Tensor) -> None:
@@ -920,7 +932,7 @@ class Pack(WeightFiles):
         are finite (``_check_record_values``); later reads check nothing.
         """
         c = self.config
-        if not (0 <= layer < c.num_hidden_layers and 0 <= expert < c.num_local_experts):
+        if not (0 <= layer < c.num_moe_layers and 0 <= expert < c.num_local_experts):
             raise IndexError(f"no expert {expert} of layer {layer} in {self.path}")
         nbytes = self.layout.nbytes
         if out.dtype != torch.uint8 or out.device.type != "cpu" or not out.is_contiguous() or out.numel() < nbytes:
@@ -958,7 +970,7 @@ class Pack(WeightFiles):
                 self._read_entry(entry)
         c = self.config
         scratch = torch.empty(self.layout.nbytes, dtype=torch.uint8)
-        total = c.num_hidden_layers * c.num_local_experts
+        total = c.num_moe_layers * c.num_local_experts
         for index in range(total):
             layer, expert = divmod(index, c.num_local_experts)
             self._verified.discard((layer, expert))

@@ -8,10 +8,14 @@ workspaces, activations, logits and kernel temporaries, term by term); the RAM t
 blocks (``pinned_chunks``: torch's host allocator rounds each block up to a power of two);
 per-layer slot counts (``MemoryPlan.layer_slots``: the slots left over after an even split go
 to the layers that gain most on the shared Mixtral-8x7B traces, or spread evenly);
-``fit_to_free``, the check against the device's real free memory at load; the dense bytes by
-class (embeddings, lm_head, attention, norms, routers); and ``plan_model``, the whole plan that
-``offload info`` prints, for a checkpoint's config or a built-in published shape
-(``BUILTIN_MODELS``: Mixtral-8x7B, Mixtral-8x22B), so a plan needs no download.
+``fit_to_free``, the check against the device's real free memory at load; the parameters and
+dense bytes by class (embeddings, lm_head, attention, norms, routers, shared experts, dense
+MLPs), counted from the family's tensor table (``offload.checkpoint.layer_table``: q/k norms,
+biases, Qwen2-MoE's shared expert and Qwen's dense-MLP layers included; ``parameter_count``:
+total and active); and
+``plan_model``, the whole plan that ``offload info`` prints, for a checkpoint's config or a
+built-in published shape (``BUILTIN_MODELS``: Mixtral-8x7B and -8x22B, Qwen3-30B-A3B and
+-235B-A22B, OLMoE-1B-7B, Qwen1.5-MoE-A2.7B), so a plan needs no download.
 
 What it is not: the engine (which allocates what the plan says), the machine probe and profiles
 (profile.py), nor a timing model (estimate.py).
@@ -20,6 +24,7 @@ What it is not: the engine (which allocates what the plan says), the machine pro
 from __future__ import annotations
 
 import functools
+import math
 import re
 from dataclasses import asdict, dataclass, replace
 from typing import Sequence
@@ -116,14 +121,93 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def dense_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
-    """Every weight that is not an expert: embeddings, lm_head, norms, attention, routers."""
+# Dense weights by class, as ``offload info`` shows them. "shared_experts" is Qwen2-MoE's shared
+# expert and its gate, "dense_mlps" the FFN of Qwen's dense-MLP layers (mlp_only_layers): dense
+# FFNs every token runs, always resident (0 where a model has none).
+DENSE_CLASSES = ("embeddings", "lm_head", "attention", "norms", "routers", "shared_experts", "dense_mlps")
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")  # the matrices --attn-bits quantizes
+
+
+def _layer_class(key: str) -> str:
+    """The ``DENSE_CLASSES`` entry of a per-layer tensor of ``offload.checkpoint.layer_table``."""
+    if key in ATTENTION_PROJECTIONS or key.endswith("_bias"):
+        return "attention"
+    if key.endswith("norm"):  # input_layernorm, post_attention_layernorm, q_norm, k_norm
+        return "norms"
+    if key == "router":
+        return "routers"
+    if key.startswith("shared_"):
+        return "shared_experts"
+    if key.startswith("mlp_"):
+        return "dense_mlps"
+    raise ValueError(f"layer tensor {key!r}: no dense class for it (offload.plan._layer_class)")
+
+
+def layer_parameters_by_class(config: ModelConfig, layer: int | None = None) -> dict[str, int]:
+    """Parameters of decoder layer ``layer``'s dense tensors by class (``DENSE_CLASSES``;
+    embeddings and lm_head 0), from the family's tensor table (``offload.checkpoint.layer_table``).
+    ``layer`` None: the first layer with experts."""
+    from offload.checkpoint import layer_table
+
+    layer = config.moe_layers[0] if layer is None else layer
+    by = dict.fromkeys(DENSE_CLASSES, 0)
+    for key, (_, shape_of) in layer_table(config, layer).items():
+        by[_layer_class(key)] += math.prod(shape_of(config))
+    return by
+
+
+def dense_parameters_by_class(config: ModelConfig) -> dict[str, int]:
+    """Parameters of every weight that is not a routed expert, by class (``DENSE_CLASSES``):
+    attention counts the q, k, v, o projections and any biases; norms the two per layer, the
+    final one and any q/k norms; routers one per layer with experts; shared_experts a shared
+    expert's three matrices and its gate; dense_mlps the FFN of each dense-MLP layer. lm_head is
+    0 when tied to the embeddings."""
     c = config
-    D, V = c.hidden_size, c.vocab_size
-    attention = D * c.head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
-    per_layer = 2 * D + attention + c.num_local_experts * D
-    params = V * D * (1 if c.tie_word_embeddings else 2) + D + c.num_hidden_layers * per_layer
-    return params * _itemsize(dtype)
+    per_moe = layer_parameters_by_class(c)
+    per_dense = layer_parameters_by_class(c, c.dense_layers[0]) if c.dense_layers else per_moe
+    by = {name: c.num_moe_layers * n + len(c.dense_layers) * per_dense[name] for name, n in per_moe.items()}
+    by["embeddings"] = c.vocab_size * c.hidden_size
+    by["lm_head"] = 0 if c.tie_word_embeddings else by["embeddings"]
+    by["norms"] += c.hidden_size  # the final norm
+    return by
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    """A model's parameters: ``dense`` (everything but the routed experts, shared experts and
+    dense-MLP layers included) and ``expert`` (one routed expert); ``total`` counts every routed
+    expert, ``active`` the top-k of each layer with experts (what one token runs, embeddings and
+    lm_head included, as model cards count it)."""
+
+    dense: int
+    expert: int
+    experts_per_layer: int
+    top_k: int
+    num_layers: int  # layers with experts
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.num_layers * self.experts_per_layer * self.expert
+
+    @property
+    def active(self) -> int:
+        return self.dense + self.num_layers * self.top_k * self.expert
+
+
+def parameter_count(config: ModelConfig) -> ParameterCount:
+    """Total and active parameters of ``config`` (``ParameterCount``)."""
+    c = config
+    return ParameterCount(
+        sum(dense_parameters_by_class(c).values()), c.expert_parameters, c.num_local_experts,
+        c.num_experts_per_tok, c.num_moe_layers,
+    )
+
+
+def dense_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Every weight that is not a routed expert, in ``dtype``: embeddings, lm_head, norms,
+    attention (with any biases), routers, and a shared expert or dense-MLP layers where the
+    model has them."""
+    return sum(dense_parameters_by_class(config).values()) * _itemsize(dtype)
 
 
 def kv_cache_bytes(config: ModelConfig, context: int, dtype: torch.dtype) -> int:
@@ -244,9 +328,10 @@ def runtime_reserve(
       context, or the sliding window): ``scaled_dot_product_attention`` with a mask and grouped
       KV heads takes the math path, which keeps fp32 copies of q, k and v, expands k and v to
       every query head, and holds two fp32 [H, T, S] score tensors (scores, softmax); plus the
-      projections and their rotated copies;
+      projections and their rotated copies, and with q/k norms rms_norm's fp32 q and k;
     - the experts' activations for T tokens (an expert can be asked for by every token): the
-      gathered input, w1 and w3 outputs and their product [T, I], and the fp32 weighted output;
+      gathered input, w1 and w3 outputs and their product [T, I], and the fp32 weighted output
+      (I the widest of a routed expert, a shared expert and a dense-MLP layer's FFN);
     - hidden states for T tokens: residual, normed input, attention and MoE outputs, the MoE
       accumulator, and rms_norm's fp32 temporaries;
     - logits and sampling: generation asks for the last position only, [1, V] in fp32 with the
@@ -277,8 +362,11 @@ def runtime_reserve(
     scores = 2 * H * T * S * 4
     expanded = (2 * H * S * Dh * s if G != H else 0) + (4 * (H * T * Dh + 2 * H * S * Dh) if s < 4 else 0)
     projections = T * (3 * H * Dh + 4 * G * Dh) * s  # q, k, v, rotated q and k, the output
-    attention = scores + expanded + projections
-    experts = T * (3 * I * s + D * s + D * 4)
+    qk_norm = T * (H + G) * Dh * 4 if c.qk_norm is not None else 0  # rms_norm's fp32 q and k
+    attention = scores + expanded + projections + qk_norm
+    # the widest FFN a token goes through: a routed expert, a shared expert (Qwen2-MoE), a dense MLP
+    W = max(I, c.shared_expert_intermediate_size or 0, c.dense_intermediate_size or 0)
+    experts = T * (3 * W * s + D * s + D * 4)
     hidden = T * D * (5 * s + 2 * 4)
     sampling = V * (s + SAMPLING_BYTES_PER_VOCAB)
     terms = (
@@ -292,7 +380,8 @@ def runtime_reserve(
         ReserveTerm("attention", attention,
                     f"prefill chunk of {T} tokens against {S} keys: fp32 scores and softmax, "
                     "fp32 and head-expanded q/k/v (SDPA's math path), projections"),
-        ReserveTerm("expert activations", experts, f"{T} tokens through one expert: [T, {I}] x 3, fp32 output"),
+        ReserveTerm("expert activations", experts,
+                    f"{T} tokens through one {'expert' if W == I else 'dense FFN'}: [T, {W}] x 3, fp32 output"),
         ReserveTerm("hidden states", hidden, f"{T} tokens: residual, norms, attention and MoE outputs"),
         ReserveTerm("logits", sampling, "the last position's fp32 logits and the sampler's copies"),
         ReserveTerm("allocator margin", ALLOCATOR_MARGIN_BYTES, "caching allocator rounding and fragments"),
@@ -488,7 +577,7 @@ class MemoryPlan:
     experts_total: int
     slots_per_layer: int  # device slots of the layer with the fewest
     host_experts: int  # records held in RAM
-    num_layers: int
+    num_layers: int  # layers with experts (``ModelConfig.num_moe_layers``)
     layer_slots: tuple[int, ...] = ()  # device slots of each layer (() at construction: all slots_per_layer)
     top_k: int = 1  # experts per token: the fewest slots a layer may have
     reserve: RuntimeReserve = RuntimeReserve()  # device bytes kept for the runtime (CUDA)
@@ -629,7 +718,7 @@ def plan_memory(
     otherwise, layers spread evenly; "trace" asks for the traces whatever the shape, when the
     layer count matches). Deterministic either way."""
     c = config
-    L, E, K = c.num_hidden_layers, c.num_local_experts, c.num_experts_per_tok
+    L, E, K = c.num_moe_layers, c.num_local_experts, c.num_experts_per_tok  # L: the layers with experts
     kind = _device_type(device_type)
     dense = dense_bytes(c, dtype) if dense is None else dense
     kv = kv_cache_bytes(c, context, dtype)
@@ -719,12 +808,26 @@ def fit_to_free(plan: MemoryPlan, free: int) -> tuple[MemoryPlan, str | None]:
 
 # ---- the model plan that `offload info` prints ----------------------------------------------
 
-# Published config.json values (the fields ModelConfig reads), so a plan needs no download.
-# Mixtral-8x7B: mistralai/Mixtral-8x7B-v0.1 config.json (its numbers are also in
-# /work/shared/ARCHITECTURE.md "Sizes worth knowing"). Mixtral-8x22B: mistralai/Mixtral-8x22B-v0.1
-# and Mixtral-8x22B-Instruct-v0.1 config.json as recalled, not re-read here: vocab_size 32768 (the
-# v3 tokenizer with control tokens; the first torrent conversion, mistral-community/Mixtral-8x22B-v0.1,
-# says 32000; the difference is 2 x 768 x 6144 weights, 18.9 MB in bf16).
+# Published config.json values, as the hub files spell them (the fields ModelConfig reads, and
+# the family keys that decide a shape: decoder_sparse_step, mlp_only_layers, use_sliding_window),
+# so a plan needs no download. Recalled, not re-read here (no network); the headline totals they
+# give are checked against the model cards in tests/test_presets.py.
+# - Mixtral-8x7B: mistralai/Mixtral-8x7B-v0.1 (its numbers are also in /work/shared/ARCHITECTURE.md
+#   "Sizes worth knowing").
+# - Mixtral-8x22B: mistralai/Mixtral-8x22B-v0.1 and -Instruct-v0.1: vocab_size 32768 (the v3
+#   tokenizer with control tokens; the first torrent conversion, mistral-community/Mixtral-8x22B-v0.1,
+#   says 32000; the difference is 2 x 768 x 6144 weights, 18.9 MB in bf16).
+# - Qwen3-30B-A3B, Qwen3-235B-A22B: Qwen/Qwen3-30B-A3B and Qwen/Qwen3-235B-A22B. intermediate_size
+#   (6144, 12288) is the dense FFN width the family would use for mlp_only_layers (none here); the
+#   expert width is moe_intermediate_size. max_window_layers (48, 94) as recalled; unused while
+#   use_sliding_window is false.
+# - OLMoE-1B-7B: allenai/OLMoE-1B-7B-0924. torch_dtype "bfloat16" as recalled (its safetensors,
+#   ~13.8 GB for 6.9B weights, are 2 bytes a weight); not certain the file says so.
+# - Qwen1.5-MoE-A2.7B: Qwen/Qwen1.5-MoE-A2.7B. intermediate_size 5632 is the dense width (unused:
+#   every layer is sparse); max_window_layers 21 as recalled, unused (use_sliding_window false);
+#   sliding_window 32768 is in the file and ignored for the same reason. max_position_embeddings
+#   8192 as recalled for the base model; not certain: copies of the -Chat config seen elsewhere
+#   say 32768 (it changes only the --context ceiling, not a size).
 BUILTIN_MODELS: dict[str, tuple[str, dict]] = {
     "mixtral-8x7b": ("Mixtral-8x7B", {
         "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
@@ -742,8 +845,46 @@ BUILTIN_MODELS: dict[str, tuple[str, dict]] = {
         "rope_theta": 1e6, "rms_norm_eps": 1e-5, "sliding_window": None,
         "tie_word_embeddings": False, "torch_dtype": "bfloat16",
     }),
+    "qwen3-30b-a3b": ("Qwen3-30B-A3B", {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+        "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
+        "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+        "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True,
+        "decoder_sparse_step": 1, "mlp_only_layers": [], "attention_bias": False,
+        "max_position_embeddings": 40960, "rope_theta": 1e6, "rope_scaling": None, "rms_norm_eps": 1e-6,
+        "use_sliding_window": False, "sliding_window": None, "max_window_layers": 48,
+        "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    }),
+    "qwen3-235b-a22b": ("Qwen3-235B-A22B", {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+        "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288, "moe_intermediate_size": 1536,
+        "num_hidden_layers": 94, "num_attention_heads": 64, "num_key_value_heads": 4, "head_dim": 128,
+        "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True,
+        "decoder_sparse_step": 1, "mlp_only_layers": [], "attention_bias": False,
+        "max_position_embeddings": 40960, "rope_theta": 1e6, "rope_scaling": None, "rms_norm_eps": 1e-6,
+        "use_sliding_window": False, "sliding_window": None, "max_window_layers": 94,
+        "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    }),
+    "olmoe-1b-7b": ("OLMoE-1B-7B", {
+        "architectures": ["OlmoeForCausalLM"], "model_type": "olmoe",
+        "vocab_size": 50304, "hidden_size": 2048, "intermediate_size": 1024,
+        "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 16,
+        "num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": False,
+        "attention_bias": False, "clip_qkv": None,
+        "max_position_embeddings": 4096, "rope_theta": 10000.0, "rope_scaling": None, "rms_norm_eps": 1e-5,
+        "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    }),
+    "qwen1.5-moe-a2.7b": ("Qwen1.5-MoE-A2.7B", {
+        "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+        "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5632, "moe_intermediate_size": 1408,
+        "shared_expert_intermediate_size": 5632,
+        "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16,
+        "num_experts": 60, "num_experts_per_tok": 4, "norm_topk_prob": False, "decoder_sparse_step": 1,
+        "max_position_embeddings": 8192, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
+        "use_sliding_window": False, "sliding_window": 32768, "max_window_layers": 21,
+        "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    }),
 }
-
 
 
 def builtin_model(name: str) -> tuple[str, ModelConfig]:
@@ -756,14 +897,12 @@ def builtin_model(name: str) -> tuple[str, ModelConfig]:
 
 
 def attention_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """q, k, v, o projection shapes [out, in] of one layer."""
+    """q, k, v, o projection shapes [out, in] of one layer: the matrices an attention format
+    quantizes (their biases and q/k norms, where a family has them, stay in the compute dtype)."""
     c = config
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     D = c.hidden_size
     return {"q_proj": (q, D), "k_proj": (kv, D), "v_proj": (kv, D), "o_proj": (D, q)}
-
-
-DENSE_CLASSES = ("embeddings", "lm_head", "attention", "norms", "routers")
 
 
 def dense_bytes_by_class(
@@ -771,20 +910,18 @@ def dense_bytes_by_class(
 ) -> dict[str, int]:
     """Bytes of every non-expert weight by class (``DENSE_CLASSES``). The attention projections
     are in ``attn_format`` (default: plain ``dtype``), each matrix with its quantization state,
-    packed tight; the rest stays in ``dtype``. lm_head is 0 when it is the embedding table (tied).
-    In plain ``dtype`` the sum equals ``dense_bytes(config, dtype)``."""
+    packed tight; the rest (biases, norms, routers, a shared expert) stays in ``dtype``, as packs
+    store them. lm_head is 0 when it is the embedding table (tied). In plain ``dtype`` the sum
+    equals ``dense_bytes(config, dtype)``."""
     c = config
     size = _itemsize(dtype)
     fmt = quant.get_format(attn_format if attn_format is not None else str(dtype).removeprefix("torch."))
-    per_layer_attention = sum(quant.matrix_bytes(shape, fmt) for shape in attention_shapes(c).values())
-    embeddings = c.vocab_size * c.hidden_size * size
-    return {
-        "embeddings": embeddings,
-        "lm_head": 0 if c.tie_word_embeddings else embeddings,
-        "attention": c.num_hidden_layers * per_layer_attention,
-        "norms": (2 * c.num_hidden_layers + 1) * c.hidden_size * size,
-        "routers": c.num_hidden_layers * c.num_local_experts * c.hidden_size * size,
-    }
+    by = {name: n * size for name, n in dense_parameters_by_class(c).items()}
+    shapes = attention_shapes(c)
+    plain = sum(out * inp for out, inp in shapes.values()) * size
+    stored = sum(quant.matrix_bytes(shape, fmt) for shape in shapes.values())
+    by["attention"] += c.num_hidden_layers * (stored - plain)  # the projections in their format
+    return by
 
 
 @dataclass(frozen=True)
@@ -814,6 +951,10 @@ class ModelPlan:
         return sum(self.dense_by_class.values())
 
     @property
+    def parameters(self) -> ParameterCount:
+        return parameter_count(self.config)
+
+    @property
     def experts_total_bytes(self) -> int:
         return self.memory.experts_total * self.expert_bytes
 
@@ -830,6 +971,8 @@ class ModelPlan:
         m = self.memory
         return {
             "model": self.name,
+            "family": self.config.family,
+            "parameters": {"total": self.parameters.total, "active": self.parameters.active},
             "dtype": str(self.dtype).removeprefix("torch."),
             "context": self.context,
             "expert_format": self.expert_format.name,

@@ -276,7 +276,7 @@ def card_fit(
     except SettingError as exc:
         return None, None, f"{exc}; plain defaults"
     if ram is None:  # room for every expert at 16 bits in pinned blocks, whatever the profile's machine has
-        room = 4 * config.num_hidden_layers * config.num_local_experts * config.expert_parameters * 4
+        room = 4 * config.num_moe_layers * config.num_local_experts * config.expert_parameters * 4
         machine = {"vram": vram, "ram": max(room, profile.ram_bytes)}
     else:
         machine = {"vram": vram, "ram": ram}

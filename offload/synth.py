@@ -2,11 +2,14 @@
 
 What it is: ``synthesize`` writes an ordinary offload pack (``offload.pack``'s format, version
 3, with its checksums: ``Pack`` reads it, so generate, bench and info take it) for a preset of
-``offload.plan.BUILTIN_MODELS`` (Mixtral-8x7B, Mixtral-8x22B; tests may pass a config.json
-dict instead), with only its first N layers and random weights drawn from a seed, so the real
-sizes, record layout and I/O of a model can be measured without its weights. It is atomic as
-``offload.pack.convert`` is (a hidden directory renamed at the end) and holds two expert
-records in memory (one being made, one being written), never a whole model.
+``offload.plan.BUILTIN_MODELS`` (Mixtral-8x7B and -8x22B, Qwen3-30B-A3B and -235B-A22B,
+OLMoE-1B-7B, Qwen1.5-MoE-A2.7B; tests may pass a config.json dict instead), with only its first
+N layers and random weights drawn from a seed, so the real sizes, record layout and I/O of a
+model can be measured without its weights. Every dense tensor of the family's table is
+written (``offload.pack.dense_specs``: q/k norms, biases, a shared expert and its gate, a dense
+layer's MLP too). It is atomic as ``offload.pack.convert`` is (a hidden directory renamed at the
+end) and holds two expert records in memory (one being made, one being written), never a whole
+model.
 
 How the weights are made. Quantized formats are generated in their stored representation, not
 quantized: codes (4-bit pairs, int8 codes, double quantization's 8-bit scales) are random bytes
@@ -18,13 +21,15 @@ sample's spread), and quant maps are that matrix's own (bitsandbytes' tables). S
 record is a valid ``RecordLayout`` record whose weights have the intended spread. Plain formats
 (bf16, fp16, fp32) are random 16-bit indices into a table of 65,536 normal quantiles. A 2-D
 weight [out, in] has standard deviation 1/sqrt(in), so activations stay finite through every
-layer; embeddings have 1, norm weights 1 +- 0.1. Every tensor has its own random stream
-(numpy's SFC64, seeded by (seed, tensor)), so a seed reproduces the pack byte for byte. A writer
+layer; embeddings have 1, norm weights 1 +- 0.1, projection biases 0 +- 0.02. Every tensor has
+its own random stream (numpy's SFC64, seeded by (seed, tensor)), so a seed reproduces the pack
+byte for byte. A writer
 thread checksums and writes one record while the next is made, and records are handed to the
 kernel's writeback as they are written (``offload.pack.start_writeback``), so the disk works
 while the CPU does. The tokenizer is the bundled demo model's (4096
 pieces), grown to the preset's vocabulary with user-defined pieces ``<synth N>``, so every id
-the random model samples decodes.
+the random model samples decodes (up to ``MAX_SYNTH_VOCAB`` ids, above every preset's: Qwen's
+151,936 is the largest).
 
 What it is not: a model. Its text is noise and its routing is random-uniform-ish; it is for
 sizes, memory and speed. It never prints.
@@ -78,6 +83,7 @@ CHUNK = 1 << 22  # elements (plain) or bytes (codes) made per step, so temporari
 SAMPLE_ELEMENTS = 1 << 20  # the Gaussian matrix bitsandbytes quantizes per (format, row length)
 INT8_SAMPLE_ROWS = 256  # int8 scales are row maxima: a sample of this many rows of the real length
 NORM_SPREAD = 0.1  # norm weights: 1 +- this
+BIAS_SPREAD = 0.02  # projection biases: 0 +- this
 
 # random streams: (stream, ...) spawn keys of numpy's SeedSequence under the user's seed
 DENSE_STREAM, EXPERT_STREAM, SAMPLE_STREAM = 0, 1, 2
@@ -217,8 +223,10 @@ def fill_matrix(
 
 
 def _dense_spread(key: str, shape: tuple[int, ...]) -> tuple[float, float]:
-    """(mean, standard deviation) of a dense weight."""
-    if len(shape) == 1:  # RMSNorm weights
+    """(mean, standard deviation) of a dense weight (``key``: its ``dense_specs`` key)."""
+    if key.endswith("_bias"):  # q, k, v, o projection biases (Qwen2, attention_bias)
+        return 0.0, BIAS_SPREAD
+    if len(shape) == 1:  # RMSNorm weights: the layers', the final one, q/k norms
         return 1.0, NORM_SPREAD
     if key == "embed_tokens":
         return 0.0, 1.0
@@ -271,6 +279,8 @@ def synthesize(
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise SettingError(f"--seed {seed}: must be a non-negative integer")
     raw["num_hidden_layers"] = layers
+    if isinstance(raw.get("mlp_only_layers"), list):  # Qwen's dense-MLP layers among the first N
+        raw["mlp_only_layers"] = [v for v in raw["mlp_only_layers"] if not isinstance(v, int) or v < layers]
     config = ModelConfig.from_dict(raw, source=source)
     dtype = dtype or {n: d for d, n in DTYPE_NAMES.items()}.get(raw.get("torch_dtype"), torch.bfloat16)
     if dtype not in DTYPE_NAMES:
@@ -363,7 +373,7 @@ def _write(
         f.flush()
         os.fsync(f.fileno())
 
-    layers, per_layer = config.num_hidden_layers, config.num_local_experts
+    layers, per_layer = config.num_moe_layers, config.num_local_experts  # records: the layers with experts
     specs = list(dense_specs(config))
     step = progress_steps(len(specs) + layers * per_layer, progress)
 

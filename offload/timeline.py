@@ -77,7 +77,8 @@ class Timings:
     """A machine and a plan as the timeline needs them: seconds per piece of work, slots per layer.
 
     ``dense_s``: one layer's dense part on the GPU (attention, router, norms, KV cache, the host
-    overhead of a layer). ``head_s``: the final norm, lm_head and sampling, once per token.
+    overhead of a layer). ``head_s``: the final norm, lm_head and sampling, once per token, with
+    the layers that have no experts (Qwen's dense-MLP layers: ``Estimate.fixed_s``).
     ``costs``: one expert over the link, on the GPU, on the CPU, the round trip, a disk read.
     ``layer_slots``: device slots of each layer. ``host_experts``: records in the RAM tier, in
     layer-major order as the cache fills it (None: every record)."""
@@ -111,7 +112,7 @@ class Timings:
         )
         m = plan.memory
         host = None if m.host_experts >= m.experts_total or m.slots_per_layer == m.experts_per_layer else m.host_experts
-        return cls(est.layers[0].dense_s, est.head_s, costs, tuple(m.layer_slots), host, name)
+        return cls(est.layers[0].dense_s, est.fixed_s, costs, tuple(m.layer_slots), host, name)
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,20 @@
-"""Text <-> token ids for Mixtral checkpoints, read with the sentencepiece library.
+"""Text <-> token ids for a checkpoint's tokenizer: sentencepiece (Mixtral) or tokenizer.json.
 
 What it is: a ``Tokenizer`` that loads ``tokenizer.model`` (and the bos/eos ids the checkpoint's
 JSON files name), encodes and decodes text exactly as sentencepiece does, renders the
 Mixtral-8x7B-Instruct chat format to ids (``encode_chat``), and a ``StreamDecoder`` that turns
-generated ids into text as soon as that text is final (no half characters, right spaces).
+generated ids into text as soon as that text is final (no half characters, right spaces). A
+checkpoint with only a ``tokenizer.json`` (byte-level BPE: Qwen, OLMoE) gets a ``JsonTokenizer``
+(the ``tokenizers`` library; ``bos_id`` None when the checkpoint has no bos token) with the same
+interface. ``source`` names the file a tokenizer was read from, ``special_ids`` the ids that are
+no ordinary text.
 
 What it is not: it knows nothing about models, sampling or generation, and does not use
 transformers. A checkpoint's own Jinja chat template is rendered by offload.chat_template
 (``encode_messages`` picks it when there is one, else Mixtral's format).
 
-What it reads, and what it guarantees: tokenizer.model (at most ``MODEL_MAX_BYTES``),
+What it reads, and what it guarantees: tokenizer.model (at most ``MODEL_MAX_BYTES``), else
+tokenizer.json (at most ``TOKENIZER_JSON_MAX_BYTES``; neither is a TokenizerError naming both),
 tokenizer_config.json, special_tokens_map.json, generation_config.json and config.json (each at
 most ``JSON_MAX_BYTES``). Each must be a regular file (a folder, FIFO or device is refused, never
 read); anything malformed (not UTF-8, not JSON, nested too deep, a number too long, a field of
@@ -143,9 +148,11 @@ class Tokenizer:
         model_dir = Path(model_dir)
         model_path = model_dir / "tokenizer.model"
         json_path = model_dir / "tokenizer.json"
-        if not (model_path.exists() or model_path.is_symlink()) and \
-                (json_path.exists() or json_path.is_symlink()):
-            return JsonTokenizer.from_dir(model_dir)  # Qwen, OLMoE: byte-level BPE only
+        if not (model_path.exists() or model_path.is_symlink()):
+            if json_path.exists() or json_path.is_symlink():
+                return JsonTokenizer.from_dir(model_dir)  # Qwen, OLMoE: byte-level BPE only
+            raise TokenizerError(f"{model_path}: no such file, nor {json_path.name}; the checkpoint's "
+                                 "tokenizer is one of them")
         processor = _load_processor(model_path)
 
         bos: tuple[int, str] | None = None  # (id, file that named it)
@@ -202,6 +209,17 @@ class Tokenizer:
         return self._bos_id
 
     @property
+    def source(self) -> str:
+        """The file this tokenizer was read from (a tokenizer.model's path, or a tokenizer.json's)."""
+        return self._source
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """The ids that are no ordinary text: bos, every eos, and the control pieces (special
+        added tokens, for a tokenizer.json)."""
+        return self._control | self._eos_set | ({self._bos_id} if self._bos_id is not None else set())
+
+    @property
     def eos_id(self) -> int:
         """The first eos id (the one a chat turn ends with)."""
         return self._eos[0]
@@ -212,7 +230,8 @@ class Tokenizer:
         return self._eos_set
 
     def id_to_piece(self, token_id: int) -> str:
-        self._check_ids((token_id,))
+        if not self._check_ids((token_id,)):
+            return ""  # a padding id
         return self._sp.id_to_piece(int(token_id))
 
     # ---- text ----------------------------------------------------------------------------
@@ -229,13 +248,26 @@ class Tokenizer:
         ids = self._check_ids(ids)
         return self._sp.decode(ids) if ids else ""
 
+    # The model's embedding rows, when it has more than the tokenizer has tokens (Qwen pads
+    # 151669 tokens to 151936 rows): ids between the two are valid output that decodes to "",
+    # as transformers' decode skips them. Set by ``pad_to``.
+    _padded_size: int | None = None
+
+    def pad_to(self, model_vocab_size: int) -> None:
+        """Accept ids up to ``model_vocab_size`` (the model's embedding rows) as padding ids
+        that decode to nothing; a model may sample one, and its text must not fail."""
+        self._padded_size = max(model_vocab_size, self._vocab_size)
+
     def _check_ids(self, ids: Iterable[int]) -> list[int]:
+        """``ids`` as ints, padding ids (see ``pad_to``) left out; an id outside the vocabulary
+        and its padding is a TokenizerError."""
         out = [int(i) for i in ids]
+        limit = self._padded_size or self._vocab_size
         for i in out:
-            if not 0 <= i < self._vocab_size:
+            if not 0 <= i < limit:
                 raise TokenizerError(f"{self._source}: token id {i} is outside the vocabulary "
-                                     f"[0, {self._vocab_size})")
-        return out
+                                     f"[0, {limit})")
+        return out if limit == self._vocab_size else [i for i in out if i < self._vocab_size]
 
     # ---- chat ----------------------------------------------------------------------------
 
@@ -377,8 +409,10 @@ class StreamDecoder(_EmittedText):
 
     def push(self, token_id: int) -> str:
         """Add one generated id; return the text that became final with it ("" if none)."""
-        (tid,) = self._tok._check_ids((token_id,))
-        self._ids.append(tid)
+        ids = self._tok._check_ids((token_id,))
+        if not ids:  # a padding id: no text
+            return ""
+        self._ids.append(ids[0])
         if self._unfinished_char():
             return ""
         return self._emit()
@@ -687,7 +721,8 @@ class JsonTokenizer(Tokenizer):
         return self._bos_id
 
     def id_to_piece(self, token_id: int) -> str:
-        self._check_ids((token_id,))
+        if not self._check_ids((token_id,)):
+            return ""  # a padding id
         return self._hf.id_to_token(int(token_id)) or ""
 
     def encode(self, text: str, *, bos: bool = False) -> list[int]:
@@ -737,8 +772,10 @@ class ByteStreamDecoder(_EmittedText):
 
     def push(self, token_id: int) -> str:
         """Add one generated id; return the text that became final with it ("" if none)."""
-        (tid,) = self._tok._check_ids((token_id,))
-        return self._keep(self._utf8.decode(self._tok._bytes[tid]))
+        ids = self._tok._check_ids((token_id,))
+        if not ids:  # a padding id: no text
+            return ""
+        return self._keep(self._utf8.decode(self._tok._bytes[ids[0]]))
 
     def flush(self) -> str:
         """Return whatever is left (an unfinished character comes out as U+FFFD)."""

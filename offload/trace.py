@@ -691,14 +691,15 @@ class ReplayRouting:
     ``MixtralModel.routing_source``. Sequence position p takes the trace's token p (file order,
     whatever phase it was recorded in), layer l the trace's layer l (a trace of more layers than
     the model gives its first ones). Gate weights, rounded to 4 decimals in the file, are
-    renormalised per token to sum to 1 in fp32.
+    renormalised per token to sum to 1 in fp32 where the model's family renormalises its top-k
+    (``norm_topk_prob``: Mixtral); elsewhere (Qwen2-MoE, OLMoE) they are taken as recorded.
 
     The whole trace is on the device from the start, layer-major, so ``route`` only slices."""
 
     def __init__(self, path: str | os.PathLike, experts: torch.Tensor, weights: torch.Tensor):
         self.path = Path(path)
         self.experts = experts  # [L, N, K] int64
-        self.weights = weights  # [L, N, K] fp32, rows sum to 1
+        self.weights = weights  # [L, N, K] fp32, rows sum to 1 where the family renormalises
         self.tokens = int(experts.shape[1])
 
     @classmethod
@@ -717,7 +718,7 @@ class ReplayRouting:
                 f"{path}: --replay reads the engine's trace format; convert this shared trace first: "
                 f"offload trace convert {path} OUT"
             )
-        L, E, K = config.num_hidden_layers, config.num_local_experts, config.num_experts_per_tok
+        L, E, K = config.num_moe_layers, config.num_local_experts, config.num_experts_per_tok
         h = trace.header
         problems = []
         if h.num_layers < L:
@@ -745,7 +746,8 @@ class ReplayRouting:
                 f"{path}: token {token} layer {layer}: gate weights must be >= 0 with a positive sum, "
                 f"got {steps[token].weights[layer]}"
             )
-        weights = weights / sums
+        if config.norm_topk_prob:
+            weights = weights / sums
         return cls(path, experts.to(device), weights.to(device))
 
     def route(self, layer: int, start: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

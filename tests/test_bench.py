@@ -23,6 +23,7 @@ from offload.bench import (
     fit_lengths,
     load,
     measure,
+    random_ids,
     run_bench,
     sweep,
 )
@@ -89,6 +90,25 @@ def test_prompt_is_seeded_bos_first_and_in_range():
     ids = bench_prompt(512, 16, seed=3)
     assert ids == bench_prompt(512, 16, seed=3) != bench_prompt(512, 16, seed=4)
     assert len(ids) == 16 and ids[0] == 1 and all(3 <= i < 512 for i in ids[1:])
+
+
+def test_prompt_without_bos_and_without_special_ids():
+    """A tokenizer with no bos (Qwen's) gets random ids only; special ids are drawn again; with a
+    bos and nothing to skip the prompt is the one it always was (by hand: BOS, then randrange)."""
+    import random
+
+    def drawn(n: int, seed: int = 3) -> list[int]:
+        rng = random.Random(seed)
+        return [rng.randrange(3, 512) for _ in range(n)]
+
+    assert bench_prompt(512, 16, seed=3) == [1] + drawn(15)  # as it always was
+    assert bench_prompt(512, 16, 3, bos_id=None) == random_ids(512, 16, 3) == drawn(16)
+    assert bench_prompt(512, 0, 3, bos_id=None) == drawn(1) and bench_prompt(512, 0, 3) == [1]
+    assert bench_prompt(512, 16, 3, skip={0, 1, 2}) == bench_prompt(512, 16, 3)  # Mixtral's specials: no change
+    few = bench_prompt(8, 200, 0, bos_id=None, skip={5, 6, 7, 100})
+    assert len(few) == 200 and set(few) == {3, 4}
+    with pytest.raises(SettingError, match="vocabulary of 8 is too small"):
+        bench_prompt(8, 4, 0, bos_id=None, skip={3, 4, 5, 6, 7})
 
 
 def test_run_bench_decode_only_cache_numbers(model_dirs):

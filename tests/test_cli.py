@@ -86,8 +86,8 @@ def damage_shape(d):
 
 
 def damage_architecture(d):
-    rewrite_config(d, architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe")
-    return "Qwen2MoeForCausalLM"
+    rewrite_config(d, architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3")
+    return "DeepseekV3ForCausalLM"
 
 
 def damage_tokenizer(d):

@@ -28,15 +28,47 @@ def prompt_ids(engine: Engine) -> list[int]:
 
 
 def hf_routing(reference) -> tuple[dict[int, list[torch.Tensor]], list]:
-    """Record transformers' chosen experts per layer through forward hooks on its routers."""
+    """Record transformers' chosen experts per decoder layer through forward hooks on its
+    routers (layers without experts, Qwen's dense-MLP ones, have none)."""
     chosen: dict[int, list[torch.Tensor]] = {}
     handles = []
     for layer, block in enumerate(reference.model.layers):
         def hook(_module, _inputs, output, layer=layer):
             chosen.setdefault(layer, []).append(output[2].clone())  # top-k indices [T, K]
 
-        handles.append(block.mlp.gate.register_forward_hook(hook))
+        if hasattr(block.mlp, "experts"):
+            handles.append(block.mlp.gate.register_forward_hook(hook))
     return chosen, handles
+
+
+def hf_prefill_and_steps(reference, ids: list[int], forced: torch.Tensor):
+    """transformers' prefill logits [T, V] of ``ids``, then one cached decode step per id of
+    ``forced`` (each [V]), and the experts its routers chose ({decoder layer: [[T, K], ...]})."""
+    chosen, handles = hf_routing(reference)
+    try:
+        with torch.no_grad():
+            out = reference(torch.tensor([ids]), use_cache=True)
+            prefill, past, steps = out.logits[0], out.past_key_values, []
+            for t in forced:
+                out = reference(t.view(1, 1), cache=past, use_cache=True)
+                steps.append(out.logits[0, -1])
+                past = out.past_key_values
+    finally:
+        for h in handles:
+            h.remove()
+    return prefill, steps, chosen
+
+
+def hf_greedy(reference, ids: list[int], n: int) -> list[int]:
+    """transformers' ``n`` greedy tokens after ``ids``, decoding through its KV cache."""
+    tokens: list[int] = []
+    with torch.no_grad():
+        out = reference(torch.tensor([ids]), use_cache=True)
+        for _ in range(n):
+            token = int(out.logits[0, -1].argmax())
+            tokens.append(token)
+            out = reference(torch.tensor([[token]]), cache=out.past_key_values, use_cache=True)
+    return tokens
 
 
 def engine_routing(engine: Engine) -> dict[int, list[torch.Tensor]]:
@@ -64,19 +96,7 @@ def test_prefill_and_cached_decode_match_transformers(shape, fp32_engines, refer
     ours_prefill = engine.logits(ids)  # [T, V]
     ours_steps = [engine.decode(int(t)) for t in forced]  # each [V]
 
-    hf_chosen, handles = hf_routing(reference)
-    try:
-        with torch.no_grad():
-            out = reference(torch.tensor([ids]), use_cache=True)
-            hf_prefill, past = out.logits[0], out.past_key_values
-            hf_steps = []
-            for t in forced:
-                out = reference(t.view(1, 1), cache=past, use_cache=True)
-                hf_steps.append(out.logits[0, -1])
-                past = out.past_key_values
-    finally:
-        for h in handles:
-            h.remove()
+    hf_prefill, hf_steps, hf_chosen = hf_prefill_and_steps(reference, ids, forced)
 
     assert (ours_prefill - hf_prefill).abs().max().item() <= FP32_TOLERANCE
     diffs = [(a - b).abs().max().item() for a, b in zip(ours_steps, hf_steps)]
@@ -95,13 +115,7 @@ def test_greedy_tokens_match_transformers(shape, fp32_engines, references):
     settings = GenerationSettings(max_new_tokens=GREEDY_TOKENS, ignore_eos=True)
     ours = engine.generate(ids, settings).run().tokens
 
-    theirs: list[int] = []
-    with torch.no_grad():
-        out = reference(torch.tensor([ids]), use_cache=True)
-        for _ in range(GREEDY_TOKENS):
-            token = int(out.logits[0, -1].argmax())
-            theirs.append(token)
-            out = reference(torch.tensor([[token]]), cache=out.past_key_values, use_cache=True)
+    theirs = hf_greedy(reference, ids, GREEDY_TOKENS)
     assert len(ours) == GREEDY_TOKENS
     assert ours == theirs
     assert len(set(theirs)) > 16  # the comparison is not between two constant streams

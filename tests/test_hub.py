@@ -198,16 +198,37 @@ def online(tmp_path, monkeypatch) -> Path:
     return root
 
 
-REFUSED = "qwen-org/tiny-qwen3-moe"  # the same files, config.json naming an architecture offload refuses
+REFUSED = "deepseek-org/tiny-deepseek-v3"  # the same files, config.json naming an architecture offload refuses
+JSON_REMOTE = "qwen-org/tiny-json-tokenizer"  # a tokenizer.json checkpoint, as Qwen's and OLMoE's repos are
+NO_TOKENIZER = "tiny-org/no-tokenizer"  # REMOTE without its tokenizer.model
+# What Qwen's repos hold besides tokenizer.json: vocab.json matches *.json (fetched, never read), merges.txt not.
+SLOW_TOKENIZER = {"vocab.json": b"{}", "merges.txt": b"#version: 0.2\n"}
+
+
+@pytest.fixture(scope="module")
+def json_checkpoint(tmp_path_factory) -> Path:
+    from tests.test_tokenizer_json import write_json_checkpoint
+
+    return write_json_checkpoint(tmp_path_factory.mktemp("hub-json") / "qwen-style")
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
 
 
 @pytest.fixture()
-def hub(online, model_dirs, monkeypatch):
+def hub(online, model_dirs, json_checkpoint, monkeypatch):
     """A local hub holding REMOTE (the windowed test checkpoint, plus files the engine never
-    reads) and REFUSED (the same, as Qwen3MoeForCausalLM), with HF_ENDPOINT pointing at it."""
-    files = {p.name: p.read_bytes() for p in sorted(model_dirs[WINDOWED.name].iterdir()) if p.is_file()}
-    qwen = dict(json.loads(files["config.json"]), architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe")
-    server, thread = _serve({REMOTE: {**files, **NOT_READ}, REFUSED: {**files, "config.json": json.dumps(qwen).encode()}})
+    reads), REFUSED (the same, as DeepseekV3ForCausalLM), JSON_REMOTE (a tokenizer.json
+    checkpoint, no tokenizer.model) and NO_TOKENIZER, with HF_ENDPOINT pointing at it."""
+    files = _files(model_dirs[WINDOWED.name])
+    deepseek = dict(json.loads(files["config.json"]), architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3")
+    server, thread = _serve({
+        REMOTE: {**files, **NOT_READ},
+        REFUSED: {**files, "config.json": json.dumps(deepseek).encode()},
+        JSON_REMOTE: {**_files(json_checkpoint), **SLOW_TOKENIZER, **NOT_READ},
+        NO_TOKENIZER: {n: d for n, d in files.items() if n != "tokenizer.model"},
+    })
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     yield server
     server.shutdown()
@@ -330,7 +351,7 @@ def test_cached_id_never_touches_the_network(cache, monkeypatch):
 
 
 def _weights_asked(hub) -> list[str]:
-    return [r for r in hub.requests if r.endswith(".safetensors") or r.endswith("tokenizer.model")]
+    return [r for r in hub.requests if r.endswith((".safetensors", "tokenizer.model", "tokenizer.json"))]
 
 
 def test_download_checks_the_config_and_knows_the_size_before_any_weight(hub, online):
@@ -355,14 +376,14 @@ def test_a_refused_architecture_is_refused_after_config_json_alone(hub, online, 
             "convert": ["convert", REFUSED, str(tmp_path / "pack")]}[command]
     result = run_cli(*args)
     line = one_line(result)
-    assert f"error: {REFUSED}: config.json on {hub.url}: architecture 'Qwen3MoeForCausalLM' is not supported" in line
+    assert f"error: {REFUSED}: config.json on {hub.url}: architecture 'DeepseekV3ForCausalLM' is not supported" in line
     assert "downloading" not in result.stderr  # nothing announced: nothing to download
     assert f"GET /{REFUSED}/resolve/main/config.json" in hub.requests
     assert _weights_asked(hub) == [], hub.requests  # no weight file was requested
     if command != "info":
         assert line.endswith("; no weights downloaded")
     assert not (tmp_path / "pack").exists()
-    snapshots = list((online / "models--qwen-org--tiny-qwen3-moe" / "snapshots").iterdir())
+    snapshots = list((online / "models--deepseek-org--tiny-deepseek-v3" / "snapshots").iterdir())
     assert [p.name for s in snapshots for p in s.iterdir()] == ["config.json"]
 
 
@@ -419,3 +440,32 @@ def test_convert_takes_a_hub_id(hub, online, tmp_path):
     assert result.stdout.startswith(f"wrote {out}: ")
     with Pack(out) as pack:
         assert pack.layout.fmt.name == "nf4" and len(pack.manifest["experts"]) == 3 * 8
+
+
+# --- tokenizer.json checkpoints (Qwen, OLMoE): fetched with their tokenizer files; none is refused ---
+
+
+def test_a_tokenizer_json_checkpoint_downloads_and_generates(hub, online, json_checkpoint):
+    from offload.tokenizer import JsonTokenizer, Tokenizer
+
+    path = resolve_model(JSON_REMOTE, download=True)
+    wanted = {n for n in hub.repos[JSON_REMOTE] if n not in NOT_READ and n != "merges.txt"}
+    assert {p.name for p in path.iterdir()} == wanted
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"} <= wanted
+    tok, source = Tokenizer.from_dir(path), Tokenizer.from_dir(json_checkpoint)
+    assert isinstance(tok, JsonTokenizer) and tok.bos_id is None
+    assert tok.encode(PROMPT, bos=True) == source.encode(PROMPT, bos=True)
+    args = ["-p", PROMPT, "-n", "4", "--temp", "0", "--dtype", "float32", "--json", "--ignore-eos", "--chat"]
+    fetched, direct = run_cli("generate", JSON_REMOTE, *args), run_cli("generate", str(json_checkpoint), *args)
+    assert fetched.exit_code == 0 and direct.exit_code == 0, (fetched.output, direct.output)
+    assert json.loads(fetched.stdout)["prompt_tokens"] == json.loads(direct.stdout)["prompt_tokens"]
+    assert json.loads(fetched.stdout)["tokens"] == json.loads(direct.stdout)["tokens"]
+
+
+def test_a_repo_without_a_tokenizer_is_refused_before_any_download(hub, online):
+    with pytest.raises(ConfigError) as e:
+        resolve_model(NO_TOKENIZER, download=True)
+    assert str(e.value) == (f"{NO_TOKENIZER}: has no tokenizer.model or tokenizer.json on {hub.url} (offload needs "
+                            "the model's tokenizer); no weights downloaded")
+    assert hub.requests == [f"GET /api/models/{NO_TOKENIZER}/revision/main"]  # the listing alone
+    assert not (online / "models--tiny-org--no-tokenizer").exists()

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from cli.convert import convert_command
-from offload.checkpoint import DENSE_TABLE, LAYER_TABLE, Checkpoint
+from offload.checkpoint import DENSE_TABLE, Checkpoint, layer_table
 from offload.config import ModelConfig
 from offload.errors import CorruptCheckpointError, CorruptPackError, OutputError, PackError, SettingError
 from offload.experts.record import RECORD_ALIGNMENT, RecordLayout
@@ -47,7 +47,7 @@ def rewrite_manifest(pack_dir, manifest: dict, **dumps) -> None:
 def dense_items(config: ModelConfig):
     """(logical key, layer) of every dense weight, lm_head included even when tied."""
     yield from ((key, None) for key in DENSE_TABLE)
-    yield from ((key, layer) for layer in range(config.num_hidden_layers) for key in LAYER_TABLE)
+    yield from ((key, layer) for layer in range(config.num_hidden_layers) for key in layer_table(config))
 
 
 def siblings(path) -> list[str]:
@@ -114,14 +114,14 @@ def test_dense_file_is_valid_safetensors(model_dirs, packs, shape):
         expected = {names_[0] for key, (names_, _) in DENSE_TABLE.items()
                     if not (key == "lm_head" and config.tie_word_embeddings)}
         expected |= {names_[0].format(layer=layer) for layer in range(config.num_hidden_layers)
-                     for names_, _ in LAYER_TABLE.values()}
+                     for names_, _ in layer_table(config).values()}
         assert names == expected
         assert "model.layers.1.block_sparse_moe.gate.weight" in names
         assert not any("experts" in n for n in names)
         for key, layer in dense_items(config):
             if key == "lm_head" and config.tie_word_embeddings:
                 continue
-            name = (DENSE_TABLE if layer is None else LAYER_TABLE)[key][0][0].format(layer=layer)
+            name = (DENSE_TABLE if layer is None else layer_table(config))[key][0][0].format(layer=layer)
             assert torch.equal(f.get_tensor(name), ck.dense(key, layer).to(torch.bfloat16)), name
 
 

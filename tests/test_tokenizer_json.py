@@ -1,7 +1,10 @@
 """offload's tokenizer.json path (byte-level BPE, as Qwen and OLMoE ship) against transformers.
 
 A tiny tokenizer with Qwen2's structure (NFC, Qwen's split regex, byte-level BPE, ChatML special
-tokens added after the vocabulary) is trained here with the ``tokenizers`` library.
+tokens added after the vocabulary) is trained with the ``tokenizers`` library
+(``tests.tokenizer_builder.write_json_tokenizer``); ``write_json_checkpoint`` puts one next to a tiny transformers Mixtral
+as a Qwen-style checkpoint (tokenizer.json, no tokenizer.model, no bos) for the pack, CLI and hub
+tests.
 """
 
 from __future__ import annotations
@@ -15,81 +18,44 @@ import pytest
 
 from offload.errors import TokenizerError
 from offload.tokenizer import JsonTokenizer, Message, Tokenizer
-from tests.tokenizer_builder import NON_ASCII_SENTENCES, write_tokenizer
-
-DOCS = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "python-docs-valid.txt"
-
-QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-# Qwen2.5-Instruct's template, without the tools branch.
-CHATML_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' %}"
-    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
-    "{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if not (message.role == 'system' and loop.first) %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
-    "{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+from tests.tokenizer_builder import write_json_tokenizer, write_tokenizer
 
 MIXED = ("def f(x):\n    return x  # 日本語のコメント\n\n\n\tif  x   >  1:\t\n"
          "Emoji 🙂🚀👍🏽❤️ and 中文字符，还有 한국어; café naïve Größe\r\n   trailing   ")
 
 
-def _build(d: Path) -> Path:
-    from tokenizers import (
-        AddedToken,
-        Regex,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
-    from tokenizers import Tokenizer as HF
+# BPE tokens of write_json_checkpoint's tokenizer: with its 3 specials, the model's 512. (Qwen's
+# tokenizer has fewer tokens than its model has embeddings; a random tiny model, unlike a trained
+# one, samples the rows past the tokenizer's, which no tokenizer decodes.)
+JSON_VOCAB = 509
 
-    d.mkdir(parents=True, exist_ok=True)
-    tok = HF(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    lines = DOCS.read_text(encoding="utf-8").splitlines()[:4000] + NON_ASCII_SENTENCES * 3
-    trainer = trainers.BpeTrainer(vocab_size=1200, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(lines, trainer)
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-    tok.save(str(d / "tokenizer.json"))
-    ids = {s: tok.token_to_id(s) for s in specials}
-    config = {
-        "tokenizer_class": "Qwen2Tokenizer",
-        "bos_token": None,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "add_prefix_space": False,
-        "errors": "replace",
-        "chat_template": CHATML_TEMPLATE,
-        "added_tokens_decoder": {str(i): {"content": s, "special": True, "normalized": False,
-                                          "lstrip": False, "rstrip": False, "single_word": False}
-                                 for s, i in ids.items()},
-    }
-    (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    # Qwen's configs name a bos_token_id its tokenizer never adds; generation ends at either eos.
-    (d / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]]}))
-    return d
+
+def write_json_checkpoint(out_dir: Path) -> Path:
+    """A Qwen-style checkpoint in ``out_dir``: the tiny windowed Mixtral of tests.model_builder
+    saved by transformers (``save_pretrained``) with ``write_json_tokenizer``'s files and no
+    tokenizer.model; the chat template in chat_template.jinja, as transformers 5 saves it, and
+    config.json naming the tokenizer's <|endoftext|> and <|im_end|> as bos and eos token ids, as
+    Qwen3-MoE's does (its tokenizer adds no bos)."""
+    from tests.model_builder import WINDOWED, TinyShape, build_reference
+
+    out_dir = Path(out_dir)
+    write_json_tokenizer(out_dir, vocab_size=JSON_VOCAB)
+    generation = (out_dir / "generation_config.json").read_text()  # save_pretrained writes its own
+    config = json.loads((out_dir / "tokenizer_config.json").read_text())
+    (out_dir / "chat_template.jinja").write_text(config.pop("chat_template"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    ids = {t["content"]: int(i) for i, t in config["added_tokens_decoder"].items()}
+    shape = TinyShape("json-tokenizer", {**WINDOWED.overrides, "bos_token_id": ids["<|endoftext|>"],
+                                         "eos_token_id": ids["<|im_end|>"]})
+    build_reference(shape).save_pretrained(out_dir, max_shard_size="150KB")
+    (out_dir / "generation_config.json").write_text(generation)
+    assert not (out_dir / "tokenizer.model").exists()
+    return out_dir
 
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory) -> Path:
-    return _build(tmp_path_factory.mktemp("qwen_tok"))
+    return write_json_tokenizer(tmp_path_factory.mktemp("qwen_tok"))
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,22 @@
 """ExpertCache: the expert provider that keeps hot experts in device slots and loads the rest.
 
 What it is: per-layer device slots with a pluggable eviction policy, fed from the host tier
-(RAM) or, below it, the record source on disk; per-layer statistics (hits, misses, loads and
-bytes from each tier, stall time). It serves ``MixtralModel``'s MoE block through the
+(RAM) or, below it, the record source on disk; per-layer statistics (hits, misses, loads, copies
+and bytes from each tier, stall time). It serves ``MixtralModel``'s MoE block through the
 ``ExpertProvider`` contract: ``get(layer, experts)`` with at most ``max_experts_per_call``
 experts returns their weights as views into device slots, valid until the next call.
 
 Guarantees: it never evicts an expert that the current request asks for; every layer owns at
 least top-k slots, so any request fits; the bytes in a slot are an exact copy of the record, so
-results are bit-identical to the all-resident run. What it is not: a predictor (prefetch comes
+results are bit-identical to the all-resident run.
+
+Batched moves: the misses of one ``get`` are brought in as one load. Their slots are taken
+together (free slots first, a contiguous run of them where the free list has one, then the
+policy's victims, the same victims as one miss at a time would evict) and paired with the
+misses so that records in consecutive RAM rows land in consecutive slots: each such run is one
+copy, and the ordering waits, the event and the stall timing are paid once per call, not once
+per record. Disk misses are still one read each. ``batch_moves=False`` loads each miss by itself
+(one copy per record), for comparison. What it is not: a predictor (prefetch comes
 with predict.py) or a memory planner (plan.py sizes it).
 """
 
@@ -41,6 +49,8 @@ class LayerStats:
     late: int = 0  # of those, still in flight when asked for (compute waited)
     cpu_runs: int = 0  # misses computed on the CPU, on their RAM copy (counted in misses; nothing moved)
     cpu_seconds: float = 0.0  # wall time of those CPU experts (reported by the model)
+    host_copies: int = 0  # copy operations issued for host loads (a run of consecutive records is one)
+    disk_reads: int = 0  # read operations issued for disk loads (one per record)
 
     @property
     def requests(self) -> int:
@@ -54,6 +64,11 @@ class LayerStats:
     @property
     def hit_rate(self) -> float:
         return self.hits / self.requests if self.requests else 0.0
+
+    @property
+    def copies(self) -> int:
+        """Moves issued towards the device: host copies and disk reads (at most the loads)."""
+        return self.host_copies + self.disk_reads
 
 
 @dataclass
@@ -93,7 +108,10 @@ class CacheStats:
             "late": total.late,
             "cpu_runs": total.cpu_runs,
             "cpu_seconds": total.cpu_seconds,
-            "layers": [dict(asdict(s), hit_rate=s.hit_rate) for s in self.layers],
+            "host_copies": total.host_copies,
+            "disk_reads": total.disk_reads,
+            "copies": total.copies,
+            "layers": [dict(asdict(s), hit_rate=s.hit_rate, copies=s.copies) for s in self.layers],
         }
 
 
@@ -106,6 +124,39 @@ CPU_EXPERTS = ("auto", "off", "all")
 CPU_MAX_TOKENS = 16  # a forward of more tokens runs every expert on the device (CUDA)
 # placer(layer, misses in RAM, cache) -> the experts among them to run on the CPU
 Placer = Callable[[int, list, "ExpertCache"], Sequence[int]]
+
+
+def pair_runs(sources: Sequence[tuple[int, int]], slots: Sequence[int]) -> list[int]:
+    """A distinct slot from ``slots`` for each of ``sources`` ((block, row) of RAM records,
+    ascending), so that sources in consecutive rows of one block get consecutive slots as far as
+    the slots allow: each run of sources, longest first, goes into the shortest run of
+    consecutive slots that holds it whole, else is split over the longest ones. Then a run of
+    sources is one copy where it found a run of slots. Uses len(sources) of the slots."""
+    runs: list[tuple[int, int]] = []  # (first source position, length)
+    for i, (block, row) in enumerate(sources):
+        if runs and i > 0 and sources[i - 1] == (block, row - 1):
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    free: list[list[int]] = []  # [first slot, length], slots ascending
+    for slot in sorted(slots):
+        if free and free[-1][0] + free[-1][1] == slot:
+            free[-1][1] += 1
+        else:
+            free.append([slot, 1])
+    out = [0] * len(sources)
+    for first, length in sorted(runs, key=lambda r: (-r[1], r[0])):
+        while length:
+            fits = [r for r in free if r[1] >= length]
+            run = min(fits, key=lambda r: (r[1], r[0])) if fits else max(free, key=lambda r: (r[1], -r[0]))
+            n = min(length, run[1])
+            out[first : first + n] = range(run[0], run[0] + n)
+            run[0] += n
+            run[1] -= n
+            if not run[1]:
+                free.remove(run)
+            first, length = first + n, length - n
+    return out
 
 
 class ExpertCache:
@@ -127,6 +178,7 @@ class ExpertCache:
         host_chunks: Sequence[int] | None = None,
         cpu_experts: str = "off",
         placer: Placer | None = None,
+        batch_moves: bool = True,
     ):
         capacity = [slots_per_layer] * num_layers if isinstance(slots_per_layer, int) else list(slots_per_layer)
         if len(capacity) != num_layers or not all(top_k <= n <= num_experts for n in capacity):
@@ -149,6 +201,7 @@ class ExpertCache:
         # disk reads go through pinned staging on CUDA (``staged``); a CPU device reads into its slot
         self.transfers = Transfers(device, layout.nbytes, staged=staged)
         self.stall = StallClock(device)
+        self.batch_moves = batch_moves  # a get's misses from RAM in runs, one load (else one copy each)
         # residency: layer -> {expert: slot}, and each layer's free slots
         self.where: list[dict[int, int]] = [{} for _ in range(num_layers)]
         self.free: list[list[int]] = [list(range(n - 1, -1, -1)) for n in capacity]
@@ -203,20 +256,24 @@ class ExpertCache:
         stats = self._stats.layers[layer]
         resident = self.where[layer]
         protected = set(experts)
-        chosen, waits, outcomes, sides = [], [], [], []  # waits: (expert, slot index, load handle)
+        chosen: list = [None] * len(experts)
+        outcomes, sides, waits = [], [], []  # waits: (expert, slot index, load handle)
+        misses: list[int] = []  # experts not resident: slots taken for them all at once, below
+        moves: dict[int, int] = {}  # expert -> slot index this call loads it into
+        issued: set[int] = set()  # experts of ``moves`` whose load has started
         for expert in experts:  # (only the victims' recency matters to eviction: never these)
             self.policy.use(layer, expert)
         on_cpu = self._place(layer, [e for e in experts if e not in resident], tokens)
         expert = None
         try:
-            for expert in experts:
+            for position, expert in enumerate(experts):
                 slot = resident.get(expert)
                 if expert in on_cpu:  # computed where it lies in RAM: no slot taken, nothing moved
                     stats.misses += 1
                     stats.cpu_runs += 1
                     outcomes.append("cpu")
                     sides.append("cpu")
-                    chosen.append(self.host_views[(layer, expert)])
+                    chosen[position] = self.host_views[(layer, expert)]
                     continue
                 if slot is not None:
                     index = self.slots.index(layer, slot)
@@ -238,38 +295,55 @@ class ExpertCache:
                             if self.transfers.cancel(handle):  # queued behind other prefetches: load it now
                                 self._uncount(index, stats)  # the cancelled load moved nothing
                                 self.loads[index] = None
-                                handle = self._load(layer, expert, index, stats, needed_now=True)
-                            if handle is not None:
+                                moves[expert] = index  # with this call's misses
+                            else:
                                 waits.append((expert, index, handle))
+                    chosen[position] = self.slots.weights[index]
+                elif expert in misses:  # asked twice in one call (the contract says never): one slot
+                    outcome = "hit"
+                    stats.hits += 1
                 else:
                     outcome = "miss"
                     stats.misses += 1
-                    slot = self._take_slot(layer, protected)
-                    resident[expert] = slot
-                    index = self.slots.index(layer, slot)
-                    handle = self._load(layer, expert, index, stats, needed_now=True)
-                    if handle is not None:
-                        waits.append((expert, index, handle))
+                    misses.append(expert)
                 outcomes.append(outcome)
                 sides.append("device")
-                chosen.append(self.slots.weights[index])
             expert = None
+            if misses:
+                for expert, slot in self._take_slots(layer, misses, protected).items():
+                    resident[expert] = slot
+                    moves[expert] = self.slots.index(layer, slot)
+                expert = None
+                for position, expert in enumerate(experts):
+                    if chosen[position] is None:
+                        chosen[position] = self.slots.weights[moves[expert]]
+                expert = None
+            if moves:
+                waits.extend(self._move(layer, moves, stats, issued))
             if waits:
                 started = self.stall.start()
+                waited: set[int] = set()  # a batched load's one handle serves several slots
                 for expert, index, handle in waits:
-                    self.transfers.wait(handle)
+                    if id(handle) not in waited:
+                        self.transfers.wait(handle)
+                        waited.add(id(handle))
                     self.loads[index] = None  # compute now follows it (host or stream order)
                 expert = None
                 seconds = self.stall.stop(started, layer)
                 if seconds is not None:
                     stats.stall_seconds += seconds
         except BaseException:
-            # a failed or abandoned load: its slot holds no known expert, so forget it, and every
-            # other expert of this request whose load compute has not yet waited for (it may
-            # have failed too), rather than serve their bytes later
+            # a failed or abandoned load: its slot holds no known expert, so forget it, every
+            # expert given a slot here whose load never started (the slot holds its last
+            # expert's bytes), and every other expert of this request whose load compute has not
+            # yet waited for (it may have failed too), rather than serve their bytes later
             for other in set(experts):
                 slot = resident.get(other)
-                if other == expert or (slot is not None and self.loads[self.slots.index(layer, slot)] is not None):
+                if (
+                    other == expert
+                    or (other in moves and other not in issued)
+                    or (slot is not None and self.loads[self.slots.index(layer, slot)] is not None)
+                ):
                     self._forget(layer, other)
             raise
         self.last_outcomes, self.last_sides = outcomes, sides
@@ -365,6 +439,92 @@ class ExpertCache:
 
     # ---- internals ----------------------------------------------------------------------------
 
+    def _take_slots(self, layer: int, misses: list[int], protected: set[int]) -> dict[int, int]:
+        """A slot of ``layer`` for each miss: free slots first (a contiguous run of them where the
+        free list holds one), then the policy's victims among experts ``protected`` does not
+        hold, exactly the victims that taking one slot per miss would evict; paired so that
+        records in consecutive RAM rows get consecutive slots where the slots allow
+        (``pair_runs``). Returns expert -> slot."""
+        free = self.free[layer]
+        taken = self._free_run(layer, min(len(misses), len(free)))
+        while len(taken) < len(misses):
+            taken.append(self._take_slot(layer, protected))
+        in_ram, on_disk = [], []
+        for expert in misses:
+            where = self.host.locate((layer, expert))
+            (on_disk if where is None else in_ram).append((where, expert))
+        in_ram.sort()
+        slots = pair_runs([where for where, _ in in_ram], taken)
+        out = {expert: slot for (_, expert), slot in zip(in_ram, slots)}
+        rest = sorted(set(taken) - set(slots))
+        out.update(zip((expert for _, expert in on_disk), rest))
+        return out
+
+    def _free_run(self, layer: int, n: int) -> list[int]:
+        """Take ``n`` free slots of ``layer``: the lowest run of ``n`` consecutive ones, else the
+        ``n`` lowest. The rest stay free, lowest popped first (``_take_slot``)."""
+        if n == 0:
+            return []
+        free = sorted(self.free[layer])
+        start = next((i for i in range(len(free) - n + 1) if free[i + n - 1] - free[i] == n - 1), 0)
+        self.free[layer] = (free[:start] + free[start + n :])[::-1]
+        return free[start : start + n]
+
+    def _move(self, layer: int, moves: dict[int, int], stats: LayerStats, issued: set[int]) -> list:
+        """Load ``moves`` (expert -> slot index of ``layer``) as demand loads; returns
+        (expert, slot index, handle) for each load still to wait for. Batched: the RAM records
+        go in runs (consecutive rows of one RAM block into consecutive slots), one copy per run,
+        all in one ``Transfers.copy_runs`` load with one handle; disk records one read each.
+        Each expert whose load started is added to ``issued``."""
+        waits = []
+        if not self.batch_moves:  # one load per record, each with its own handle
+            for expert, index in moves.items():
+                handle = self._load(layer, expert, index, stats, needed_now=True)
+                issued.add(expert)
+                if handle is not None:
+                    waits.append((expert, index, handle))
+            return waits
+        nbytes = self.layout.nbytes
+        started = self.stall.start()
+        in_ram, on_disk = [], []  # in_ram: (block, row, slot index, expert)
+        for expert, index in moves.items():
+            where = self.host.locate((layer, expert))
+            if where is None:
+                on_disk.append((expert, index))
+            else:
+                in_ram.append((*where, index, expert))
+        if in_ram:
+            in_ram.sort()
+            runs: list[list[int]] = []  # [block, first row, first slot index, records]
+            for block, row, index, _ in in_ram:
+                last = runs[-1] if runs else None
+                if last is not None and block == last[0] and row == last[1] + last[3] and index == last[2] + last[3]:
+                    last[3] += 1
+                else:
+                    runs.append([block, row, index, 1])
+            previous = [self.loads[index] for _, _, index, _ in in_ram if self.loads[index] is not None]
+            pairs = [(self.slots.run(index, n), self.host.run(block, row, n)) for block, row, index, n in runs]
+            handle = self.transfers.copy_runs(pairs, None, True, previous)  # [n, record bytes] each
+            stats.host_loads += len(in_ram)
+            stats.host_bytes += len(in_ram) * nbytes
+            stats.host_copies += len(runs)
+            for _, _, index, expert in in_ram:
+                self.loads[index] = handle
+                self._tier[index] = "host"
+                issued.add(expert)
+                if handle is not None:
+                    waits.append((expert, index, handle))
+        for expert, index in on_disk:
+            handle = self._read(layer, expert, index, stats, None, True)
+            self.loads[index] = handle
+            issued.add(expert)
+            if handle is not None:
+                waits.append((expert, index, handle))
+        seconds = self.stall.stop(started, layer)
+        if seconds is not None:
+            stats.stall_seconds += seconds
+        return waits
+
     def _take_slot(self, layer: int, protected: set[int]) -> int:
         if self.free[layer]:
             return self.free[layer].pop()
@@ -385,39 +545,48 @@ class ExpertCache:
         """Bring one record into a device slot; returns the copy handle (None when done).
         ``after``: a compute-stream mark the copy must follow (default: all queued compute).
         ``needed_now``: a demand miss, waited for at once (a prefetch otherwise)."""
-        key = (layer, expert)
-        nbytes = self.layout.nbytes
-        target = self.slots.storage[slot_index]
-        previous = self.loads[slot_index]  # a load into this slot that may not have landed
         started = self.stall.start()
-        record = self.host.get(key)
-        self._tier[slot_index] = "host" if record is not None else "disk"
+        record = self.host.get((layer, expert))
         if record is not None:
+            self._tier[slot_index] = "host"
             stats.host_loads += 1
-            stats.host_bytes += nbytes
+            stats.host_bytes += self.layout.nbytes
+            stats.host_copies += 1
+            previous = self.loads[slot_index]  # a load into this slot that may not have landed
             # host rows never change: no reuse hazard
-            handle = self.transfers.copy(target, record, after, needed_now, previous)
+            handle = self.transfers.copy(self.slots.storage[slot_index], record, after, needed_now, previous)
         else:
-            stats.disk_loads += 1
-            stats.disk_bytes += nbytes
-            source = self.source
-            read = lambda buffer: source.read_record(layer, expert, buffer)  # noqa: E731
-            # a prefetch reads on the loader thread, a demand load here; never one behind the other
-            handle = self.transfers.read(read, target, after, needed_now, previous)
+            handle = self._read(layer, expert, slot_index, stats, after, needed_now)
         seconds = self.stall.stop(started, layer)
         if seconds is not None:
             stats.stall_seconds += seconds
         self.loads[slot_index] = handle
         return handle
 
+    def _read(self, layer: int, expert: int, slot_index: int, stats: LayerStats, after, needed_now: bool):
+        """Start the disk read of one record into a slot (counted as one read); its handle."""
+        self._tier[slot_index] = "disk"
+        stats.disk_loads += 1
+        stats.disk_bytes += self.layout.nbytes
+        stats.disk_reads += 1
+        source = self.source
+        read = lambda buffer: source.read_record(layer, expert, buffer)  # noqa: E731
+        # a prefetch reads on the loader thread, a demand load here; never one behind the other;
+        # after the last load into the slot, which may not have landed
+        target = self.slots.storage[slot_index]
+        return self.transfers.read(read, target, after, needed_now, self.loads[slot_index])
+
     def _uncount(self, slot_index: int, stats: LayerStats) -> None:
-        """Take back the load and bytes counted for a load into ``slot_index`` that was cancelled."""
+        """Take back the load, copy and bytes counted for a load into ``slot_index`` that was
+        cancelled (only a single load can be: a batched one is a demand load, never queued)."""
         if self._tier[slot_index] == "host":
             stats.host_loads -= 1
             stats.host_bytes -= self.layout.nbytes
+            stats.host_copies -= 1
         else:
             stats.disk_loads -= 1
             stats.disk_bytes -= self.layout.nbytes
+            stats.disk_reads -= 1
 
     def close(self) -> None:
         """Finish the loads in flight and stop the loader (the cache still serves after, with

@@ -34,10 +34,10 @@ class Lookahead:
 
     def __init__(self, config: ModelConfig, dense: DenseWeights, depth: int = 1):
         self.depth = depth
-        self.num_layers = config.num_hidden_layers
+        self.num_layers = config.num_moe_layers  # expert layers: dense-MLP layers have no router
         self.num_experts = config.num_local_experts
-        # [L * E, D]: each layer's router rows scaled by its post-attention norm weight
-        self.folded = torch.cat([lw.router * lw.post_attention_layernorm for lw in dense.layers])
+        # [L * E, D]: each expert layer's router rows scaled by its post-attention norm weight
+        self.folded = torch.cat([lw.router * lw.post_attention_layernorm for lw in dense.layers if lw.router is not None])
 
     def device_top(self, layer: int, hidden: torch.Tensor, width: int) -> torch.Tensor | None:
         """hidden [1, D] after ``layer``'s attention -> the ``width`` best experts of each of the

@@ -3,8 +3,11 @@
 What it is: storage with fixed capacity, allocated once. ``DeviceSlots`` is the pool of
 expert-sized buffers on the compute device (on CPU, a budgeted pool in RAM), each with typed
 views made at start so that using a resident expert allocates nothing. ``HostTier`` holds a
-fixed set of records in RAM (pinned when the device is CUDA) up to its budget. Record sources read one expert into a caller's buffer: a pack (``offload.pack.Pack``,
-one read per record) or a Hugging Face checkpoint (``CheckpointRecords``, three reads, packed).
+fixed set of records in RAM (pinned when the device is CUDA) up to its budget; records filled
+one after another sit in consecutive rows, so both tiers can hand out a run of records as one
+contiguous buffer (``run``) and a batched move copies it at once. Record sources read one expert
+into a caller's buffer: a pack (``offload.pack.Pack``, one read per record) or a Hugging Face
+checkpoint (``CheckpointRecords``, three reads, packed).
 What it is not: the policy deciding what to keep (policy.py) or the orchestration (cache.py).
 """
 
@@ -103,6 +106,11 @@ class DeviceSlots:
     def index(self, layer: int, slot: int) -> int:
         return self.first[layer] + slot
 
+    def run(self, index: int, count: int) -> torch.Tensor:
+        """Slots ``index`` .. ``index + count - 1`` as one buffer: [count, record bytes], contiguous
+        (consecutive slots are consecutive rows of the one storage tensor)."""
+        return self.storage[index : index + count]
+
     @property
     def nbytes(self) -> int:
         return self.storage.numel()
@@ -148,6 +156,16 @@ class HostTier:
     def get(self, key: ExpertKey) -> torch.Tensor | None:
         row = self.rows.get(key)
         return None if row is None else self._row(row)
+
+    def locate(self, key: ExpertKey) -> tuple[int, int] | None:
+        """(block, row within the block) of ``key``'s record, None when RAM does not hold it:
+        records at consecutive rows of one block are one contiguous range (``run``)."""
+        row = self.rows.get(key)
+        return None if row is None else self._row_of[row]
+
+    def run(self, block: int, row: int, count: int) -> torch.Tensor:
+        """Rows ``row`` .. ``row + count - 1`` of ``block`` as one buffer: [count, record bytes]."""
+        return self.buffers[block][row : row + count]
 
     def __contains__(self, key: ExpertKey) -> bool:
         return key in self.rows
