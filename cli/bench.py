@@ -12,7 +12,9 @@ not timed; rows say `` @ dN``). The table shows llama-bench's size (bytes of the
 params, the weight formats that ran (experts/attention) and threads, and a ``build:`` line
 after it; JSON and CSV add ``model_bytes``, ``model_params``, ``expert_format``,
 ``attn_format``, ``threads``, ``offload_version``, ``n_depth``, ``t_s_min``, ``t_s_max`` and
-``t_s_spread`` (std / mean). A row whose spread exceeds ``--spread-warn`` (default 10%) gets one
+``t_s_spread`` (std / mean). ``-b/--batch-size`` (llama-bench's) sets the prompt tokens per forward
+pass (the prefill chunk) and ``--kv-bits`` the KV cache's width, comma lists like the other settings,
+columns when given; JSON and CSV add what ran (``batch_size_used``, ``kv_bits_used``). A row whose spread exceeds ``--spread-warn`` (default 10%) gets one
 warning line on stderr, naming them all.
 A progress line per combination goes to stderr. --replay TRACE (a comma list too) takes every
 request's routing from a router trace; the trace then bounds the lengths as the model's context
@@ -71,12 +73,13 @@ SETTING_COLUMNS = (
     ("vram", "vram"), ("ram", "ram"), ("experts_per_layer", "experts/layer"), ("policy", "policy"),
     ("prefetch_depth", "prefetch depth"), ("expert_bits", "expert bits"), ("attn_bits", "attn bits"),
     ("dtype", "dtype"), ("device", "device"), ("replay", "replay"), ("cpu_experts", "cpu experts"),
+    ("kv_bits", "kv bits"), ("batch_size", "batch size"),
 )
 # columns of JSON rows and CSV, in order
 FIELDS = (
     "model", "machine", "profile", "vram", "ram", "experts_per_layer", "policy", "prefetch_depth", "expert_bits",
-    "attn_bits", "dtype", "device", "replay", "cpu_experts", "policy_used", "dtype_used", "device_used", "slots_per_layer",
-    "host_experts",
+    "attn_bits", "dtype", "device", "replay", "cpu_experts", "kv_bits", "batch_size", "policy_used", "dtype_used",
+    "device_used", "kv_bits_used", "batch_size_used", "slots_per_layer", "host_experts",
     "n_prompt", "n_gen", "n_depth", "reps", "test", "t_s_mean", "t_s_std", "t_s_min", "t_s_max", "t_s_spread",
     "hit_rate", "cpu_share", "stall_share", "bytes_per_token",
     "model_bytes", "model_params", "expert_format", "attn_format", "threads", "offload_version",
@@ -253,6 +256,13 @@ def bench_command(
     cpu_experts: Optional[str] = typer.Option(
         None, "--cpu-experts", help="Where misses in RAM run: auto, off, all (comma list)."
     ),
+    kv_bits: Optional[str] = typer.Option(
+        None, "--kv-bits", help="KV cache widths: 16 (the compute dtype), 8 (int8 with scales) (comma list)."
+    ),
+    batch_size: Optional[str] = typer.Option(
+        None, "--batch-size", "-b", help="Prompt tokens per forward pass for ppN, e.g. 64,256 (comma list). "
+        "Default: the plan's (256, smaller when the card needs it).",
+    ),
     profile: Optional[str] = typer.Option(
         None, "--profile", help="Machine profiles: shipped names or TOML paths (comma list); flags given win. "
         "Default: the best shipped profile for each device, fitted to the model.",
@@ -278,7 +288,7 @@ def bench_command(
         configs = sweep({
             "vram": vram, "ram": ram, "experts_per_layer": experts_per_layer, "policy": policy,
             "expert_bits": expert_bits, "attn_bits": attn_bits, "dtype": dtype, "device": device,
-            "replay": replay, "cpu_experts": cpu_experts,
+            "replay": replay, "cpu_experts": cpu_experts, "kv_bits": kv_bits, "batch_size": batch_size,
         })
         model = model or DEMO_MODEL_DIR
         limits = _at_depth(_limits(model, configs), max(depths))
@@ -390,7 +400,7 @@ def _choices(names: list[Optional[str]], model: Path, config: BenchConfig, conte
         choose_profile(
             name, model, device=config.device, dtype=config.dtype, context_length=context,
             expert_bits=config.expert_bits, attn_bits=config.attn_bits, vram=config.vram, ram=config.ram,
-            experts_per_layer=config.experts_per_layer,
+            experts_per_layer=config.experts_per_layer, kv_bits=config.kv_bits, batch_size=config.batch_size,
         )
         for name in names
     ]

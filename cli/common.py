@@ -15,7 +15,9 @@ positional; both given is an error); a flag given a value (``--chat true``) and 
 offload does not take (``-ngl``; ``LLAMA_FLAGS`` names the nearest offload setting) are one-line
 errors, as is every other parsing error; flags show no ``<bool>`` in help. ``-q/--quiet``
 silences the dim informational lines (``note``), ``-t/--threads`` sets torch's threads before a
-load (without it a profile's ``cpu_threads`` is a ceiling), ``process_escapes`` turns
+load (without it a profile's ``cpu_threads`` is a ceiling), ``-b/--batch-size`` is llama.cpp's
+prompt batch (the prefill chunk) and ``--kv-bits`` the KV cache's width (llama.cpp's ``-ctk`` and
+``-ctv`` name it in their one-line error), ``process_escapes`` turns
 llama.cpp's escapes in command-line text (``-p``, ``--stop``, ``--system``) into characters.
 
 No engine or planning logic here: the fitting is ``offload.profile``, the loading ``offload.engine``.
@@ -217,11 +219,10 @@ LLAMA_FLAGS = {
     **dict.fromkeys(("-ot", "--override-tensor"), "-ot/--override-tensor: use --cpu-experts"),
     **dict.fromkeys(("-cmoe", "--cpu-moe"), "--cpu-moe: use --cpu-experts all"),
     **dict.fromkeys(("-ncmoe", "--n-cpu-moe"), "--n-cpu-moe: use --experts-per-layer or --vram"),
-    **dict.fromkeys(("-b", "--batch-size", "-ub", "--ubatch-size"),
-                    "-b/-ub batch sizes: offload chooses its prompt chunks itself"),
+    **dict.fromkeys(("-ub", "--ubatch-size"), "-ub/--ubatch-size: offload has one prompt chunk, -b/--batch-size"),
     **dict.fromkeys(("-fa", "--flash-attn"), "-fa/--flash-attn: attention is torch's SDPA, nothing to set"),
     **dict.fromkeys(("-ctk", "--cache-type-k", "-ctv", "--cache-type-v"),
-                    "KV cache types: the KV cache is in the compute dtype; use --dtype"),
+                    "KV cache types: use --kv-bits 8 (int8 keys and values) or 16 (the compute dtype)"),
     **dict.fromkeys(("--mlock", "--no-mmap", "--mmap"), "memory mapping flags: use --ram for the experts' RAM"),
     **dict.fromkeys(("-tb", "--threads-batch"), "-tb/--threads-batch: use -t/--threads"),
     **dict.fromkeys(("-mg", "--main-gpu", "-sm", "--split-mode", "-ts", "--tensor-split"),
@@ -573,6 +574,14 @@ EXPERT_BITS_OPTION = typer.Option(
     None, "--expert-bits", help="Expert weights in 4 (nf4), 8 (int8) or 16 bits (unquantized)."
 )
 ATTN_BITS_OPTION = typer.Option(None, "--attn-bits", help="Attention projections in 4, 8 or 16 bits (default 16).")
+KV_BITS_OPTION = typer.Option(
+    None, "--kv-bits", help="KV cache in 16 bits (the compute dtype) or 8 (int8 keys and values with an fp16 scale "
+    "per layer, head and position: half the bytes). Default: the profile's, else 16.",
+)
+BATCH_SIZE_OPTION = typer.Option(
+    None, "--batch-size", "-b", min=1, help="Prompt tokens per forward pass (the prefill chunk the device reserve is "
+    "sized for). Default: the plan's (256, smaller when the card needs it).",
+)
 
 
 def model_label(model: Union[str, Path]) -> str:
@@ -698,6 +707,8 @@ def choose_profile(
     vram: Optional[str] = None,
     ram: Optional[str] = None,
     experts_per_layer: Optional[int] = None,
+    kv_bits: Optional[int] = None,
+    batch_size: Optional[int] = None,
 ) -> ProfileChoice:
     """A profile given by name or path: loaded, and refused (SettingError naming the field) when
     it needs more than this machine has, unless --device overrides where it runs. None: the best
@@ -719,6 +730,7 @@ def choose_profile(
     chosen, reason = auto_profile(
         local_model(model), device, dtype=dtype, context=context_length, expert_format=expert_format,
         expert_bits=expert_bits, attn_bits=attn_bits, vram=vram, ram=ram, experts_per_layer=experts_per_layer,
+        kv_bits=kv_bits, batch_size=batch_size,
     )
     return ProfileChoice(chosen, f"{chosen.name if chosen else 'none'} (auto)", reason)
 
@@ -753,8 +765,13 @@ def engine_options(profile: Union[None, str, "Profile", ProfileChoice], **flags)
             settings.setdefault(key, value)
     if "replay" in given and "policy" not in given and settings.get("policy") in ("lookahead", "combined"):
         settings["policy"] = "auto"  # a profile's gate look-ahead cannot run on a trace: the replay default
-    if settings.get("cpu_experts", "") is None:  # not given, nor in the profile: the engine's default
-        settings.pop("cpu_experts")
+    for key in ("cpu_experts", "kv_bits", "batch_size"):  # not given, nor in the profile: the engine's default
+        if key in settings and settings[key] is None:
+            settings.pop(key)
+    if "kv_bits" in settings:
+        from offload.plan import check_kv_bits
+
+        check_kv_bits(settings["kv_bits"])  # refused before anything loads
     depth = settings.pop("prefetch_depth", None)
     if depth is not None:  # None: the engine's default
         if depth < 1:
@@ -765,13 +782,17 @@ def engine_options(profile: Union[None, str, "Profile", ProfileChoice], **flags)
 
 # the flags that fix what they name when a profile is fitted to the model (choose_profile)
 _FIT_FLAGS = ("device", "dtype", "context_length", "expert_format", "expert_bits", "attn_bits", "vram", "ram",
-              "experts_per_layer")
+              "experts_per_layer", "kv_bits", "batch_size")
 
 
 def load_with_profile(profile: Optional[str], model: Union[str, Path], **flags) -> tuple[Engine, ProfileChoice]:
     """The profile (``--profile``, or the automatic one fitted to ``model``), then the engine
     with its plan under the flags given (``engine_options``' names). An automatic choice is
     named in one dim line on stderr after the load, so that a load error stays the only line."""
+    if flags.get("kv_bits") is not None:
+        from offload.plan import check_kv_bits
+
+        check_kv_bits(flags["kv_bits"])  # refused before a profile is fitted or anything is read
     chosen = choose_profile(profile, model, **{k: flags[k] for k in _FIT_FLAGS if k in flags})
     settings = engine_options(chosen, **flags)
     set_threads(chosen.profile)

@@ -10,7 +10,10 @@ parameters (``offload.plan.parameter_count``); a family's own dense weights (q/k
 Qwen2-MoE's shared expert, dense-MLP layers) are counted in their classes. With ``--vram`` and
 no bits, format or profile given, the plan is the one ``generate`` would run on a card of that size: the shipped profile for it, fitted to the model
 (``offload.profile_fit.card_fit``: its bits and context), named in one line; a card too small
-is one error line naming the flags that would fit (``offload.profile_fit.fit_hints``). With a budget (``--vram``,
+is one error line naming the flags that would fit (``offload.profile_fit.fit_hints``: narrower weights,
+``--kv-bits 8``, a shorter context, a larger card). ``--kv-bits`` plans the KV cache at 16 or 8 bits (the KV
+cache row says which); ``-b/--batch-size`` fixes the prefill chunk the runtime reserve is sized for (the
+prefill chunk row: the default 256, a chunk fitted down to a small card, or the flag's). With a budget (``--vram``,
 ``--experts-per-layer``) or a profile, the last line is the estimated decode speed, labelled
 an estimate, for the profile's machine or the one ``--mem-gbps``, ``--link-gbps``,
 ``--disk-gbps`` and ``--ram-gbps`` describe, with misses placed as ``--cpu-experts`` says (the
@@ -45,12 +48,16 @@ from offload.estimate import (
 from offload.experts.placement import CPU_EXPERTS
 from offload.plan import (
     BUILTIN_MODELS,
+    KV_BITS,
+    PREFILL_CHUNK_TOKENS,
     ModelPlan,
+    check_kv_bits,
     article,
     attention_shapes,
     builtin_model,
     format_bytes,
     is_decimal_size,
+    kv_positions,
     parse_bytes,
     plan_model,
 )
@@ -86,6 +93,14 @@ def info_command(
     ),
     expert_format: Optional[str] = typer.Option(
         None, "--expert-format", help=f"Expert format by name instead of --expert-bits: {'|'.join(FORMATS)}."
+    ),
+    kv_bits: Optional[int] = typer.Option(
+        None, "--kv-bits", help=f"KV cache in {'|'.join(map(str, KV_BITS))} bits: 16 the compute dtype (default), "
+        "8 int8 with an fp16 scale per layer, head and position (half the bytes).",
+    ),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", "-b", min=1, help=f"Prompt tokens per forward pass (the prefill chunk the runtime reserve is "
+        f"sized for). Default {PREFILL_CHUNK_TOKENS}, smaller when its reserve would not fit the card.",
     ),
     dtype: Optional[str] = typer.Option(
         None, "--dtype", help=f"Compute dtype: {'|'.join(DTYPES)} (default {DEFAULT_DTYPE}; a pack: its own)."
@@ -127,8 +142,11 @@ def info_command(
     with user_errors():
         if cpu_experts is not None and cpu_experts not in CPU_EXPERTS:
             raise SettingError(f"--cpu-experts {cpu_experts!r}: choose one of {', '.join(CPU_EXPERTS)}")
+        if kv_bits is not None:
+            check_kv_bits(kv_bits)
         p = None
         ceiling = None  # a profile's context: a ceiling the model may lower, as for generate
+        sdpa = "fused"  # the card's attention kernel: a profile's, else flash (Ampere and later)
         if profile:  # the profile's plan, where no flag says otherwise
             from offload.profile import load_profile
 
@@ -137,6 +155,8 @@ def info_command(
                 vram, experts_per_layer = p.plan_vram, p.experts_per_layer
             ram = ram or p.plan_ram
             ceiling = p.context
+            kv_bits = kv_bits or p.kv_bits
+            sdpa = p.sdpa
             if expert_format is None:
                 expert_bits = expert_bits or p.expert_bits
             profile_attn_bits = p.attn_bits
@@ -163,13 +183,15 @@ def info_command(
 
             shipped, fitted, why = card_fit(
                 config, vram_bytes, ram=ram_bytes, dtype=torch_dtype, context=context, expert_format=pack_format,
-                attn_bits=pack_attn_bits, model_name=name,
+                attn_bits=pack_attn_bits, model_name=name, kv_bits=kv_bits, prefill_tokens=batch_size,
             )
             take = fitted or shipped  # nothing fits: the profile's own widths, for the error's hints
             if take is not None:
                 if pack_format is None:
                     expert_bits = take.expert_bits
                 attn_bits = pack_attn_bits or take.attn_bits
+                kv_bits = kv_bits or take.kv_bits
+                sdpa = take.sdpa
                 ceiling = take.context
             chosen = dict(name=take.name if take is not None else "none", auto=True, fits=fitted is not None,
                           reason=f"auto: {why}", expert_bits=expert_bits, attn_bits=attn_bits)
@@ -203,10 +225,12 @@ def info_command(
                 style="dim",
             )
         context = context if context is not None else min(config.max_position_embeddings, DEFAULT_CONTEXT)
+        kv_bits = kv_bits or 16
         try:
             plan = plan_model(
                 name, config, torch_dtype, context, experts, attention, vram=vram_bytes, ram=ram_bytes,
-                experts_per_layer=experts_per_layer, device_type=device_type,
+                experts_per_layer=experts_per_layer, device_type=device_type, kv_bits=kv_bits,
+                prefill_tokens=batch_size, sdpa=sdpa,
             )
         except BudgetError as exc:
             if vram_bytes is None:
@@ -214,7 +238,8 @@ def info_command(
             from offload.profile_fit import fit_hints
 
             hints = fit_hints(name, config, torch_dtype, context, experts, attention, vram_bytes,
-                              device_type=device_type, experts_fixed=pack_format is not None)
+                              device_type=device_type, experts_fixed=pack_format is not None, kv_bits=kv_bits,
+                              prefill_tokens=batch_size, sdpa=sdpa)
             auto = ""
             if chosen is not None and chosen["auto"] and chosen["name"] != "none":
                 auto = (f"; profile {chosen['name']} (auto) fits at none of its widths, down to {experts.name} "
@@ -238,7 +263,7 @@ def info_command(
         if chosen is not None and chosen["auto"]:
             out.print(f"profile: {chosen['name']} ({chosen['reason']}); --profile, --expert-bits or --attn-bits "
                       "to choose")
-        out.print(_table(plan, given_bits))
+        out.print(_table(plan, given_bits, batch_size))
         out.print(summary(plan))
         if estimate is not None:
             out.print(estimate.describe())
@@ -310,7 +335,28 @@ def _format_note(fmt: WeightFormat, bits: Optional[int], plan: ModelPlan) -> str
     return f"{chosen}{fmt.name}, {per_weight:.2f} bits/weight"
 
 
-def _table(plan: ModelPlan, expert_bits: Optional[int]) -> Table:
+def _kv_note(plan: ModelPlan, dtype: str) -> str:
+    """The KV cache row's note: its context (a sliding window's ring), and its width."""
+    c, m = plan.config, plan.memory
+    positions = kv_positions(c, plan.context, m.prefill_chunk)
+    held = (f"context {plan.context}" if positions == plan.context else
+            f"context {plan.context}: a ring of {positions} positions (window {c.sliding_window} + a prefill chunk)")
+    if m.kv_bits == 8:
+        return f"{held}, 8-bit: int8 keys and values, a {dtype} scale per layer, KV head and position"
+    return f"{held}, {dtype}"
+
+
+def _chunk_note(plan: ModelPlan, batch_size: Optional[int]) -> str:
+    """The prefill chunk row's note: given, the default, or fitted down to the card."""
+    if batch_size is not None:
+        return f"-b/--batch-size {batch_size}"
+    if plan.memory.prefill_chunk != PREFILL_CHUNK_TOKENS:
+        return (f"fitted: the reserve at the default {PREFILL_CHUNK_TOKENS} leaves no room for top-"
+                f"{plan.config.num_experts_per_tok} experts per layer; -b/--batch-size to choose")
+    return "the default; -b/--batch-size to choose"
+
+
+def _table(plan: ModelPlan, expert_bits: Optional[int], batch_size: Optional[int] = None) -> Table:
     c, m = plan.config, plan.memory
     L, E, K = c.num_hidden_layers, c.num_local_experts, c.num_experts_per_tok
     Lm = c.num_moe_layers  # the layers with experts (all but Qwen's mlp_only_layers)
@@ -349,11 +395,14 @@ def _table(plan: ModelPlan, expert_bits: Optional[int]) -> Table:
     table.add_row("one expert", _size(plan.expert_bytes),
                   f"3 x {c.intermediate_size} x {c.hidden_size}, {_format_note(plan.expert_format, expert_bits, plan)}")
     table.add_row("all experts", _size(plan.experts_total_bytes), f"{Lm} layers x {E} experts = {m.experts_total}")
-    table.add_row("KV cache", _size(m.kv_cache_bytes), f"context {plan.context}, {dtype}")
+    table.add_row("KV cache", _size(m.kv_cache_bytes), _kv_note(plan, dtype))
+    table.add_row("prefill chunk", f"{m.prefill_chunk} tokens", _chunk_note(plan, batch_size))
     reserve = m.reserve
     if reserve.terms:
         terms = ", ".join(f"{t.name} {_size(t.nbytes)}" for t in reserve.terms if t.nbytes >= 2**20)
-        table.add_row("runtime reserve", _size(reserve.total), f"{terms} (prefill chunks of {reserve.prefill_tokens})")
+        kernel = "fused attention" if reserve.sdpa == "fused" else "attention on SDPA's math path"
+        table.add_row("runtime reserve", _size(reserve.total),
+                      f"{terms} (prefill chunks of {reserve.prefill_tokens}, {kernel})")
     table.add_section()
     with_reserve = " + runtime reserve" if reserve.terms else ""
     table.add_row("minimum VRAM", _size(plan.min_vram), f"dense + KV cache + top-{K} experts per layer{with_reserve}")

@@ -18,12 +18,14 @@ from rich.table import Table
 
 from cli.common import (
     ATTN_BITS_OPTION,
+    BATCH_SIZE_OPTION,
     CONTEXT_OPTION,
     DEVICE_OPTION,
     DTYPE_OPTION,
     EXPERT_BITS_OPTION,
     EXPERT_FORMAT_OPTION,
     EXPERTS_PER_LAYER_OPTION,
+    KV_BITS_OPTION,
     POLICY_OPTION,
     CPU_EXPERTS_OPTION,
     NO_ESCAPE_OPTION,
@@ -181,6 +183,8 @@ def generate(
     expert_format: Optional[str] = EXPERT_FORMAT_OPTION,
     expert_bits: Optional[int] = EXPERT_BITS_OPTION,
     attn_bits: Optional[int] = ATTN_BITS_OPTION,
+    kv_bits: Optional[int] = KV_BITS_OPTION,
+    batch_size: Optional[int] = BATCH_SIZE_OPTION,
     profile: Optional[str] = PROFILE_OPTION,
     trace: Optional[Path] = typer.Option(
         None, "--trace", help="Write a router trace (experts, gates, predictions, cache outcomes) to this file."
@@ -231,6 +235,7 @@ def generate(
             profile, model, device=device, dtype=dtype, context_length=context, vram=vram, ram=ram,
             experts_per_layer=experts_per_layer, policy=policy, prefetch_depth=prefetch_depth, cpu_experts=cpu_experts,
             expert_format=expert_format, expert_bits=expert_bits, attn_bits=attn_bits, replay=replay,
+            kv_bits=kv_bits, batch_size=batch_size,
         )
         load_seconds = time.perf_counter() - started
         tokenizer = engine.tokenizer

@@ -334,12 +334,12 @@ def _label(config: BenchConfig) -> str:
 def _try(model, machine, start, policy, count, prompt_tokens, gen_tokens, reps):
     """Time one candidate; (config, result, device bytes at the profile's context)."""
     config = BenchConfig(device=machine["device"], expert_bits=start.expert_bits, attn_bits=start.attn_bits,
-                         experts_per_layer=count, policy=policy)
+                         experts_per_layer=count, policy=policy, kv_bits=None if start.kv_bits == 16 else start.kv_bits)
     engine = load(model, config, context_needed(prompt_tokens, gen_tokens))
     try:
         result = measure(engine, config, prompt_tokens, gen_tokens, reps)
         context = min(start.context, engine.config.max_position_embeddings)
-        kv = kv_cache_bytes(engine.config, context, engine.dtype)
+        kv = kv_cache_bytes(engine.config, context, engine.dtype, engine.plan.kv_bits, engine.plan.prefill_chunk)
         needs = engine.plan.device_bytes - engine.plan.kv_cache_bytes + kv
     finally:
         engine.close()

@@ -17,6 +17,7 @@ import typer
 
 from cli.common import (
     ATTN_BITS_OPTION,
+    BATCH_SIZE_OPTION,
     CONTEXT_OPTION,
     CPU_EXPERTS_OPTION,
     DEVICE_OPTION,
@@ -24,6 +25,7 @@ from cli.common import (
     EXPERT_BITS_OPTION,
     EXPERT_FORMAT_OPTION,
     EXPERTS_PER_LAYER_OPTION,
+    KV_BITS_OPTION,
     POLICY_OPTION,
     PREFETCH_DEPTH_OPTION,
     PROFILE_OPTION,
@@ -90,6 +92,8 @@ def serve_command(
     expert_format: Optional[str] = EXPERT_FORMAT_OPTION,
     expert_bits: Optional[int] = EXPERT_BITS_OPTION,
     attn_bits: Optional[int] = ATTN_BITS_OPTION,
+    kv_bits: Optional[int] = KV_BITS_OPTION,
+    batch_size: Optional[int] = BATCH_SIZE_OPTION,
     profile: Optional[str] = PROFILE_OPTION,
     quiet: bool = QUIET_OPTION,  # -q and -t act through their callbacks (cli.common.invocation)
     threads: Optional[int] = THREADS_OPTION,
@@ -104,11 +108,16 @@ def serve_command(
             raise OffloadError("--api-key must not be empty")
         sock = bind(host, port)
         model = model or DEMO_MODEL_DIR
-        engine, chosen = load_with_profile(
-            profile, model, device=device, dtype=dtype, context_length=context, vram=vram, ram=ram,
-            experts_per_layer=experts_per_layer, policy=policy, prefetch_depth=prefetch_depth, cpu_experts=cpu_experts,
-            expert_format=expert_format, expert_bits=expert_bits, attn_bits=attn_bits,
-        )
+        try:
+            engine, chosen = load_with_profile(
+                profile, model, device=device, dtype=dtype, context_length=context, vram=vram, ram=ram,
+                experts_per_layer=experts_per_layer, policy=policy, prefetch_depth=prefetch_depth,
+                cpu_experts=cpu_experts, expert_format=expert_format, expert_bits=expert_bits, attn_bits=attn_bits,
+                kv_bits=kv_bits, batch_size=batch_size,
+            )
+        except BaseException:
+            sock.close()  # a load that fails leaves the port free at once
+            raise
         name = model_name or model_label(model)
         app = create_app(engine, name, api_key=api_key, cors=cors, queue_size=queue_size)
         shown = f"[{host}]" if ":" in host else host

@@ -47,7 +47,7 @@ from offload.engine import Engine, GenerationSettings, parse_dtype
 from offload.errors import SettingError
 from offload.experts.cache import CacheStats
 from offload.experts.policy import POLICY_CHOICES
-from offload.plan import parse_bytes
+from offload.plan import check_kv_bits, parse_bytes
 from offload.quant import BITS_CHOICES
 from offload.trace import ReplayRouting
 
@@ -74,10 +74,17 @@ class BenchConfig:
     device: str = "auto"
     replay: str | None = None  # a router trace whose routing replaces the routers'
     cpu_experts: str = "auto"  # where misses in RAM run (offload.experts.cache.CPU_EXPERTS)
+    kv_bits: int | None = None  # the KV cache's width: 16 or 8 (offload.plan.KV_BITS)
+    batch_size: int | None = None  # prompt tokens per forward pass (llama-bench's -b); None: the plan's
 
     def load_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``Engine.load``."""
-        return asdict(self)
+        """Keyword arguments for ``Engine.load``; ``kv_bits`` and ``batch_size`` only when given
+        (left out, the engine's defaults)."""
+        kwargs = asdict(self)
+        for key in ("kv_bits", "batch_size"):
+            if kwargs[key] is None:
+                del kwargs[key]
+        return kwargs
 
     def settings(self) -> dict[str, Any]:
         """The settings as given (every field, None where left to the default)."""
@@ -101,14 +108,16 @@ def _split(name: str, value: Any) -> list[str]:
 def _check(name: str, text: str) -> Any:
     """One value of option ``name``, checked (before any weights are read) and converted."""
     flag = f"--{name.replace('_', '-')}"
-    if name in ("experts_per_layer", "expert_bits", "attn_bits"):
+    if name in ("experts_per_layer", "expert_bits", "attn_bits", "kv_bits", "batch_size"):
         try:
             value = int(text)
         except ValueError:
             raise SettingError(f"{flag} {text!r}: expected an integer (or a comma list of them)") from None
-        if name == "experts_per_layer" and value < 1:
+        if name in ("experts_per_layer", "batch_size") and value < 1:
             raise SettingError(f"{flag} {value}: must be at least 1")
-        if name != "experts_per_layer" and value not in BITS_CHOICES:
+        if name == "kv_bits":
+            check_kv_bits(value, flag)
+        elif name in ("expert_bits", "attn_bits") and value not in BITS_CHOICES:
             raise SettingError(f"{flag} {value}: choose one of {', '.join(map(str, BITS_CHOICES))}")
         return value
     if name in ("vram", "ram"):
@@ -568,6 +577,8 @@ def measure(
             summary.add(cache.stats.since(after_prefill), decode_s, steps)
     resolved = {"policy_used": engine.policy or None, "dtype_used": str(engine.dtype).removeprefix("torch."),
                 "device_used": str(engine.device)}
+    resolved["batch_size_used"] = engine.prefill_chunk
+    resolved["kv_bits_used"] = getattr(engine.model.cache, "bits", 16)
     if engine.plan is not None:
         resolved["slots_per_layer"] = engine.plan.slots_per_layer
         resolved["host_experts"] = engine.plan.host_experts

@@ -10,7 +10,10 @@ a caller that sends the same conversation again with more at the end (a chat, a 
 the longest common prefix and prefill only the rest (``keep_prefix``, then ``extend``; or
 ``prefill(ids, reuse=True)``; or ``GenerationSettings(reuse_prefix=True)``). Prompt chunks are
 aligned to positions (multiples of ``prefill_chunk``), so a prefill that starts at a multiple of
-the chunk size runs exactly the chunks a whole prefill runs, bit for bit.
+the chunk size runs exactly the chunks a whole prefill runs, bit for bit. With a sliding window
+shorter than the context the KV cache is a ring (``offload.model.kv_capacity``): a held prefix is
+reused only while the keys its next position attends to are still in the ring, else the prompt
+is prefilled whole.
 """
 
 from __future__ import annotations
@@ -50,15 +53,15 @@ from offload.loader import (
     spare_ram,
     weight_formats,
 )
-from offload.model import DenseWeights, KVCache, MixtralModel, RotaryTable, fuse_qkv
+from offload.model import DenseWeights, KVCache, MixtralModel, RotaryTable, fuse_qkv, kv_capacity, kv_cache_nbytes
 from offload.pack import Pack, is_pack
 from offload.plan import (
     PREFILL_CHUNK_TOKENS,
     MemoryPlan,
+    check_kv_bits,
     dense_bytes_by_class,
     fit_to_free,
     format_bytes,
-    kv_cache_bytes,
     parse_bytes,
     plan_memory,
 )
@@ -96,6 +99,8 @@ class Engine:
         plan: MemoryPlan | None = None,
         source: Checkpoint | Pack | None = None,
         kv_cache: KVCache | None = None,
+        kv_bits: int = 16,
+        prefill_chunk: int = PREFILL_CHUNK_TOKENS,
     ):
         self.config = config
         self.tokenizer = tokenizer
@@ -108,10 +113,12 @@ class Engine:
         self.cache = experts if isinstance(experts, ExpertCache) else None
         self._source = source  # kept open while the cache reads from it
         self.notes: list[str] = []  # what load changed from the plan asked for, one line each
-        self.prefill_chunk = PREFILL_CHUNK_TOKENS  # prompt tokens per forward pass
+        self.prefill_chunk = prefill_chunk  # prompt tokens per forward pass (--batch-size)
         if kv_cache is None:
-            check_context_memory(config, context_length, device, dtype)
-        cache = kv_cache if kv_cache is not None else KVCache(config, context_length, device, dtype)
+            check_context_memory(config, context_length, device, dtype, kv_bits, prefill_chunk)
+            kv_cache = KVCache(config, context_length, device, dtype, kv_bits, prefill_chunk)
+        cache = kv_cache
+        self.kv_bits = cache.bits  # 16: keys and values in the compute dtype; 8: int8 with scales
         rope = RotaryTable(config, context_length, device, dtype)
         for layer in dense.layers:
             fuse_qkv(layer)  # one matmul for q, k and v in a decode step (plain projections)
@@ -140,6 +147,8 @@ class Engine:
         replay: str | Path | None = None,
         cpu_experts: str = "auto",
         machine: Any = None,
+        kv_bits: int = 16,
+        batch_size: int | None = None,
     ) -> Engine:
         """Load a Hugging Face Mixtral checkpoint directory, a hub id already in the local
         Hugging Face cache (``mistralai/Mixtral-8x7B-Instruct-v0.1``), or an offload pack.
@@ -163,6 +172,11 @@ class Engine:
         ``machine``: a machine profile (``offload.profile.Profile``) whose measured link, GPU and
         CPU costs that cost model takes (``Costs.from_profile``); None, or a profile lacking a
         figure: the stated defaults of ``offload.experts.placement.default_costs``.
+        ``kv_bits`` (``--kv-bits``): the KV cache's width, 16 (the compute dtype) or 8 (int8 codes
+        with one scale per layer, head and position: ``offload.model.KVCache``). ``batch_size``
+        (``--batch-size``): prompt tokens per forward pass (``prefill_chunk``); None: the memory
+        plan's chunk (``MemoryPlan.prefill_chunk``, fitted to the device) under a budget, else
+        ``offload.plan.PREFILL_CHUNK_TOKENS``.
         """
         if expert_format is not None and expert_bits is not None:
             raise SettingError("give --expert-format or --expert-bits, not both")
@@ -174,6 +188,11 @@ class Engine:
             raise SettingError(f"--prefetch-depth {prefetch_depth}: must be at least 1")
         if cpu_experts not in CPU_EXPERTS:
             raise SettingError(f"--cpu-experts {cpu_experts!r}: choose one of {', '.join(CPU_EXPERTS)}")
+        kv_bits = check_kv_bits(kv_bits, "--kv-bits")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
+            raise SettingError(f"--batch-size {batch_size!r}: must be a whole number of tokens, at least 1")
+        chunk = PREFILL_CHUNK_TOKENS if batch_size is None else batch_size  # the plan may choose another
         if policy == "auto":
             policy = DEFAULT_POLICY if replay is None else REPLAY_POLICY
         eviction, predictor = cache_policy(policy)
@@ -206,13 +225,15 @@ class Engine:
             torch_dtype, layout, attn_format = weight_formats(
                 source, torch_device, requested, requested_format, expert_bits, attn_bits
             )
-            check_context_memory(config, context_length, torch_device, torch_dtype)  # before any weight loads
+            # before any weight loads
+            check_context_memory(config, context_length, torch_device, torch_dtype, kv_bits, chunk)
             budgeted = vram is not None or ram is not None or experts_per_layer is not None
             dense = load_dense(source, torch_device, torch_dtype, attn_format, progress)
             if not budgeted:
                 experts = load_resident_experts(source, layout, torch_device, torch_dtype, progress)
                 source.close()
-                engine = cls(config, tokenizer, dense, experts, torch_device, torch_dtype, context_length)
+                engine = cls(config, tokenizer, dense, experts, torch_device, torch_dtype, context_length,
+                             kv_bits=kv_bits, prefill_chunk=chunk)
                 engine.model_name = str(model_dir)
                 engine.model.routing_source = routing
                 return engine
@@ -230,11 +251,14 @@ class Engine:
                 expert_format=layout.fmt,
                 attn_format=attn_format,
                 quantize_experts=not isinstance(source, Pack),  # records from a checkpoint: quantized on the device
+                prefill_tokens=batch_size,  # None: the plan fits the chunk to the device
+                kv_bits=kv_bits,
             )
+            chunk = getattr(plan, "prefill_chunk", chunk)
             # the KV cache before the slots, so that on CUDA the slots are checked against what is
             # really free once the dense weights and the KV cache are in place
-            check_context_memory(config, context_length, torch_device, torch_dtype)
-            kv_cache = KVCache(config, context_length, torch_device, torch_dtype)
+            check_context_memory(config, context_length, torch_device, torch_dtype, kv_bits, chunk)
+            kv_cache = KVCache(config, context_length, torch_device, torch_dtype, kv_bits, chunk)
             notes = []
             free = memory_info(torch_device)
             if free is not None:
@@ -264,7 +288,8 @@ class Engine:
         except BaseException:
             source.close()
             raise
-        engine = cls(config, tokenizer, dense, cache, torch_device, torch_dtype, context_length, plan, source, kv_cache)
+        engine = cls(config, tokenizer, dense, cache, torch_device, torch_dtype, context_length, plan, source, kv_cache,
+                     prefill_chunk=getattr(plan, "prefill_chunk", chunk))
         engine.model_name, engine.policy = str(model_dir), policy
         engine.notes = notes
         engine.model.routing_source = routing
@@ -303,8 +328,10 @@ class Engine:
         return tuple(self._sequence) if self._sequence_valid() else ()
 
     def _sequence_valid(self) -> bool:
-        """Does the kept sequence describe the KV cache? Not when someone ran the model directly."""
-        return len(self._sequence) == self.model.cache.length
+        """Does the kept sequence describe the KV cache, and can it be continued? Not when someone
+        ran the model directly, nor when a pass stopped halfway overwrote ring slots it needs."""
+        cache = self.model.cache
+        return len(self._sequence) == cache.length and cache.can_continue(cache.length)
 
     def reset(self) -> None:
         """Forget the current sequence (the KV cache is reused, not reallocated)."""
@@ -316,26 +343,37 @@ class Engine:
     def truncate(self, length: int) -> None:
         """Keep only the first ``length`` positions of the sequence (0: ``reset``). The keys and
         values of a position depend only on the positions before it, so what is kept stays valid;
-        what lay beyond is overwritten by the next forward pass."""
+        what lay beyond is overwritten by the next forward pass. A sliding window's ring may have
+        overwritten what position ``length`` attends to (the held sequence ran on past it by more
+        than a prefill chunk): that is refused (``reusable_prefix`` never offers it)."""
         if not 0 <= length <= len(self.sequence):
             raise SettingError(f"cannot keep {length} positions of a sequence of {len(self.sequence)}")
         if length == 0:
             self.reset()
             return
+        cache = self.model.cache
+        if not cache.can_continue(length):
+            raise SettingError(
+                f"cannot keep {length} positions: the KV cache's ring of {cache.capacity} slots "
+                f"(sliding window {cache.window}) holds positions {cache.oldest} on, and position {length} "
+                f"attends to {cache.first_key(length)} on"
+            )
         self.model.cache.length = length
         del self._sequence[length:]
 
     def reusable_prefix(self, ids: Sequence[int]) -> int:
         """How many leading ids of ``ids`` the KV cache holds already: the longest common prefix
         of ``ids`` and ``sequence``, less one when it is the whole of ``ids`` (the last id must run
-        again to give the logits that follow it). Changes nothing."""
+        again to give the logits that follow it), or 0 when a sliding window's ring no longer holds
+        what that position attends to (the held sequence ran on too far past it). Changes nothing."""
         held = self.sequence
         n = 0
         for a, b in zip(held, ids):
             if a != b:
                 break
             n += 1
-        return min(n, len(ids) - 1) if ids else 0
+        n = min(n, len(ids) - 1) if ids else 0
+        return n if self.model.cache.can_continue(n) else 0
 
     def keep_prefix(self, ids: Sequence[int]) -> int:
         """Truncate the sequence to ``reusable_prefix(ids)`` positions and return that count:
@@ -356,8 +394,8 @@ class Engine:
     def extend(self, ids: Sequence[int], should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
         """Run ``ids`` at the end of the held sequence, as prompt (prefill); logits [V] for the
         token after them. The tokens run in chunks ending at multiples of ``prefill_chunk``
-        positions (``offload.plan.PREFILL_CHUNK_TOKENS``, the size the plan's device reserve is
-        made for), each chunk expert-major; a chunk of one token runs as a decode step.
+        positions (``--batch-size``, the size the plan's device reserve is made for), each chunk
+        expert-major; a chunk of one token runs as a decode step.
 
         ``should_stop`` is asked before each chunk: when it answers True, ``PrefillInterrupted``
         is raised and the sequence holds the chunks that ran (a consistent state to continue
@@ -464,34 +502,49 @@ def make_placer(device: torch.device, layout, config: ModelConfig, machine: Any 
     return engine_placer(device, layout, config, costs)
 
 
-def check_context_memory(config: ModelConfig, context_length: int, device: torch.device, dtype: torch.dtype) -> None:
+def check_context_memory(config: ModelConfig, context_length: int, device: torch.device, dtype: torch.dtype,
+                         kv_bits: int = 16, chunk: int | None = PREFILL_CHUNK_TOKENS) -> None:
     """Refuse, before anything is allocated, a context whose KV cache and rotary tables do not fit
     in the memory free now: RAM (psutil's available) on a CPU, the device's free memory on CUDA
     (the rotary tables are computed in fp32 in RAM first). A BudgetError states both figures and
-    the longest context that fits. The rotary figure is the peak of ``RotaryTable``'s fp32
-    temporaries (about 14 bytes per position and head dimension) plus its two tables."""
+    the longest context that fits. The KV cache is what ``KVCache(..., kv_bits, chunk)`` allocates
+    (``kv_cache_nbytes``: a sliding window's ring stops growing at ``kv_capacity`` positions); the
+    rotary figure is the peak of ``RotaryTable``'s fp32 temporaries (about 14 bytes per position
+    and head dimension) plus its two tables, for every position."""
     import psutil
 
     from offload import device as devices  # the module's own memory_info: tests replace the one here
 
     itemsize = torch.empty((), dtype=dtype).element_size()
-    kv_per_token = kv_cache_bytes(config, 1, dtype)
     tables_per_token = 2 * config.head_dim * itemsize  # cos and sin_signed, on the device
     temp_per_token = 14 * config.head_dim + 8  # fp32 positions, freqs, angles, cos and sin
-    kv = (f"the KV cache ({format_bytes(kv_per_token * context_length)}, {format_bytes(kv_per_token)} per "
-          "position) and rotary tables need")
+    kv_bytes = kv_cache_nbytes(config, context_length, dtype, kv_bits, chunk)
+    slots = kv_capacity(config, context_length, chunk)
+    width = "" if kv_bits == 16 else f"{kv_bits}-bit, "
+    if slots < context_length:
+        held = f"{width}a ring of {slots} positions for the {config.sliding_window}-token window"
+    else:
+        held = f"{width}{format_bytes(kv_cache_nbytes(config, 1, dtype, kv_bits))} per position"
+    kv = f"the KV cache ({format_bytes(kv_bytes)}, {held}) and rotary tables need"
     ram = psutil.virtual_memory().available
     free = devices.memory_info(device)
+
+    def kv_and(per_token: int):  # context -> bytes: the KV cache and ``per_token`` for every position
+        return lambda n: kv_cache_nbytes(config, n, dtype, kv_bits, chunk) + per_token * n
+
     if free is None:  # everything in RAM
-        checks = [(kv, "RAM", ram, kv_per_token + tables_per_token + temp_per_token)]
+        checks = [(kv, "RAM", ram, kv_and(tables_per_token + temp_per_token))]
     else:
-        checks = [(kv, "device memory", free[0], kv_per_token + tables_per_token),
-                  ("the rotary tables' fp32 temporaries need", "RAM", ram, temp_per_token)]
-    for what, where, available, per_token in checks:
-        need = per_token * context_length
+        checks = [(kv, "device memory", free[0], kv_and(tables_per_token)),
+                  ("the rotary tables' fp32 temporaries need", "RAM", ram, lambda n: temp_per_token * n)]
+    for what, where, available, need_of in checks:
+        need = need_of(context_length)
         if need > available:
-            fits = available // per_token
+            lo, hi = 0, context_length  # the longest context that fits: need_of grows with n
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if need_of(mid) <= available else (lo, mid - 1)
             raise BudgetError(
                 f"context length {context_length}: {what} {format_bytes(need)} of {where}, and "
-                f"{format_bytes(available)} is free; at most {fits} positions fit (--context {fits})"
+                f"{format_bytes(available)} is free; at most {lo} positions fit (--context {lo})"
             )

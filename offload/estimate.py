@@ -17,7 +17,9 @@ The model, per decoded token (serial: loads and compute never overlap):
                    where a CPU converts the matrix before the matmul: int8, portable 4-bit)
                    matrices: q, k, v, o, the router, the norms (two, and a family's q/k norms),
                    any projection biases, a shared expert's w1, w3, w2 and gate (Qwen2-MoE: every
-                   token runs it, in the compute dtype), the KV cache at ``position`` tokens, and
+                   token runs it, in the compute dtype), the KV cache at ``position`` tokens
+                   (``kv_read_bytes``: a window's at most; at 8 bits the codes, the scales and the
+                   copies made back in the compute dtype), and
                    the top-k routed experts' w1, w3, w2 (one routed expert's width, however many
                    experts a layer has); ``touched_bytes`` says how much of a matrix a batch-1
                    matmul moves in each format
@@ -87,6 +89,7 @@ from offload.config import ModelConfig
 from offload.errors import OffloadError, SettingError
 from offload.experts.placement import CPU, CPU_EXPERTS, CPU_KERNEL_EFFICIENCY, ROUND_TRIP_S, Costs, Miss, Queues, place_layer
 from offload.plan import (
+    PREFILL_CHUNK_TOKENS,
     MemoryPlan,
     ModelPlan,
     attention_shapes,
@@ -275,6 +278,8 @@ class Estimate:
     cpu_experts: str = "off"
     cpu_expert_s: float | None = None  # one expert's FFN on the CPU ("auto" / "all" on a card)
     dense_layers_s: float = 0.0  # the layers without experts (Qwen's mlp_only_layers), all of them
+    kv_bits: int = 16  # the KV cache's width
+    kv_s: float = 0.0  # one layer's read of the KV cache at ``position`` (in every layer's compute_s)
 
     @property
     def fixed_s(self) -> float:
@@ -381,6 +386,8 @@ class Estimate:
             "bytes_moved_per_token": self.bytes_moved_per_token,
             "disk_share": self.disk_share,
             "position": self.position,
+            "kv_bits": self.kv_bits,
+            "kv_s": self.kv_s,
             "machine": {
                 "device_type": self.machine.device_type, "mem_gbps": self.machine.mem_gbps,
                 "link_gbps": self.machine.link_gbps, "disk_gbps": self.machine.disk_gbps,
@@ -443,10 +450,12 @@ def estimate_decode(
     position: int = DEFAULT_POSITION,
     trace: str | Path | None = None,
     cpu_experts: str = "off",
+    kv_bits: int | None = None,
 ) -> Estimate:
     """Estimated decode speed of ``memory`` on ``machine`` (the module's formula). ``dtype`` is
     the compute dtype, ``expert_format`` / ``attn_format`` the weights' formats, ``position``
-    the tokens already in the KV cache, ``trace`` a trace to take hit rates from instead of the
+    the tokens already in the KV cache (``kv_read_bytes``: each layer reads them, the window's
+    at most; ``kv_bits`` their width, default the plan's), ``trace`` a trace to take hit rates from instead of the
     shared Mixtral-8x7B traces, ``cpu_experts`` where misses run ("off": every one over the link;
     "auto" / "all": placed, on a card, by ``offload.experts.placement``; a card's machine must
     then say its RAM's bandwidth, ``Machine.ram_gbps``, or its CPU kernel's)."""
@@ -478,7 +487,8 @@ def estimate_decode(
         by = layer_parameters_by_class(c, layer)
         return (by["routers"] + by["norms"] + by["attention"] - projections) * size / bandwidth
 
-    kv_s = 2 * c.num_key_value_heads * c.head_dim * position * size / bandwidth
+    kv_bits = memory.kv_bits if kv_bits is None else kv_bits
+    kv_s = kv_read_bytes(c, dtype, position, kv_bits, memory.prefill_chunk) / bandwidth
     compute_s = attention_s + shared_s + small_s(None) + kv_s + K * expert_s + machine.layer_overhead_s
     head_s = matrix_seconds((V, D), plain, dtype, machine) + D * size / bandwidth
     dense_layers_s = 0.0  # Qwen's dense-MLP layers (mlp_only_layers): attention and an FFN in the compute dtype
@@ -539,7 +549,33 @@ def estimate_decode(
             for s, h in zip(memory.layer_slots, rates)
         )
     return Estimate(layers, head_s, record, disk_share, source, machine, position, expert_s, cpu_experts, cpu_s,
-                    dense_layers_s)
+                    dense_layers_s, kv_bits, kv_s)
+
+
+def kv_read_bytes(
+    config: ModelConfig, dtype: torch.dtype, position: int, kv_bits: int = 16, chunk: int = PREFILL_CHUNK_TOKENS
+) -> int:
+    """Bytes one layer's decode step moves through device memory to attend over ``position``
+    cached tokens, as ``offload.model.KVCache.read_step`` and SDPA do it: at 16 bits the kernel
+    reads Dh values in the compute dtype (s bytes) a KV head; at 8 bits the codes are cast (1
+    byte read, s written), multiplied by the scales (s and the row's scale read, s written) and
+    the product read by the kernel: 1 + 4 s bytes a value (9 in bf16, 4.5 times 16 bits: an 8-bit
+    cache saves memory, not bandwidth). The positions read: all of them; with a sliding window W,
+    at most W, and once the ring of W + ``chunk`` slots has wrapped, every slot (with a mask)."""
+    from offload.plan import check_kv_bits
+
+    c = config
+    W = c.sliding_window
+    if W is None:
+        seen = position
+    else:
+        seen = W + chunk if position >= W + chunk else min(position, W)
+    s = torch.empty((), dtype=dtype).element_size()
+    if check_kv_bits(kv_bits, "KV cache bits") == 16:
+        per_head = c.head_dim * s
+    else:
+        per_head = c.head_dim * (1 + 4 * s) + s
+    return 2 * c.num_key_value_heads * seen * per_head
 
 
 def _placed_layer(dense_s: float, top_k: int, miss_rate: float, disk_share: float, costs: Costs,
@@ -575,5 +611,5 @@ __all__ = [
     "CPU_CONVERT_WEIGHTS_PER_S", "DEFAULT_DISK_GBPS", "DEFAULT_LINK_GBPS", "DEFAULT_MEM_GBPS", "DEFAULT_POSITION",
     "DEFAULT_RAM_GBPS",
     "Estimate", "LAYER_OVERHEAD_S", "LayerEstimate", "MEMORY_EFFICIENCY", "Machine", "estimate_decode",
-    "estimate_plan", "layer_hit_rates", "matrix_seconds", "touched_bytes",
+    "estimate_plan", "kv_read_bytes", "layer_hit_rates", "matrix_seconds", "touched_bytes",
 ]

@@ -1,24 +1,28 @@
 """The MoE decoder, math only, for every family (``offload.families``).
 
 What it is: RMSNorm, rotary embeddings, grouped-query attention over a preallocated KV cache
-(sliding window honoured), the router (softmax in fp32, top-k, renormalised where the family
-does) and the sparse MoE block, for one sequence (batch 1). What a family adds is switched on
-by the traits its config carries: q/k RMSNorm per head (Qwen3) or over the whole projection
-(OLMoE), projection biases (Qwen2), clip_qkv (OLMoE), a shared expert with a sigmoid gate
-beside the routed ones (Qwen2), top-k weights in the model dtype. What it is not: a loader or a cache. It never knows where a
-weight lives: dense weights are handed to it as tensors, and expert weights come from an
-``ExpertProvider`` that the engine supplies (all resident, or the expert cache).
+(16-bit, or int8 with a scale per head and position; a sliding window honoured, and kept as a
+ring of slots when it is shorter than the context), the router (softmax in fp32, top-k,
+renormalised where the family does) and the sparse MoE block, for one sequence (batch 1). What a
+family adds is switched on by the traits its config carries: q/k RMSNorm per head (Qwen3) or
+over the whole projection (OLMoE), projection biases (Qwen2), clip_qkv (OLMoE), a shared expert
+with a sigmoid gate beside the routed ones (Qwen2), top-k weights in the model dtype. What it is
+not: a loader or a cache. It never knows where a weight lives: dense weights are handed to it as
+tensors, and expert weights come from an ``ExpertProvider`` that the engine supplies (all
+resident, or the expert cache).
 
-Two paths share these pieces: a forward of several tokens (a prompt: masked attention,
-expert-major MoE grouping tokens by expert) and a decode step of one token, written for few
-host operations: one fused q/k/v matmul when the projections are plain, one rotary pass over
-queries and keys together, KV writes in place, no mask, no grouping, and exactly one
+Two paths share these pieces: a forward of several tokens (a prompt: causal attention with no
+mask tensor where SDPA's own causal flags express it, expert-major MoE grouping tokens by expert)
+and a decode step of one token, written for few host operations: one fused q/k/v matmul when the
+projections are plain, one rotary pass over queries and keys together, KV writes in place, no
+mask (except where a sliding window wraps around its ring), no grouping, and exactly one
 device-to-host read per layer (``offload.device.to_host``: the chosen experts, with the gate
 look-ahead's picks when a prefetcher asks). Both compute the same math; their matmuls may
 round differently (one token against many), as any two batch shapes do.
 
 Shape legend: T = tokens in this call, S = key positions attended, D = hidden, H = query heads,
-G = KV heads, Dh = head dim, E = experts, K = experts per token, I = expert FFN width, V = vocab.
+G = KV heads, Dh = head dim, E = experts, K = experts per token, I = expert FFN width, V = vocab,
+C = KV cache slots per layer and head (the context, or a sliding window's ring).
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ from typing import Callable, NamedTuple, Protocol, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from offload.config import ModelConfig
-from offload.device import to_host
+from offload.device import is_cuda, to_host
 from offload.quant import QuantizedMatrix, linear as quantized_linear
 
 
@@ -189,25 +194,229 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torc
     return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * sin_signed
 
 
-class KVCache:
-    """Keys and values of every layer, allocated once for ``max_len`` positions."""
+KV_BITS = (16, 8)  # a KV cache's widths: the compute dtype, or int8 codes with per-row scales
 
-    def __init__(self, config: ModelConfig, max_len: int, device: torch.device, dtype: torch.dtype):
-        shape = (config.num_hidden_layers, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # [L, G, max_len, Dh]
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+def kv_capacity(config: ModelConfig, max_len: int, chunk: int | None = None) -> int:
+    """Slots per layer and KV head of a ``KVCache`` for ``max_len`` positions: all of them, or, for
+    a model with a sliding window W when W + ``chunk`` < max_len, a ring of W + ``chunk`` slots
+    (a prefill chunk of up to ``chunk`` tokens reads the W - 1 keys before it and its own at
+    once; the slots to spare let a held sequence step back by up to ``chunk`` positions and still
+    be continued: prefix reuse). ``chunk`` None: every position."""
+    window = config.sliding_window
+    if window is None or chunk is None:
+        return max_len
+    return min(max_len, window + chunk)
+
+
+def kv_cache_nbytes(config: ModelConfig, max_len: int, dtype: torch.dtype, bits: int = 16,
+                    chunk: int | None = None) -> int:
+    """The bytes a ``KVCache(config, max_len, ..., dtype, bits, chunk)`` allocates, without
+    allocating it: keys and values of every layer and KV head in ``kv_capacity`` slots, each
+    Dh values in ``dtype`` (16 bits) or Dh int8 codes and one scale in ``dtype`` (8 bits)."""
+    if bits not in KV_BITS:
+        raise ValueError(f"KV cache bits {bits!r}: expected one of {KV_BITS}")
+    c = config
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per_row = c.head_dim * itemsize if bits == 16 else c.head_dim + itemsize
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * kv_capacity(c, max_len, chunk) * per_row
+
+
+def quantize_kv(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., Dh] -> (int8 codes [..., Dh], scales [..., 1] in ``dtype``): the scale is the
+    row's absmax / 127 rounded to ``dtype`` (never below its smallest normal, so an all-zero row
+    gives zero codes, not NaN), and the codes are x / that stored scale rounded to the nearest
+    integer in fp32 and clamped to [-127, 127]: what ``codes * scale`` gives back is within half a
+    step of x (the row's largest entries within half a step plus the scale's own rounding)."""
+    xf = x.float()
+    scale = (xf.abs().amax(-1, keepdim=True) / 127).to(dtype).clamp_min(torch.finfo(dtype).tiny)  # [..., 1]
+    codes = (xf / scale).round_().clamp_(-127, 127).to(torch.int8)  # [..., Dh]
+    return codes, scale
+
+
+class KVCache:
+    """Keys and values of every layer, allocated once, written in place.
+
+    Storage: ``kv`` [L, 2G, C, Dh], the G key heads then the G value heads of each layer, with
+    position p in slot p % C. C (``capacity``) is ``kv_capacity``: ``max_len`` (slot = position),
+    or a sliding window's ring. ``bits`` 16 keeps them in the compute dtype; 8 keeps int8 codes
+    and one scale per (layer, head, position) in ``scale`` [L, 2G, C, 1] (``quantize_kv``),
+    written with every cache write and multiplied back inside attention, so attention always
+    reads keys and values as stored. The scale is in the compute dtype, not a fixed fp16: codes
+    times scale is one multiplication in one dtype (bf16 * fp16 would promote to fp32, a cast and
+    a copy twice the size), bf16 has fp32's range (no scale underflows), and since the codes are
+    measured in the stored scale its rounding costs no accuracy. 2 bytes a row in bf16 or fp16,
+    4 in fp32 runs.
+
+    ``length`` is the positions filled; ``oldest`` the oldest position still held (0 unless a
+    ring has wrapped: a write of positions up to e overwrites those before e - C). Prefill writes
+    go through ``write`` / ``read`` (keys and values in position order), a decode step through
+    ``decode_span``, ``write_step`` and ``read_step`` (in place, a few ops). What it is not: the
+    attention itself, or the judge of which sequence it holds (the engine keeps that).
+    """
+
+    def __init__(self, config: ModelConfig, max_len: int, device: torch.device, dtype: torch.dtype,
+                 bits: int = 16, chunk: int | None = None):
+        if bits not in KV_BITS:
+            raise ValueError(f"KV cache bits {bits!r}: expected one of {KV_BITS}")
+        L, G, Dh = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
         self.max_len = max_len
+        self.capacity = C = kv_capacity(config, max_len, chunk)
+        self.window = config.sliding_window
+        self.bits, self.dtype, self.heads = bits, dtype, G
+        store = dtype if bits == 16 else torch.int8
+        self.kv = torch.zeros((L, 2 * G, C, Dh), device=device, dtype=store)  # [L, 2G, C, Dh]
+        self.scale = None if bits == 16 else torch.ones((L, 2 * G, C, 1), device=device, dtype=dtype)  # [L, 2G, C, 1]
         self.length = 0  # positions filled, shared by all layers
-        # per layer, made once: [1, G, max_len, Dh] views for the decode step's in-place writes
-        self.k_layers = [self.k[layer].unsqueeze(0) for layer in range(shape[0])]
-        self.v_layers = [self.v[layer].unsqueeze(0) for layer in range(shape[0])]
+        self.oldest = 0  # the oldest position whose keys and values are still in their slots
+        # per layer, made once: views for the decode step's in-place writes and reads
+        self.k_layers = [self.kv[layer, :G].unsqueeze(0) for layer in range(L)]  # [1, G, C, Dh]
+        self.v_layers = [self.kv[layer, G:].unsqueeze(0) for layer in range(L)]  # [1, G, C, Dh]
+        self.kv_layers = [self.kv[layer].unsqueeze(0) for layer in range(L)]  # [1, 2G, C, Dh]
+        self.scale_layers = [] if self.scale is None else [self.scale[layer].unsqueeze(0) for layer in range(L)]
+        self.slot = torch.zeros(1, dtype=torch.int64, device=device)  # [1]: the decode step's slot
+        # [1, C] slot numbers, for the mask of a window that wraps around the ring
+        self._slots = torch.arange(C, device=device)[None] if C < max_len else None
 
     def reset(self) -> None:
         self.length = 0
+        self.oldest = 0
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        """Bytes held: keys and values, and the scales of an 8-bit cache."""
+        scales = 0 if self.scale is None else self.scale.numel() * self.scale.element_size()
+        return self.kv.numel() * self.kv.element_size() + scales
+
+    @property
+    def ring(self) -> bool:
+        """Does it keep fewer slots than positions (a sliding window's ring)?"""
+        return self.capacity < self.max_len
+
+    def first_key(self, position: int) -> int:
+        """The oldest key position a query at ``position`` attends to."""
+        return 0 if self.window is None else max(0, position - self.window + 1)
+
+    def can_continue(self, length: int) -> bool:
+        """Can a sequence cut to its first ``length`` positions run on from here: are the keys and
+        values its next position attends to still held? (Not when a ring has wrapped past them.)"""
+        return length <= self.length and self.oldest <= self.first_key(length)
+
+    def begin(self, start: int, tokens: int) -> None:
+        """A pass of ``tokens`` at ``start`` is about to write: what it may overwrite is no longer
+        held (said before the first layer writes, so a pass stopped halfway stays truthful)."""
+        self.oldest = max(self.oldest, start + tokens - self.capacity)
+
+    def _spans(self, first: int, n: int) -> list[tuple[int, int, int]]:
+        """Positions first .. first+n-1 (n <= C) as runs of slots: (slot_lo, slot_hi, offset of
+        the run's first position from ``first``); one run, or two where the ring wraps."""
+        lo = first % self.capacity
+        if lo + n <= self.capacity:
+            return [(lo, lo + n, 0)]
+        return [(lo, self.capacity, 0), (0, lo + n - self.capacity, self.capacity - lo)]
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store keys k and values v [G, T, Dh] (compute dtype, rotated) of positions start ..
+        start+T-1; a pass longer than the ring keeps its last C positions."""
+        T = k.shape[1]
+        if T > self.capacity:
+            cut = T - self.capacity
+            k, v, start, T = k[:, cut:], v[:, cut:], start + cut, self.capacity
+        if self.scale is None:
+            G = self.heads
+            for lo, hi, off in self._spans(start, T):
+                self.kv[layer, :G, lo:hi] = k[:, off : off + hi - lo]
+                self.kv[layer, G:, lo:hi] = v[:, off : off + hi - lo]
+            return
+        codes, scale = quantize_kv(torch.cat((k, v)), self.dtype)  # [2G, T, Dh] int8, [2G, T, 1]
+        for lo, hi, off in self._spans(start, T):
+            self.kv[layer, :, lo:hi] = codes[:, off : off + hi - lo]
+            self.scale[layer, :, lo:hi] = scale[:, off : off + hi - lo]
+
+    def read(self, layer: int, first: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [G, S, Dh] of positions first .. end-1 (S = end - first <= C), in
+        position order, in the compute dtype: a view of the slots where they are contiguous and
+        16-bit; two runs of a wrapped ring are joined (a copy), 8-bit ones multiplied back."""
+        runs = []
+        for lo, hi, _ in self._spans(first, end - first):
+            run = self.kv[layer, :, lo:hi]  # [2G, n, Dh]
+            runs.append(run if self.scale is None else run * self.scale[layer, :, lo:hi])  # int8 * scale: the dtype
+        kv = runs[0] if len(runs) == 1 else torch.cat(runs, 1)  # [2G, S, Dh]
+        return kv[: self.heads], kv[self.heads :]
+
+    def stored(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k and v [G, T, Dh] as ``read`` would give them back after ``write`` (8 bits: quantized
+        and multiplied back), for a pass whose own keys do not all fit in the ring."""
+        if self.scale is None:
+            return k, v
+        codes, scale = quantize_kv(torch.cat((k, v)), self.dtype)
+        kv = codes * scale  # [2G, T, Dh] in the compute dtype
+        return kv[: self.heads], kv[self.heads :]
+
+    def decode_span(self, start: int) -> tuple[int, int, torch.Tensor | None]:
+        """Before a decode step at position ``start``: point ``slot`` at its slot (one fill) and
+        give the slots its query reads, [lo, hi), with a mask over them when the window wraps
+        around the ring (then every slot is read and the mask [1, C] keeps the window's: three
+        ops, once per step for every layer); the keys are then in ring order, not position
+        order, which changes only the rounding of attention's sums."""
+        C = self.capacity
+        self.slot.fill_(start % C)
+        first = self.first_key(start)
+        lo, n = first % C, start + 1 - first
+        if lo + n <= C:
+            return lo, lo + n, None
+        return 0, C, (self._slots >= lo) | (self._slots < (start + 1) % C)  # [1, C]
+
+    def write_step(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store one position's key and value [1, G, 1, Dh] at ``slot``, in place."""
+        if self.scale is None:
+            self.k_layers[layer].index_copy_(2, self.slot, k)
+            self.v_layers[layer].index_copy_(2, self.slot, v)
+            return
+        codes, scale = quantize_kv(torch.cat((k, v), 1), self.dtype)  # [1, 2G, 1, Dh] int8, [1, 2G, 1, 1]
+        self.kv_layers[layer].index_copy_(2, self.slot, codes)
+        self.scale_layers[layer].index_copy_(2, self.slot, scale)
+
+    def read_step(self, layer: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [1, G, hi-lo, Dh] of slots lo .. hi-1 in the compute dtype: views when
+        16-bit, the slice multiplied back when 8-bit (O(hi - lo) work, no copy of the rest)."""
+        if self.scale is None:
+            return self.k_layers[layer][:, :, lo:hi], self.v_layers[layer][:, :, lo:hi]
+        kv = self.kv_layers[layer][:, :, lo:hi] * self.scale_layers[layer][:, :, lo:hi]  # [1, 2G, n, Dh], one pass
+        return kv[:, : self.heads], kv[:, self.heads :]
+
+
+def prefill_mask(start: int, tokens: int, first: int, window: int | None, device: torch.device,
+                 dtype: torch.dtype) -> tuple[torch.Tensor | None, bool]:
+    """How SDPA is told the causal (and window) mask of ``tokens`` queries at positions start ..
+    end-1 over keys first .. end-1: (attn_mask, is_causal), made once per pass for every layer.
+
+    - One query, or queries over exactly their own keys (a pass from position 0) with no window
+      cutting in: no tensor (``is_causal`` for the second; SDPA's causal mask is aligned top-left,
+      which is right only when queries and keys are the same positions).
+    - On CUDA, a later chunk with no window cutting in (every key before it, a causal triangle
+      of its own): ``torch.nn.attention.bias.causal_lower_right``, the bottom-right-aligned causal
+      mask, which the flash and memory-efficient kernels apply with no [T, S] tensor.
+    - Otherwise (a CPU, where SDPA would make that bias into a bool tensor in every layer and
+      then into a float one; or a window that cuts in): an additive [T, S] mask in ``dtype``, 0
+      where a key is seen and -inf where not, made once for every layer (a bool mask would be
+      turned into this inside each SDPA call: two more [T, S] tensors per layer, and the time).
+    """
+    end = start + tokens
+    S = end - first
+    binds = window is not None and end - window > first  # some query's window starts after ``first``
+    if tokens == 1:
+        return None, False
+    if not binds and S == tokens:
+        return None, True
+    if not binds and is_cuda(device):
+        return causal_lower_right(tokens, S), False
+    q_pos = torch.arange(start, end, device=device)[:, None]  # [T, 1]
+    k_pos = torch.arange(first, end, device=device)[None, :]  # [1, S]
+    hidden = k_pos > q_pos  # [T, S]
+    if window is not None:
+        hidden |= k_pos <= q_pos - window
+    return torch.zeros((tokens, S), device=device, dtype=dtype).masked_fill_(hidden, float("-inf")), False
 
 
 def attention(
@@ -218,29 +427,28 @@ def attention(
     layer: int,
     start: int,
     rope: RotaryTable,
+    mask: torch.Tensor | None = None,  # from ``prefill_mask``
+    causal: bool = False,
 ) -> torch.Tensor:
+    """A prompt pass's attention: q, k, v of T tokens at ``start``, rotated, written to the cache,
+    then SDPA over keys ``cache.first_key(start)`` .. start+T-1 as the cache stores them."""
     T = x.shape[0]
     H, G, Dh = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     q, k, v = project_qkv(x, weights, config)  # [T, H, Dh], [T, G, Dh], [T, G, Dh]
     q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, T, Dh], [G, T, Dh], [G, T, Dh]
     q, k = rope.apply(q, start), rope.apply(k, start)
     end = start + T
-    cache.k[layer, :, start:end] = k
-    cache.v[layer, :, start:end] = v
-
-    window = config.sliding_window
-    first = 0 if window is None else max(0, start - window + 1)  # oldest key any query here sees
-    keys = cache.k[layer, :, first:end]  # [G, S, Dh]
-    values = cache.v[layer, :, first:end]  # [G, S, Dh]
-    mask = None
-    if T > 1:  # one query sees exactly [first, end); several need the causal (and window) mask
-        q_pos = torch.arange(start, end, device=x.device)[:, None]  # [T, 1]
-        k_pos = torch.arange(first, end, device=x.device)[None, :]  # [1, S]
-        mask = k_pos <= q_pos  # [T, S]
-        if window is not None:
-            mask = mask & (k_pos > q_pos - window)
+    first = cache.first_key(start)
+    if end - first <= cache.capacity:  # every key this pass reads fits in the slots at once
+        cache.write(layer, start, k, v)
+        keys, values = cache.read(layer, first, end)  # [G, S, Dh] each
+    else:  # a pass longer than a window's ring (Engine.logits of a long sequence): earlier keys, then its own
+        old_k, old_v = cache.read(layer, first, start)  # [G, start - first, Dh]
+        cache.write(layer, start, k, v)
+        new_k, new_v = cache.stored(k, v)  # [G, T, Dh]
+        keys, values = torch.cat((old_k, new_k), 1), torch.cat((old_v, new_v), 1)  # [G, S, Dh]
     out = F.scaled_dot_product_attention(
-        q[None], keys[None], values[None], attn_mask=mask, enable_gqa=G != H
+        q[None], keys[None], values[None], attn_mask=mask, is_causal=causal, enable_gqa=G != H
     )[0]  # [H, T, Dh]
     out = out.transpose(0, 1).reshape(T, H * Dh)  # [T, H*Dh]
     return project_out(out, weights)  # [T, D]
@@ -286,13 +494,15 @@ def attention_decode(
     config: ModelConfig,
     cache: KVCache,
     layer: int,
-    start: int,
-    cos: torch.Tensor,  # [Dh] at position ``start``
+    cos: torch.Tensor,  # [Dh] at the step's position
     sin_signed: torch.Tensor,  # [Dh]
-    position: torch.Tensor,  # [1] int64 on the device, holding ``start``
+    lo: int,  # the slots the query reads, from ``cache.decode_span`` (which also set ``cache.slot``)
+    hi: int,
+    mask: torch.Tensor | None = None,  # [1, C] where a window wraps around the ring, else None
 ) -> torch.Tensor:
     """One token's attention: ``attention`` for T = 1 in fewer ops (q, k, v in one matmul when
-    plain, rotated together, written to the cache in place, no mask)."""
+    plain, rotated together, written to the cache in place, no mask unless a window's ring has
+    wrapped)."""
     H, G, Dh = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     if config.qk_norm is not None or config.clip_qkv is not None:
         if weights.qkv is not None:  # one matmul, then the family's norms on q and k apart
@@ -310,15 +520,9 @@ def attention_decode(
         q, k, v = project_qkv(x, weights, config)  # [1, H, Dh], [1, G, Dh], [1, G, Dh]
         q = rotate(q.view(1, H, 1, Dh), cos, sin_signed)  # [1, H, 1, Dh]
         k = rotate(k.view(1, G, 1, Dh), cos, sin_signed)  # [1, G, 1, Dh]
-    keys, values = cache.k_layers[layer], cache.v_layers[layer]  # [1, G, max_len, Dh]
-    keys.index_copy_(2, position, k)
-    values.index_copy_(2, position, v.view(1, G, 1, Dh))
-    window = config.sliding_window
-    first = 0 if window is None else max(0, start - window + 1)
-    end = start + 1
-    out = F.scaled_dot_product_attention(
-        q, keys[:, :, first:end], values[:, :, first:end], enable_gqa=G != H
-    )  # [1, H, 1, Dh]
+    cache.write_step(layer, k, v.view(1, G, 1, Dh))
+    keys, values = cache.read_step(layer, lo, hi)  # [1, G, hi-lo, Dh] each
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=G != H)  # [1, H, 1, Dh]
     return project_out(out.view(1, H * Dh), weights)  # [1, D]
 
 
@@ -457,7 +661,6 @@ class MixtralModel:
         # offload.experts.prefetch.Prefetcher: told each layer's routing before its experts run
         # (device_picks, routed; prompt_routed for a prompt) and after_moe once they are queued
         self.prefetcher = None
-        self._position = torch.zeros(1, dtype=torch.int64, device=dense.embed_tokens.device)  # decode
         # a device that is not the host, with experts that may run on the host: each decode layer's
         # normalised input goes to this pinned buffer, queued before the routing's read (no new sync)
         device = dense.embed_tokens.device
@@ -478,15 +681,18 @@ class MixtralModel:
         h = F.embedding(tokens, self.dense.embed_tokens)  # [T, D]
         if prefetcher is not None:
             prefetcher.begin_token()
+        cache.begin(start, T)
         if decode:
             cos, sin = self.rope.cos[start], self.rope.sin_signed[start]  # [Dh] each, for every layer
-            self._position.fill_(start)
+            lo, hi, ring_mask = cache.decode_span(start)  # the slots read, for every layer
+        else:
+            mask, causal = prefill_mask(start, T, cache.first_key(start), c.sliding_window, h.device, h.dtype)
         for layer, lw in enumerate(self.dense.layers):
             x = rms_norm(h, lw.input_layernorm, c.rms_norm_eps)  # [T, D]
             if decode:
-                h = h + attention_decode(x, lw, c, cache, layer, start, cos, sin, self._position)
+                h = h + attention_decode(x, lw, c, cache, layer, cos, sin, lo, hi, ring_mask)
             else:
-                h = h + attention(x, lw, c, cache, layer, start, self.rope)
+                h = h + attention(x, lw, c, cache, layer, start, self.rope, mask, causal)
             x = rms_norm(h, lw.post_attention_layernorm, c.rms_norm_eps)  # [T, D]
             moe_layer = self._moe_index[layer]
             if moe_layer is None:  # a dense-MLP layer (Qwen's mlp_only_layers): no routing, no experts

@@ -3,8 +3,14 @@
 What it is: arithmetic over a model's shapes (dense weights, KV cache, expert records) and the
 user's budgets (``--vram``, ``--ram``, ``--experts-per-layer``), with a clear refusal when a
 budget cannot hold the minimum (dense weights + KV cache + top-k experts per layer, and on CUDA
-the runtime reserve); the runtime reserve itself (``runtime_reserve``: CUDA context, cuBLAS
-workspaces, activations, logits and kernel temporaries, term by term); the RAM tier in pinned
+the runtime reserve); the KV cache (``kv_cache_bytes``: 16 bits in the compute dtype or 8 bits,
+int8 with a scale per layer, head and position, ``--kv-bits``; a sliding window's ring of the
+window and one prefill chunk, ``kv_positions``: what ``offload.model.KVCache`` allocates); the
+runtime reserve itself (``runtime_reserve``: CUDA context, cuBLAS workspaces, activations,
+logits and kernel temporaries, term by term; a prefill chunk's attention through SDPA's fused
+kernel, no [H, T, S] score matrix, or its math path, ``attention_bytes``); the prefill chunk
+(``MemoryPlan.prefill_chunk``: ``--batch-size``, else 256, halved down to 16 while the reserve
+leaves no room for top-k experts per layer; ``minimum_vram``, the least a card may have); the RAM tier in pinned
 blocks (``pinned_chunks``: torch's host allocator rounds each block up to a power of two);
 per-layer slot counts (``MemoryPlan.layer_slots``: the slots left over after an even split go
 to the layers that gain most on the shared Mixtral-8x7B traces, or spread evenly);
@@ -210,19 +216,61 @@ def dense_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
     return sum(dense_parameters_by_class(config).values()) * _itemsize(dtype)
 
 
-def kv_cache_bytes(config: ModelConfig, context: int, dtype: torch.dtype) -> int:
-    c = config
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * context * c.head_dim * _itemsize(dtype)
-
-
-# ---- what the device needs besides weights, KV cache and expert slots ------------------------
-
-MiB = 2**20
+# ---- the KV cache ------------------------------------------------------------------------------
 
 # The engine prefills a prompt in chunks of at most this many tokens: the activations of a chunk
 # are part of the runtime reserve below, so a longer chunk costs device memory, a shorter one
 # costs a sweep of expert loads per chunk (every expert of a layer is wanted by 256 tokens).
 PREFILL_CHUNK_TOKENS = 256
+# The chunks a plan tries, largest first, when the reserve of PREFILL_CHUNK_TOKENS does not leave
+# room for top-k experts per layer (``plan_memory``): each halving halves the chunk's activations
+# and doubles the prompt's sweeps of expert loads.
+PREFILL_CHUNK_CHOICES = (256, 128, 64, 32, 16)
+
+# KV cache widths (``--kv-bits``): 16 keeps keys and values in the compute dtype; 8 stores them as
+# int8 codes with one scale per layer, KV head and position, for keys and values each, the scale
+# in the compute dtype (``offload.model.KVCache(bits=8)``: 2 bytes in bf16, 4 in fp32).
+KV_BITS = (16, 8)
+
+
+def check_kv_bits(bits: int, setting: str = "--kv-bits") -> int:
+    """``bits`` when it is a KV cache width (``KV_BITS``); a one-line SettingError naming ``setting``."""
+    if isinstance(bits, bool) or bits not in KV_BITS:
+        raise SettingError(f"{setting} {bits!r}: choose one of {', '.join(map(str, KV_BITS))}")
+    return int(bits)
+
+
+def kv_positions(config: ModelConfig, context: int, chunk: int = PREFILL_CHUNK_TOKENS) -> int:
+    """Positions the KV cache holds for ``context``: all of them, or for a model with a sliding
+    window shorter than that, a ring of the window plus one prefill chunk (a chunk's first query
+    still sees ``window - 1`` keys before it while the chunk's own are written; the rest lets a
+    held prefix step back a little): min(context, window + chunk)."""
+    window = config.sliding_window
+    return context if window is None else min(context, window + chunk)
+
+
+def kv_bytes_per_position(config: ModelConfig, dtype: torch.dtype, kv_bits: int = 16) -> int:
+    """KV cache bytes of one position over every layer: keys and values of each KV head, Dh
+    values in the compute dtype (16 bits), or Dh int8 codes and one scale in the compute dtype
+    (8 bits)."""
+    c = config
+    size = _itemsize(dtype)
+    per_head = c.head_dim * size if check_kv_bits(kv_bits, "KV cache bits") == 16 else c.head_dim + size
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * per_head
+
+
+def kv_cache_bytes(
+    config: ModelConfig, context: int, dtype: torch.dtype, kv_bits: int = 16, chunk: int = PREFILL_CHUNK_TOKENS
+) -> int:
+    """The KV cache for ``context`` positions: ``kv_positions`` (a sliding window's ring) x
+    ``kv_bytes_per_position`` (``kv_bits`` 16: the compute dtype; 8: int8 and the scales), what
+    ``offload.model.KVCache(config, context, device, dtype, kv_bits, chunk)`` allocates."""
+    return kv_positions(config, context, chunk) * kv_bytes_per_position(config, dtype, kv_bits)
+
+
+# ---- what the device needs besides weights, KV cache and expert slots ------------------------
+
+MiB = 2**20
 
 # The CUDA context of a PyTorch process once cuBLAS and bitsandbytes kernels are loaded. A bare
 # context with lazy module loading (CUDA >= 11.7, PyTorch's default) is ~300 MiB on consumer
@@ -258,6 +306,7 @@ class RuntimeReserve:
     device_type: str = "cpu"
     prefill_tokens: int = 0
     terms: tuple[ReserveTerm, ...] = ()
+    sdpa: str = "fused"  # the kernel a prefill chunk's attention takes (SDPA_PATHS): its term's size
 
     @property
     def total(self) -> int:
@@ -280,6 +329,7 @@ class RuntimeReserve:
         return {
             "device_type": self.device_type,
             "prefill_tokens": self.prefill_tokens,
+            "sdpa": self.sdpa,
             "total": self.total,
             "working": self.working,
             "terms": [asdict(t) for t in self.terms],
@@ -305,6 +355,71 @@ def _dequantized_bytes(shapes, fmt: quant.WeightFormat, dtype: torch.dtype) -> i
     return 2 * largest if fmt.kind == "4bit-cpu" else largest
 
 
+# How a prefill chunk's attention runs on CUDA (``runtime_reserve``'s ``sdpa``): "fused", torch's
+# flash kernel (Ampere and later: it takes grouped KV heads and the bottom-right causal mask with
+# no [T, S] tensor); "math", SDPA's math path (fp32 scores), which a card without flash takes
+# for grouped KV heads (the memory-efficient kernel does not take them).
+SDPA_PATHS = ("fused", "math")
+
+
+def attention_bytes(
+    config: ModelConfig,
+    dtype: torch.dtype,
+    tokens: int,
+    keys: int,
+    *,
+    kv_bits: int = 16,
+    sdpa: str = "fused",
+    masked: bool = False,
+    ring: bool = False,
+) -> dict[str, int]:
+    """The temporaries of one layer's attention over a prefill chunk of ``tokens`` (T) queries
+    against ``keys`` (S) key positions, as ``offload.model.attention`` makes them, by part (bytes;
+    0 where a part does not arise; their sum bounds the peak, as not all live at once):
+
+    - ``projections``: q, k, v, the rotated q and k and the output, T x (3 H + 4 G) x Dh in the
+      compute dtype; with q/k norms, rms_norm's fp32 q and k;
+    - ``kv writes`` (``kv_bits`` 8): the chunk's keys and values quantized (``quantize_kv``):
+      joined in the compute dtype, an fp32 copy and its absolute values, the fp32 quotient and
+      the int8 codes, 2 G x T x Dh x (s + 9);
+    - ``kv reads``: the S keys and values as the kernel takes them (``KVCache.read``): at 8 bits
+      the codes cast to the compute dtype and that times the scales, two [2G, S, Dh] tensors;
+      at 16 bits a view, unless a sliding window's ``ring`` wraps: its two runs joined, one;
+    - ``mask``: the [T, S] bool mask of a chunk a sliding window cuts into (``masked``); a chunk
+      over every key before it takes ``causal_lower_right`` (no tensor on the fused path);
+    - ``kernel``: the fused path (``sdpa`` "fused", and no mask tensor, or one head per KV head
+      for the memory-efficient kernel, which then takes the mask as a T x S bias in the compute
+      dtype): the [H, T, Dh] output and fp32 log-sum-exp [H, T]; the math path ("math", or a
+      mask with grouped KV heads: flash takes no mask tensor): two fp32 [H, T, S] score
+      tensors (scores, softmax), k and v expanded to every query head, fp32 copies of q, k, v
+      in a 16-bit dtype, and the mask as a bool and an fp32 [T, S].
+
+    At T 256, S 32768 and Mixtral's 32 heads the math path's scores are 2 GiB, the fused
+    kernel's output and log-sum-exp 2 MiB."""
+    if sdpa not in SDPA_PATHS:
+        raise SettingError(f"attention kernel {sdpa!r}: expected one of {', '.join(SDPA_PATHS)}")
+    c = config
+    s = _itemsize(dtype)
+    T, S = tokens, keys
+    H, G, Dh = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    eight = check_kv_bits(kv_bits, "KV cache bits") == 8
+    parts = {
+        "projections": T * (3 * H * Dh + 4 * G * Dh) * s + (T * (H + G) * Dh * 4 if c.qk_norm is not None else 0),
+        "kv writes": 2 * G * T * Dh * (s + 9) if eight else 0,
+        "kv reads": (2 if eight else int(ring)) * 2 * G * S * Dh * s,
+        "mask": T * S if masked and T > 1 else 0,
+    }
+    math_path = sdpa == "math" or (masked and G != H)
+    if not math_path:
+        parts["kernel"] = H * T * Dh * s + H * T * 4 + (T * S * s if masked else 0)
+    else:
+        expanded = 2 * H * S * Dh * s if G != H else 0
+        upcast = 4 * (H * T * Dh + 2 * H * S * Dh) if s < 4 else 0
+        mask = T * S * (1 + 4) if T > 1 and not masked else (T * S * 4 if T > 1 else 0)
+        parts["kernel"] = 2 * H * T * S * 4 + expanded + upcast + mask
+    return parts
+
+
 def runtime_reserve(
     config: ModelConfig,
     dtype: torch.dtype,
@@ -315,6 +430,8 @@ def runtime_reserve(
     context: int,
     prefill_tokens: int = PREFILL_CHUNK_TOKENS,
     quantize_experts: bool = False,
+    kv_bits: int = 16,
+    sdpa: str = "fused",
 ) -> RuntimeReserve:
     """Device bytes the runtime needs beyond dense weights, KV cache and expert slots, term by
     term with its reason (``RuntimeReserve.terms``). On "cpu" there are none (the slots are RAM,
@@ -325,10 +442,11 @@ def runtime_reserve(
     - the largest dequantized weight: a quantized matrix (expert or attention) becomes a whole
       matrix in the compute dtype inside a matmul (Mixtral's 14336 x 4096 in bf16: 112 MiB);
     - attention over one prefill chunk of T = ``prefill_tokens`` tokens against S keys (the
-      context, or the sliding window): ``scaled_dot_product_attention`` with a mask and grouped
-      KV heads takes the math path, which keeps fp32 copies of q, k and v, expands k and v to
-      every query head, and holds two fp32 [H, T, S] score tensors (scores, softmax); plus the
-      projections and their rotated copies, and with q/k norms rms_norm's fp32 q and k;
+      context, or the sliding window and the chunk): ``attention_bytes``, through SDPA's fused
+      kernel (``sdpa`` "fused": no score matrix) or its math path ("math", and wherever a window
+      cuts into a chunk of a model with grouped KV heads: two fp32 [H, T, S] score tensors);
+      with an 8-bit KV cache (``kv_bits``) the chunk's keys and values quantized and the S keys
+      and values made back into the compute dtype;
     - the experts' activations for T tokens (an expert can be asked for by every token): the
       gathered input, w1 and w3 outputs and their product [T, I], and the fp32 weighted output
       (I the widest of a routed expert, a shared expert and a dense-MLP layer's FFN);
@@ -345,30 +463,32 @@ def runtime_reserve(
     kind = _device_type(device_type)
     if kind != "cuda":
         return RuntimeReserve(kind, 0, ())
-    if prefill_tokens < 1:
-        raise SettingError(f"prefill tokens {prefill_tokens}: must be at least 1")
+    if isinstance(prefill_tokens, bool) or not isinstance(prefill_tokens, int) or prefill_tokens < 1:
+        raise SettingError(f"prefill chunk {prefill_tokens!r} tokens: must be at least 1 (--batch-size)")
     c = config
     s = _itemsize(dtype)
     T = min(prefill_tokens, context)
-    S = context if c.sliding_window is None else min(context, c.sliding_window + T - 1)
-    H, G, Dh, D, I, V = (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size,
-                         c.intermediate_size, c.vocab_size)
+    window = c.sliding_window
+    S = context if window is None else min(context, window + T - 1)
+    masked = window is not None and context > window  # some chunk's window starts after its first key
+    ring = kv_positions(c, context, prefill_tokens) < context
+    D, I, V = c.hidden_size, c.intermediate_size, c.vocab_size
     expert_fmt, attn_fmt = quant.get_format(expert_format), quant.get_format(attn_format)
     expert_shapes = ((I, D), (D, I))
     attn_shapes = tuple(attention_shapes(c).values())
     dequantized = max(
         _dequantized_bytes(expert_shapes, expert_fmt, dtype), _dequantized_bytes(attn_shapes, attn_fmt, dtype)
     )
-    scores = 2 * H * T * S * 4
-    expanded = (2 * H * S * Dh * s if G != H else 0) + (4 * (H * T * Dh + 2 * H * S * Dh) if s < 4 else 0)
-    projections = T * (3 * H * Dh + 4 * G * Dh) * s  # q, k, v, rotated q and k, the output
-    qk_norm = T * (H + G) * Dh * 4 if c.qk_norm is not None else 0  # rms_norm's fp32 q and k
-    attention = scores + expanded + projections + qk_norm
+    attention = attention_bytes(c, dtype, T, S, kv_bits=kv_bits, sdpa=sdpa, masked=masked, ring=ring)
     # the widest FFN a token goes through: a routed expert, a shared expert (Qwen2-MoE), a dense MLP
     W = max(I, c.shared_expert_intermediate_size or 0, c.dense_intermediate_size or 0)
     experts = T * (3 * W * s + D * s + D * 4)
     hidden = T * D * (5 * s + 2 * 4)
     sampling = V * (s + SAMPLING_BYTES_PER_VOCAB)
+    math_path = sdpa == "math" or (masked and c.num_key_value_heads != c.num_attention_heads)
+    kernel = ("SDPA's math path: fp32 scores and softmax, head-expanded fp32 q/k/v" if math_path
+              else "fused SDPA, no score matrix")
+    kv = ", keys and values made back from int8" if kv_bits == 8 else ""
     terms = (
         ReserveTerm("CUDA context", CUDA_CONTEXT_BYTES,
                     "the process's CUDA context with cuBLAS and bitsandbytes kernels loaded", at_init=True),
@@ -377,9 +497,8 @@ def runtime_reserve(
         ReserveTerm("dequantized weight", dequantized,
                     f"one whole matrix in {str(dtype).removeprefix('torch.')} inside a matmul on "
                     f"{expert_fmt.name} experts / {attn_fmt.name} attention"),
-        ReserveTerm("attention", attention,
-                    f"prefill chunk of {T} tokens against {S} keys: fp32 scores and softmax, "
-                    "fp32 and head-expanded q/k/v (SDPA's math path), projections"),
+        ReserveTerm("attention", sum(attention.values()),
+                    f"prefill chunk of {T} tokens against {S} keys: {kernel}; projections{kv}"),
         ReserveTerm("expert activations", experts,
                     f"{T} tokens through one {'expert' if W == I else 'dense FFN'}: [T, {W}] x 3, fp32 output"),
         ReserveTerm("hidden states", hidden, f"{T} tokens: residual, norms, attention and MoE outputs"),
@@ -390,7 +509,7 @@ def runtime_reserve(
         terms += (ReserveTerm("quantizing a record", I * D * (s + 4 + 1),
                               "an expert matrix read from the checkpoint, quantized on the device: "
                               "its copy, an fp32 temporary, the codes"),)
-    return RuntimeReserve(kind, T, terms)
+    return RuntimeReserve(kind, T, terms, "math" if math_path else "fused")
 
 
 # ---- the RAM tier in pinned blocks --------------------------------------------------------------
@@ -584,6 +703,8 @@ class MemoryPlan:
     host_chunks: tuple[int, ...] = ()  # records per pinned block of the RAM tier; (): not pinned
     host_limit: int | None = None  # the RAM budget the tier was sized for (None: every record)
     spread: str = "even"  # how slots above slots_per_layer were placed: "even" or "trace"
+    kv_bits: int = 16  # the KV cache's width: 16 (the compute dtype) or 8 (int8 with scales)
+    prefill_chunk: int = PREFILL_CHUNK_TOKENS  # prompt tokens per forward pass, the reserve's T
 
     def __post_init__(self) -> None:
         if not self.layer_slots:
@@ -694,22 +815,30 @@ def plan_memory(
     device_type: str | torch.device = "cpu",
     expert_format: quant.WeightFormat | str | None = None,
     attn_format: quant.WeightFormat | str | None = None,
-    prefill_tokens: int = PREFILL_CHUNK_TOKENS,
+    prefill_tokens: int | None = None,
     spread: str = "auto",
     quantize_experts: bool = False,
+    kv_bits: int = 16,
+    sdpa: str = "fused",
 ) -> MemoryPlan:
     """Slots per layer from ``experts_per_layer`` or the ``vram`` budget; RAM records from ``ram``.
 
     With neither device setting, every expert gets a slot. With no ``ram``, RAM holds every
     expert, or as many as fit in ``ram_available`` bytes when that is given. ``dense`` replaces
     ``dense_bytes(config, dtype)`` when the dense weights are not all in ``dtype`` (quantized
-    attention: ``dense_bytes_by_class``).
+    attention: ``dense_bytes_by_class``). The KV cache is ``kv_cache_bytes`` at ``kv_bits``.
 
     ``device_type`` "cuda" counts ``runtime_reserve`` inside the device budget (the minimum and
     ``vram`` both include it; ``expert_format`` / ``attn_format`` name the formats, or, left
-    None, are taken as quantized when ``expert_bytes`` / ``dense`` are below their plain size)
-    and sizes the RAM tier in pinned blocks (``pinned_chunks``), counting the bytes the host
-    allocator takes. "cpu" (the default, as before) has no reserve and no pinning.
+    None, are taken as quantized when ``expert_bytes`` / ``dense`` are below their plain size;
+    ``sdpa`` the attention kernel, ``SDPA_PATHS``) and sizes the RAM tier in pinned blocks
+    (``pinned_chunks``), counting the bytes the host allocator takes. "cpu" (the default, as
+    before) has no reserve and no pinning.
+
+    The prefill chunk (``MemoryPlan.prefill_chunk``, the reserve's T): ``prefill_tokens`` when
+    given (``--batch-size``), exactly; None: ``PREFILL_CHUNK_TOKENS``, or on a card whose
+    ``vram`` cannot hold the minimum with its reserve, the largest of ``PREFILL_CHUNK_CHOICES``
+    that can (a smaller chunk, smaller activations, more sweeps of expert loads per prompt).
 
     ``experts_per_layer`` gives every layer the same count. A ``vram`` budget buys as many
     slots as fit: every layer gets the same share, and the slots left over go one each to some
@@ -721,7 +850,6 @@ def plan_memory(
     L, E, K = c.num_moe_layers, c.num_local_experts, c.num_experts_per_tok  # L: the layers with experts
     kind = _device_type(device_type)
     dense = dense_bytes(c, dtype) if dense is None else dense
-    kv = kv_cache_bytes(c, context, dtype)
     if kind == "cuda":
         plain = str(dtype).removeprefix("torch.")  # quant.get_format reads dtype names
         if expert_format is None:
@@ -729,14 +857,28 @@ def plan_memory(
             expert_format = "nf4" if expert_bytes < plain_expert else plain
         if attn_format is None:
             attn_format = "nf4" if dense < dense_bytes(c, dtype) else plain
-        reserve = runtime_reserve(
-            c, dtype, expert_format, attn_format, kind, context=context, prefill_tokens=prefill_tokens,
-            quantize_experts=quantize_experts,
-        )
+    if prefill_tokens is not None:
+        chunks: tuple[int, ...] = (prefill_tokens,)
+    elif kind == "cuda" and vram is not None and experts_per_layer is None:
+        chunks = PREFILL_CHUNK_CHOICES
     else:
-        reserve = RuntimeReserve(kind, 0, ())
-    fixed = dense + kv + reserve.total
-    minimum = fixed + L * K * expert_bytes
+        chunks = (PREFILL_CHUNK_TOKENS,)
+    for chunk in chunks:
+        kv = kv_cache_bytes(c, context, dtype, kv_bits, chunk)
+        if kind == "cuda":
+            reserve = runtime_reserve(
+                c, dtype, expert_format, attn_format, kind, context=context, prefill_tokens=chunk,
+                quantize_experts=quantize_experts, kv_bits=kv_bits, sdpa=sdpa,
+            )
+        else:
+            check_kv_bits(kv_bits)
+            if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+                raise SettingError(f"prefill chunk {chunk!r} tokens: must be at least 1 (--batch-size)")
+            reserve = RuntimeReserve(kind, 0, ())
+        fixed = dense + kv + reserve.total
+        minimum = fixed + L * K * expert_bytes
+        if vram is None or experts_per_layer is not None or vram >= minimum:
+            break
     if spread not in SPREADS:
         raise SettingError(f"slot spread {spread!r}: expected one of {', '.join(SPREADS)}")
     used = "even"
@@ -747,9 +889,12 @@ def plan_memory(
     elif vram is not None:
         if vram < minimum:
             extra = f" + runtime reserve {format_bytes(reserve.total)}" if reserve.total else ""
+            if reserve.total and chunk != PREFILL_CHUNK_TOKENS:
+                extra += f" (prefill chunks of {chunk} tokens)"
+            width = "" if kv_bits == 16 else f", {kv_bits}-bit"
             raise BudgetError(
                 f"--vram {format_bytes(vram)} is below the minimum {format_bytes(minimum)}: dense weights "
-                f"{format_bytes(dense)} + KV cache {format_bytes(kv)} at context {context} + top-{K} experts "
+                f"{format_bytes(dense)} + KV cache {format_bytes(kv)} at context {context}{width} + top-{K} experts "
                 f"for each of {L} layers ({format_bytes(L * K * expert_bytes)}){extra}"
             )
         by_trace = spread == "trace" or (spread == "auto" and is_mixtral_8x7b_shape(c))
@@ -759,12 +904,13 @@ def plan_memory(
     total = L * E
     limit = ram if ram is not None else ram_available
     if min(layer_slots) == E:
-        host, chunks = 0, ()  # everything lives on the device; nothing to stage in RAM
+        host, host_chunks = 0, ()  # everything lives on the device; nothing to stage in RAM
     else:
-        host, chunks = _host_tier(total, expert_bytes, limit, kind == "cuda")
+        host, host_chunks = _host_tier(total, expert_bytes, limit, kind == "cuda")
     return MemoryPlan(
         dense, kv, expert_bytes, total, min(layer_slots), host, L,
-        layer_slots=layer_slots, top_k=K, reserve=reserve, host_chunks=chunks, host_limit=limit, spread=used,
+        layer_slots=layer_slots, top_k=K, reserve=reserve, host_chunks=host_chunks, host_limit=limit, spread=used,
+        kv_bits=kv_bits, prefill_chunk=chunk,
     )
 
 
@@ -986,6 +1132,9 @@ class ModelPlan:
             "experts_total": m.experts_total,
             "experts_total_bytes": self.experts_total_bytes,
             "kv_cache_bytes": m.kv_cache_bytes,
+            "kv_bits": m.kv_bits,
+            "kv_positions": kv_positions(self.config, self.context, m.prefill_chunk),
+            "prefill_chunk": m.prefill_chunk,
             "min_vram_bytes": self.min_vram,
             "all_resident_vram_bytes": self.all_resident_vram,
             "vram_bytes": self.vram,
@@ -1022,33 +1171,63 @@ def plan_model(
     ram: int | None = None,
     experts_per_layer: int | None = None,
     device_type: str = "cuda",
-    prefill_tokens: int = PREFILL_CHUNK_TOKENS,
+    prefill_tokens: int | None = None,
+    kv_bits: int = 16,
+    sdpa: str = "fused",
 ) -> ModelPlan:
     """The plan for ``config`` on a card of ``vram`` bytes (or with ``experts_per_layer`` slots
     on every layer) with ``ram`` bytes for experts (no ``ram``: RAM holds every expert). Raises
     BudgetError, naming the minimum, when ``vram`` is below it; with neither device setting the
     plan is the one at the minimum card (top-k slots per layer). ``device_type`` "cuda" (a
     card, the default) counts the runtime reserve and pins the RAM tier (``plan_memory``);
-    "cpu" plans a machine whose slots are RAM."""
+    "cpu" plans a machine whose slots are RAM. ``kv_bits``: the KV cache's width (16, 8).
+    ``prefill_tokens``: the prefill chunk (``--batch-size``); None: ``PREFILL_CHUNK_TOKENS``,
+    fitted down on a ``vram`` too small for its reserve (``plan_memory``). ``sdpa``: the card's
+    attention kernel (``SDPA_PATHS``). The minimum and the all-resident figures are at the
+    memory plan's chunk."""
     if not 1 <= context <= config.max_position_embeddings:
         raise SettingError(f"--context {context}: must be in [1, {config.max_position_embeddings}]")
     expert_format, attn_format = quant.get_format(expert_format), quant.get_format(attn_format)
     by_class = dense_bytes_by_class(config, dtype, attn_format)
     record = RecordLayout.for_config(config, expert_format).nbytes
 
-    def plan(**budget) -> MemoryPlan:
+    def plan(chunk: int | None, **budget) -> MemoryPlan:
         return plan_memory(
             config, record, dtype, context, ram=ram, dense=sum(by_class.values()), device_type=device_type,
-            expert_format=expert_format, attn_format=attn_format, prefill_tokens=prefill_tokens, **budget,
+            expert_format=expert_format, attn_format=attn_format, prefill_tokens=chunk, kv_bits=kv_bits, sdpa=sdpa,
+            **budget,
         )
 
-    minimum = plan(experts_per_layer=config.num_experts_per_tok)
-    everything = plan(experts_per_layer=config.num_local_experts)
     if experts_per_layer is not None:
-        memory = plan(experts_per_layer=experts_per_layer)
+        memory = plan(prefill_tokens, experts_per_layer=experts_per_layer)
+    elif vram is not None:
+        memory = plan(prefill_tokens, vram=vram)
     else:
-        memory = minimum if vram is None else plan(vram=vram)
+        memory = plan(prefill_tokens, experts_per_layer=config.num_experts_per_tok)
+    minimum = plan(memory.prefill_chunk, experts_per_layer=config.num_experts_per_tok)
+    everything = plan(memory.prefill_chunk, experts_per_layer=config.num_local_experts)
     return ModelPlan(
         name, config, dtype, context, expert_format, attn_format, by_class, record,
         minimum.device_bytes, everything.device_bytes, memory, vram, ram, _device_type(device_type), experts_per_layer,
     )
+
+
+def minimum_vram(
+    config: ModelConfig,
+    dtype: torch.dtype,
+    context: int,
+    expert_format: quant.WeightFormat | str,
+    attn_format: quant.WeightFormat | str,
+    *,
+    device_type: str = "cuda",
+    kv_bits: int = 16,
+    prefill_tokens: int | None = None,
+    sdpa: str = "fused",
+) -> int:
+    """The least device memory that holds ``config``'s plan: dense weights, the KV cache, top-k
+    experts per layer and the reserve, at the prefill chunk ``prefill_tokens``, or with None at
+    the smallest a plan fits down to (``PREFILL_CHUNK_CHOICES``' last): a ``--vram`` of at least
+    this plans."""
+    chunk = PREFILL_CHUNK_CHOICES[-1] if prefill_tokens is None else prefill_tokens
+    return plan_model("", config, dtype, context, expert_format, attn_format, device_type=device_type,
+                      prefill_tokens=chunk, kv_bits=kv_bits, sdpa=sdpa).min_vram

@@ -41,6 +41,9 @@ File layout (sizes as strings: "8GiB", "512MiB", "0"):
     gpu_expert_gbps = 220.0           # optional: the GPU 4-bit kernel's measured GB/s on expert
                                       # records (replaces mem_gbps x its stated 0.6 share)
     round_trip_ms = 0.1               # optional: one layer's CPU-expert round trip, ms
+    sdpa = "math"                     # optional: how the card runs a prefill chunk's attention:
+                                      # "fused" (flash, Ampere and later; the default) or "math"
+                                      # (before Ampere: fp32 scores, in the runtime reserve)
     [plan]
     expert_bits = 4                   # 4, 8 or 16
     attn_bits = 4
@@ -52,6 +55,8 @@ File layout (sizes as strings: "8GiB", "512MiB", "0"):
     prefetch_depth = 1                # layers ahead that gate look-ahead prefetches (>= 1)
     cpu_experts = "auto"              # optional: where misses run, auto | off | all (absent: the
                                       # engine's default)
+    kv_bits = 8                       # optional: the KV cache's width, 16 (the compute dtype,
+                                      # the default when absent) or 8 (int8 with scales)
 
 Profiles written before a field existed still read: every optional field may be absent.
 
@@ -137,6 +142,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
         "cpu_expert_gbps": ("gbps", False),
         "gpu_expert_gbps": ("gbps", False),
         "round_trip_ms": ("float", False),
+        "sdpa": ("sdpa", False),
     },
     "plan": {
         "expert_bits": ("bits", True),
@@ -148,6 +154,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
         "policy": ("policy", True),
         "prefetch_depth": ("int", True),
         "cpu_experts": ("cpu_experts", False),
+        "kv_bits": ("kv_bits", False),
     },
 }
 
@@ -176,7 +183,9 @@ class Profile:
     cpu_expert_gbps: float | None = None  # the CPU 4-bit kernel's measured GB/s on expert records
     gpu_expert_gbps: float | None = None  # the GPU 4-bit kernel's measured GB/s on expert records
     round_trip_ms: float | None = None  # one layer's CPU-expert round trip (None: the stated default)
+    sdpa: str = "fused"  # a prefill chunk's attention on the card: "fused" (flash) or "math" (offload.plan.SDPA_PATHS)
     cpu_experts: str | None = None  # auto | off | all (None: the engine's default)
+    kv_bits: int = 16  # the KV cache's width: 16 (the compute dtype) or 8 (int8 with scales)
     comment: str = ""
     source: str = ""  # the file it was read from ("" when built in memory)
 
@@ -213,10 +222,12 @@ class Profile:
                        ram_gbps=None if self.ram_gbps is None else float(self.ram_gbps),
                        cpu_expert_gbps=None if self.cpu_expert_gbps is None else float(self.cpu_expert_gbps),
                        gpu_expert_gbps=None if self.gpu_expert_gbps is None else float(self.gpu_expert_gbps),
-                       round_trip_ms=None if self.round_trip_ms is None else float(self.round_trip_ms))
+                       round_trip_ms=None if self.round_trip_ms is None else float(self.round_trip_ms),
+                       sdpa=None if self.sdpa == "fused" else self.sdpa)  # "fused", the default, left out
         plan = dict(expert_bits=self.expert_bits, attn_bits=self.attn_bits, vram=self.plan_vram,
                     ram=self.plan_ram, experts_per_layer=self.experts_per_layer, context=self.context,
-                    policy=self.policy, prefetch_depth=self.prefetch_depth, cpu_experts=self.cpu_experts)
+                    policy=self.policy, prefetch_depth=self.prefetch_depth, cpu_experts=self.cpu_experts,
+                    kv_bits=None if self.kv_bits == 16 else self.kv_bits)  # 16, the default, left out
         return {
             "machine": {k: v for k, v in machine.items() if v is not None},
             "plan": {k: v for k, v in plan.items() if v is not None},
@@ -334,6 +345,16 @@ def _check_value(where: str, kind: str, value: Any) -> Any:
     elif kind == "bits":
         if isinstance(value, bool) or not isinstance(value, int) or value not in BITS_CHOICES:
             raise SettingError(f"{where}: {_short(value)} bits; choose one of {', '.join(map(str, BITS_CHOICES))}")
+    elif kind == "sdpa":
+        from offload.plan import SDPA_PATHS
+
+        if not isinstance(value, str) or value not in SDPA_PATHS:
+            raise SettingError(f"{where}: {_short(value)}; choose one of {', '.join(SDPA_PATHS)}")
+    elif kind == "kv_bits":
+        from offload.plan import KV_BITS
+
+        if isinstance(value, bool) or not isinstance(value, int) or value not in KV_BITS:
+            raise SettingError(f"{where}: {_short(value)} bits; choose one of {', '.join(map(str, KV_BITS))}")
     elif kind == "cpu_experts":
         from offload.experts.placement import CPU_EXPERTS
 
@@ -387,7 +408,8 @@ def profile_from_dict(data: dict[str, Any], source: str = "<profile>", name: str
         prefetch_depth=p["prefetch_depth"], plan_vram=p.get("vram"), plan_ram=p.get("ram"),
         experts_per_layer=p.get("experts_per_layer"), mem_gbps=m.get("mem_gbps"), ram_gbps=m.get("ram_gbps"),
         cpu_expert_gbps=m.get("cpu_expert_gbps"), gpu_expert_gbps=m.get("gpu_expert_gbps"), round_trip_ms=m.get("round_trip_ms"),
-        cpu_experts=p.get("cpu_experts"), comment=comment, source=source,
+        cpu_experts=p.get("cpu_experts"), kv_bits=p.get("kv_bits", 16), sdpa=m.get("sdpa", "fused"),
+        comment=comment, source=source,
     )
     if profile.plan_vram is not None and profile.experts_per_layer is not None:
         raise SettingError(f"{source}: plan.experts_per_layer: give plan.vram or plan.experts_per_layer, not both")
@@ -466,9 +488,9 @@ def save_profile(profile: Profile, path: str | Path, *, force: bool = False) -> 
 
 
 def engine_kwargs(profile: Profile) -> dict[str, Any]:
-    """Keyword arguments for ``Engine.load``: the profile's plan, its device and context, and
-    (a GPU profile) the profile itself as ``machine``, whose measured costs the placement cost
-    model of ``--cpu-experts auto`` takes."""
+    """Keyword arguments for ``Engine.load``: the profile's plan, its device and context (and its
+    ``kv_bits`` when not the engine's default, 16), and (a GPU profile) the profile itself as
+    ``machine``, whose measured costs the placement cost model of ``--cpu-experts auto`` takes."""
     return {
         "device": "cuda" if profile.has_gpu else "cpu",
         "context_length": profile.context,
@@ -480,6 +502,7 @@ def engine_kwargs(profile: Profile) -> dict[str, Any]:
         "expert_bits": profile.expert_bits,
         "attn_bits": profile.attn_bits,
         **({} if profile.cpu_experts is None else {"cpu_experts": profile.cpu_experts}),
+        **({} if profile.kv_bits == 16 else {"kv_bits": profile.kv_bits}),  # 16: the engine's default
         **({"machine": profile} if profile.has_gpu else {}),
     }
 
@@ -614,7 +637,9 @@ def machine_profile(machine: dict[str, Any], plan: Profile, name: str = "this-ma
     has one, on a machine without a GPU the measured ``ram_gbps``, else ``plan``'s when its GPU
     is this machine's, else unstated; the host's figures
     for CPU experts (``ram_gbps``, ``cpu_expert_gbps``, ``gpu_expert_gbps``, ``round_trip_ms``) are the machine's
-    when it has them, else unstated (another machine's would mislead)."""
+    when it has them, else unstated (another machine's would mislead); the attention kernel
+    (``sdpa``) the machine's when it says, else ``plan``'s when its GPU is this machine's, else
+    "fused"."""
     mem_gbps = machine.get("mem_gbps") or (plan.mem_gbps if plan.gpu == machine["gpu"] else None)
     if machine["gpu"] == NO_GPU and machine.get("ram_gbps"):  # a CPU's device memory is its RAM, as measured
         mem_gbps = machine["ram_gbps"]
@@ -632,6 +657,7 @@ def machine_profile(machine: dict[str, Any], plan: Profile, name: str = "this-ma
         cpu_expert_gbps=machine.get("cpu_expert_gbps"),
         gpu_expert_gbps=machine.get("gpu_expert_gbps"),
         round_trip_ms=machine.get("round_trip_ms"),
+        sdpa=machine.get("sdpa") or (plan.sdpa if plan.gpu == machine["gpu"] else "fused"),
         comment=comment or plan.comment,
         source="",
     )

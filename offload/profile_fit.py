@@ -43,7 +43,15 @@ from offload import quant
 from offload.config import ModelConfig
 from offload.device import device_name, is_cuda, resolve_device
 from offload.errors import BudgetError, OffloadError, SettingError
-from offload.plan import article, attention_shapes, format_bytes, parse_bytes, plan_memory, plan_model
+from offload.plan import (
+    article,
+    attention_shapes,
+    format_bytes,
+    minimum_vram,
+    parse_bytes,
+    plan_memory,
+    plan_model,
+)
 from offload.profile import Profile, best_shipped_profile, probe_machine
 from offload.profile import _size_text as _profile_size_text
 
@@ -87,6 +95,8 @@ def fit_profile(
     experts_per_layer: int | None = None,
     machine: dict[str, Any] | None = None,
     model_name: str = "the model",
+    kv_bits: int | None = None,
+    prefill_tokens: int | None = None,
 ) -> tuple[Profile, str]:
     """``profile``'s plan fitted to ``config`` (the module's fit rule), and a short reason.
 
@@ -96,7 +106,9 @@ def fit_profile(
     ``expert_bits`` / ``attn_bits`` widths fixed by flags; ``vram`` / ``ram`` (bytes) and
     ``experts_per_layer``: budgets given by flags, which replace the profile's. ``machine``
     (``probe_machine``'s dict) scales the profile's budgets to this machine's memory (a plan
-    for a 12 GiB card that keeps 11 GiB keeps 11/12 of a bigger or smaller card). The returned
+    for a 12 GiB card that keeps 11 GiB keeps 11/12 of a bigger or smaller card). ``kv_bits``
+    (``--kv-bits``) replaces the profile's KV cache width, ``prefill_tokens`` (``--batch-size``)
+    fixes the prefill chunk the reserve is sized for (None: the plan's, fitted). The returned
     profile has the chosen bits and either no budget (every expert resident) or budgets.
     Raises BudgetError, naming the field, when the model fits at none of the widths."""
     from offload.loader import DEFAULT_CONTEXT
@@ -131,6 +143,7 @@ def fit_profile(
         fixed = quant.get_format(expert_format)
         own = 16 if fixed.kind == "plain" else fixed.bits
         widths = list(dict.fromkeys((own, attn) for _, attn in widths))
+    kv = profile.kv_bits if kv_bits is None else kv_bits
     why = ""
     for bits, attn in widths:
         if expert_format is not None:
@@ -138,10 +151,11 @@ def fit_profile(
         else:
             expert_fmt = quant.format_for_bits(bits, dtype, device_type, expert_shapes, "--expert-bits")
         attn_fmt = quant.format_for_bits(attn, dtype, device_type, attn_shapes, "--attn-bits")
-        plan = plan_model(model_name, config, dtype, context, expert_fmt, attn_fmt, device_type=device_type)
+        sizes = dict(device_type=device_type, kv_bits=kv, prefill_tokens=prefill_tokens, sdpa=profile.sdpa)
+        plan = plan_model(model_name, config, dtype, context, expert_fmt, attn_fmt, **sizes)
         what = _bits_text(expert_fmt, bits, attn, expert_format is not None)
-        fitted = replace(profile, expert_bits=bits, attn_bits=attn)
-        resident = plan_model(model_name, config, dtype, plain_context, expert_fmt, attn_fmt, device_type=device_type)
+        fitted = replace(profile, expert_bits=bits, attn_bits=attn, kv_bits=kv)
+        resident = plan_model(model_name, config, dtype, plain_context, expert_fmt, attn_fmt, **sizes)
         if resident.all_resident_vram <= device_budget and slots is None:  # as a run without a profile
             none = replace(
                 fitted, plan_vram=None, plan_ram=None, experts_per_layer=None, policy="auto", context=plain_context
@@ -149,8 +163,9 @@ def fit_profile(
             return none, f"{what}, every expert resident, no budget"
         if profile.has_gpu and not fixed_width and bits > profile.expert_bits:
             continue  # on a GPU a wider width is taken only when it makes every expert resident
-        if plan.min_vram > device_budget:
-            why = (f"{device_field}: {model_name} needs at least {format_bytes(plan.min_vram)} on the device "
+        least = minimum_vram(config, dtype, context, expert_fmt, attn_fmt, **sizes)
+        if least > device_budget:
+            why = (f"{device_field}: {model_name} needs at least {format_bytes(least)} on the device "
                    f"at {what}; the budget is {format_bytes(device_budget)}")
             continue
         if slots:
@@ -159,7 +174,8 @@ def fit_profile(
             budget = dict(vram=device_budget)
         memory = plan_memory(
             config, plan.expert_bytes, dtype, context, ram=ram_budget, dense=plan.dense_bytes,
-            device_type=device_type, expert_format=expert_fmt, attn_format=attn_fmt, **budget,
+            device_type=device_type, expert_format=expert_fmt, attn_format=attn_fmt, kv_bits=kv,
+            prefill_tokens=prefill_tokens, sdpa=profile.sdpa, **budget,
         )
         if memory.device_bytes > device_budget:
             why = (f"{device_field}: {model_name} needs {format_bytes(memory.device_bytes)} on the device for "
@@ -221,6 +237,8 @@ def auto_profile(
     ram: int | str | None = None,
     experts_per_layer: int | None = None,
     machine: dict[str, Any] | None = None,
+    kv_bits: int | None = None,
+    batch_size: int | None = None,
 ) -> tuple[Profile | None, str]:
     """The best shipped profile for ``device`` fitted to ``model`` (``fit_profile``), and why;
     ``(None, why)`` when no shipped profile suits the device or the model fits none of the
@@ -244,6 +262,7 @@ def auto_profile(
             vram=None if vram is None else parse_bytes(vram, "--vram"),
             ram=None if ram is None else parse_bytes(ram, "--ram"),
             experts_per_layer=experts_per_layer, machine=machine, model_name=Path(str(model)).name or str(model),
+            kv_bits=kv_bits, prefill_tokens=batch_size,
         )
     except OffloadError as exc:
         return None, f"auto: {exc}; plain defaults"
@@ -264,12 +283,14 @@ def card_fit(
     expert_format: quant.WeightFormat | str | None = None,
     attn_bits: int | None = None,
     model_name: str = "the model",
+    kv_bits: int | None = None,
+    prefill_tokens: int | None = None,
 ) -> tuple[Profile | None, Profile | None, str]:
     """What ``generate`` would take with no bits given on a card of ``vram`` bytes (not this
     machine's): the shipped GPU profile ``best_shipped_profile`` picks for a card of that size,
     fitted (``fit_profile``) with ``vram`` as the device budget and ``ram`` bytes as the RAM tier
     (None: RAM holds every expert; ``offload info``'s default). ``expert_format`` / ``attn_bits``
-    are a pack's fixed widths. Returns (the shipped profile or None when no shipped card is that
+    are a pack's fixed widths, ``kv_bits`` / ``prefill_tokens`` the flags' (``fit_profile``). Returns (the shipped profile or None when no shipped card is that
     small, the fitted profile or None when the model fits at none of its widths, the reason)."""
     try:
         profile = best_shipped_profile(torch.device("cuda"), vram_total=vram)
@@ -283,7 +304,7 @@ def card_fit(
     try:
         fitted, how = fit_profile(
             profile, config, dtype=dtype, context=context, expert_format=expert_format, attn_bits=attn_bits,
-            vram=vram, ram=ram, machine=machine, model_name=model_name,
+            vram=vram, ram=ram, machine=machine, model_name=model_name, kv_bits=kv_bits, prefill_tokens=prefill_tokens,
         )
     except BudgetError as exc:
         return profile, None, str(exc)
@@ -302,17 +323,23 @@ def fit_hints(
     *,
     device_type: str = "cuda",
     experts_fixed: bool = False,
+    kv_bits: int = 16,
+    prefill_tokens: int | None = None,
+    sdpa: str = "fused",
 ) -> str:
     """The flags that make ``name`` fit a card of ``vram`` bytes that is below its minimum at
     these widths and ``context``, as one clause for an error line: narrower weights (the widest
     that fit: ``--expert-bits 4``, ``--attn-bits 4``; no expert width when ``experts_fixed``, a
-    pack's own), the largest ``--context`` that fits at these widths, and the ``--vram`` the plan
-    needs. "" when the plan fits."""
+    pack's own), an 8-bit KV cache (``--kv-bits 8``, from 16), the largest ``--context`` that fits at these widths, and the ``--vram`` the plan
+    needs (``offload.plan.minimum_vram``: at ``prefill_tokens``, or the smallest chunk a plan
+    fits down to), with the KV cache at ``kv_bits`` and the card's attention kernel ``sdpa``. ""
+    when the plan fits."""
     I, D = config.intermediate_size, config.hidden_size
     expert_shapes, attn_shapes = ((I, D), (D, I)), tuple(attention_shapes(config).values())
 
-    def minimum(ctx: int, experts: quant.WeightFormat, attention: quant.WeightFormat) -> int:
-        return plan_model(name, config, dtype, ctx, experts, attention, device_type=device_type).min_vram
+    def minimum(ctx: int, experts: quant.WeightFormat, attention: quant.WeightFormat, kv: int = kv_bits) -> int:
+        return minimum_vram(config, dtype, ctx, experts, attention, device_type=device_type, kv_bits=kv,
+                            prefill_tokens=prefill_tokens, sdpa=sdpa)
 
     need = minimum(context, expert_format, attn_format)
     if need <= vram:
@@ -331,6 +358,8 @@ def fit_hints(
             widths.append(" ".join(f for f in flags if f))
             break
     hints = [f"with {widths[0]}"] if widths else []
+    if kv_bits == 16 and minimum(context, expert_format, attn_format, 8) <= vram:  # half the KV cache
+        hints.append("with --kv-bits 8")
     if minimum(1, expert_format, attn_format) <= vram:  # the largest context that fits: a bisection
         low, high = 1, context - 1
         while low < high:

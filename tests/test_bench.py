@@ -433,3 +433,61 @@ def test_a_noisy_result_gets_one_warning_line(model_dirs, monkeypatch):
     assert rows[0]["t_s_spread"] > 0.10 and rows[1]["t_s_spread"] == 0
     quiet = run(d, "-p", "4", "-n", "2", "-d", "4", "-r", "3", "--dtype", "float32", "--spread-warn", "10")
     assert quiet.exit_code == 0 and "warning:" not in quiet.stderr
+
+
+# ---- -b/--batch-size and --kv-bits (issue 17) -----------------------------------------------------
+
+
+def test_batch_size_and_kv_bits_sweep_and_are_checked():
+    configs = sweep({"kv_bits": "16,8", "batch_size": "64, 256"})
+    assert [(c.kv_bits, c.batch_size) for c in configs] == [(16, 64), (16, 256), (8, 64), (8, 256)]
+    assert "kv_bits" not in BenchConfig().load_kwargs() and "batch_size" not in BenchConfig().load_kwargs()
+    assert BenchConfig(kv_bits=8, batch_size=64).load_kwargs()["batch_size"] == 64  # Engine.load's names
+    with pytest.raises(SettingError, match=r"--kv-bits 4: choose one of 16, 8"):
+        sweep({"kv_bits": "8,4"})
+    with pytest.raises(SettingError, match=r"--batch-size 0: must be at least 1"):
+        sweep({"batch_size": "0"})
+    with pytest.raises(SettingError, match=r"--batch-size 'big'"):
+        sweep({"batch_size": "big"})
+
+
+def test_batch_size_sets_the_prompt_chunks_of_pp(model_dirs, monkeypatch):
+    d = model_dirs[WINDOWED.name]
+    config = BenchConfig(dtype="float32", experts_per_layer=2, ram="0", batch_size=4, kv_bits=8)
+    engine = load(d, config, context_needed(16, 2))
+    assert engine.prefill_chunk == 4 and engine.model.cache.bits == 8
+    forwarded: list[int] = []
+    real = engine.model.forward
+
+    def spy(tokens, last_only=False):
+        forwarded.append(int(tokens.shape[0]))
+        return real(tokens, last_only=last_only)
+
+    monkeypatch.setattr(engine.model, "forward", spy)
+    try:
+        r = measure(engine, config, 16, 2, 1)
+    finally:
+        engine.close()
+    assert forwarded == [4, 4, 4, 4, 1, 1] * 2  # pp16 in four chunks of 4, then two decode passes; warm-up too
+    row = r.rows()[0]
+    assert (row["batch_size"], row["kv_bits"], row["batch_size_used"], row["kv_bits_used"]) == (4, 8, 4, 8)
+
+
+def test_batch_size_and_kv_bits_columns(model_dirs):
+    d = str(model_dirs[WINDOWED.name])
+    args = ["-p", "8", "-n", "2", "-r", "1", "--dtype", "float32", "--experts-per-layer", "2"]
+    result = run(d, *args, "-b", "4,8", "--kv-bits", "8", "-o", "json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [(r["batch_size"], r["test"]) for r in rows] == [(4, "pp8"), (4, "tg2"), (8, "pp8"), (8, "tg2")]
+    assert [r["batch_size_used"] for r in rows] == [4, 4, 8, 8] and {r["kv_bits_used"] for r in rows} == {8}
+    md = run(d, *args, "--batch-size", "4", "--kv-bits", "8")
+    assert md.exit_code == 0, md.output
+    lines, _ = table_lines(md.stdout)
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[header.index("batch size")] == "4" and cells[header.index("kv bits")] == "8"
+    plain, _ = table_lines(run(d, *args).stdout)
+    assert "batch size" not in plain[0] and "kv bits" not in plain[0]  # shown when given
+    bad = run(d, *args, "--kv-bits", "4")
+    assert bad.exit_code == 2 and "--kv-bits 4: choose one of 16, 8" in bad.stderr

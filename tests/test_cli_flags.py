@@ -372,3 +372,82 @@ def test_verbose_is_the_per_layer_table_on_generate():
     assert plain.exit_code == 0 and more.exit_code == 0, (plain.output, more.output)
     assert "expert cache" not in plain.output and "expert cache" in more.output
     assert plain.stdout == more.stdout  # the same tokens: -v only adds the table on stderr
+
+
+# ---- --kv-bits and -b/--batch-size reach Engine.load (issue 17) ---------------------------------------
+
+
+class _Stop(OffloadError):
+    pass
+
+
+def _spy_load(monkeypatch, seen: list, run_it: bool = False):
+    """Engine.load as the commands call it, its keyword arguments kept; stopped with an OffloadError
+    (exit 2, nothing run) unless ``run_it``."""
+    from offload.engine import Engine
+
+    real = Engine.load
+
+    def load(model_dir, **kwargs):
+        seen.append(kwargs)
+        if not run_it:
+            raise _Stop("stopped after Engine.load was called")
+        return real(model_dir, **kwargs)
+
+    monkeypatch.setattr(cli.common.Engine, "load", load)
+
+
+@pytest.mark.parametrize("command", [["generate", "-p", "hi"], ["chat"], ["serve", "--port", "0"]])
+def test_kv_bits_and_batch_size_reach_engine_load(monkeypatch, command):
+    seen: list = []
+    _spy_load(monkeypatch, seen)
+    one_error_line(run(*command, "-m", DEMO, "--kv-bits", "8", "-b", "64", "--profile", "none", input="hi"),
+                   "stopped after Engine.load")
+    assert seen[-1]["kv_bits"] == 8 and seen[-1]["batch_size"] == 64
+    one_error_line(run(*command, "-m", DEMO, "--batch-size", "32", "--profile", "none", input="hi"), "stopped")
+    assert seen[-1]["batch_size"] == 32 and "kv_bits" not in seen[-1]  # not given: the engine's default
+
+
+def test_a_profiles_kv_bits_reach_engine_load_and_a_flag_wins(monkeypatch, tmp_path):
+    text = (Path(__file__).resolve().parents[1] / "profiles" / "cpu-only.toml").read_text()
+    path = tmp_path / "kv8.toml"
+    path.write_text(text.replace("[plan]", "[plan]\nkv_bits = 8", 1))
+    seen: list = []
+    _spy_load(monkeypatch, seen)
+    one_error_line(run("generate", "-m", DEMO, "-p", "hi", "--profile", str(path)), "stopped")
+    assert seen[-1]["kv_bits"] == 8 and "batch_size" not in seen[-1]
+    one_error_line(run("generate", "-m", DEMO, "-p", "hi", "--profile", str(path), "--kv-bits", "16"), "stopped")
+    assert seen[-1]["kv_bits"] == 16
+
+
+def test_generate_runs_with_an_8_bit_kv_cache_in_small_chunks(monkeypatch):
+    seen: list = []
+    engines: list = []
+    from offload.engine import Engine
+
+    real = Engine.load
+
+    def load(model_dir, **kwargs):
+        seen.append(kwargs)
+        engines.append(real(model_dir, **kwargs))
+        return engines[-1]
+
+    monkeypatch.setattr(cli.common.Engine, "load", load)
+    out = generate_json("-m", DEMO, "-p", DOCS_PROMPT, "-n", "4", "--kv-bits", "8", "-b", "3", "-q")
+    assert len(out["tokens"]) == 4
+    assert engines[-1].prefill_chunk == 3 and engines[-1].model.cache.bits == 8
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--kv-bits", "4"], ("--kv-bits 4", "16, 8")),
+    (["-b", "0"], ("--batch-size",)),
+    (["--batch-size", "many"], ("--batch-size",)),
+])
+def test_bad_kv_bits_and_batch_sizes_are_one_line(monkeypatch, args, names):
+    monkeypatch.setattr("offload.hub.resolve_model", lambda *a, **k: pytest.fail("a model was read"))
+    one_error_line(run("generate", "-m", DEMO, "-p", "hi", *args), *names)
+
+
+def test_llama_cpps_cache_type_flags_point_at_kv_bits():
+    one_error_line(run("generate", "-p", "hi", "-ctk", "q8_0"), "-ctk", "--kv-bits 8")
+    one_error_line(run("generate", "-p", "hi", "-ub", "64"), "-ub", "-b/--batch-size")

@@ -161,3 +161,42 @@ def test_bfloat16_logits_are_as_close_to_fp32_as_transformers_bf16(shape, model_
     assert ours_err.max() <= BF16_SLACK * their_err.max(), (ours_err.max(), their_err.max())
     assert ours_err.mean() <= BF16_SLACK * their_err.mean(), (ours_err.mean(), their_err.mean())
     assert (ours - theirs).abs().mean() <= BF16_MEAN_TO_HF_BF16
+
+
+# ---- a sliding window kept as a ring -----------------------------------------------------------
+
+RING_CHUNK = 8  # prompt chunks of 8: the windowed shape's KV cache is a ring of 24 + 8 slots
+RING_STEPS = 96  # decode steps: the ring wraps four times
+
+
+def test_a_windows_ring_matches_transformers_in_prefill_and_decode(model_dirs, references):
+    """The windowed shape (window 24) with its KV cache a ring of 32 slots: the prompt in chunks
+    of 8 (logits of its last position, and every position from one whole forward), then 96
+    cached decode steps, all within 1e-4 of transformers' full cache; every layer routes every
+    token identically; and 64 greedy tokens are transformers'."""
+    from tests.model_builder import WINDOWED
+
+    engine = Engine.load(model_dirs[WINDOWED.name], device="cpu", dtype="float32", batch_size=RING_CHUNK)
+    reference = references[WINDOWED.name]
+    cache = engine.model.cache
+    assert cache.capacity == WINDOWED.config_kwargs()["sliding_window"] + RING_CHUNK < engine.context_length
+    ids = prompt_ids(engine)
+    assert len(ids) > cache.capacity  # the prompt itself wraps the ring
+    forced = torch.randint(3, engine.config.vocab_size, (RING_STEPS,), generator=torch.Generator().manual_seed(2))
+
+    ours_chosen = engine_routing(engine)
+    last = engine.prefill(ids)  # [V], in chunks through the ring
+    ours_steps = [engine.decode(int(t)) for t in forced]
+    engine.model.routing_observer = None
+    assert cache.length == len(ids) + RING_STEPS > 4 * cache.capacity
+    hf_prefill, hf_steps, hf_chosen = hf_prefill_and_steps(reference, ids, forced)
+
+    assert (last - hf_prefill[-1]).abs().max().item() <= FP32_TOLERANCE
+    assert (engine.logits(ids) - hf_prefill).abs().max().item() <= FP32_TOLERANCE  # one pass, longer than the ring
+    diffs = [(a - b).abs().max().item() for a, b in zip(ours_steps, hf_steps)]
+    assert max(diffs) <= FP32_TOLERANCE, diffs
+    for layer in range(engine.config.num_hidden_layers):
+        assert torch.equal(torch.cat(ours_chosen[layer]), torch.cat(hf_chosen[layer])), f"layer {layer}"
+
+    settings = GenerationSettings(max_new_tokens=GREEDY_TOKENS, ignore_eos=True)
+    assert engine.generate(ids, settings).run().tokens == hf_greedy(reference, ids, GREEDY_TOKENS)

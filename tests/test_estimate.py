@@ -319,3 +319,39 @@ def test_a_profile_without_bandwidth_gets_a_note_not_an_estimate(tmp_path):
     assert "estimate" not in result.stdout and "machine.mem_gbps" in result.stderr
     given = info(str(DEMO_MODEL_DIR), "--profile", str(path), "--mem-gbps", "100")
     assert given.stdout.strip().splitlines()[-1].startswith("estimate: ")
+
+
+# ---- the KV cache read by a decode step (issue 17) ----------------------------------------------
+
+
+def test_the_kv_read_by_hand_at_16_and_8_bits():
+    """16 bits: the kernel reads Dh values a head and position. 8 bits, as KVCache.read_step runs
+    it: the int8 codes read (1 byte) and cast (s written), the cast read and multiplied by the
+    row's scale (s + the scale read, s written), the product read by SDPA (s): 1 + 4 s a value."""
+    from offload.estimate import kv_read_bytes
+
+    assert kv_read_bytes(TINY, torch.float32, 10) == 2 * 2 * 16 * 10 * 4  # K and V, 2 heads of 16
+    assert kv_read_bytes(TINY, torch.float32, 10, 8) == 2 * 2 * 10 * (16 * (1 + 4 * 4) + 4)
+    assert kv_read_bytes(TINY, torch.bfloat16, 10, 8) == 2 * 2 * 10 * (16 * 9 + 2)
+    mixtral = builtin_model("mixtral-8x7b")[1]
+    sixteen, eight = (kv_read_bytes(mixtral, torch.bfloat16, 32768, bits) for bits in (16, 8))
+    assert 32 * sixteen == 4 * 2**30  # the whole bf16 cache, each token
+    assert eight / sixteen == pytest.approx((128 * 9 + 2) / (128 * 2))  # 4.5 times: memory saved, not bandwidth
+    windowed = ModelConfig.from_dict(dict(TINY_CONFIG, sliding_window=8), source="test")
+    assert kv_read_bytes(windowed, torch.float32, 5) == kv_read_bytes(TINY, torch.float32, 5)  # inside the window
+    assert kv_read_bytes(windowed, torch.float32, 100, chunk=16) == kv_read_bytes(TINY, torch.float32, 8 + 16)  # ring
+    assert kv_read_bytes(windowed, torch.float32, 20, chunk=16) == kv_read_bytes(TINY, torch.float32, 8)
+
+
+def test_the_estimate_reads_the_kv_cache_at_the_plans_width():
+    plan = tiny_plan(experts_per_layer=2, ram=6 * 98_304)
+    eight = tiny_plan(experts_per_layer=2, ram=6 * 98_304, kv_bits=8)
+    assert eight.kv_bits == 8 and eight.kv_cache_bytes == 2 * 2 * 2 * 64 * (16 + 4) < plan.kv_cache_bytes
+    kwargs = dict(dtype=torch.float32, expert_format="fp32", attn_format="fp32", position=10)
+    sixteen_s = estimate_decode(TINY, plan, MACHINE, **kwargs)
+    eight_s = estimate_decode(TINY, eight, MACHINE, **kwargs)
+    extra = (2 * 2 * 10 * (16 * 17 + 4) - 2 * 2 * 16 * 10 * 4) / (1e9 * 0.5)  # per layer, by hand
+    assert eight_s.kv_bits == 8 and eight_s.kv_s - sixteen_s.kv_s == pytest.approx(extra)
+    assert eight_s.seconds_per_token - sixteen_s.seconds_per_token == pytest.approx(2 * extra)
+    assert estimate_decode(TINY, eight, MACHINE, kv_bits=16, **kwargs).kv_s == sixteen_s.kv_s
+    assert eight_s.to_dict()["kv_bits"] == 8

@@ -25,6 +25,7 @@ written (a correct load gives back what the file says).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -470,6 +471,7 @@ def test_a_context_memory_cannot_hold_is_refused_before_the_kv_cache_is_allocate
 
     config = json.loads((model_copy / "config.json").read_text())
     config["max_position_embeddings"] = context = 2**31 - 1
+    config["sliding_window"] = None  # every position cached (a window's ring stops growing: test_kv_cache)
     (model_copy / "config.json").write_text(json.dumps(config))
     L, G, Dh = config["num_hidden_layers"], config["num_key_value_heads"], config["head_dim"]
     kv = 2 * L * G * Dh * 4 * context  # keys and values, float32: 16 TiB, more than any test machine
@@ -488,6 +490,8 @@ def test_the_longest_context_that_fits_is_named_and_fits(model_copy, monkeypatch
     from offload.engine import Engine
 
     config = json.loads((model_copy / "config.json").read_text())
+    config["sliding_window"] = None  # every position cached (a window's ring stops growing: test_kv_cache)
+    (model_copy / "config.json").write_text(json.dumps(config))
     L, G, Dh = config["num_hidden_layers"], config["num_key_value_heads"], config["head_dim"]
     per_position = 2 * L * G * Dh * 4 + 2 * Dh * 4 + 14 * Dh + 8  # KV + rotary tables + their fp32 temporaries
     available = 300 * per_position + 17
@@ -504,7 +508,7 @@ def test_on_a_gpu_the_kv_cache_is_planned_against_free_device_memory(model_copy,
     from offload.config import ModelConfig
     from offload.engine import check_context_memory
 
-    config = ModelConfig.from_dir(model_copy)
+    config = dataclasses.replace(ModelConfig.from_dir(model_copy), sliding_window=None)  # every position cached
     Dh = config.head_dim
     per_position = 2 * config.num_hidden_layers * config.num_key_value_heads * Dh * 2 + 2 * Dh * 2  # bf16
     monkeypatch.setattr(offload.device, "memory_info", lambda device: (1000 * per_position + 5, 10**12))

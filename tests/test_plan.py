@@ -48,17 +48,35 @@ def power_of_two_at_least(n: int) -> int:
 # ---- the runtime reserve -------------------------------------------------------------------
 
 
-def mixtral_reserve_by_hand(context: int, tokens: int, quantized: bool) -> dict[str, int]:
+def mixtral_reserve_by_hand(context: int, tokens: int, quantized: bool, sdpa: str = "fused",
+                            kv_bits: int = 16, window: int | None = None) -> dict[str, int]:
     """Each term of the documented formula for Mixtral-8x7B (H 32, G 8, Dh 128, D 4096, I 14336,
-    V 32000), bf16 compute (2 bytes), written out."""
+    V 32000), bf16 compute (2 bytes), written out. Attention over a chunk of T queries and S keys
+    (the context; with a sliding window W, W + T - 1 at most): the projections; with 8-bit KV the
+    chunk's keys and values quantized (cat, fp32 copy, its abs, fp32 quotient, codes: s + 9 bytes
+    a value) and the S keys and values cast and scaled (two bf16 copies); with a ring of W + T
+    slots shorter than the context, 16-bit keys and values of a wrapped ring joined (one copy);
+    where the window cuts in (context > W) a [T, S] bool mask, and with grouped KV heads the math
+    path; SDPA's own: the fused kernel's output and fp32 log-sum-exp, or the math path's two
+    fp32 score tensors, head-expanded k/v, fp32 copies of q, k, v and the mask as fp32."""
     H, G, Dh, D, I, V, s = 32, 8, 128, 4096, 14336, 32000, 2
-    T, S = tokens, context
+    T = tokens
+    S = context if window is None else min(context, window + T - 1)
+    masked = window is not None and context > window
+    ring = window is not None and window + T < context
+    projections = T * (3 * H * Dh + 4 * G * Dh) * s
+    writes = 2 * G * T * Dh * (s + 9) if kv_bits == 8 else 0
+    reads = 2 * (2 * G * S * Dh * s) if kv_bits == 8 else (2 * G * S * Dh * s if ring else 0)
+    mask = T * S if masked else 0
+    if sdpa == "fused" and not masked:
+        kernel = H * T * Dh * s + H * T * 4
+    else:  # the math path: scores, softmax, expanded k and v, fp32 q, k, v, the mask in fp32 (and bool)
+        kernel = 2 * H * T * S * 4 + 2 * H * S * Dh * s + 4 * (H * T * Dh + 2 * H * S * Dh) + T * S * (4 if masked else 5)
     return {
         "CUDA context": 512 * MiB,
         "cuBLAS workspaces": 64 * MiB,
         "dequantized weight": 14336 * 4096 * 2 if quantized else 0,  # 112 MiB
-        "attention": 2 * H * T * S * 4 + 2 * H * S * Dh * s + 4 * (H * T * Dh + 2 * H * S * Dh)
-        + T * (3 * H * Dh + 4 * G * Dh) * s,
+        "attention": projections + writes + reads + mask + kernel,
         "expert activations": T * (3 * I * s + D * s + D * 4),
         "hidden states": T * D * (5 * s + 8),
         "logits": V * (s + 24),
@@ -66,11 +84,14 @@ def mixtral_reserve_by_hand(context: int, tokens: int, quantized: bool) -> dict[
     }
 
 
-@pytest.mark.parametrize("context, quantized", [(4096, True), (1024, False)])
-def test_reserve_terms_by_hand(context, quantized):
+@pytest.mark.parametrize("context, quantized, sdpa, kv_bits", [
+    (4096, True, "fused", 16), (1024, False, "fused", 16), (32768, True, "fused", 8), (4096, True, "math", 16),
+])
+def test_reserve_terms_by_hand(context, quantized, sdpa, kv_bits):
     fmt = "nf4" if quantized else "bf16"
-    reserve = runtime_reserve(mixtral(), torch.bfloat16, fmt, "bf16", "cuda", context=context)
-    want = mixtral_reserve_by_hand(context, PREFILL_CHUNK_TOKENS, quantized)
+    reserve = runtime_reserve(mixtral(), torch.bfloat16, fmt, "bf16", "cuda", context=context, sdpa=sdpa,
+                              kv_bits=kv_bits)
+    want = mixtral_reserve_by_hand(context, PREFILL_CHUNK_TOKENS, quantized, sdpa, kv_bits)
     assert {t.name: t.nbytes for t in reserve.terms} == want
     assert reserve.total == sum(want.values())
     assert reserve.working == reserve.total - 512 * MiB  # the context is already gone at load
@@ -79,14 +100,37 @@ def test_reserve_terms_by_hand(context, quantized):
         assert want["dequantized weight"] == 112 * MiB
 
 
+def test_fused_attention_needs_no_score_matrix():
+    """A chunk of 256 against 32768 keys: the math path's fp32 scores and softmax alone are
+    2 x 32 x 256 x 32768 x 4 bytes = 2 GiB; the fused kernel's whole attention term (projections,
+    the output, the log-sum-exp) is 10 MiB and change; an 8-bit KV cache adds its chunk quantized
+    (2 x 8 x 256 x 128 x 11 bytes = 5.5 MiB) and its keys and values cast and scaled back,
+    2 x (2 x 8 x 32768 x 128 x 2) bytes = 256 MiB."""
+    fused = mixtral_reserve_by_hand(32768, 256, True)["attention"]
+    math_path = mixtral_reserve_by_hand(32768, 256, True, "math")["attention"]
+    assert math_path - fused > 2 * GiB
+    assert fused == 8 * MiB + 2 * MiB + 32 * 1024  # projections, output, log-sum-exp
+    assert mixtral_reserve_by_hand(32768, 256, True, kv_bits=8)["attention"] - fused == 256 * MiB + 5.5 * MiB
+    assert sum(mixtral_reserve_by_hand(32768, 256, True).values()) < 810 * MiB  # 4.29 GiB with the math path
+
+
 def test_reserve_is_nothing_on_a_cpu_and_bounded_by_the_window():
     assert runtime_reserve(mixtral(), torch.bfloat16, "nf4", "nf4", "cpu", context=4096).total == 0
     raw = dict(BUILTIN_MODELS["mixtral-8x7b"][1], sliding_window=1000)
     windowed = ModelConfig.from_dict(raw, source="test")
-    attention = {t.name: t.nbytes for t in runtime_reserve(windowed, torch.bfloat16, "nf4", "bf16", "cuda",
-                                                           context=4096).terms}["attention"]
-    # keys seen by a chunk of 256: the window plus the chunk, 1000 + 256 - 1 = 1255, not 4096
-    assert attention == mixtral_reserve_by_hand(1255, 256, True)["attention"]
+    for sdpa in ("fused", "math"):
+        for bits in (16, 8):
+            attention = {t.name: t.nbytes for t in runtime_reserve(windowed, torch.bfloat16, "nf4", "bf16", "cuda",
+                                                                   context=4096, sdpa=sdpa, kv_bits=bits).terms}
+            # keys seen by a chunk of 256: the window plus the chunk, 1000 + 256 - 1 = 1255, not 4096;
+            # the window cuts in, so a [T, S] mask, and with 8 grouped KV heads the math path
+            want = mixtral_reserve_by_hand(4096, 256, True, sdpa, bits, window=1000)["attention"]
+            assert attention["attention"] == want
+            assert want > 2 * 32 * 256 * 1255 * 4  # the scores and softmax of the math path, over 1255 keys
+    inside = ModelConfig.from_dict(dict(raw, sliding_window=8192), source="test")  # the window never cuts in
+    assert {t.name: t.nbytes for t in runtime_reserve(inside, torch.bfloat16, "nf4", "bf16", "cuda",
+                                                      context=4096).terms}["attention"] == \
+        mixtral_reserve_by_hand(4096, 256, True)["attention"]
 
 
 def test_the_reserve_is_inside_the_device_budget_on_cuda_only():
@@ -101,10 +145,30 @@ def test_the_reserve_is_inside_the_device_budget_on_cuda_only():
     inferred = plan_memory(c, NF4_EXPERT, torch.bfloat16, 4096, experts_per_layer=2, device_type="cuda")
     assert inferred.reserve == cuda.reserve
     minimum = BF16_DENSE + KV_4096 + 64 * NF4_EXPERT + reserve
-    with pytest.raises(BudgetError, match="runtime reserve") as info:
-        plan_memory(c, NF4_EXPERT, torch.bfloat16, 4096, vram=minimum - 1, device_type="cuda")
+    at_minimum = plan_memory(c, NF4_EXPERT, torch.bfloat16, 4096, vram=minimum, device_type="cuda")
+    assert at_minimum.slots_per_layer == 2 and at_minimum.prefill_chunk == 256
+    with pytest.raises(BudgetError, match="runtime reserve") as info:  # a chunk of 256 given: exactly that
+        plan_memory(c, NF4_EXPERT, torch.bfloat16, 4096, vram=minimum - 1, device_type="cuda", prefill_tokens=256)
     assert "\n" not in str(info.value)
-    assert plan_memory(c, NF4_EXPERT, torch.bfloat16, 4096, vram=minimum, device_type="cuda").slots_per_layer == 2
+
+
+def test_a_card_too_small_for_the_reserve_of_256_prefills_in_smaller_chunks():
+    """A byte below the minimum at the default chunk: the plan halves the chunk (128 tokens), its
+    reserve by hand; below the minimum at the smallest chunk (16), the refusal names that chunk."""
+    c = mixtral()
+    fixed = BF16_DENSE + KV_4096 + 64 * NF4_EXPERT
+    minimum = fixed + sum(mixtral_reserve_by_hand(4096, 256, True).values())
+    plan = plan_memory(c, NF4_EXPERT, torch.bfloat16, 4096, vram=minimum - 1, device_type="cuda")
+    assert plan.prefill_chunk == 128 and plan.reserve.prefill_tokens == 128 and plan.slots_per_layer == 2
+    assert plan.device_bytes == fixed + sum(mixtral_reserve_by_hand(4096, 128, True).values())
+    smallest = fixed + sum(mixtral_reserve_by_hand(4096, 16, True).values())
+    assert plan_memory(c, NF4_EXPERT, torch.bfloat16, 4096, vram=smallest, device_type="cuda").prefill_chunk == 16
+    with pytest.raises(BudgetError, match=r"runtime reserve .* \(prefill chunks of 16 tokens\)$") as info:
+        plan_memory(c, NF4_EXPERT, torch.bfloat16, 4096, vram=smallest - 1, device_type="cuda")
+    assert "\n" not in str(info.value)
+    # a budget of slots, no card: the default chunk, whatever it costs
+    assert cuda_plan(experts_per_layer=2).prefill_chunk == PREFILL_CHUNK_TOKENS
+    assert plan_memory(c, NF4_EXPERT, torch.bfloat16, 4096, experts_per_layer=2).prefill_chunk == 256  # a CPU
 
 
 # ---- pinned blocks ---------------------------------------------------------------------------
@@ -190,22 +254,22 @@ def test_12_gib_gives_the_spare_slots_to_the_layers_lru_gains_most():
     attention = dense_bytes_by_class(c, torch.bfloat16)
     dense = sum(attention.values())
     reserve = sum(mixtral_reserve_by_hand(4096, 256, True).values())
-    total = (12 * GiB - dense - KV_4096 - reserve) // NF4_EXPERT  # by hand: 78 slots
+    total = (12 * GiB - dense - KV_4096 - reserve) // NF4_EXPERT  # by hand: 83 slots
     plan = plan_memory(c, NF4_EXPERT, torch.bfloat16, 4096, vram=12 * GiB, device_type="cuda", expert_format="nf4",
                        attn_format="bf16")
-    assert total == 78 and plan.device_slots == total and plan.slots_per_layer == 2
+    assert total == 83 and plan.device_slots == total and plan.slots_per_layer == 2
     assert plan.device_expert_bytes == total * NF4_EXPERT and plan.spread == "trace"
     trace = load_trace(MIXTRAL_DECODE)
     two, three = simulate(trace, 2, "lru").layer_hit_rates(), simulate(trace, 3, "lru").layer_hit_rates()
     gain = [b - a for a, b in zip(two, three)]
     best = sorted(range(32), key=lambda layer: (-gain[layer], layer))[: total - 64]
     assert [layer for layer, s in enumerate(plan.layer_slots) if s == 3] == sorted(best)
-    assert "2-3/8 experts per layer on the device (2.44 on average)" in plan.describe()
+    assert "2-3/8 experts per layer on the device (2.59 on average)" in plan.describe()
     out = plan.to_dict()
-    assert out["layer_slots"] == list(plan.layer_slots) and out["device_slots"] == 78
-    # asked for evenly, the same 14 spare slots sit in the middles of 14 runs of layers
+    assert out["layer_slots"] == list(plan.layer_slots) and out["device_slots"] == 83
+    # asked for evenly, the same 19 spare slots sit in the middles of 19 runs of layers
     even = plan_memory(c, NF4_EXPERT, torch.bfloat16, 4096, vram=12 * GiB, device_type="cuda", spread="even")
-    assert even.layer_slots == spread_slots(78, 32, 8, 2) and even.spread == "even"
+    assert even.layer_slots == spread_slots(83, 32, 8, 2) and even.spread == "even"
 
 
 def test_experts_per_layer_stays_even_and_other_shapes_spread_evenly():
@@ -244,14 +308,14 @@ def test_fit_to_free_leaves_a_fitting_plan_alone():
 
 
 def test_fit_to_free_clamps_to_what_is_free():
-    plan = cuda_plan(vram=12 * GiB)  # 78 slots
+    plan = cuda_plan(vram=12 * GiB)  # 83 slots
     working = plan.reserve.working
     free = working + 70 * NF4_EXPERT + NF4_EXPERT // 2  # 70.5 slots' worth after the reserve
     fitted, note = fit_to_free(plan, free)
     assert fitted.device_slots == 70 and fitted.slots_per_layer == 2 and len(fitted.layer_slots) == 32
     assert fitted.host_experts == plan.host_experts and fitted.host_chunks == plan.host_chunks
     assert note is not None and "\n" not in note
-    assert "70 expert slots" in note and "78" in note and "2-3/8" in note
+    assert "70 expert slots" in note and "83" in note and "2-3/8" in note
 
 
 def test_fit_to_free_refuses_below_top_k():

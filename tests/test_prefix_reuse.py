@@ -7,6 +7,10 @@ a chunk boundary, since chunks are aligned to positions), within fp32 rounding e
 chunk's rows round differently with the chunk's size on a CPU); and, for conversations whose
 replies were decoded, an engine replaying the same passes in order with no reuse logic at all
 (prefill, decode steps, then the next turn's tokens appended). Every cache budget is run.
+
+With the windowed shape's KV cache a ring (chunks of 8: 24 + 8 slots), a held prefix is reused
+only when the ring still holds what its next position attends to; the oracle for that is a set
+computation here (the last 32 positions written, against the 23 before the first new one).
 """
 
 from __future__ import annotations
@@ -27,6 +31,13 @@ BUDGETS = {
     "disk": {"experts_per_layer": 2, "ram": 0},  # every miss reads the checkpoint
 }
 TOKENS = st.integers(3, 500)  # ids the tiny tokenizer holds (0-2: unk, bos, eos)
+# the same budgets with the KV cache a ring of window + CHUNK slots (batch_size=CHUNK at load)
+RING_BUDGETS = {
+    "ring": {},
+    "ring, cache": {"experts_per_layer": 2, "policy": "lru"},
+}
+EVERY_BUDGET = [*BUDGETS, *RING_BUDGETS]
+WINDOW = WINDOWED.config_kwargs()["sliding_window"]
 SLOW = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -40,6 +51,10 @@ def engines(model_dirs) -> dict[str, tuple[Engine, Engine]]:
         for engine in pair:
             engine.prefill_chunk = CHUNK
         out[name] = pair
+    for name, budget in RING_BUDGETS.items():
+        out[name] = tuple(Engine.load(model_dirs[WINDOWED.name], device="cpu", dtype="float32", batch_size=CHUNK,
+                                      **budget) for _ in range(2))
+        assert out[name][0].model.cache.capacity == WINDOW + CHUNK
     return out
 
 
@@ -88,7 +103,7 @@ def test_a_prefix_kept_to_a_chunk_boundary_is_bit_identical_to_a_fresh_prefill(e
     assert engine.sequence == tuple(prompt + gen.tokens[:-1])
 
 
-@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("budget", EVERY_BUDGET)
 @SLOW
 @given(data=st.data())
 def test_a_conversation_equals_the_same_passes_run_without_reuse(engines, budget, data):
@@ -160,7 +175,7 @@ def test_the_default_chunk_is_aligned_too(model_dirs):
     assert torch.equal(engine.prefill(ids, reuse=True), oracle.prefill(ids))
 
 
-@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("budget", EVERY_BUDGET)
 def test_a_stopped_prefill_keeps_the_chunks_that_ran(engines, budget):
     """``should_stop`` between chunks: PrefillInterrupted, the sequence holds whole chunks, and
     continuing from there gives the fresh full prefill bit for bit."""
@@ -177,7 +192,7 @@ def test_a_stopped_prefill_keeps_the_chunks_that_ran(engines, budget):
     assert list(gen) == [] and gen.stats.stop_reason == "interrupted" and gen.stats.prompt_tokens == 0
 
 
-@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("budget", EVERY_BUDGET)
 def test_a_keyboard_interrupt_inside_a_pass_leaves_a_consistent_sequence(engines, budget):
     """Ctrl+C raised inside a forward pass (here between two layers of the third chunk): the
     sequence is what the KV cache holds, and a reuse prefill from there is exact."""
@@ -223,3 +238,52 @@ def test_truncate_and_room_are_checked(engines):
     with pytest.raises(SettingError, match="after the 2 held exceeds the context length"):
         engine.extend([7] * engine.context_length)
     assert engine.sequence == (1, 5)
+
+
+# ---- the sliding window's ring -----------------------------------------------------------------
+
+
+def ring_holds(written: int, n: int) -> bool:
+    """Does a ring of WINDOW + CHUNK slots, after positions 0 .. written-1, still hold every key
+    that position n attends to (n - WINDOW + 1 .. n - 1)?"""
+    held = set(range(max(0, written - (WINDOW + CHUNK)), written))
+    return set(range(max(0, n - WINDOW + 1), n)) <= held
+
+
+@pytest.mark.parametrize("budget", RING_BUDGETS)
+@SLOW
+@given(data=st.data())
+def test_a_prefix_the_ring_no_longer_holds_is_prefilled_again(engines, budget, data):
+    """An earlier request long enough to wrap the ring, then a prompt sharing some prefix with
+    it: the prefix is reused exactly when the ring still holds the keys the first new position
+    attends to (else everything is prefilled), and the logits equal a fresh prefill's within
+    fp32 rounding either way (bit for bit when nothing is reused)."""
+    engine, oracle = engines[budget]
+    before = [1] + data.draw(st.lists(TOKENS, min_size=30, max_size=70), label="earlier")
+    replies = data.draw(st.integers(1, 12), label="reply")
+    keep = data.draw(st.integers(1, len(before)), label="common prefix")
+    prompt = before[:keep] + data.draw(st.lists(TOKENS, max_size=20), label="new tail")
+    engine.generate(before, greedy(replies, reuse=False)).run()
+    written = len(before) + replies - 1
+    assert engine.model.cache.oldest == max(0, written - (WINDOW + CHUNK))
+    common = min(lcp(engine.sequence, prompt), len(prompt) - 1)
+    expect = common if ring_holds(written, common) else 0
+    assert engine.reusable_prefix(prompt) == expect
+    want = fresh(oracle, prompt)
+    got = engine.prefill(prompt, reuse=True)
+    if expect == 0:
+        assert torch.equal(got, want)
+    else:
+        assert torch.allclose(got, want, atol=1e-4, rtol=0)
+    assert engine.sequence == tuple(prompt)
+
+
+def test_truncating_past_what_the_ring_holds_is_refused(engines):
+    engine, oracle = engines["ring"]
+    ids = [1] + [(13 * i) % 490 + 3 for i in range(69)]
+    engine.prefill(ids)  # 70 positions written: the ring holds 38 .. 69
+    engine.truncate(69)  # position 69 attends to 46 .. 68: held
+    with pytest.raises(SettingError, match=r"cannot keep 40 positions: the KV cache's ring of 32 slots") as e:
+        engine.truncate(40)  # position 40 attends to 17 .. 39: gone
+    assert "\n" not in str(e.value) and engine.sequence == tuple(ids[:69])
+    assert torch.allclose(engine.extend(ids[69:]), fresh(oracle, ids), atol=1e-4, rtol=0)  # a decode step against a chunk

@@ -40,6 +40,10 @@ def test_every_shipped_profile_loads():
     ('vram = "11GiB"', 'vram = "13GiB"', "plan.vram"),
     ('policy = "combined"', 'policy = "fastest"', "plan.policy"),
     ("cpu_threads = 16", 'cpu_threads = "16"', "machine.cpu_threads"),
+    ("context = 4096", "context = 4096\nkv_bits = 4", "plan.kv_bits"),
+    ("context = 4096", 'context = 4096\nkv_bits = "8"', "plan.kv_bits"),
+    ("context = 4096", "context = 4096\nkv_bits = true", "plan.kv_bits"),
+    ("ram_gbps = 65.0", 'ram_gbps = 65.0\nsdpa = "flash"', "machine.sdpa"),
 ])
 def test_bad_profiles_name_file_and_field(tmp_path, old, new, field):
     path = tmp_path / "bad.toml"
@@ -149,21 +153,22 @@ def test_fit_mixtral_on_a_3060_keeps_the_4_bit_plan_with_a_cache_budget():
     spare = 11 * 2**30 - dense - kv_cache_bytes(config, 4096, torch.bfloat16)
     record = RecordLayout.for_config(config, "nf4").nbytes
     slots = (spare - sum(mixtral_reserve_by_hand(4096, 256, True).values())) // record
-    assert slots == 87  # 2 a layer and 23 spare (3 a layer before the reserve was counted)
-    assert reason == f"4-bit weights, 2-3/8 experts per layer on the device ({87 / 32:.2f} on average), the rest in RAM"
+    assert slots == 92  # 2 a layer and 28 spare (3 a layer before the reserve was counted)
+    assert reason == f"4-bit weights, 2-3/8 experts per layer on the device ({92 / 32:.2f} on average), the rest in RAM"
     fitted, reason = fit_profile(load_profile("cpu-only"), config, model_name=name)
     assert fitted.expert_bits == 4 and fitted.plan_vram is None and "every expert resident" in reason
 
 
 def test_fit_mixtral_on_the_8_gb_card_fails_naming_the_budget():
     """Top-2 nf4 experts a layer, dense weights and the KV cache take 7.23 GiB at context 1024;
-    with the runtime reserve (922 MiB) the 4060's 7.4 GiB plan holds no plan at any width."""
+    with the runtime reserve (756 MiB at the smallest prefill chunk, 16 tokens) the 4060's 7.4 GiB
+    plan holds no plan at any width."""
     from offload.errors import BudgetError
     from offload.plan import builtin_model
     from offload.profile_fit import fit_profile
 
     name, config = builtin_model("mixtral-8x7b")
-    with pytest.raises(BudgetError, match=r"plan.vram: Mixtral-8x7B needs at least 8.13 GiB .* 7.40 GiB"):
+    with pytest.raises(BudgetError, match=r"plan.vram: Mixtral-8x7B needs at least 7.96 GiB .* 7.40 GiB"):
         fit_profile(load_profile("rtx-4060-8gb"), config, model_name=name)
 
 
@@ -466,3 +471,32 @@ def engine_placer_choice(costs, layout, config, cache):
     from offload.experts.placement import engine_placer
 
     return engine_placer("cuda", layout(), config(), costs)(0, [5], cache())
+
+
+# ---- the KV cache's width and the card's attention kernel (issue 17) ---------------------------
+
+
+def test_kv_bits_and_sdpa_default_round_trip_and_reach_the_plan(tmp_path):
+    """plan.kv_bits (16 or 8, absent: 16) and machine.sdpa ("fused" or "math", absent: fused) read,
+    write back only when not the default, go to Engine.load (kv_bits 8 only) and size the fit."""
+    from offload.plan import builtin_model
+    from offload.profile_fit import fit_profile
+
+    plain = load_profile("rtx-3060-12gb")
+    assert (plain.kv_bits, plain.sdpa) == (16, "fused") and "kv_bits" not in engine_kwargs(plain)
+    assert "kv_bits" not in plain.tables()["plan"] and "sdpa" not in plain.tables()["machine"]
+    assert load_profile("t4-16gb").sdpa == "math"  # Turing: no flash kernel
+    path = tmp_path / "kv8.toml"
+    path.write_text(GOOD.replace('context = 4096', 'context = 32768\nkv_bits = 8', 1))
+    eight = load_profile(path)
+    assert eight.kv_bits == 8 and engine_kwargs(eight)["kv_bits"] == 8
+    again = load_profile(save_profile(eight, tmp_path / "again.toml"))
+    assert again.kv_bits == 8 and again.tables() == eight.tables()
+    name, config = builtin_model("mixtral-8x7b")
+    fitted, reason = fit_profile(eight, config, model_name=name)  # 11 GiB at 32k: fits only at 8 bits
+    assert fitted.kv_bits == 8 and fitted.context == 32768 and "2-3/8 experts per layer" in reason
+    with pytest.raises(SettingError, match="plan.vram"):
+        fit_profile(eight, config, model_name=name, kv_bits=16)  # the flag's 16 bits: 4 GiB of KV cache
+    fused = fit_profile(plain, config, model_name=name)[1]  # the reasons name the slots
+    assert "(2.88 on average)" in fused
+    assert "(2.72 on average)" in fit_profile(replace(plain, sdpa="math"), config, model_name=name)[1]  # scores
