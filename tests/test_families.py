@@ -20,12 +20,11 @@ from offload.errors import UnsupportedModelError
 from offload.pack import convert
 from tests.family_builder import FAMILY_SHAPES, load_family_reference, write_family
 from tests.test_equivalence import (
-    BF16_MEAN_TO_HF_BF16,
-    BF16_SLACK,
     DECODE_STEPS,
     FP32_TOLERANCE,
     GREEDY_TOKENS,
     PROMPT,
+    assert_bf16_bound,
     hf_greedy,
     hf_prefill_and_steps,
 )
@@ -159,10 +158,7 @@ def test_bfloat16_logits_are_as_close_to_fp32_as_transformers_bf16(name, family_
     with torch.no_grad():
         fp32 = family_refs[name](torch.tensor([ids])).logits[0]
         theirs = hf_bf16(torch.tensor([ids])).logits[0].float()
-    ours_err, their_err = (ours - fp32).abs(), (theirs - fp32).abs()
-    assert ours_err.max() <= BF16_SLACK * their_err.max(), (ours_err.max(), their_err.max())
-    assert ours_err.mean() <= BF16_SLACK * their_err.mean(), (ours_err.mean(), their_err.mean())
-    assert (ours - theirs).abs().mean() <= BF16_MEAN_TO_HF_BF16
+    assert_bf16_bound(ours, theirs, fp32)
 
 
 def test_other_architectures_are_refused_by_name(family_dirs, tmp_path):
