@@ -118,10 +118,11 @@ def bench(args: argparse.Namespace) -> dict:
                 bandwidth.measure()
         for engine in engines.values():
             engine.close()
+        sizes = {fmt: bytes_per_token(path) for fmt, path in packs.items()}  # before a temporary --dir goes
     gbps = bandwidth.gb_per_s()
     rows = {}
     for fmt in formats:
-        total, experts = bytes_per_token(packs[fmt])
+        total, experts = sizes[fmt]
         tok_s = args.tokens / statistics.median(times[fmt])
         bound = gbps * 1e9 / total
         rows[fmt] = {"tokens_per_s": tok_s, "bytes_per_token": total, "expert_bytes_per_token": experts,

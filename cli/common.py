@@ -571,11 +571,11 @@ EXPERT_FORMAT_OPTION = typer.Option(
     "a pack keeps the format it was converted with).",
 )
 EXPERT_BITS_OPTION = typer.Option(
-    None, "--expert-bits", help="Expert weights in 4 (nf4), 8 (int8) or 16 bits (unquantized)."
+    None, "--expert-bits", help="Expert weights in 4 (nf4-dq: double-quantized nf4), 8 (int8) or 16 bits (unquantized)."
 )
 ATTN_BITS_OPTION = typer.Option(None, "--attn-bits", help="Attention projections in 4, 8 or 16 bits (default 16).")
 KV_BITS_OPTION = typer.Option(
-    None, "--kv-bits", help="KV cache in 16 bits (the compute dtype) or 8 (int8 keys and values with an fp16 scale "
+    None, "--kv-bits", help="KV cache in 16 bits (the compute dtype) or 8 (int8 keys and values with a scale in the compute dtype "
     "per layer, head and position: half the bytes). Default: the profile's, else 16.",
 )
 BATCH_SIZE_OPTION = typer.Option(

@@ -37,7 +37,7 @@ def convert_command(
         help=f"Store experts quantized: {'|'.join(FORMATS)} (default: the pack's dtype, unquantized).",
     ),
     expert_bits: Optional[int] = typer.Option(
-        None, "--expert-bits", help=f"Experts in {BITS} bits (4 nf4, 8 int8, 16 unquantized), instead of --expert-format."
+        None, "--expert-bits", help=f"Experts in {BITS} bits (4 nf4-dq, 8 int8, 16 unquantized), instead of --expert-format."
     ),
     attn_bits: Optional[int] = typer.Option(
         None, "--attn-bits", help=f"Attention projections in {BITS} bits, stored quantized (default 16)."

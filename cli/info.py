@@ -86,7 +86,7 @@ def info_command(
         None, "--context", help=f"Context length of the KV cache (default: min(model maximum, {DEFAULT_CONTEXT}))."
     ),
     expert_bits: Optional[int] = typer.Option(
-        None, "--expert-bits", help=f"Expert weights in {BITS} bits: 4 nf4, 8 int8, 16 the compute dtype (default)."
+        None, "--expert-bits", help=f"Expert weights in {BITS} bits: 4 nf4-dq (double-quantized nf4), 8 int8, 16 the compute dtype (default)."
     ),
     attn_bits: Optional[int] = typer.Option(
         None, "--attn-bits", help=f"Attention projections (q, k, v, o) in {BITS} bits, mapped like --expert-bits (default 16)."
@@ -96,7 +96,7 @@ def info_command(
     ),
     kv_bits: Optional[int] = typer.Option(
         None, "--kv-bits", help=f"KV cache in {'|'.join(map(str, KV_BITS))} bits: 16 the compute dtype (default), "
-        "8 int8 with an fp16 scale per layer, head and position (half the bytes).",
+        "8 int8 with a scale in the compute dtype per layer, head and position (half the bytes).",
     ),
     batch_size: Optional[int] = typer.Option(
         None, "--batch-size", "-b", min=1, help=f"Prompt tokens per forward pass (the prefill chunk the runtime reserve is "
@@ -375,7 +375,9 @@ def _table(plan: ModelPlan, expert_bits: Optional[int], batch_size: Optional[int
     table.add_column("size", justify="right")
     table.add_column("")
     by = plan.dense_by_class
-    table.add_row("embeddings", _size(by["embeddings"]), f"{c.vocab_size} x {c.hidden_size}, {dtype}")
+    host_embeddings = plan.host_dense_bytes > 0  # a card: the input table stays in RAM (untied lm_head)
+    where = ", in RAM: each token's row is gathered there and copied up" if host_embeddings else ""
+    table.add_row("embeddings", _size(by["embeddings"]), f"{c.vocab_size} x {c.hidden_size}, {dtype}{where}")
     table.add_row("lm_head", _size(by["lm_head"]), "tied to the embeddings" if c.tie_word_embeddings else dtype)
     biases = "q, k, v, o" if c.qkv_bias and c.o_bias else "q, k, v" if c.qkv_bias else "o" if c.o_bias else ""
     biases = f" + {biases} biases" if biases else ""
@@ -390,7 +392,8 @@ def _table(plan: ModelPlan, expert_bits: Optional[int], batch_size: Optional[int
     if by["dense_mlps"]:  # Qwen's mlp_only_layers: an FFN instead of experts
         table.add_row("dense MLPs", _size(by["dense_mlps"]),
                       f"3 x {c.dense_intermediate_size} x {c.hidden_size} x {L - Lm} layers, {dtype}")
-    table.add_row("dense total", _size(plan.dense_bytes), f"always on the {gpu}")
+    table.add_row("dense total", _size(plan.dense_bytes),
+                  f"on the {gpu} but the embeddings" if host_embeddings else f"always on the {gpu}")
     table.add_section()
     table.add_row("one expert", _size(plan.expert_bytes),
                   f"3 x {c.intermediate_size} x {c.hidden_size}, {_format_note(plan.expert_format, expert_bits, plan)}")
@@ -440,6 +443,8 @@ def _table(plan: ModelPlan, expert_bits: Optional[int], batch_size: Optional[int
         ram += (f", pinned in {blocks} block{'s' if blocks > 1 else ''} "
                 f"({_size(m.host_raw_bytes)} of records)")
     table.add_row("RAM: experts", _size(m.host_bytes), f"{m.host_experts} of {m.experts_total}, {ram}")
+    if host_embeddings:
+        table.add_row("RAM: embeddings", _size(plan.host_dense_bytes), "beside the --ram budget")
     disk = (
         f"{plan.disk_experts} experts ({_size(plan.disk_experts * plan.expert_bytes)}) read on a miss"
         if plan.disk_experts else "not needed"

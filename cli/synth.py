@@ -33,7 +33,7 @@ def synth_command(
         None, "--expert-format", help=f"Expert format: {'|'.join(FORMATS)} (default: bf16, unquantized)."
     ),
     expert_bits: Optional[int] = typer.Option(
-        None, "--expert-bits", help=f"Experts in {BITS} bits (4 nf4, 8 int8, 16 bf16), instead of --expert-format."
+        None, "--expert-bits", help=f"Experts in {BITS} bits (4 nf4-dq, 8 int8, 16 bf16), instead of --expert-format."
     ),
     attn_bits: Optional[int] = typer.Option(
         None, "--attn-bits", help=f"Attention projections in {BITS} bits, stored quantized (default 16)."

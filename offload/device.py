@@ -45,6 +45,16 @@ def is_cuda(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def sdpa_path(device: torch.device) -> str:
+    """How this device runs a prefill chunk's attention with grouped KV heads, for the plan's
+    reserve (``offload.plan.SDPA_PATHS``): "fused" on a CPU and on CUDA from Ampere (sm80, flash
+    attention), "math" on older cards (fp32 scores: a larger reserve)."""
+    if device.type != "cuda":
+        return "fused"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "fused" if major >= 8 else "math"
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued work on ``device``; a no-op on CPU, where work is synchronous."""
     if is_cuda(device):

@@ -25,7 +25,7 @@ import torch
 
 from offload.checkpoint import Checkpoint
 from offload.config import ModelConfig
-from offload.device import is_cuda, memory_info, resolve_device
+from offload.device import is_cuda, memory_info, resolve_device, sdpa_path
 from offload.errors import BudgetError, SettingError, TokenizerError
 from offload.experts.cache import CPU_EXPERTS, ExpertCache
 from offload.experts.policy import DEFAULT_POLICY, REPLAY_POLICY, cache_policy
@@ -60,6 +60,7 @@ from offload.plan import (
     MemoryPlan,
     check_kv_bits,
     dense_bytes_by_class,
+    device_dense_bytes,
     fit_to_free,
     format_bytes,
     parse_bytes,
@@ -123,7 +124,8 @@ class Engine:
         for layer in dense.layers:
             fuse_qkv(layer)  # one matmul for q, k and v in a decode step (plain projections)
         self.model = MixtralModel(config, dense, experts, cache, rope)
-        self._token = torch.zeros(1, dtype=torch.int64, device=device)  # decode's input, reused
+        self._token_device = dense.token_device  # where ids go in: the embedding table's device
+        self._token = torch.zeros(1, dtype=torch.int64, device=self._token_device)  # decode's input, reused
         self._sequence: list[int] = []  # the ids whose keys and values the KV cache holds, in order
 
     @classmethod
@@ -246,13 +248,14 @@ class Engine:
                 ram=None if ram is None else parse_bytes(ram, "--ram"),
                 experts_per_layer=experts_per_layer,
                 ram_available=spare_ram(torch_device, config, torch_dtype),
-                dense=sum(dense_bytes_by_class(config, torch_dtype, attn_format).values()),
+                dense=device_dense_bytes(config, dense_bytes_by_class(config, torch_dtype, attn_format), torch_device),
                 device_type=torch_device.type,
                 expert_format=layout.fmt,
                 attn_format=attn_format,
                 quantize_experts=not isinstance(source, Pack),  # records from a checkpoint: quantized on the device
                 prefill_tokens=batch_size,  # None: the plan fits the chunk to the device
                 kv_bits=kv_bits,
+                sdpa=sdpa_path(torch_device),  # pre-Ampere cards: the math path's larger reserve
             )
             chunk = getattr(plan, "prefill_chunk", chunk)
             # the KV cache before the slots, so that on CUDA the slots are checked against what is
@@ -416,7 +419,7 @@ class Engine:
     def _forward(self, ids: Sequence[int]) -> torch.Tensor:
         """One forward pass of ``ids`` at the end of the sequence; logits [1, V] for the last.
         The kept sequence grows only when the pass completes (the KV cache's length too)."""
-        tokens = torch.tensor(ids, dtype=torch.int64, device=self.device)  # [T]
+        tokens = torch.tensor(ids, dtype=torch.int64, device=self._token_device)  # [T]
         try:
             logits = self.model.forward(tokens, last_only=True)  # [1, V]
         except BaseException:
@@ -462,7 +465,7 @@ class Engine:
     def logits(self, ids: Sequence[int]) -> torch.Tensor:
         """Logits [T, V] for every position of a new sequence (used for evaluation)."""
         self.reset()
-        tokens = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        tokens = torch.tensor(ids, dtype=torch.int64, device=self._token_device)
         logits = self.model.forward(tokens)  # [T, V]
         self._sequence = list(ids)
         return logits

@@ -488,7 +488,7 @@ def estimate_decode(
         return (by["routers"] + by["norms"] + by["attention"] - projections) * size / bandwidth
 
     kv_bits = memory.kv_bits if kv_bits is None else kv_bits
-    kv_s = kv_read_bytes(c, dtype, position, kv_bits, memory.prefill_chunk) / bandwidth
+    kv_s = kv_read_bytes(c, dtype, position, kv_bits, memory.prefill_chunk, machine.device_type) / bandwidth
     compute_s = attention_s + shared_s + small_s(None) + kv_s + K * expert_s + machine.layer_overhead_s
     head_s = matrix_seconds((V, D), plain, dtype, machine) + D * size / bandwidth
     dense_layers_s = 0.0  # Qwen's dense-MLP layers (mlp_only_layers): attention and an FFN in the compute dtype
@@ -553,15 +553,19 @@ def estimate_decode(
 
 
 def kv_read_bytes(
-    config: ModelConfig, dtype: torch.dtype, position: int, kv_bits: int = 16, chunk: int = PREFILL_CHUNK_TOKENS
+    config: ModelConfig, dtype: torch.dtype, position: int, kv_bits: int = 16, chunk: int = PREFILL_CHUNK_TOKENS,
+    device_type: str = "cuda",
 ) -> int:
     """Bytes one layer's decode step moves through device memory to attend over ``position``
     cached tokens, as ``offload.model.KVCache.read_step`` and SDPA do it: at 16 bits the kernel
-    reads Dh values in the compute dtype (s bytes) a KV head; at 8 bits the codes are cast (1
-    byte read, s written), multiplied by the scales (s and the row's scale read, s written) and
-    the product read by the kernel: 1 + 4 s bytes a value (9 in bf16, 4.5 times 16 bits: an 8-bit
-    cache saves memory, not bandwidth). The positions read: all of them; with a sliding window W,
-    at most W, and once the ring of W + ``chunk`` slots has wrapped, every slot (with a mask)."""
+    reads Dh values in the compute dtype (s bytes) a KV head. At 8 bits the codes times the
+    scales are made in the compute dtype and the product read by the kernel: on CUDA in one
+    elementwise pass that casts the int8 codes as it reads them (1 byte and the row's scale read,
+    s written), 1 + 2 s bytes a value (5 in bf16, 2.5 times 16 bits: an 8-bit cache saves memory,
+    not bandwidth, until attention reads int8 itself); on a CPU (``device_type`` "cpu") torch
+    casts the codes into a temporary first (s written and read again), 1 + 4 s. The positions
+    read: all of them; with a sliding window W, at most W, and once the ring of W + ``chunk``
+    slots has wrapped, every slot (with a mask)."""
     from offload.plan import check_kv_bits
 
     c = config
@@ -574,7 +578,7 @@ def kv_read_bytes(
     if check_kv_bits(kv_bits, "KV cache bits") == 16:
         per_head = c.head_dim * s
     else:
-        per_head = c.head_dim * (1 + 4 * s) + s
+        per_head = c.head_dim * (1 + (4 if device_type == "cpu" else 2) * s) + s
     return 2 * c.num_key_value_heads * seen * per_head
 
 

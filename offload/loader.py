@@ -32,7 +32,7 @@ from offload.errors import SettingError
 from offload.experts.record import RecordLayout
 from offload.model import DenseWeights, ExpertWeights, LayerWeights, Matrix
 from offload.pack import Pack
-from offload.plan import attention_shapes, dense_bytes
+from offload.plan import attention_shapes, dense_bytes, embeddings_on_host
 from offload.quant import QuantizedMatrix, WeightFormat, format_for_bits, from_tensors, quantize
 
 DTYPES: dict[str, torch.dtype] = {
@@ -173,10 +173,13 @@ def weight_formats(
 
 def spare_ram(device: torch.device, config: ModelConfig, dtype: torch.dtype) -> int:
     """RAM the host tier may take when no --ram is given: 80% of what is free now, less the
-    dense weights when they live in RAM too (CPU device)."""
+    dense weights when they live in RAM too (CPU device), or, on a card, the input embeddings
+    that stay in RAM (``offload.plan.embeddings_on_host``)."""
     free = int(psutil.virtual_memory().available * 0.8)
     if device.type == "cpu":
         free -= dense_bytes(config, dtype)
+    elif embeddings_on_host(config, device):
+        free -= config.vocab_size * config.hidden_size * dtype.itemsize
     return max(0, free)
 
 
@@ -192,14 +195,16 @@ def load_dense(
 ) -> DenseWeights:
     """Every non-expert weight on the device, in the compute dtype; the attention projections
     quantized to ``attn_format`` when one is given, on the device (the stored tensor is moved
-    there first), or, from a pack that stores them quantized, moved there as they are."""
+    there first), or, from a pack that stores them quantized, moved there as they are. The input
+    embeddings stay in host RAM where ``embeddings_on_host`` says (a card, lm_head untied)."""
     c = source.config
+    embed_device = torch.device("cpu") if embeddings_on_host(c, device) else device
     total = 2 + c.num_hidden_layers + (0 if c.tie_word_embeddings else 1)
 
     error = source.corrupt_error  # CorruptCheckpointError or CorruptPackError
 
-    def place(t: torch.Tensor, key: str, layer: int | None = None) -> torch.Tensor:
-        placed = t.to(device=device, dtype=dtype)
+    def place(t: torch.Tensor, key: str, layer: int | None = None, where: torch.device = device) -> torch.Tensor:
+        placed = t.to(device=where, dtype=dtype)
         check_cast(source.where(key, layer), t, placed, error)  # NaN/Inf stored, or beyond the dtype's range
         return placed
 
@@ -217,7 +222,7 @@ def load_dense(
         if progress is not None:
             progress(done, total, what)
 
-    embed = place(source.dense("embed_tokens"), "embed_tokens")
+    embed = place(source.dense("embed_tokens"), "embed_tokens", where=embed_device)
     norm = place(source.dense("norm"), "norm")
     lm_head = embed if c.tie_word_embeddings else place(source.dense("lm_head"), "lm_head")
     tick(total - c.num_hidden_layers, "embeddings")

@@ -138,10 +138,31 @@ def fuse_qkv(weights: LayerWeights) -> None:
 
 @dataclass
 class DenseWeights:
+    """Every weight that is not a routed expert. All on the compute device (``device``: where
+    the norms are), except perhaps ``embed_tokens``, which a card's plan keeps in host RAM
+    (``offload.plan.embeddings_on_host``); ``embed`` looks tokens up wherever the table is."""
+
     embed_tokens: torch.Tensor  # [V, D]
     norm: torch.Tensor  # [D]
     lm_head: torch.Tensor  # [V, D]
     layers: list[LayerWeights]
+
+    @property
+    def device(self) -> torch.device:
+        """The compute device."""
+        return self.norm.device
+
+    @property
+    def token_device(self) -> torch.device:
+        """Where token ids go in: the embedding table's device."""
+        return self.embed_tokens.device
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [T] (on ``token_device``) -> hidden states [T, D] on the compute device. A table
+        in host RAM: the rows gathered there, then one copy up, queued without a sync (from
+        pageable memory the copy is staged before it returns, so nothing is overwritten later)."""
+        h = F.embedding(tokens, self.embed_tokens)  # [T, D]
+        return h if h.device == self.device else h.to(self.device, non_blocking=True)
 
 
 # Called once per layer per forward with the chosen experts [T, K] and their weights [T, K].
@@ -663,10 +684,10 @@ class MixtralModel:
         self.prefetcher = None
         # a device that is not the host, with experts that may run on the host: each decode layer's
         # normalised input goes to this pinned buffer, queued before the routing's read (no new sync)
-        device = dense.embed_tokens.device
+        device = dense.device
         self._x_host = None
         if device.type != "cpu" and getattr(experts, "wants_host_input", False):
-            self._x_host = torch.empty((1, config.hidden_size), dtype=dense.embed_tokens.dtype, pin_memory=True)
+            self._x_host = torch.empty((1, config.hidden_size), dtype=dense.norm.dtype, pin_memory=True)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
@@ -678,7 +699,7 @@ class MixtralModel:
             raise ValueError(f"context of {cache.max_len} tokens exceeded ({start} + {T})")
         decode = T == 1
         prefetcher = self.prefetcher
-        h = F.embedding(tokens, self.dense.embed_tokens)  # [T, D]
+        h = self.dense.embed(tokens)  # [T, D] on the compute device
         if prefetcher is not None:
             prefetcher.begin_token()
         cache.begin(start, T)

@@ -216,6 +216,22 @@ def dense_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
     return sum(dense_parameters_by_class(config).values()) * _itemsize(dtype)
 
 
+def embeddings_on_host(config: ModelConfig, device_type: str | torch.device) -> bool:
+    """Does the input embedding table stay in host RAM? On CUDA, when lm_head is a matrix of its
+    own (untied): a token's embedding is one row the CPU gathers and copies up (8 KiB a token for
+    Mixtral, queued without a sync), so the table (Mixtral's 250 MiB, two and a half 4-bit
+    experts) takes no card memory. Tied, the table is lm_head, which runs on the card. On a CPU
+    everything is host RAM anyway (False: nothing moves)."""
+    return _device_type(device_type) == "cuda" and not config.tie_word_embeddings
+
+
+def device_dense_bytes(config: ModelConfig, by_class: dict[str, int], device_type: str | torch.device) -> int:
+    """The dense bytes (``dense_bytes_by_class``) the device holds: all of them, less the input
+    embeddings where they stay in host RAM (``embeddings_on_host``)."""
+    host = by_class["embeddings"] if embeddings_on_host(config, device_type) else 0
+    return sum(by_class.values()) - host
+
+
 # ---- the KV cache ------------------------------------------------------------------------------
 
 # The engine prefills a prompt in chunks of at most this many tokens: the activations of a chunk
@@ -344,13 +360,16 @@ def _device_type(device_type: str | torch.device) -> str:
 
 
 def _dequantized_bytes(shapes, fmt: quant.WeightFormat, dtype: torch.dtype) -> int:
-    """The largest temporary a matmul on ``fmt`` makes in ``dtype``: nothing for plain weights
-    already in the compute dtype; one whole [out, in] matrix in the compute dtype otherwise
-    (int8 casts the matrix on every call; bitsandbytes' 4-bit matmul above batch 1 dequantizes
-    it; a plain matrix in another dtype is cast); the CPU-layout 4-bit formats on CUDA unpack
-    the codes first, a second matrix."""
+    """The largest temporary a matmul on ``fmt`` makes in ``dtype`` on CUDA: nothing for plain
+    weights already in the compute dtype; for the portable 4-bit formats one slice of rows
+    (``quant.dequantized_slice_bytes``: a prompt chunk's matmul dequantizes at most
+    ``quant.DEQUANTIZE_SLICE_BYTES`` at a time; one row runs bitsandbytes' fused kernel); one
+    whole [out, in] matrix otherwise (int8 casts the matrix on every call; a plain matrix in
+    another dtype is cast); the CPU-layout 4-bit formats unpack the codes first, a second one."""
     if fmt.kind == "plain" and fmt.dtype == dtype:
         return 0
+    if fmt.kind == "4bit":
+        return max(quant.dequantized_slice_bytes(shape, fmt, dtype) for shape in shapes)
     largest = max(out * inp for out, inp in shapes) * _itemsize(dtype)
     return 2 * largest if fmt.kind == "4bit-cpu" else largest
 
@@ -383,8 +402,10 @@ def attention_bytes(
       joined in the compute dtype, an fp32 copy and its absolute values, the fp32 quotient and
       the int8 codes, 2 G x T x Dh x (s + 9);
     - ``kv reads``: the S keys and values as the kernel takes them (``KVCache.read``): at 8 bits
-      the codes cast to the compute dtype and that times the scales, two [2G, S, Dh] tensors;
-      at 16 bits a view, unless a sliding window's ``ring`` wraps: its two runs joined, one;
+      the codes times the scales, one [2G, S, Dh] tensor in the compute dtype (CUDA's elementwise
+      kernels cast an int8 input as they read it; a CPU would make the cast a temporary first,
+      but a CPU has no reserve); at 16 bits a view. A sliding window's ``ring`` that wraps reads
+      two runs and joins them: one [2G, S, Dh] more;
     - ``mask``: the [T, S] bool mask of a chunk a sliding window cuts into (``masked``); a chunk
       over every key before it takes ``causal_lower_right`` (no tensor on the fused path);
     - ``kernel``: the fused path (``sdpa`` "fused", and no mask tensor, or one head per KV head
@@ -406,7 +427,7 @@ def attention_bytes(
     parts = {
         "projections": T * (3 * H * Dh + 4 * G * Dh) * s + (T * (H + G) * Dh * 4 if c.qk_norm is not None else 0),
         "kv writes": 2 * G * T * Dh * (s + 9) if eight else 0,
-        "kv reads": (2 if eight else int(ring)) * 2 * G * S * Dh * s,
+        "kv reads": (int(eight) + int(ring)) * 2 * G * S * Dh * s,
         "mask": T * S if masked and T > 1 else 0,
     }
     math_path = sdpa == "math" or (masked and G != H)
@@ -824,9 +845,10 @@ def plan_memory(
     """Slots per layer from ``experts_per_layer`` or the ``vram`` budget; RAM records from ``ram``.
 
     With neither device setting, every expert gets a slot. With no ``ram``, RAM holds every
-    expert, or as many as fit in ``ram_available`` bytes when that is given. ``dense`` replaces
-    ``dense_bytes(config, dtype)`` when the dense weights are not all in ``dtype`` (quantized
-    attention: ``dense_bytes_by_class``). The KV cache is ``kv_cache_bytes`` at ``kv_bits``.
+    expert, or as many as fit in ``ram_available`` bytes when that is given. ``dense`` (the
+    dense bytes the device holds) replaces ``device_dense_bytes`` of the weights in ``dtype``
+    (every dense weight, less a card's embeddings in RAM) when they are not all in ``dtype``
+    (quantized attention: ``dense_bytes_by_class``). The KV cache is ``kv_cache_bytes`` at ``kv_bits``.
 
     ``device_type`` "cuda" counts ``runtime_reserve`` inside the device budget (the minimum and
     ``vram`` both include it; ``expert_format`` / ``attn_format`` name the formats, or, left
@@ -849,14 +871,15 @@ def plan_memory(
     c = config
     L, E, K = c.num_moe_layers, c.num_local_experts, c.num_experts_per_tok  # L: the layers with experts
     kind = _device_type(device_type)
-    dense = dense_bytes(c, dtype) if dense is None else dense
+    plain_dense = device_dense_bytes(c, dense_bytes_by_class(c, dtype), kind)  # what the device holds, unquantized
+    dense = plain_dense if dense is None else dense
     if kind == "cuda":
         plain = str(dtype).removeprefix("torch.")  # quant.get_format reads dtype names
         if expert_format is None:
             plain_expert = 3 * c.hidden_size * c.intermediate_size * _itemsize(dtype)
-            expert_format = "nf4" if expert_bytes < plain_expert else plain
+            expert_format = quant.FOUR_BIT if expert_bytes < plain_expert else plain
         if attn_format is None:
-            attn_format = "nf4" if dense < dense_bytes(c, dtype) else plain
+            attn_format = quant.FOUR_BIT if dense < plain_dense else plain
     if prefill_tokens is not None:
         chunks: tuple[int, ...] = (prefill_tokens,)
     elif kind == "cuda" and vram is not None and experts_per_layer is None:
@@ -1094,7 +1117,18 @@ class ModelPlan:
 
     @property
     def dense_bytes(self) -> int:
+        """Every dense weight, wherever it lives."""
         return sum(self.dense_by_class.values())
+
+    @property
+    def device_dense_bytes(self) -> int:
+        """The dense weights on the device (``device_dense_bytes``: the embeddings may stay in RAM)."""
+        return device_dense_bytes(self.config, self.dense_by_class, self.device_type)
+
+    @property
+    def host_dense_bytes(self) -> int:
+        """The dense weights kept in host RAM on a card: the input embeddings, or nothing."""
+        return self.dense_bytes - self.device_dense_bytes
 
     @property
     def parameters(self) -> ParameterCount:
@@ -1128,6 +1162,8 @@ class ModelPlan:
             "attn_format": self.attn_format.name,
             "dense_bytes": self.dense_bytes,
             "dense_bytes_by_class": dict(self.dense_by_class),
+            "device_dense_bytes": self.device_dense_bytes,
+            "embeddings_on_host": embeddings_on_host(self.config, self.device_type),
             "expert_bytes": self.expert_bytes,
             "experts_total": m.experts_total,
             "experts_total_bytes": self.experts_total_bytes,
@@ -1193,7 +1229,8 @@ def plan_model(
 
     def plan(chunk: int | None, **budget) -> MemoryPlan:
         return plan_memory(
-            config, record, dtype, context, ram=ram, dense=sum(by_class.values()), device_type=device_type,
+            config, record, dtype, context, ram=ram, dense=device_dense_bytes(config, by_class, device_type),
+            device_type=device_type,
             expert_format=expert_format, attn_format=attn_format, prefill_tokens=chunk, kv_bits=kv_bits, sdpa=sdpa,
             **budget,
         )

@@ -173,7 +173,7 @@ def fit_profile(
         else:
             budget = dict(vram=device_budget)
         memory = plan_memory(
-            config, plan.expert_bytes, dtype, context, ram=ram_budget, dense=plan.dense_bytes,
+            config, plan.expert_bytes, dtype, context, ram=ram_budget, dense=plan.device_dense_bytes,
             device_type=device_type, expert_format=expert_fmt, attn_format=attn_fmt, kv_bits=kv,
             prefill_tokens=prefill_tokens, sdpa=profile.sdpa, **budget,
         )

@@ -524,10 +524,12 @@ def timings_for_profile(
     from offload.estimate import Machine
     from offload.plan import builtin_model, plan_model
     from offload.profile import load_profile
+    from offload.quant import format_for_bits
 
     p = load_profile(profile)
     name, config = builtin_model("mixtral-8x7b")
-    plan = plan_model(name, config, torch.bfloat16, min(p.context, config.max_position_embeddings), "nf4", "nf4",
+    formats = [format_for_bits(bits, torch.bfloat16, "cuda") for bits in (p.expert_bits, p.attn_bits)]
+    plan = plan_model(name, config, torch.bfloat16, min(p.context, config.max_position_embeddings), *formats,
                       vram=p.plan_vram_bytes, ram=p.plan_ram_bytes, experts_per_layer=p.experts_per_layer)
     machine = Machine.from_profile(p, ram_gbps=ram_gbps, cpu_efficiency=cpu_efficiency, round_trip_s=round_trip_s)
     return Timings.for_plan(plan, machine, name=p.name, position=position)

@@ -332,9 +332,10 @@ def test_offload_cpu_kernel_forces_a_path_and_refuses_nonsense(fresh_kernel, mon
 # ---- the demo model through the kernel ---------------------------------------------------------------
 
 
-def test_demo_model_with_4bit_experts_runs_portable_nf4_through_the_kernel_with_bounded_kl(forget_kernel, monkeypatch):
-    """Engine.load(..., expert_bits=4) on a CPU stores portable nf4 (the GPU's bytes), every
-    path this CPU runs computes it, the two SIMD paths give the same logits bit for bit, and
+def test_demo_model_with_4bit_experts_runs_portable_4bit_through_the_kernel_with_bounded_kl(forget_kernel, monkeypatch):
+    """Engine.load(..., expert_bits=4) on a CPU stores the portable 4-bit format of 4 bits
+    (``quant.format_for_bits``: the GPU's bytes, with its tensors), every path this CPU runs
+    computes it, the two SIMD paths give the same logits bit for bit, and
     the next-token KL from the fp32 model stays within the bound of tests/test_quant_model.py
     (measured 5.1e-3 on each path and on the dequantize path)."""
     from offload.demo import DEMO_MODEL_DIR
@@ -367,7 +368,10 @@ def test_demo_model_with_4bit_experts_runs_portable_nf4_through_the_kernel_with_
         assert 0 < kl <= 0.012, (path, kl)
         c = engine.config
         assert {s for s, _, _ in seen} == {(c.intermediate_size, c.hidden_size), (c.hidden_size, c.intermediate_size)}
-        assert {p for _, p, _ in seen} == {path} and {t for _, _, t in seen} == {("absmax", "quant_map", "data")}
+        fmt = quant.format_for_bits(4, torch.float32, "cpu")
+        assert fmt.kind == "4bit"
+        names = {tuple(spec.name for spec in quant.tensor_specs(s, fmt)) for s, _, _ in seen}
+        assert {p for _, p, _ in seen} == {path} and {t for _, _, t in seen} == names
         tokens = engine.generate(ids[:12], GenerationSettings(max_new_tokens=8, ignore_eos=True)).run().tokens
         assert len(tokens) == 8
         logits[path] = lp

@@ -144,3 +144,76 @@ def test_cpu_experts_beside_the_gpu_keep_the_logits_within_the_stated_bound(cpu_
     gen = engine.generate(ids, GenerationSettings(max_new_tokens=16, ignore_eos=True)).run()
     if cpu_experts == "all":
         assert gen.cache_stats.total().cpu_runs > 0
+
+
+@pytest.mark.parametrize("shape", [s.name for s in SHAPES])
+def test_untied_embeddings_stay_in_host_ram_and_give_the_same_logits(shape, model_dirs):
+    """On CUDA an untied embedding table stays in RAM (offload.plan.embeddings_on_host) and a tied
+    one on the card; the logits and greedy tokens equal those of the same engine with the table
+    moved onto the card (a gather is exact), with and without the expert cache."""
+    from offload.plan import embeddings_on_host
+
+    for budget in ({}, {"experts_per_layer": 2, "cpu_experts": "off"}):
+        engine = Engine.load(model_dirs[shape], device="cuda", dtype="bfloat16", **budget)
+        dense, c = engine.model.dense, engine.config
+        assert dense.embed_tokens.is_cuda is not embeddings_on_host(c, "cuda")
+        assert embeddings_on_host(c, "cuda") is not c.tie_word_embeddings
+        ids = engine.tokenizer.encode(PROMPT, bos=True)
+        settings = GenerationSettings(max_new_tokens=16, ignore_eos=True)
+        host_logits, host_tokens = engine.logits(ids), engine.generate(ids, settings).run().tokens
+        dense.embed_tokens = dense.embed_tokens.cuda()
+        engine._token_device = dense.token_device
+        engine._token = engine._token.cuda()
+        assert torch.equal(engine.logits(ids), host_logits)
+        assert engine.generate(ids, settings).run().tokens == host_tokens
+
+
+def test_an_int8_kv_read_takes_one_tensor_of_the_compute_dtype():
+    """KVCache.read at 8 bits on CUDA: codes times scales in one kernel, so the read takes one
+    [2G, S, Dh] bf16 tensor and no cast temporary: what offload.plan.attention_bytes counts."""
+    from offload.config import ModelConfig
+    from offload.model import KVCache
+    from offload.plan import BUILTIN_MODELS, attention_bytes
+
+    config = ModelConfig.from_dict(dict(BUILTIN_MODELS["mixtral-8x7b"][1], num_hidden_layers=2))
+    S = 8192
+    cache = KVCache(config, S, torch.device("cuda"), torch.bfloat16, bits=8)
+    G, Dh = config.num_key_value_heads, config.head_dim
+    k, v = torch.randn(2, G, S, Dh, device="cuda", dtype=torch.bfloat16)
+    cache.write(0, 0, k, v)
+    del k, v
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    keys, values = cache.read(0, 0, S)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    counted = attention_bytes(config, torch.bfloat16, 256, S, kv_bits=8)["kv reads"]
+    assert counted == 2 * G * S * Dh * 2
+    assert peak <= counted + 2**20, f"read took {peak} bytes, the plan counts {counted}"
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "nf4-dq"])
+def test_a_prompt_chunks_4bit_matmul_holds_one_slice_not_the_whole_weight(fmt):
+    """quant.linear on CUDA at 256 rows: the product of bitsandbytes' whole dequantized weight
+    (within bf16 rounding), with a peak of one dequantized slice (the reserve's term) and the
+    output, not the 112 MiB of Mixtral's w1 in bf16."""
+    import bitsandbytes
+
+    from offload import quant
+
+    w = torch.randn(14336, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
+    qm = quant.quantize(w, fmt)
+    del w
+    x = torch.randn(256, 4096, device="cuda", dtype=torch.bfloat16)
+    want = bitsandbytes.matmul_4bit(x, qm.tensors["data"].t(), quant_state=qm.quant_state(x.dtype)).float()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    got = quant.linear(x, qm)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    slice_bytes = quant.dequantized_slice_bytes(qm.shape, qm.fmt, torch.bfloat16)
+    output = 256 * 14336 * 2
+    assert peak <= slice_bytes + 2 * output + 2**20, f"peak {peak} bytes"
+    assert (got.float() - want).abs().max() <= 1e-2 * want.abs().max()

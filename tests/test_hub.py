@@ -439,7 +439,7 @@ def test_convert_takes_a_hub_id(hub, online, tmp_path):
     assert f"downloading {REMOTE} to {online}" in result.stderr and _weights_asked(hub)
     assert result.stdout.startswith(f"wrote {out}: ")
     with Pack(out) as pack:
-        assert pack.layout.fmt.name == "nf4" and len(pack.manifest["experts"]) == 3 * 8
+        assert pack.layout.fmt.name == "nf4-dq" and len(pack.manifest["experts"]) == 3 * 8  # --expert-bits 4
 
 
 # --- tokenizer.json checkpoints (Qwen, OLMoE): fetched with their tokenizer files; none is refused ---

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import warnings
 
 import pytest
@@ -22,8 +23,8 @@ from offload.plan import (
     kv_cache_bytes,
     plan_memory,
 )
-from offload.quant import matrix_bytes
 from tests.model_builder import WIDE, WINDOWED
+from tests.test_kv_plan import dense_by_hand, nf4_dq_matrix
 from tests.test_plan import mixtral_reserve_by_hand
 
 GiB = 2**30
@@ -36,9 +37,10 @@ BF16_DENSE = 2 * (
     + 32 * 8 * 4096  # routers
 )  # 3,211,272,192
 KV_4096 = 2 * 32 * 8 * 4096 * 128 * 2  # K and V, bf16: 512 MiB
+EMBEDDINGS = 32000 * 4096 * 2  # the bf16 input table, 250 MiB: in host RAM on a card (lm_head is untied)
 # The runtime reserve on a card (offload.plan.runtime_reserve), its terms written out by hand.
 RESERVE_BF16 = sum(mixtral_reserve_by_hand(4096, 256, quantized=False).values())  # 729,625,088: fused attention
-RESERVE_NF4 = sum(mixtral_reserve_by_hand(4096, 256, quantized=True).values())  # + 112 MiB dequantized
+RESERVE_NF4 = sum(mixtral_reserve_by_hand(4096, 256, quantized=True).values())  # + a 32 MiB dequantized slice
 
 
 def cli_app() -> typer.Typer:
@@ -70,23 +72,35 @@ def summary_line(result) -> str:
     return next(line for line in reversed(lines) if not line.startswith("estimate: "))
 
 
-@pytest.fixture(scope="module")
-def bnb_nf4_expert() -> dict[str, int]:
-    """One Mixtral expert quantized by bitsandbytes itself (nf4, blocksize 64): the raw sum of
-    its tensors, and that sum laid out as a record is (each tensor and each matrix starting on a
-    64-byte boundary, tensors in the documented order absmax, code, data). w1 and w3 share a
-    shape, so w1's bytes count twice. Two real-size quantizations: 5-10 s on two busy cores."""
+def bnb_state_tensors(weight: torch.Tensor, double_quant: bool) -> list[torch.Tensor]:
+    """bitsandbytes' own nf4 quantization of ``weight`` (blocksize 64): its tensors in the order
+    offload.quant documents for the record, nf4 absmax, code, data; nf4-dq (compress_statistics:
+    absmax as uint8 codes, their fp32 absmax per 256 blocks, the 256-entry map and the offset)
+    code, nested absmax, nested code, offset, absmax codes, data."""
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     with warnings.catch_warnings():  # torch.jit deprecation noise from bitsandbytes' import
         warnings.simplefilter("ignore", DeprecationWarning)
         import bitsandbytes.functional as F
 
+    data, state = F.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    if not double_quant:
+        return [state.absmax, state.code, data]
+    assert state.absmax.dtype == torch.uint8 and state.state2.blocksize == 256
+    return [state.code, state.state2.absmax, state.state2.code, state.offset, state.absmax, data]
+
+
+@pytest.fixture(scope="module", params=["nf4", "nf4-dq"])
+def bnb_expert(request) -> dict:
+    """One Mixtral expert quantized by bitsandbytes itself (nf4 or nf4-dq, blocksize 64): the raw
+    sum of its tensors, and that sum laid out as a record is (each tensor and each matrix starting
+    on a 64-byte boundary, tensors in the documented order). w1 and w3 share a shape, so w1's
+    bytes count twice. Two real-size quantizations a format: 5-10 s on two busy cores."""
+    fmt = request.param
     generator = torch.Generator().manual_seed(0)
     raw = aligned = tensors = 0
     for shape, count in (((14336, 4096), 2), ((4096, 14336), 1)):  # w1 and w3, then w2
         weight = torch.randn(shape, generator=generator)  # fp32, as a checkpoint's weight upcast
-        data, state = F.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=False)
-        parts = [state.absmax, state.code, data]
+        parts = bnb_state_tensors(weight, double_quant=fmt == "nf4-dq")
         sizes = [t.numel() * t.element_size() for t in parts]
         end = 0
         for size in sizes:
@@ -94,17 +108,37 @@ def bnb_nf4_expert() -> dict[str, int]:
         raw += count * sum(sizes)
         aligned += count * align_up(end, MATRIX_ALIGNMENT)
         tensors += count * len(parts)
-    return {"raw": raw, "aligned": aligned, "tensors": tensors}
+    return {"format": fmt, "raw": raw, "aligned": aligned, "tensors": tensors}
 
 
-def test_nf4_expert_is_what_bitsandbytes_produces(bnb_nf4_expert):
-    out = info_json("mixtral-8x7b", "--expert-bits", "4")
-    assert out["expert_format"] == "nf4"
+# One Mixtral-8x7B expert record by hand: nf4 (FACTS.md's measured figure, 94.5 MiB) and nf4-dq, the
+# format of --expert-bits 4 (86.67 MiB: per 14336 x 4096 matrix the codes 29,360,128 bytes, 917,504
+# uint8 absmax codes, 3,584 fp32 nested absmax, the 256- and 16-entry fp32 maps and the fp32 offset,
+# which alone is padded to 64: 30,293,120 bytes)
+NF4_EXPERT = 99_090_624
+NF4_DQ_EXPERT = 3 * (29_360_128 + 917_504 + 3_584 * 4 + 256 * 4 + 16 * 4 + 64)  # 90,879,360
+# --expert-bits 4 and --attn-bits 4 mean nf4-dq; plain nf4 stays available by name
+BITS_4, NF4 = ("--expert-bits", "4"), ("--expert-format", "nf4")
+# The least card for --expert-bits 4 (bf16 attention) at context 4096: the dense weights but the
+# embeddings, the KV cache, top-2 nf4-dq records a layer, the reserve at the smallest chunk (16):
+# 10,011,359,744 bytes, 9.32 GiB
+MIN_4BIT = (BF16_DENSE - EMBEDDINGS + KV_4096 + 64 * NF4_DQ_EXPERT
+            + sum(mixtral_reserve_by_hand(4096, 16, quantized=True).values()))
+
+
+def test_4_bit_experts_are_what_bitsandbytes_produces(bnb_expert):
+    """--expert-bits 4 is bitsandbytes' double-quantized nf4 (compress_statistics=True); plain nf4
+    (compress_statistics=False) by name, --expert-format nf4."""
+    fmt = bnb_expert["format"]
+    out = info_json("mixtral-8x7b", *(BITS_4 if fmt == "nf4-dq" else NF4))
+    assert out["expert_format"] == fmt
     # The record holds exactly bitsandbytes' tensors, 64-byte aligned; the alignment adds less
-    # than 64 bytes a tensor (for Mixtral's shapes nothing: every tensor is a multiple of 64).
-    assert out["expert_bytes"] == bnb_nf4_expert["aligned"]
-    assert 0 <= out["expert_bytes"] - bnb_nf4_expert["raw"] < 64 * bnb_nf4_expert["tensors"]
-    assert out["expert_bytes"] == 99_090_624  # FACTS.md's measured figure
+    # than 64 bytes a tensor (for Mixtral's shapes, nf4: nothing, every tensor is a multiple of 64;
+    # nf4-dq: 60 bytes a matrix after the 4-byte offset).
+    assert out["expert_bytes"] == bnb_expert["aligned"]
+    assert 0 <= out["expert_bytes"] - bnb_expert["raw"] < 64 * bnb_expert["tensors"]
+    assert out["expert_bytes"] == {"nf4": NF4_EXPERT, "nf4-dq": NF4_DQ_EXPERT}[fmt] == bnb_expert["aligned"]
+    assert out["expert_bytes"] - bnb_expert["raw"] == {"nf4": 0, "nf4-dq": 3 * 60}[fmt]
     assert out["experts_total"] == 256
     assert out["experts_total_bytes"] == 256 * out["expert_bytes"]
 
@@ -115,27 +149,38 @@ def test_bf16_sizes_by_hand():
     assert out["expert_bytes"] == BF16_EXPERT == 352_321_536
     assert out["experts_total_bytes"] == 256 * BF16_EXPERT
     assert out["dense_bytes"] == BF16_DENSE == sum(out["dense_bytes_by_class"].values())
+    # the card holds every dense weight but the input embeddings, which stay in RAM
+    assert out["embeddings_on_host"] and out["device_dense_bytes"] == BF16_DENSE - EMBEDDINGS
     assert out["kv_cache_bytes"] == KV_4096
     assert RESERVE_BF16 == 729_625_088 and out["reserve_bytes"] == RESERVE_BF16
-    assert out["min_vram_bytes"] == BF16_DENSE + KV_4096 + 32 * 2 * BF16_EXPERT + RESERVE_BF16
-    assert out["all_resident_vram_bytes"] == BF16_DENSE + KV_4096 + 256 * BF16_EXPERT + RESERVE_BF16
+    on_card = BF16_DENSE - EMBEDDINGS + KV_4096 + RESERVE_BF16
+    assert out["min_vram_bytes"] == on_card + 32 * 2 * BF16_EXPERT
+    assert out["all_resident_vram_bytes"] == on_card + 256 * BF16_EXPERT
     assert out["vram_bytes"] is None and out["slots_per_layer"] == 2  # no card: the plan at the minimum
     assert out["estimate"] is None  # no budget, no profile: no speed to estimate
 
 
 def test_12gib_card_with_32gib_ram_holds_4bit_mixtral_without_disk():
+    """nf4-dq records (--expert-bits 4), bf16 attention; the card holds the dense weights but the
+    250 MiB of embeddings: 95 slots, 2 a layer and 31 spare (84 with nf4 and the table on the card)."""
     args = ("mixtral-8x7b", "--vram", "12GiB", "--ram", "32GiB", "--expert-bits", "4")
     out = info_json(*args)
-    record = RecordLayout.for_config(builtin_model("mixtral-8x7b")[1], "nf4").nbytes
-    slots = (12 * GiB - BF16_DENSE - KV_4096 - RESERVE_NF4) // record  # 83.9 -> 83: 2 a layer, 19 spare
-    assert out["device_experts"] == slots == 83 and sum(out["layer_slots"]) == 83
+    record = RecordLayout.for_config(builtin_model("mixtral-8x7b")[1], "nf4-dq").nbytes
+    assert record == NF4_DQ_EXPERT
+    dense = BF16_DENSE - EMBEDDINGS
+    slots = (12 * GiB - dense - KV_4096 - RESERVE_NF4) // record  # 95.02 -> 95: 2 a layer, 31 spare
+    assert (12 * GiB - BF16_DENSE - KV_4096 - RESERVE_NF4) // NF4_EXPERT == 84  # nf4, the embeddings on the card
+    assert out["device_experts"] == slots == 95 and sum(out["layer_slots"]) == 95
     assert out["slots_per_layer"] == 2 and sorted(set(out["layer_slots"])) == [2, 3]
     assert out["host_experts"] == 256 and out["disk_experts"] == 0
-    assert out["host_bytes"] == 24 * GiB and out["host_raw_bytes"] == 256 * record  # pinned blocks, not 32 GiB
-    assert out["device_bytes"] == BF16_DENSE + KV_4096 + 83 * record + RESERVE_NF4 <= 12 * GiB
+    # pinned blocks, not 32 GiB: 16 GiB hold floor(16 GiB / record) = 189 records, 4 GiB 47, 2 GiB the last 20
+    assert (16 * GiB // record, 4 * GiB // record, 2 * GiB // record) == (189, 47, 23)
+    assert out["host_chunks"] == [189, 47, 20] and out["host_bytes"] == 22 * GiB
+    assert out["host_raw_bytes"] == 256 * record
+    assert out["device_bytes"] == dense + KV_4096 + 95 * record + RESERVE_NF4 <= 12 * GiB
     line = summary_line(run(*args))
-    assert line.startswith("A 12 GiB card with a 32 GiB expert RAM budget holds Mixtral-8x7B")
-    assert "2-3 of 8 experts per layer on the GPU (2.59 on average)" in line and "no disk reads" in line
+    assert line.startswith("A 12 GiB card with a 32 GiB expert RAM budget holds Mixtral-8x7B (nf4-dq experts)")
+    assert "2-3 of 8 experts per layer on the GPU (2.97 on average)" in line and "no disk reads" in line
 
 
 def test_small_ram_needs_the_disk_tier():
@@ -150,9 +195,15 @@ def test_small_ram_needs_the_disk_tier():
 def test_attention_bits_shrink_only_attention():
     full = info_json("mixtral-8x7b", "--expert-bits", "4")
     four = info_json("mixtral-8x7b", "--expert-bits", "4", "--attn-bits", "4")
-    assert four["attn_format"] == "nf4"
+    assert four["attn_format"] == "nf4-dq"
     shapes = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096)]
-    assert four["dense_bytes_by_class"]["attention"] == 32 * sum(matrix_bytes(s, "nf4") for s in shapes)
+    # packed tight, by hand from nf4-dq's tensors: 8,655,940 bytes for q and o, 2,164,804 for k and v
+    assert (nf4_dq_matrix(4096, 4096), nf4_dq_matrix(1024, 4096)) == (8_655_940, 2_164_804)
+    assert four["dense_bytes_by_class"]["attention"] == 32 * sum(nf4_dq_matrix(*s) for s in shapes)
+    assert four["dense_bytes"] == dense_by_hand(nf4_dq_matrix)
+    # plain nf4 attention by name (no flag for it): one fp32 absmax a block instead of a uint8 code
+    nf4 = dense_bytes_by_class(builtin_model("mixtral-8x7b")[1], torch.bfloat16, "nf4")["attention"]
+    assert nf4 == 32 * sum(s[0] * s[1] // 2 + s[0] * s[1] // 64 * 4 + 64 for s in shapes)
     for name in ("embeddings", "lm_head", "norms", "routers"):
         assert four["dense_bytes_by_class"][name] == full["dense_bytes_by_class"][name]
     assert four["min_vram_bytes"] == full["min_vram_bytes"] - full["dense_bytes"] + four["dense_bytes"]
@@ -176,14 +227,21 @@ def test_mixtral_8x22b_is_built_in():
 
 @pytest.mark.parametrize(
     "args",
-    [["--vram", "1GiB"], ["--vram", "10.1GiB", "--expert-bits", "4"]],
-    ids=["bf16 on 1 GiB", "nf4 just under the minimum"],
+    [["--vram", "1GiB"], ["--vram", f"{MIN_4BIT - 1}B", "--expert-bits", "4"]],
+    ids=["bf16 on 1 GiB", "4-bit a byte under the minimum"],
 )
 def test_too_small_a_card_exits_2_naming_the_minimum(args):
     result = run("mixtral-8x7b", *args)
     assert result.exit_code == 2
     assert "minimum" in result.output and len(result.output.strip().splitlines()) == 1
     assert "Traceback" not in result.output
+
+
+def test_the_4_bit_minimum_by_hand_fits():
+    assert MIN_4BIT == 10_011_359_744
+    out = info_json("mixtral-8x7b", "--vram", f"{MIN_4BIT}B", "--expert-bits", "4")
+    assert out["device_bytes"] == out["min_vram_bytes"] == MIN_4BIT
+    assert out["prefill_chunk"] == 16 and out["slots_per_layer"] == 2
 
 
 @pytest.mark.parametrize("bad", [["mixtral-8x99b"], ["mixtral-8x7b", "--expert-bits", "5"],
@@ -240,33 +298,49 @@ def test_plan_memory_dense_override_keeps_the_default():
     assert smaller.dense_bytes == BF16_DENSE - 2 * GiB and smaller.slots_per_layer >= plain.slots_per_layer
 
 
-@pytest.mark.parametrize("profile", ["rtx-3060-12gb", "rtx-4090-24gb", "t4-16gb"])
+@pytest.mark.parametrize("profile", ["rtx-3060-12gb", "rtx-4090-24gb", "t4-16gb", "rtx-4060-8gb"])
 def test_info_plans_mixtral_for_each_shipped_card(profile):
-    """A shipped card's plan by hand: its plan.vram less dense weights (nf4 attention), KV cache
-    and the runtime reserve (its dequantized-weight term is the nf4 expert's 112 MiB, larger than
-    any attention matrix), in nf4 expert records; RAM holds all 256 in 24 GiB of pinned blocks."""
+    """A shipped card's plan by hand: its plan.vram less the dense weights on the card (nf4-dq
+    attention, the 250 MiB of embeddings in RAM), KV cache and the runtime reserve (its
+    dequantized-weight term is one 32 MiB slice of a 4-bit matrix), in nf4-dq expert records
+    (4-bit widths); RAM holds all 256 in 22 GiB of pinned blocks."""
     from offload.profile import load_profile
 
     p = load_profile(profile)
-    config = builtin_model("mixtral-8x7b")[1]
-    record = RecordLayout.for_config(config, "nf4").nbytes
-    dense = sum(dense_bytes_by_class(config, torch.bfloat16, "nf4").values())
-    kv = kv_cache_bytes(config, p.context, torch.bfloat16)
+    assert (p.expert_bits, p.attn_bits) == (4, 4)
+    record = NF4_DQ_EXPERT
+    dense = dense_by_hand(nf4_dq_matrix) - EMBEDDINGS
+    kv = 2 * 32 * 8 * p.context * 128 * 2
     reserve = sum(mixtral_reserve_by_hand(p.context, 256, quantized=True, sdpa=p.sdpa).values())  # T4: math path
     slots = (p.plan_vram_bytes - dense - kv - reserve) // record
     out = info_json("mixtral-8x7b", "--profile", profile)
-    assert (out["expert_format"], out["attn_format"], out["device_type"]) == ("nf4", "nf4", "cuda")
-    assert out["device_experts"] == slots and out["slots_per_layer"] == slots // 32
+    assert (out["expert_format"], out["attn_format"], out["device_type"]) == ("nf4-dq", "nf4-dq", "cuda")
+    assert out["expert_bytes"] == record and out["device_dense_bytes"] == dense and out["reserve_bytes"] == reserve
+    assert out["device_experts"] == slots and out["slots_per_layer"] == slots // 32 >= 2
     assert max(out["layer_slots"]) == slots // 32 + (slots % 32 > 0)
-    assert out["disk_experts"] == 0 and out["host_bytes"] == 24 * GiB
+    assert out["device_bytes"] == dense + kv + slots * record + reserve <= p.plan_vram_bytes
+    assert out["disk_experts"] == 0 and out["host_bytes"] == 22 * GiB
     assert out["estimate"]["tokens_per_s"] > 0 and out["estimate"]["summary"].startswith("estimate: ")
 
 
-def test_the_8_gb_card_no_longer_holds_mixtral():
-    """The 4060's 7.4 GiB plan: top-2 nf4 experts per layer, dense weights and KV cache at
-    context 1024 take 7.23 GiB, and the runtime reserve does not fit beside them."""
-    result = run("mixtral-8x7b", "--profile", "rtx-4060-8gb")
-    assert result.exit_code == 2 and "below the minimum" in result.output and "runtime reserve" in result.output
+def test_the_8_gb_card_holds_mixtral_again():
+    """The 4060's 7.4 GiB plan at context 1024: dense on the card 912.95 MiB, KV 128 MiB, the
+    reserve at chunks of 256 727.82 MiB and top-2 nf4-dq records a layer (5.42 GiB) take 7.14 GiB,
+    67 slots in 7.4; with nf4 records and the embeddings on the card the minimum is 7.89 GiB even
+    in chunks of 16, and the card was refused."""
+    from tests.test_kv_plan import nf4_matrix
+
+    kv = 2 * 32 * 8 * 1024 * 128 * 2
+    dense = dense_by_hand(nf4_dq_matrix) - EMBEDDINGS
+    reserve = sum(mixtral_reserve_by_hand(1024, 256, quantized=True).values())
+    plan_vram = int(7.4 * GiB)
+    assert (plan_vram - dense - kv - reserve) // NF4_DQ_EXPERT == 67
+    before = dense_by_hand(nf4_matrix) + kv + 64 * NF4_EXPERT + sum(mixtral_reserve_by_hand(1024, 16, True).values())
+    assert f"{before / GiB:.2f}" == "7.89" and before > plan_vram
+    out = info_json("mixtral-8x7b", "--profile", "rtx-4060-8gb")
+    assert out["vram_bytes"] == plan_vram and out["context"] == 1024 and out["prefill_chunk"] == 256
+    assert out["min_vram_bytes"] == dense + kv + 64 * NF4_DQ_EXPERT + reserve
+    assert out["device_experts"] == 67 and out["slots_per_layer"] == 2 and out["device_bytes"] <= plan_vram
 
 
 def test_info_plans_the_cpu_profile_resident_on_the_cpu():
@@ -300,7 +374,7 @@ def test_vram_alone_plans_the_shipped_profile_for_that_card_and_fits(gib, profil
     out = info_json("mixtral-8x7b", "--vram", f"{gib}GiB")
     assert out["profile"]["name"] == profile and out["profile"]["auto"] and out["profile"]["fits"]
     assert (out["profile"]["expert_bits"], out["profile"]["attn_bits"]) == (4, 4)  # the profile's widths
-    assert (out["expert_format"], out["attn_format"], out["context"]) == ("nf4", "nf4", 4096)
+    assert (out["expert_format"], out["attn_format"], out["context"]) == ("nf4-dq", "nf4-dq", 4096)
     assert out["vram_bytes"] == gib * GiB and out["device_bytes"] <= gib * GiB
     assert out["disk_experts"] == 0 and out["slots_per_layer"] >= 2
     # the same plan as the flags that say it, so the plan is what those widths give on that card; but
@@ -316,7 +390,7 @@ def test_vram_alone_plans_the_shipped_profile_for_that_card_and_fits(gib, profil
     first = result.stdout.splitlines()[0]
     assert first.startswith(f"profile: {profile} (auto: the shipped profile for a {gib} GiB card; 4-bit weights, ")
     assert first.endswith("; --profile, --expert-bits or --attn-bits to choose")
-    assert summary_line(result).startswith(f"A {gib} GiB card holds Mixtral-8x7B (nf4 experts)")
+    assert summary_line(result).startswith(f"A {gib} GiB card holds Mixtral-8x7B (nf4-dq experts)")
 
 
 def test_explicit_bits_plan_what_they_say_without_a_profile():
@@ -325,42 +399,73 @@ def test_explicit_bits_plan_what_they_say_without_a_profile():
 
 
 def test_an_8_gib_card_holds_mixtral_at_its_profiles_context():
-    """With fused attention (no score matrix in the reserve) top-2 nf4 experts per layer, nf4
-    attention, the KV cache at context 1024 and the reserve fit 8 GiB in prefill chunks of 128
-    (780 MiB of reserve); at the default 256 the minimum is 8.01 GiB."""
+    """With fused attention (no score matrix in the reserve) top-2 nf4-dq experts per layer, nf4-dq
+    attention, the KV cache at context 1024 and the reserve fit 8 GiB at the default chunk of 256:
+    the minimum is 7.14 GiB (dense on the card, the embeddings in RAM), 74 slots in all."""
     out = info_json("mixtral-8x7b", "--vram", "8GiB")
     assert out["profile"]["name"] == "rtx-4060-8gb" and out["profile"]["fits"] and out["context"] == 1024
-    assert out["slots_per_layer"] == 2 and out["prefill_chunk"] == 128 and out["device_bytes"] <= 8 * GiB
+    dense = dense_by_hand(nf4_dq_matrix) - EMBEDDINGS
+    kv = 2 * 32 * 8 * 1024 * 128 * 2
+    reserve = sum(mixtral_reserve_by_hand(1024, 256, quantized=True).values())
+    assert out["min_vram_bytes"] == dense + kv + 64 * NF4_DQ_EXPERT + reserve == 7_670_977_536  # 7.14 GiB
+    assert out["device_experts"] == (8 * GiB - dense - kv - reserve) // NF4_DQ_EXPERT == 74
+    assert out["slots_per_layer"] == 2 and out["prefill_chunk"] == 256 and out["device_bytes"] <= 8 * GiB
 
 
-def test_a_card_just_under_8_gib_is_refused_naming_the_flags_and_the_largest_context_that_fit():
-    result = run("mixtral-8x7b", "--vram", "7.9GiB")
+def test_every_card_the_8_gb_profile_is_picked_for_holds_mixtral_at_its_context():
+    """The 4060's profile is picked from 0.95 x 8 GiB (offload.profile.NOMINAL_SLACK) up; at its
+    context 1024 the least a plan needs, top-2 records a layer and the reserve in chunks of 16,
+    is 7.09 GiB, below that: no card it is picked for is refused at the profile's context."""
+    dense = dense_by_hand(nf4_dq_matrix) - EMBEDDINGS
+    least = (dense + 2 * 32 * 8 * 1024 * 128 * 2 + 64 * NF4_DQ_EXPERT
+             + sum(mixtral_reserve_by_hand(1024, 16, quantized=True).values()))
+    smallest = math.ceil(0.95 * 8 * GiB)  # 7.6 GiB
+    assert f"{least / GiB:.2f}" == "7.09" and least < smallest
+    out = info_json("mixtral-8x7b", "--vram", f"{smallest}B")
+    assert out["profile"]["name"] == "rtx-4060-8gb" and out["profile"]["fits"] and out["context"] == 1024
+    assert out["device_bytes"] <= smallest and out["slots_per_layer"] == 2
+    assert run("mixtral-8x7b", "--vram", f"{smallest - 1}B").stderr.count("no shipped profile is for a card this small")
+
+
+def test_a_card_just_under_8_gib_at_a_long_context_is_refused_naming_the_flags_and_the_largest_context_that_fit():
+    """At context 16384 the 4060's profile at its narrowest widths needs 8.97 GiB by hand (dense on
+    the card, a 2 GiB KV cache, top-2 nf4-dq records a layer, the reserve in chunks of 16)."""
+    dense = dense_by_hand(nf4_dq_matrix) - EMBEDDINGS
+    minimum = (dense + 2 * 32 * 8 * 16384 * 128 * 2 + 64 * NF4_DQ_EXPERT
+               + sum(mixtral_reserve_by_hand(16384, 16, quantized=True).values()))
+    assert f"{minimum / GiB:.2f}" == "8.97"
+    result = run("mixtral-8x7b", "--vram", "7.9GiB", "--context", "16384")
     assert result.exit_code == 2 and result.stdout == ""
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("error: --vram 7.90 GiB is below the minimum 7.96 GiB")
+    assert line.startswith("error: --vram 7.90 GiB is below the minimum 8.97 GiB")
     assert "(prefill chunks of 16 tokens)" in line  # the least any chunk needs
-    assert "profile rtx-4060-8gb (auto) fits at none of its widths, down to nf4 experts and nf4 attention at " \
-           "context 1024" in line
+    assert "profile rtx-4060-8gb (auto) fits at none of its widths, down to nf4-dq experts and nf4-dq attention " \
+           "at context 16384" in line
     context = int(line.split("--context ")[1].split(" ")[0])
-    assert "the largest that fits" in line and "or on --vram 7.97GiB or more" in line
+    assert "the largest that fits" in line and "or on --vram 8.97GiB or more" in line
     # the context it names fits, one more does not; the --vram it names fits
     fits = info_json("mixtral-8x7b", "--vram", "7.9GiB", "--context", str(context))
     assert fits["profile"]["name"] == "rtx-4060-8gb" and fits["device_bytes"] <= 7.9 * GiB
     assert fits["context"] == context and fits["min_vram_bytes"] <= 7.9 * GiB
     over = run("mixtral-8x7b", "--vram", "7.9GiB", "--context", str(context + 1))
     assert over.exit_code == 2 and "below the minimum" in over.stderr
-    assert info_json("mixtral-8x7b", "--vram", "7.97GiB", "--context", "1024")["expert_format"] == "nf4"
+    named = info_json("mixtral-8x7b", "--vram", "8.97GiB", "--context", "16384")
+    assert named["expert_format"] == "nf4-dq" and named["min_vram_bytes"] == minimum <= 8.97 * GiB
 
 
 def test_16_bit_experts_on_a_12_gib_card_suggest_4_bits():
     result = run("mixtral-8x7b", "--vram", "12GiB", "--expert-bits", "16")
     assert result.exit_code == 2
     (line,) = result.stderr.strip().splitlines()
-    assert "below the minimum 25.12 GiB" in line and "Mixtral-8x7B fits with --expert-bits 4, or on --vram 25.12GiB" in line
+    # the minimum by hand: dense but the embeddings, KV, top-2 bf16 experts a layer, the reserve at chunk 16
+    minimum = (BF16_DENSE - EMBEDDINGS + KV_4096 + 64 * BF16_EXPERT
+               + sum(mixtral_reserve_by_hand(4096, 16, quantized=False).values()))
+    assert f"{minimum / GiB:.2f}" == "24.88"
+    assert "below the minimum 24.88 GiB" in line and "Mixtral-8x7B fits with --expert-bits 4, or on --vram 24.88GiB" in line
     assert "--context" not in line  # no context makes bf16 experts fit 12 GiB
     assert info_json("mixtral-8x7b", "--vram", "12GiB", "--expert-bits", "4")["device_bytes"] <= 12 * GiB
-    nf4 = run("mixtral-8x7b", "--vram", "10.1GiB", "--expert-bits", "4")
-    assert "fits with --attn-bits 8, or with --kv-bits 8" in nf4.stderr and "--context " in nf4.stderr  # widest first
+    four = run("mixtral-8x7b", "--vram", f"{MIN_4BIT - 1}B", "--expert-bits", "4")
+    assert "fits with --attn-bits 8, or with --kv-bits 8" in four.stderr and "--context " in four.stderr  # widest first
 
 
 def test_a_card_below_every_shipped_profile_plans_plain_defaults(model_dirs):
@@ -372,7 +477,7 @@ def test_a_card_below_every_shipped_profile_plans_plain_defaults(model_dirs):
 
 def test_ram_is_called_the_expert_ram_budget_with_its_article():
     line = summary_line(run("mixtral-8x7b", "--vram", "12GiB", "--ram", "16GiB"))
-    assert line.startswith("A 12 GiB card with a 16 GiB expert RAM budget holds Mixtral-8x7B (nf4 experts)")
+    assert line.startswith("A 12 GiB card with a 16 GiB expert RAM budget holds Mixtral-8x7B (nf4-dq experts)")
     assert "of RAM" not in line and "are read from disk" in line  # --ram below the experts: a disk tier, as asked
     line = summary_line(run("mixtral-8x7b", "--vram", "8.5GiB", "--ram", "8GiB"))
     assert line.startswith("An 8.50 GiB card with an 8 GiB expert RAM budget holds")

@@ -369,27 +369,44 @@ def bnb():
 
 
 def test_quantized_attention_is_stored_as_bitsandbytes_quantizes_it(model_dirs, tmp_path):
-    """int8 and nf4 attention in dense.safetensors: each projection as its format's tensors,
-    named <hub name>.<tensor>, holding what bitsandbytes itself makes of the checkpoint's tensor."""
+    """int8, nf4-dq (--attn-bits 4) and plain nf4 (by name) attention in dense.safetensors: each
+    projection as its format's tensors, named <hub name>.<tensor>, holding what bitsandbytes itself
+    makes of the checkpoint's tensor (nf4-dq: quantize_4bit with compress_statistics=True)."""
     F = bnb()
     src = model_dirs[WINDOWED.name]
     int8 = convert(src, tmp_path / "int8", attn_bits=8, expert_format="nf4")
-    nf4 = convert(src, tmp_path / "nf4", attn_bits=4, target="cuda")  # portable nf4: the CUDA layout
+    dq = convert(src, tmp_path / "dq", attn_bits=4, target="cuda")  # portable 4-bit: the CUDA layout
+    nf4 = convert(src, tmp_path / "nf4", attn_format="nf4", target="cuda")
     assert manifest_of(int8)["weight_format"] == {"dense": "float32", "experts": "nf4", "attention": "int8"}
+    assert manifest_of(dq)["weight_format"]["attention"] == "nf4-dq"
     assert manifest_of(nf4)["weight_format"]["attention"] == "nf4"
     assert manifest_of(int8)["format_version"] == 3
-    with Checkpoint(src) as ck, safe_open(int8 / "dense.safetensors", "pt") as a, safe_open(nf4 / "dense.safetensors", "pt") as b:
+    with (Checkpoint(src) as ck, safe_open(int8 / "dense.safetensors", "pt") as a,
+          safe_open(nf4 / "dense.safetensors", "pt") as b, safe_open(dq / "dense.safetensors", "pt") as d):
         name = "model.layers.2.self_attn.k_proj.weight"
-        assert name not in set(a.keys()) and name not in set(b.keys())
+        assert name not in set(a.keys()) and name not in set(b.keys()) and name not in set(d.keys())
         assert {n for n in a.keys() if n.startswith(name)} == {f"{name}.row_absmax", f"{name}.data"}
         raw = ck.dense("k_proj", 2)
         data, row_absmax, _ = F.int8_vectorwise_quant(raw.clone())
         assert torch.equal(a.get_tensor(f"{name}.data"), data)
         assert torch.equal(a.get_tensor(f"{name}.row_absmax"), row_absmax)
         data, state = F.quantize_4bit(raw, blocksize=64, quant_type="nf4", compress_statistics=False)
+        assert {n for n in b.keys() if n.startswith(name)} == {f"{name}.{t}" for t in ("data", "absmax", "quant_map")}
         assert torch.equal(b.get_tensor(f"{name}.data"), data)
         assert torch.equal(b.get_tensor(f"{name}.absmax"), state.absmax)
         assert torch.equal(b.get_tensor(f"{name}.quant_map"), state.code)
+        # double quantization: the block absmax as uint8 codes of a 256-entry map, one fp32 absmax per
+        # 256 blocks and the offset subtracted before (bitsandbytes' QuantState.state2 and .offset)
+        data, state = F.quantize_4bit(raw, blocksize=64, quant_type="nf4", compress_statistics=True)
+        stored = {t: d.get_tensor(f"{name}.{t}") for t in ("data", "absmax", "quant_map", "nested_absmax",
+                                                             "nested_quant_map", "nested_offset")}
+        assert {n for n in d.keys() if n.startswith(name)} == {f"{name}.{t}" for t in stored}
+        assert stored["absmax"].dtype == torch.uint8 and state.absmax.dtype == torch.uint8
+        assert torch.equal(stored["data"], data) and torch.equal(stored["absmax"], state.absmax)
+        assert torch.equal(stored["quant_map"], state.code)
+        assert torch.equal(stored["nested_absmax"], state.state2.absmax)
+        assert torch.equal(stored["nested_quant_map"], state.state2.code)
+        assert torch.equal(stored["nested_offset"], state.offset.reshape(()))
         # everything that is not attention is as before
         assert torch.equal(a.get_tensor("model.layers.2.block_sparse_moe.gate.weight"), ck.dense("router", 2))
     with Pack(int8) as pack:
@@ -453,11 +470,11 @@ def test_bits_pick_the_layout_of_the_target_device(model_dirs, tmp_path):
 
     src = model_dirs[WINDOWED.name]
     cuda = convert(src, tmp_path / "cuda", expert_bits=4, attn_bits=4, target="cuda")
-    assert manifest_of(cuda)["weight_format"] == {"dense": "float32", "experts": "nf4", "attention": "nf4"}
+    assert manifest_of(cuda)["weight_format"] == {"dense": "float32", "experts": "nf4-dq", "attention": "nf4-dq"}
     cpu = convert(src, tmp_path / "cpu", expert_bits=8, attn_bits=4, target="cpu")
     shapes = tuple(attention_shapes(ModelConfig.from_dir(src)).values())
     want = format_for_bits(4, torch.float32, "cpu", shapes)
-    assert want.name == "nf4"  # the portable nf4 on every device
+    assert want.name == "nf4-dq"  # the portable double-quantized nf4 on every device
     assert manifest_of(cpu)["weight_format"] == {"dense": "float32", "experts": "int8", "attention": want.name}
     with pytest.raises(SettingError, match="--expert-format nf4-cpu: nf4-cpu is the layout of bitsandbytes' fused CPU kernel"):
         convert(src, tmp_path / "x", expert_format="nf4-cpu", target="cuda")
@@ -473,6 +490,6 @@ def test_cli_convert_takes_bits_and_the_target(model_dirs, tmp_path):
     args = ["convert", str(model_dirs[WINDOWED.name]), str(out), "--expert-bits", "8", "--attn-bits", "4", "--for", "cuda"]
     result = CliRunner().invoke(cli_app(), args)
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith(f"wrote {out}: 24 experts (int8,") and ", attention nf4," in result.stdout
+    assert result.stdout.startswith(f"wrote {out}: 24 experts (int8,") and ", attention nf4-dq," in result.stdout
     bad = CliRunner().invoke(cli_app(), ["convert", str(model_dirs[WINDOWED.name]), str(tmp_path / "p2"), "--attn-bits", "5"])
     assert bad.exit_code == 2 and bad.stderr.strip().startswith("error:") and "--attn-bits 5" in bad.stderr

@@ -19,9 +19,12 @@ from offload.plan import (
     MemoryPlan,
     builtin_model,
     dense_bytes_by_class,
+    device_dense_bytes,
+    embeddings_on_host,
     fit_to_free,
     pinned_chunks,
     plan_memory,
+    plan_model,
     runtime_reserve,
     spread_slots,
 )
@@ -30,6 +33,7 @@ from offload.trace import MIXTRAL_DECODE
 GiB, MiB = 2**30, 2**20
 NF4_EXPERT = 99_090_624  # FACTS.md: one Mixtral-8x7B expert in nf4
 BF16_DENSE = 3_211_272_192  # tests/test_info.py's hand sum for Mixtral-8x7B in bf16
+CARD_DENSE = BF16_DENSE - 32000 * 4096 * 2  # on a card: less the input embeddings, kept in RAM
 KV_4096 = 2 * 32 * 8 * 4096 * 128 * 2
 needs_traces = pytest.mark.skipif(not MIXTRAL_DECODE.is_file(), reason="the shared Mixtral traces are not here")
 
@@ -51,11 +55,13 @@ def power_of_two_at_least(n: int) -> int:
 def mixtral_reserve_by_hand(context: int, tokens: int, quantized: bool, sdpa: str = "fused",
                             kv_bits: int = 16, window: int | None = None) -> dict[str, int]:
     """Each term of the documented formula for Mixtral-8x7B (H 32, G 8, Dh 128, D 4096, I 14336,
-    V 32000), bf16 compute (2 bytes), written out. Attention over a chunk of T queries and S keys
+    V 32000), bf16 compute (2 bytes), written out; ``quantized``: 4-bit experts or attention (a
+    dequantized slice of at most 32 MiB). Attention over a chunk of T queries and S keys
     (the context; with a sliding window W, W + T - 1 at most): the projections; with 8-bit KV the
     chunk's keys and values quantized (cat, fp32 copy, its abs, fp32 quotient, codes: s + 9 bytes
-    a value) and the S keys and values cast and scaled (two bf16 copies); with a ring of W + T
-    slots shorter than the context, 16-bit keys and values of a wrapped ring joined (one copy);
+    a value) and the S keys and values scaled back (one bf16 [2G, S, Dh] copy: CUDA casts the
+    int8 codes as it reads them); with a ring of W + T slots shorter than the context, the two
+    runs of a wrapped ring joined (one copy more, at either width);
     where the window cuts in (context > W) a [T, S] bool mask, and with grouped KV heads the math
     path; SDPA's own: the fused kernel's output and fp32 log-sum-exp, or the math path's two
     fp32 score tensors, head-expanded k/v, fp32 copies of q, k, v and the mask as fp32."""
@@ -66,7 +72,7 @@ def mixtral_reserve_by_hand(context: int, tokens: int, quantized: bool, sdpa: st
     ring = window is not None and window + T < context
     projections = T * (3 * H * Dh + 4 * G * Dh) * s
     writes = 2 * G * T * Dh * (s + 9) if kv_bits == 8 else 0
-    reads = 2 * (2 * G * S * Dh * s) if kv_bits == 8 else (2 * G * S * Dh * s if ring else 0)
+    reads = ((kv_bits == 8) + ring) * (2 * G * S * Dh * s)  # [2G, S, Dh] bf16: scaled back, then joined
     mask = T * S if masked else 0
     if sdpa == "fused" and not masked:
         kernel = H * T * Dh * s + H * T * 4
@@ -75,7 +81,10 @@ def mixtral_reserve_by_hand(context: int, tokens: int, quantized: bool, sdpa: st
     return {
         "CUDA context": 512 * MiB,
         "cuBLAS workspaces": 64 * MiB,
-        "dequantized weight": 14336 * 4096 * 2 if quantized else 0,  # 112 MiB
+        # 4-bit weights in a prompt chunk's matmul are dequantized a slice of whole rows at a time, at
+        # most 32 MiB in bf16: 4096 of w1's [14336, 4096] rows of 8 KiB (w2's 28 KiB rows: 1168 in
+        # steps of whole blocks, a little less; attention's [4096, 4096] whole, the same 32 MiB)
+        "dequantized weight": 4096 * 4096 * s if quantized else 0,  # 32 MiB
         "attention": projections + writes + reads + mask + kernel,
         "expert activations": T * (3 * I * s + D * s + D * 4),
         "hidden states": T * D * (5 * s + 8),
@@ -97,20 +106,20 @@ def test_reserve_terms_by_hand(context, quantized, sdpa, kv_bits):
     assert reserve.working == reserve.total - 512 * MiB  # the context is already gone at load
     assert all(t.reason for t in reserve.terms)
     if quantized:
-        assert want["dequantized weight"] == 112 * MiB
+        assert want["dequantized weight"] == 32 * MiB
 
 
 def test_fused_attention_needs_no_score_matrix():
     """A chunk of 256 against 32768 keys: the math path's fp32 scores and softmax alone are
     2 x 32 x 256 x 32768 x 4 bytes = 2 GiB; the fused kernel's whole attention term (projections,
     the output, the log-sum-exp) is 10 MiB and change; an 8-bit KV cache adds its chunk quantized
-    (2 x 8 x 256 x 128 x 11 bytes = 5.5 MiB) and its keys and values cast and scaled back,
-    2 x (2 x 8 x 32768 x 128 x 2) bytes = 256 MiB."""
+    (2 x 8 x 256 x 128 x 11 bytes = 5.5 MiB) and its keys and values scaled back into one bf16
+    tensor, 2 x 8 x 32768 x 128 x 2 bytes = 128 MiB (was two, 256 MiB, before the cast was fused)."""
     fused = mixtral_reserve_by_hand(32768, 256, True)["attention"]
     math_path = mixtral_reserve_by_hand(32768, 256, True, "math")["attention"]
     assert math_path - fused > 2 * GiB
     assert fused == 8 * MiB + 2 * MiB + 32 * 1024  # projections, output, log-sum-exp
-    assert mixtral_reserve_by_hand(32768, 256, True, kv_bits=8)["attention"] - fused == 256 * MiB + 5.5 * MiB
+    assert mixtral_reserve_by_hand(32768, 256, True, kv_bits=8)["attention"] - fused == 128 * MiB + 5.5 * MiB
     assert sum(mixtral_reserve_by_hand(32768, 256, True).values()) < 810 * MiB  # 4.29 GiB with the math path
 
 
@@ -139,12 +148,16 @@ def test_the_reserve_is_inside_the_device_budget_on_cuda_only():
                        expert_format="nf4", attn_format="bf16")
     cpu = plan_memory(c, NF4_EXPERT, torch.bfloat16, 4096, experts_per_layer=2)
     reserve = sum(mixtral_reserve_by_hand(4096, 256, True).values())
-    assert cuda.device_bytes == BF16_DENSE + KV_4096 + 64 * NF4_EXPERT + reserve
+    assert cuda.device_bytes == CARD_DENSE + KV_4096 + 64 * NF4_EXPERT + reserve
     assert cpu.device_bytes == BF16_DENSE + KV_4096 + 64 * NF4_EXPERT
-    # formats left out are inferred from the bytes: an nf4 record is below bf16's, dense is bf16
+    # formats left out are inferred from the bytes: a record below bf16's is 4-bit (the format of
+    # --expert-bits 4, nf4-dq, whose dequantized slice is nf4's 32 MiB), dense at its bf16 size is bf16
     inferred = plan_memory(c, NF4_EXPERT, torch.bfloat16, 4096, experts_per_layer=2, device_type="cuda")
-    assert inferred.reserve == cuda.reserve
-    minimum = BF16_DENSE + KV_4096 + 64 * NF4_EXPERT + reserve
+    assert [(t.name, t.nbytes) for t in inferred.reserve.terms] == [(t.name, t.nbytes) for t in cuda.reserve.terms]
+    assert inferred.reserve.total == reserve
+    (dequantized,) = [t.reason for t in inferred.reserve.terms if t.name == "dequantized weight"]
+    assert "on nf4-dq experts / bf16 attention" in dequantized
+    minimum = CARD_DENSE + KV_4096 + 64 * NF4_EXPERT + reserve
     at_minimum = plan_memory(c, NF4_EXPERT, torch.bfloat16, 4096, vram=minimum, device_type="cuda")
     assert at_minimum.slots_per_layer == 2 and at_minimum.prefill_chunk == 256
     with pytest.raises(BudgetError, match="runtime reserve") as info:  # a chunk of 256 given: exactly that
@@ -156,7 +169,7 @@ def test_a_card_too_small_for_the_reserve_of_256_prefills_in_smaller_chunks():
     """A byte below the minimum at the default chunk: the plan halves the chunk (128 tokens), its
     reserve by hand; below the minimum at the smallest chunk (16), the refusal names that chunk."""
     c = mixtral()
-    fixed = BF16_DENSE + KV_4096 + 64 * NF4_EXPERT
+    fixed = CARD_DENSE + KV_4096 + 64 * NF4_EXPERT
     minimum = fixed + sum(mixtral_reserve_by_hand(4096, 256, True).values())
     plan = plan_memory(c, NF4_EXPERT, torch.bfloat16, 4096, vram=minimum - 1, device_type="cuda")
     assert plan.prefill_chunk == 128 and plan.reserve.prefill_tokens == 128 and plan.slots_per_layer == 2
@@ -169,6 +182,90 @@ def test_a_card_too_small_for_the_reserve_of_256_prefills_in_smaller_chunks():
     # a budget of slots, no card: the default chunk, whatever it costs
     assert cuda_plan(experts_per_layer=2).prefill_chunk == PREFILL_CHUNK_TOKENS
     assert plan_memory(c, NF4_EXPERT, torch.bfloat16, 4096, experts_per_layer=2).prefill_chunk == 256  # a CPU
+
+
+# ---- the input embeddings on a card stay in host RAM ---------------------------------------------
+
+
+def tied_mixtral() -> ModelConfig:
+    """Mixtral-8x7B's shape with lm_head tied to the embeddings (one [V, D] table for both)."""
+    return ModelConfig.from_dict(dict(BUILTIN_MODELS["mixtral-8x7b"][1], tie_word_embeddings=True), source="test")
+
+
+def test_embeddings_stay_on_the_host_only_on_a_card_with_an_untied_lm_head():
+    untied, tied = mixtral(), tied_mixtral()
+    assert not untied.tie_word_embeddings and tied.tie_word_embeddings
+    table = {
+        (device, name): embeddings_on_host(config, device)
+        for device in ("cuda", torch.device("cuda"), torch.device("cuda", 0), "cpu", torch.device("cpu"))
+        for name, config in (("untied", untied), ("tied", tied))
+    }
+    for (device, name), on_host in table.items():
+        on_a_card = (device.type if isinstance(device, torch.device) else device) == "cuda"
+        # a card, untied: the table is only looked up, so it stays in RAM; tied, it is lm_head, which
+        # runs on the card; a CPU's memory is host RAM anyway (nothing moves)
+        assert on_host is (on_a_card and name == "untied"), (device, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_device_dense_bytes_leave_out_the_embedding_table_on_a_card(dtype):
+    """Untied on CUDA: every dense weight less the V x D table (Mixtral: 32000 x 4096 x 2 bytes =
+    250 MiB in bf16); on a CPU, or tied, all of them. The totals are hand sums (BF16_DENSE)."""
+    itemsize, plain = (2, "bf16") if dtype == torch.bfloat16 else (4, "fp32")
+    untied, tied = mixtral(), tied_mixtral()
+    total = BF16_DENSE // 2 * itemsize
+    table = 32000 * 4096 * itemsize
+    assert table == (250 * MiB if itemsize == 2 else 500 * MiB)
+    by = dense_bytes_by_class(untied, dtype)
+    assert by["embeddings"] == table and sum(by.values()) == total
+    assert device_dense_bytes(untied, by, "cuda") == total - table
+    assert device_dense_bytes(untied, by, "cpu") == total
+    by_tied = dense_bytes_by_class(tied, dtype)
+    assert sum(by_tied.values()) == total - table  # no lm_head of its own
+    assert device_dense_bytes(tied, by_tied, "cuda") == total - table  # the one table stays on the card
+    # the model's plan: ModelPlan.dense_bytes every dense weight, the device's and the host's apart;
+    # the memory plan (what the card holds) counts the device's
+    card = plan_model("m", untied, dtype, 4096, "nf4-dq", plain, experts_per_layer=2)
+    assert card.dense_bytes == total and card.device_dense_bytes == total - table
+    assert card.host_dense_bytes == table and card.memory.dense_bytes == total - table
+    cpu = plan_model("m", untied, dtype, 4096, "nf4-dq", plain, experts_per_layer=2, device_type="cpu")
+    assert cpu.device_dense_bytes == cpu.memory.dense_bytes == total and cpu.host_dense_bytes == 0
+    tied_card = plan_model("m", tied, dtype, 4096, "nf4-dq", plain, experts_per_layer=2)
+    assert tied_card.device_dense_bytes == tied_card.memory.dense_bytes == total - table
+    assert tied_card.host_dense_bytes == 0
+    # the card's plan is exactly the table smaller than one that counted every dense weight on it
+    assert card.memory.device_bytes == plan_memory(
+        untied, card.expert_bytes, dtype, 4096, experts_per_layer=2, dense=total, device_type="cuda",
+        expert_format="nf4-dq", attn_format=plain).device_bytes - table
+
+
+def test_info_json_says_where_the_embeddings_are(model_dirs):
+    from tests.test_info import info_json
+    from tests.model_builder import WIDE
+
+    card = info_json("mixtral-8x7b", "--vram", "12GiB", "--expert-bits", "4")
+    assert card["device_type"] == "cuda" and card["embeddings_on_host"] is True
+    assert card["device_dense_bytes"] == card["dense_bytes"] - 32000 * 4096 * 2 == BF16_DENSE - 250 * MiB
+    assert card["dense_bytes"] == BF16_DENSE == sum(card["dense_bytes_by_class"].values())
+    cpu = info_json("mixtral-8x7b", "--profile", "cpu-only")
+    assert cpu["device_type"] == "cpu" and cpu["embeddings_on_host"] is False
+    assert cpu["device_dense_bytes"] == cpu["dense_bytes"]
+    tied = info_json(str(model_dirs[WIDE.name]), "--vram", "1GiB")  # a tiny checkpoint with a tied lm_head
+    assert tied["config"]["tie_word_embeddings"] and tied["device_type"] == "cuda"
+    assert tied["embeddings_on_host"] is False and tied["device_dense_bytes"] == tied["dense_bytes"]
+
+
+def test_info_shows_the_embeddings_in_ram_on_a_card():
+    from tests.test_info import run
+
+    result = run("mixtral-8x7b", "--vram", "12GiB", "--expert-bits", "4")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "RAM: embeddings │ 250 MiB │ beside the --ram budget" in text
+    assert "32000 x 4096, bf16, in RAM" in text and "dense total │ 2.99 GiB │ on the GPU but the embeddings" in text
+    assert "GPU: dense │ 2.75 GiB" in text  # 3,211,272,192 - 262,144,000 bytes
+    cpu = " ".join(run("mixtral-8x7b", "--profile", "cpu-only").stdout.split())
+    assert "RAM: embeddings" not in cpu and "in RAM:" not in cpu
 
 
 # ---- pinned blocks ---------------------------------------------------------------------------
@@ -252,24 +349,25 @@ def test_12_gib_gives_the_spare_slots_to_the_layers_lru_gains_most():
 
     c = mixtral()
     attention = dense_bytes_by_class(c, torch.bfloat16)
-    dense = sum(attention.values())
+    dense = sum(attention.values()) - attention["embeddings"]  # on a card the embeddings stay in RAM
     reserve = sum(mixtral_reserve_by_hand(4096, 256, True).values())
-    total = (12 * GiB - dense - KV_4096 - reserve) // NF4_EXPERT  # by hand: 83 slots
+    # by hand: 87 slots (plan_memory's default dense bytes: the card's, the embeddings left out)
+    total = (12 * GiB - dense - KV_4096 - reserve) // NF4_EXPERT
     plan = plan_memory(c, NF4_EXPERT, torch.bfloat16, 4096, vram=12 * GiB, device_type="cuda", expert_format="nf4",
                        attn_format="bf16")
-    assert total == 83 and plan.device_slots == total and plan.slots_per_layer == 2
+    assert total == 87 and plan.device_slots == total and plan.slots_per_layer == 2
     assert plan.device_expert_bytes == total * NF4_EXPERT and plan.spread == "trace"
     trace = load_trace(MIXTRAL_DECODE)
     two, three = simulate(trace, 2, "lru").layer_hit_rates(), simulate(trace, 3, "lru").layer_hit_rates()
     gain = [b - a for a, b in zip(two, three)]
     best = sorted(range(32), key=lambda layer: (-gain[layer], layer))[: total - 64]
     assert [layer for layer, s in enumerate(plan.layer_slots) if s == 3] == sorted(best)
-    assert "2-3/8 experts per layer on the device (2.59 on average)" in plan.describe()
+    assert "2-3/8 experts per layer on the device (2.72 on average)" in plan.describe()  # 87 / 32 = 2.72
     out = plan.to_dict()
-    assert out["layer_slots"] == list(plan.layer_slots) and out["device_slots"] == 83
-    # asked for evenly, the same 19 spare slots sit in the middles of 19 runs of layers
+    assert out["layer_slots"] == list(plan.layer_slots) and out["device_slots"] == 87
+    # asked for evenly, the same 23 spare slots sit in the middles of 23 runs of layers
     even = plan_memory(c, NF4_EXPERT, torch.bfloat16, 4096, vram=12 * GiB, device_type="cuda", spread="even")
-    assert even.layer_slots == spread_slots(83, 32, 8, 2) and even.spread == "even"
+    assert even.layer_slots == spread_slots(87, 32, 8, 2) and even.spread == "even"
 
 
 def test_experts_per_layer_stays_even_and_other_shapes_spread_evenly():
@@ -308,14 +406,15 @@ def test_fit_to_free_leaves_a_fitting_plan_alone():
 
 
 def test_fit_to_free_clamps_to_what_is_free():
-    plan = cuda_plan(vram=12 * GiB)  # 83 slots
+    plan = cuda_plan(vram=12 * GiB)  # 87 slots (test_12_gib_gives_the_spare_slots_to_the_layers_lru_gains_most)
+    assert plan.device_slots == 87
     working = plan.reserve.working
     free = working + 70 * NF4_EXPERT + NF4_EXPERT // 2  # 70.5 slots' worth after the reserve
     fitted, note = fit_to_free(plan, free)
     assert fitted.device_slots == 70 and fitted.slots_per_layer == 2 and len(fitted.layer_slots) == 32
     assert fitted.host_experts == plan.host_experts and fitted.host_chunks == plan.host_chunks
     assert note is not None and "\n" not in note
-    assert "70 expert slots" in note and "83" in note and "2-3/8" in note
+    assert "70 expert slots" in note and "not the planned 87" in note and "2-3/8" in note
 
 
 def test_fit_to_free_refuses_below_top_k():

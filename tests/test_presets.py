@@ -29,6 +29,7 @@ from offload.plan import (
     plan_model,
 )
 from offload.synth import MAX_SYNTH_VOCAB, _tokenizer_pieces, synthesize
+from tests.test_kv_plan import nf4_dq_matrix
 
 GiB = 2**30
 
@@ -173,6 +174,13 @@ def nf4_expert_bytes(I: int, D: int) -> int:
     return 3 * (n // 2 + n // 64 * 4 + 16 * 4)
 
 
+def nf4_dq_expert_bytes(I: int, D: int) -> int:
+    """One nf4-dq expert (the format of --expert-bits 4): three matrices of bitsandbytes'
+    double-quantized nf4, each tensor and matrix on a 64-byte boundary (tests.test_kv_plan's
+    nf4_dq_matrix: the code table, nested absmax, nested map, offset, uint8 absmax, codes)."""
+    return 3 * nf4_dq_matrix(I, D, 64)
+
+
 @pytest.mark.parametrize(
     "name, expert",
     [
@@ -185,8 +193,12 @@ def nf4_expert_bytes(I: int, D: int) -> int:
 )
 def test_one_4bit_expert_record_by_hand(name, expert):
     config = builtin_model(name)[1]
-    assert nf4_expert_bytes(config.intermediate_size, config.hidden_size) == expert
+    I, D = config.intermediate_size, config.hidden_size
+    assert nf4_expert_bytes(I, D) == expert
     assert RecordLayout.for_config(config, "nf4").nbytes == expert
+    # nf4-dq: a uint8 absmax code a block instead of fp32, 8% smaller (plus the nested state)
+    assert RecordLayout.for_config(config, "nf4-dq").nbytes == nf4_dq_expert_bytes(I, D)
+    assert 0.91 < nf4_dq_expert_bytes(I, D) / expert < 0.925
 
 
 # ---- offload info for every preset ------------------------------------------------------------
@@ -222,11 +234,16 @@ def test_info_plans_and_estimates_every_preset(name):
     out = json.loads(result.stdout)
     assert out["family"] == PUBLISHED[name]["family"]
     assert out["parameters"] == {"total": parameter_count(config).total, "active": parameter_count(config).active}
-    assert out["expert_bytes"] == nf4_expert_bytes(config.intermediate_size, config.hidden_size)
+    assert out["expert_format"] == "nf4-dq"
+    assert out["expert_bytes"] == nf4_dq_expert_bytes(config.intermediate_size, config.hidden_size)
     assert out["dense_bytes"] == dense_bytes(config, torch.bfloat16)  # bf16 attention: every dense weight in bf16
+    # every preset's lm_head is untied: on a card its V x D bf16 input table stays in host RAM
+    assert not config.tie_word_embeddings and out["embeddings_on_host"]
+    device_dense = out["dense_bytes"] - config.vocab_size * config.hidden_size * 2
+    assert out["device_dense_bytes"] == device_dense
     assert out["experts_total"] == L * E and len(out["layer_slots"]) == L
     assert K <= out["slots_per_layer"] <= E and out["device_bytes"] <= out["vram_bytes"]
-    assert out["min_vram_bytes"] == (out["dense_bytes"] + out["kv_cache_bytes"] + L * K * out["expert_bytes"]
+    assert out["min_vram_bytes"] == (device_dense + out["kv_cache_bytes"] + L * K * out["expert_bytes"]
                                      + out["reserve_bytes"])
     assert out["estimate"]["tokens_per_s"] > 0
     text = info(name, "--vram", CARDS[name], "--expert-bits", "4")
@@ -305,7 +322,8 @@ def test_a_synthetic_pack_of_each_family_holds_its_whole_tensor_table(name, tmp_
                     "qwen1.5-moe-a2.7b": ("q_bias", "k_bias", "v_bias", "shared_w1", "shared_w3", "shared_w2",
                                           "shared_gate")}[name]:
             assert key in table
-        assert len(pack.layout.matrices) == 3 and pack.layout.nbytes == nf4_expert_bytes(c.intermediate_size, 2048)
+        assert pack.layout.fmt.name == "nf4-dq"  # --expert-bits 4
+        assert len(pack.layout.matrices) == 3 and pack.layout.nbytes == nf4_dq_expert_bytes(c.intermediate_size, 2048)
         pack.expert(0, c.num_local_experts - 1)  # the last record reads
 
 
@@ -320,7 +338,7 @@ def test_cli_synth_writes_olmoe_at_its_full_vocabulary(tmp_path):
     out = tmp_path / "olmoe"
     result = CliRunner().invoke(app, ["synth", "olmoe-1b-7b", str(out), "--layers", "1", "--expert-bits", "4"])
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith(f"wrote {out}: synthetic olmoe-1b-7b, 1 of 16 layers, 64 experts (nf4,")
+    assert result.stdout.startswith(f"wrote {out}: synthetic olmoe-1b-7b, 1 of 16 layers, 64 experts (nf4-dq,")
     with Pack(out) as pack:
         assert pack.config.vocab_size == 50304 and pack.config.family == "olmoe"
         assert tuple(pack.dense("embed_tokens").shape) == (50304, 2048)

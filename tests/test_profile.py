@@ -137,39 +137,52 @@ def test_chat_runs_with_the_profile_that_offload_profile_wrote(tmp_path, monkeyp
 
 
 def test_fit_mixtral_on_a_3060_keeps_the_4_bit_plan_with_a_cache_budget():
-    import torch
 
-    from offload.experts.record import RecordLayout
-    from offload.plan import builtin_model, dense_bytes_by_class, kv_cache_bytes
+    from offload.plan import builtin_model
     from offload.profile_fit import fit_profile
+    from tests.test_kv_plan import EMBEDDINGS, NF4_DQ_EXPERT, dense_by_hand, nf4_dq_matrix
     from tests.test_plan import mixtral_reserve_by_hand
 
     name, config = builtin_model("mixtral-8x7b")
     fitted, reason = fit_profile(load_profile("rtx-3060-12gb"), config, model_name=name)
     assert (fitted.expert_bits, fitted.attn_bits) == (4, 4)  # 8 and 16 bits would not be resident
     assert (fitted.plan_vram, fitted.plan_ram, fitted.context) == ("11GiB", "24GiB", 4096)
-    # by hand: 11 GiB less dense weights (nf4 attention), the KV cache and the runtime reserve
-    dense = sum(dense_bytes_by_class(config, torch.bfloat16, "nf4").values())
-    spare = 11 * 2**30 - dense - kv_cache_bytes(config, 4096, torch.bfloat16)
-    record = RecordLayout.for_config(config, "nf4").nbytes
-    slots = (spare - sum(mixtral_reserve_by_hand(4096, 256, True).values())) // record
-    assert slots == 92  # 2 a layer and 28 spare (3 a layer before the reserve was counted)
-    assert reason == f"4-bit weights, 2-3/8 experts per layer on the device ({92 / 32:.2f} on average), the rest in RAM"
+    # by hand: 11 GiB less the dense weights on the card (nf4-dq attention; the embeddings stay in
+    # RAM), the bf16 KV cache at 4096 and the runtime reserve, in nf4-dq records (--expert-bits 4)
+    dense = dense_by_hand(nf4_dq_matrix) - EMBEDDINGS
+    spare = 11 * 2**30 - dense - 2 * 32 * 8 * 4096 * 128 * 2
+    slots = (spare - sum(mixtral_reserve_by_hand(4096, 256, True).values())) // NF4_DQ_EXPERT
+    assert slots == 105  # 3 a layer and 9 spare
+    assert reason == f"4-bit weights, 3-4/8 experts per layer on the device ({105 / 32:.2f} on average), the rest in RAM"
     fitted, reason = fit_profile(load_profile("cpu-only"), config, model_name=name)
     assert fitted.expert_bits == 4 and fitted.plan_vram is None and "every expert resident" in reason
 
 
-def test_fit_mixtral_on_the_8_gb_card_fails_naming_the_budget():
-    """Top-2 nf4 experts a layer, dense weights and the KV cache take 7.23 GiB at context 1024;
-    with the runtime reserve (756 MiB at the smallest prefill chunk, 16 tokens) the 4060's 7.4 GiB
-    plan holds no plan at any width."""
+def test_fit_mixtral_on_the_8_gb_card_holds_top_2_and_fails_at_a_long_context_naming_the_budget():
+    """At context 1024 top-2 nf4-dq experts a layer, the dense weights on the card (the embeddings
+    in RAM), the KV cache and the reserve at chunks of 256 take 7.14 GiB: the 4060's 7.4 GiB plan
+    holds 67 slots. At context 16384 (a 2 GiB KV cache) the least, in chunks of 16, is 8.97 GiB:
+    no plan at any width."""
     from offload.errors import BudgetError
     from offload.plan import builtin_model
     from offload.profile_fit import fit_profile
+    from tests.test_kv_plan import EMBEDDINGS, NF4_DQ_EXPERT, dense_by_hand, nf4_dq_matrix
+    from tests.test_plan import mixtral_reserve_by_hand
 
     name, config = builtin_model("mixtral-8x7b")
-    with pytest.raises(BudgetError, match=r"plan.vram: Mixtral-8x7B needs at least 7.96 GiB .* 7.40 GiB"):
-        fit_profile(load_profile("rtx-4060-8gb"), config, model_name=name)
+    dense = dense_by_hand(nf4_dq_matrix) - EMBEDDINGS
+    kv = 2 * 32 * 8 * 1024 * 128 * 2
+    slots = (int(7.4 * 2**30) - dense - kv - sum(mixtral_reserve_by_hand(1024, 256, True).values())) // NF4_DQ_EXPERT
+    assert slots == 67
+    fitted, reason = fit_profile(load_profile("rtx-4060-8gb"), config, model_name=name)
+    assert (fitted.expert_bits, fitted.attn_bits, fitted.context) == (4, 4, 1024)
+    assert int(7.39 * 2**30) <= fitted.plan_vram_bytes <= int(7.4 * 2**30)  # the plan's budget, written to 0.01 GiB
+    assert reason == f"4-bit weights, 2-3/8 experts per layer on the device ({67 / 32:.2f} on average), the rest in RAM"
+    least = (dense + 2 * 32 * 8 * 16384 * 128 * 2 + 64 * NF4_DQ_EXPERT
+             + sum(mixtral_reserve_by_hand(16384, 16, True).values()))
+    assert f"{least / 2**30:.2f}" == "8.97"
+    with pytest.raises(BudgetError, match=r"plan.vram: Mixtral-8x7B needs at least 8.97 GiB .* 7.40 GiB"):
+        fit_profile(load_profile("rtx-4060-8gb"), config, model_name=name, context=16384)
 
 
 @pytest.mark.parametrize("profile", ["cpu-only", "rtx-4060-8gb", "rtx-4090-24gb"])
@@ -487,16 +500,20 @@ def test_kv_bits_and_sdpa_default_round_trip_and_reach_the_plan(tmp_path):
     assert "kv_bits" not in plain.tables()["plan"] and "sdpa" not in plain.tables()["machine"]
     assert load_profile("t4-16gb").sdpa == "math"  # Turing: no flash kernel
     path = tmp_path / "kv8.toml"
-    path.write_text(GOOD.replace('context = 4096', 'context = 32768\nkv_bits = 8', 1))
+    # a 10.5 GiB plan at 32k: 9.20 GiB the least with an 8-bit KV cache, 10.97 GiB with a 16-bit one
+    # (tests/test_kv_plan.py's 32k figures by hand)
+    path.write_text(GOOD.replace('context = 4096', 'context = 32768\nkv_bits = 8', 1)
+                    .replace('vram = "11GiB"', 'vram = "10.5GiB"', 1))
     eight = load_profile(path)
     assert eight.kv_bits == 8 and engine_kwargs(eight)["kv_bits"] == 8
     again = load_profile(save_profile(eight, tmp_path / "again.toml"))
     assert again.kv_bits == 8 and again.tables() == eight.tables()
     name, config = builtin_model("mixtral-8x7b")
-    fitted, reason = fit_profile(eight, config, model_name=name)  # 11 GiB at 32k: fits only at 8 bits
+    fitted, reason = fit_profile(eight, config, model_name=name)  # 10.5 GiB at 32k: fits only at 8 bits
     assert fitted.kv_bits == 8 and fitted.context == 32768 and "2-3/8 experts per layer" in reason
     with pytest.raises(SettingError, match="plan.vram"):
         fit_profile(eight, config, model_name=name, kv_bits=16)  # the flag's 16 bits: 4 GiB of KV cache
     fused = fit_profile(plain, config, model_name=name)[1]  # the reasons name the slots
-    assert "(2.88 on average)" in fused
-    assert "(2.72 on average)" in fit_profile(replace(plain, sdpa="math"), config, model_name=name)[1]  # scores
+    assert "(3.28 on average)" in fused  # 105 slots (test_fit_mixtral_on_a_3060_keeps_the_4_bit_plan_...)
+    # the math path's fp32 scores and head-expanded k/v: 99 slots by hand (tests/test_plan.py's reserve)
+    assert "(3.09 on average)" in fit_profile(replace(plain, sdpa="math"), config, model_name=name)[1]

@@ -57,11 +57,19 @@ def test_bits_choose_formats():
     assert quant.format_for_bits(16, torch.bfloat16, "cpu").name == "bf16"
     assert quant.format_for_bits(16, torch.float32, "cuda").name == "fp32"
     assert quant.format_for_bits(8, torch.bfloat16, "cuda").name == "int8"
-    assert quant.format_for_bits(4, torch.bfloat16, "cuda").name == "nf4"
+    # 4 bits: bitsandbytes' double-quantized nf4 (its Linear4bit default, compress_statistics=True)
+    four = quant.format_for_bits(4, torch.bfloat16, "cuda")
+    assert four.name == "nf4-dq" and four.kind == "4bit" and four.quant_type == "nf4" and four.double_quant
     # one record format for both devices: the CPU's 4-bit kernel reads the portable layout too
-    assert quant.format_for_bits(4, torch.bfloat16, "cpu", ((256, 160),)).name == "nf4"
-    assert quant.format_for_bits(4, torch.bfloat16, "cpu", ((128, 256),)).name == "nf4"
-    assert quant.format_for_bits(4, torch.float32, "cpu").name == "nf4"
+    assert quant.format_for_bits(4, torch.bfloat16, "cpu", ((256, 160),)).name == "nf4-dq"
+    assert quant.format_for_bits(4, torch.bfloat16, "cpu", ((128, 256),)).name == "nf4-dq"
+    assert quant.format_for_bits(4, torch.float32, "cpu").name == "nf4-dq"
+    # 4.13 bits a weight against plain nf4's 4.5, by hand for a 14336 x 4096 matrix: 4 bits of code,
+    # 8 bits of absmax code a block of 64, 32 bits of nested absmax per 256 blocks, the maps and offset
+    n = 14336 * 4096
+    assert four.bits_per_weight((14336, 4096)) == pytest.approx(
+        8 * (n // 2 + n // 64 + n // 64 // 256 * 4 + (16 + 256 + 1) * 4) / n)
+    assert quant.get_format("nf4").bits_per_weight((14336, 4096)) == pytest.approx(8 * (n // 2 + n // 64 * 4 + 64) / n)
     with pytest.raises(SettingError, match="bits 5"):
         quant.format_for_bits(5, torch.bfloat16, "cpu")
 
@@ -146,8 +154,8 @@ def test_flags_that_disagree_with_a_pack_are_refused_naming_both(model_dirs, tmp
     cases = [
         (quantized, dict(attn_bits=4), rf"--attn-bits 4: {quantized} holds int8 attention"),
         (quantized, dict(attn_bits=16), rf"--attn-bits 16: {quantized} holds int8 attention"),
-        (quantized, dict(expert_bits=8), rf"--expert-bits 8: {quantized} holds nf4 experts"),
-        (quantized, dict(expert_bits=16), rf"--expert-bits 16: {quantized} holds nf4 experts"),
+        (quantized, dict(expert_bits=8), rf"--expert-bits 8: {quantized} holds nf4-dq experts"),
+        (quantized, dict(expert_bits=16), rf"--expert-bits 16: {quantized} holds nf4-dq experts"),
         (plain, dict(expert_bits=4), rf"--expert-bits 4: {plain} holds bf16 experts"),
         (plain, dict(expert_bits=5), r"--expert-bits 5: choose one of 4, 8, 16"),
     ]

@@ -258,10 +258,10 @@ def test_records_differ_between_experts_and_layers(tmp_path):
 def test_the_4bit_layout_follows_the_target_device(tmp_path):
     cuda = synthesize(TINY, tmp_path / "cuda", expert_bits=4, attn_bits=4, layers=1, target="cuda")
     with Pack(cuda) as pack:
-        assert (pack.layout.fmt.name, pack.attn_format.name) == ("nf4", "nf4")  # no GPU needed to write it
+        assert (pack.layout.fmt.name, pack.attn_format.name) == ("nf4-dq", "nf4-dq")  # no GPU needed to write it
     cpu = synthesize(TINY, tmp_path / "cpu", expert_bits=4, layers=1, target="cpu")
-    with Pack(cpu) as pack:  # one record format for both devices: the CPU kernel reads nf4's bytes
-        assert pack.layout.fmt.name == "nf4"
+    with Pack(cpu) as pack:  # one record format for both devices: the CPU kernel reads nf4-dq's bytes
+        assert pack.layout.fmt.name == "nf4-dq"
     with pytest.raises(SettingError, match=r"--for 'gpu'"):
         synthesize(TINY, tmp_path / "x", target="gpu")
     with pytest.raises(SettingError, match="nf4-cpu is the layout of bitsandbytes' fused CPU kernel"):
