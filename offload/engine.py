@@ -124,8 +124,7 @@ class Engine:
         for layer in dense.layers:
             fuse_qkv(layer)  # one matmul for q, k and v in a decode step (plain projections)
         self.model = MixtralModel(config, dense, experts, cache, rope)
-        self._token_device = dense.token_device  # where ids go in: the embedding table's device
-        self._token = torch.zeros(1, dtype=torch.int64, device=self._token_device)  # decode's input, reused
+        self._token = torch.zeros(1, dtype=torch.int64, device=dense.token_device)  # decode's input, reused
         self._sequence: list[int] = []  # the ids whose keys and values the KV cache holds, in order
 
     @classmethod
@@ -419,7 +418,7 @@ class Engine:
     def _forward(self, ids: Sequence[int]) -> torch.Tensor:
         """One forward pass of ``ids`` at the end of the sequence; logits [1, V] for the last.
         The kept sequence grows only when the pass completes (the KV cache's length too)."""
-        tokens = torch.tensor(ids, dtype=torch.int64, device=self._token_device)  # [T]
+        tokens = torch.tensor(ids, dtype=torch.int64, device=self.model.dense.token_device)  # [T]
         try:
             logits = self.model.forward(tokens, last_only=True)  # [1, V]
         except BaseException:
@@ -465,7 +464,7 @@ class Engine:
     def logits(self, ids: Sequence[int]) -> torch.Tensor:
         """Logits [T, V] for every position of a new sequence (used for evaluation)."""
         self.reset()
-        tokens = torch.tensor(ids, dtype=torch.int64, device=self._token_device)
+        tokens = torch.tensor(ids, dtype=torch.int64, device=self.model.dense.token_device)
         logits = self.model.forward(tokens)  # [T, V]
         self._sequence = list(ids)
         return logits

@@ -32,7 +32,7 @@ from offload.errors import SettingError
 from offload.experts.record import RecordLayout
 from offload.model import DenseWeights, ExpertWeights, LayerWeights, Matrix
 from offload.pack import Pack
-from offload.plan import attention_shapes, dense_bytes, embeddings_on_host
+from offload.plan import attention_shapes, dense_bytes, dense_parameters_by_class, embeddings_on_host
 from offload.quant import QuantizedMatrix, WeightFormat, format_for_bits, from_tensors, quantize
 
 DTYPES: dict[str, torch.dtype] = {
@@ -179,7 +179,7 @@ def spare_ram(device: torch.device, config: ModelConfig, dtype: torch.dtype) -> 
     if device.type == "cpu":
         free -= dense_bytes(config, dtype)
     elif embeddings_on_host(config, device):
-        free -= config.vocab_size * config.hidden_size * dtype.itemsize
+        free -= dense_parameters_by_class(config)["embeddings"] * dtype.itemsize
     return max(0, free)
 
 

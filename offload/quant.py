@@ -527,13 +527,18 @@ def linear_4bit_in_slices(x: torch.Tensor, qm: QuantizedMatrix, slice_bytes: int
     return out
 
 
+def _rows(x: torch.Tensor) -> int:
+    """Rows of x [..., In]: the tokens a matmul runs."""
+    return x.numel() // max(1, x.shape[-1])
+
+
 def _linear_4bit_bnb(x: torch.Tensor, qm: QuantizedMatrix) -> torch.Tensor:
     """bitsandbytes' matmul_4bit at one row of x (its fused kernel, no dequantized weight);
     more rows (a prompt chunk): dequantize + matmul a slice of rows at a time
     (``linear_4bit_in_slices``), so no whole matrix in the compute dtype is ever made."""
     import bitsandbytes
 
-    if x.numel() // max(1, x.shape[-1]) > 1:
+    if _rows(x) > 1:
         return linear_4bit_in_slices(x, qm)  # [N, Out]
     return bitsandbytes.matmul_4bit(x, qm.tensors["data"].t(), quant_state=qm.quant_state(x.dtype))  # [N, Out]
 
@@ -549,7 +554,7 @@ def _linear_4bit_cpu_fused(x: torch.Tensor, qm: QuantizedMatrix) -> torch.Tensor
 def _linear_4bit_kernel(x: torch.Tensor, qm: QuantizedMatrix) -> torch.Tensor:
     """offload's CPU 4-bit kernel on the portable layout, up to ``cpu4.MAX_ROWS`` rows of x (and
     without autograd); dequantize + matmul otherwise."""
-    rows = x.numel() // max(1, x.shape[-1])
+    rows = _rows(x)
     if rows > cpu4.MAX_ROWS or x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
         return _linear_4bit_dequantize(x, qm)
     y = cpu4.linear(x.reshape(rows, x.shape[-1]), qm.tensors, qm.shape)  # [rows, Out] in x's dtype

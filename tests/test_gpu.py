@@ -162,7 +162,6 @@ def test_untied_embeddings_stay_in_host_ram_and_give_the_same_logits(shape, mode
         settings = GenerationSettings(max_new_tokens=16, ignore_eos=True)
         host_logits, host_tokens = engine.logits(ids), engine.generate(ids, settings).run().tokens
         dense.embed_tokens = dense.embed_tokens.cuda()
-        engine._token_device = dense.token_device
         engine._token = engine._token.cuda()
         assert torch.equal(engine.logits(ids), host_logits)
         assert engine.generate(ids, settings).run().tokens == host_tokens
